@@ -1,0 +1,164 @@
+"""Declarative description of an imaging domain: what the rest of Vitrail needs to know about it.
+
+Everything here is plain data (frozen dataclasses) plus callables supplied by the domain. This module
+must stay light: no torch, prefect, mlflow or format readers are imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+
+TaskType = Literal["classification", "segmentation"]
+
+
+class DomainInputError(ValueError):
+    """Bad input for a domain reader; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One input channel of a model (a spectral band, a CT window, a stain...)."""
+
+    name: str
+    wavelength_nm: float | None = None
+    resolution_m: float | None = None
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    """What the ingest stage asks a domain reader for.
+
+    Attributes:
+        source: a scene/study/slide path (file or folder) in the domain's on-disk format.
+        labels: optional label file aligned with the source (e.g. a class raster).
+        tile_size: side of each square sample, in pixels of the working grid.
+        stride: step between neighbouring samples, in pixels (``stride < tile_size`` overlaps).
+        block_size: side of the leakage block in pixels; samples never straddle two blocks.
+        max_nodata_fraction: samples with more nodata than this are dropped and counted.
+        channels: explicit channel list (e.g. band names of a multi-band GeoTIFF), or None to infer.
+        sensor: sensor name whose band table applies, or None to infer from file names.
+        class_names: names for label values 0..K-1, or None for the domain's defaults.
+    """
+
+    source: Path
+    labels: Path | None = None
+    tile_size: int = 32
+    stride: int = 32
+    block_size: int = 128
+    max_nodata_fraction: float = 0.5
+    channels: tuple[str, ...] | None = None
+    sensor: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+@dataclass
+class SampleSet:
+    """Samples read from one source, ready to be split and written as a dataset.
+
+    ``images`` are already in physical units (e.g. reflectance), float32, shape (N, C, H, W).
+    ``labels`` holds class ids, or -1 where a sample is unlabelled. ``groups`` names the leakage
+    group of each sample (spatial block, patient, slide): samples of a group share a split.
+    ``locations`` gives (row, col) of each sample's top-left corner on the working grid.
+    ``dropped`` counts samples that were not kept, by reason. ``provenance`` holds small
+    string facts about the source (CRS, transform, sensor) that are stored with the dataset.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    locations: np.ndarray
+    source: str
+    channels: tuple[Channel, ...]
+    class_names: tuple[str, ...]
+    dropped: dict[str, int] = field(default_factory=dict)
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.shape[1] != len(self.channels):
+            raise ValueError(f"{self.source}: images must be (N, {len(self.channels)}, H, W), got {self.images.shape}")
+        for name in ("labels", "groups", "locations"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{self.source}: {name} has {len(getattr(self, name))} rows for {n} images")
+
+
+@dataclass(frozen=True)
+class PredictionRequest:
+    """What the predict stage asks a domain to do with one input.
+
+    The domain reads ``input`` with the channels the model was trained on, runs ``infer`` over
+    samples of ``tile_size`` moved by ``stride``, and writes a result in the input's geometry.
+    ``infer`` maps a float32 batch (N, C, H, W) in physical units to class probabilities (N, K).
+    """
+
+    input: Path
+    output: Path
+    channels: tuple[Channel, ...]
+    class_names: tuple[str, ...]
+    tile_size: int
+    stride: int
+    infer: Callable[[np.ndarray], np.ndarray]
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """Receipt for one prediction written by a domain."""
+
+    input: str
+    output: str
+    samples: int
+    class_counts: dict[str, int]
+
+
+class ExampleWriter(Protocol):
+    def __call__(self, directory: Path, seed: int = 0) -> dict[str, Path]:
+        """Write a tiny valid example in the real on-disk format; return the paths by role."""
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """One imaging domain, as every flow and the UI see it.
+
+    Attributes:
+        name: registry key, also the CLI ``--domain`` value and the MLflow experiment name.
+        title: one line shown in listings.
+        intended_use: what models of this domain are (and are not) for.
+        task: the learning task the domain's datasets are labelled for.
+        task_name: short task slug used in registered model names (``<domain>-<task_name>``).
+        default_class_names: class names used when a label file gives none.
+        default_channels: the channels of the domain's reference sensor.
+        group_kind: what a leakage group is (spatial block, patient, slide, ...).
+        default_backbone: timm model name used when a run names none.
+        default_peft_targets: module names LoRA attaches to on the default backbone.
+        default_tile_size: sample side in pixels.
+        read_samples: reader turning an :class:`IngestRequest` into a :class:`SampleSet`.
+        predict: writes a prediction for one input (see :class:`PredictionRequest`).
+        list_prediction_inputs: expands a path (one input or a drop folder) into inputs.
+        write_example: writes a tiny real-format example (tests, fixtures, docs).
+    """
+
+    name: str
+    title: str
+    intended_use: str
+    task: TaskType
+    task_name: str
+    default_class_names: tuple[str, ...]
+    default_channels: tuple[Channel, ...]
+    group_kind: str
+    default_backbone: str
+    default_peft_targets: tuple[str, ...]
+    default_tile_size: int
+    read_samples: Callable[[IngestRequest], SampleSet]
+    predict: Callable[[PredictionRequest], PredictionSummary]
+    list_prediction_inputs: Callable[[Path], list[Path]]
+    write_example: ExampleWriter
