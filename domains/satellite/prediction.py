@@ -1,0 +1,208 @@
+"""Sliding-window prediction over a whole scene, written as a class GeoTIFF on the scene's grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from domains.satellite.scene import Scene, read_scene
+from domains.satellite.sensors import is_band_folder
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
+
+# Value of unpredicted pixels in both output bands; class ids and percentages stay below it.
+PREDICTION_NODATA = 255
+SCENE_FILE_SUFFIXES = (".tif", ".tiff")
+
+# Colours for the domain's default classes, then a qualitative palette for any others.
+_CLASS_COLOURS = {
+    "water": (31, 120, 180),
+    "vegetation": (51, 160, 44),
+    "bare_or_built": (202, 160, 110),
+}
+_PALETTE = (
+    (228, 26, 28), (55, 126, 184), (77, 175, 74), (152, 78, 163), (255, 127, 0),
+    (255, 255, 51), (166, 86, 40), (247, 129, 191), (153, 153, 153), (0, 0, 0),
+)
+
+
+def tile_starts(length: int, size: int, stride: int) -> list[int]:
+    """Start offsets of tiles of ``size`` every ``stride`` along ``length``, the last one flush with the end.
+
+    The extra flush tile makes the tiles cover every pixel even when ``length - size`` is not a multiple
+    of ``stride``.
+    """
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def predict_scene(request: PredictionRequest) -> PredictionSummary:
+    """Classify every pixel of a scene by sliding the model over it, and write a class GeoTIFF.
+
+    The scene is read with the bands named in ``request.channels`` (in that order). Tiles of
+    ``request.tile_size`` move by ``request.stride`` and the last row and column of tiles sit flush with
+    the border, so every pixel is covered. Each tile's class probabilities are spread over its pixels and
+    averaged where tiles overlap. Tiles without any valid pixel are skipped; invalid pixels inside a tile
+    are filled with 0, as in training.
+
+    The output GeoTIFF has the scene's exact CRS, transform and shape and two uint8 bands: class id (with
+    a colour table) and confidence in percent (the averaged probability of the winning class). Both are
+    255 where the scene is invalid. Tags record ``class_names`` (comma-joined), the channels and the tile
+    geometry.
+
+    Args:
+        request: input scene, output path (a file, or an existing folder to write
+            ``<scene>_classes.tif`` into), channels, class names, tile geometry and ``infer``.
+
+    Returns:
+        Receipt with the number of tiles inferred and the pixel count of each class.
+
+    Raises:
+        DomainInputError: the scene is bad, lacks a band the model needs, or is smaller than a tile.
+        ValueError: ``infer`` returned the wrong shape or non-finite values, or the request is malformed.
+    """
+    class_names = tuple(request.class_names)
+    if not class_names or len(class_names) >= PREDICTION_NODATA:
+        raise ValueError(f"between 1 and {PREDICTION_NODATA - 1} class names are needed, got {len(class_names)}")
+    if any("," in name for name in class_names):
+        raise ValueError(f"class names must not contain commas (they are stored comma-joined): {class_names}")
+    if request.stride < 1 or request.batch_size < 1:
+        raise ValueError(f"stride ({request.stride}) and batch_size ({request.batch_size}) must be at least 1")
+    scene = read_scene(request.input, channels=tuple(c.name for c in request.channels))
+    height, width = scene.shape
+    size = request.tile_size
+    if size < 1 or size > min(height, width):
+        raise DomainInputError(
+            request.input, f"scene grid {height}x{width} is smaller than the model's tile size {size}"
+        )
+
+    positions = [
+        (row, col)
+        for row in tile_starts(height, size, request.stride)
+        for col in tile_starts(width, size, request.stride)
+        if scene.valid[row : row + size, col : col + size].any()
+    ]
+    probabilities = np.zeros((len(class_names), height, width), dtype=np.float32)
+    coverage = np.zeros((height, width), dtype=np.float32)
+    for first in range(0, len(positions), request.batch_size):
+        batch_positions = positions[first : first + request.batch_size]
+        batch = np.stack([scene.data[:, r : r + size, c : c + size] for r, c in batch_positions])
+        output = np.asarray(request.infer(batch))
+        if output.shape != (len(batch_positions), len(class_names)):
+            raise ValueError(
+                f"infer returned shape {output.shape} for a batch of {len(batch_positions)}; "
+                f"expected ({len(batch_positions)}, {len(class_names)})"
+            )
+        if not np.isfinite(output).all():
+            raise ValueError(f"infer returned non-finite probabilities for {request.input}")
+        for (row, col), probs in zip(batch_positions, output.astype(np.float32)):
+            probabilities[:, row : row + size, col : col + size] += probs[:, None, None]
+            coverage[row : row + size, col : col + size] += 1.0
+
+    covered = coverage > 0
+    probabilities[:, covered] /= coverage[covered]
+    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    confidence = np.rint(np.clip(probabilities.max(axis=0), 0.0, 1.0) * 100).astype(np.uint8)
+    predicted = scene.valid & covered
+    classes[~predicted] = PREDICTION_NODATA
+    confidence[~predicted] = PREDICTION_NODATA
+
+    output_path = Path(request.output)
+    if output_path.is_dir():
+        output_path = output_path / f"{scene.scene_id}_classes.tif"
+    write_prediction_raster(output_path, scene, classes, confidence, class_names, request)
+    counts = np.bincount(classes[predicted], minlength=len(class_names))
+    return PredictionSummary(
+        input=str(request.input),
+        output=str(output_path),
+        samples=len(positions),
+        class_counts={name: int(n) for name, n in zip(class_names, counts)},
+    )
+
+
+def write_prediction_raster(
+    path: Path,
+    scene: Scene,
+    classes: np.ndarray,
+    confidence: np.ndarray,
+    class_names: tuple[str, ...],
+    request: PredictionRequest,
+) -> None:
+    """Write class ids and confidence as a two-band uint8 GeoTIFF on the scene's grid.
+
+    The file is written beside ``path`` and renamed into place, so a reader never sees half a file.
+    """
+    import rasterio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    profile = dict(
+        driver="GTiff", width=scene.shape[1], height=scene.shape[0], count=2, dtype="uint8", crs=scene.crs,
+        transform=scene.transform, nodata=PREDICTION_NODATA, compress="deflate",
+    )
+    colours = {
+        i: (*_CLASS_COLOURS.get(name, _PALETTE[i % len(_PALETTE)]), 255) for i, name in enumerate(class_names)
+    }
+    colours[PREDICTION_NODATA] = (0, 0, 0, 0)
+    try:
+        with rasterio.open(partial, "w", **profile) as ds:
+            ds.write(classes, 1)
+            ds.write(confidence, 2)
+            ds.write_colormap(1, colours)
+            ds.set_band_description(1, "class")
+            ds.set_band_description(2, "confidence_percent")
+            ds.update_tags(
+                class_names=",".join(class_names),
+                channels=",".join(scene.band_names),
+                sensor=scene.sensor,
+                scaling=scene.scaling,
+                tile_size=str(request.tile_size),
+                stride=str(request.stride),
+                source=str(request.input),
+            )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def list_prediction_inputs(path: Path | str) -> list[Path]:
+    """Expand a path into the scenes it holds.
+
+    * a GeoTIFF file, or a folder whose rasters are recognised band files, is one scene: ``[path]``;
+    * any other folder is a drop folder: each child that is a GeoTIFF or a band folder, sorted by name.
+      Other children (notes, sub-folders without band files) are skipped.
+
+    Args:
+        path: a scene or a drop folder.
+
+    Returns:
+        The scene paths.
+
+    Raises:
+        DomainInputError: the path does not exist, is not a GeoTIFF, or holds no scene.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DomainInputError(path, "does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in SCENE_FILE_SUFFIXES:
+            raise DomainInputError(path, f"is not a scene: expected a GeoTIFF ({', '.join(SCENE_FILE_SUFFIXES)})")
+        return [path]
+    if is_band_folder(path):
+        return [path]
+    children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    scenes = [
+        child
+        for child in children
+        if (child.is_file() and child.suffix.lower() in SCENE_FILE_SUFFIXES) or is_band_folder(child)
+    ]
+    if not scenes:
+        found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in children) or "nothing"
+        raise DomainInputError(
+            path, f"holds no scene (a GeoTIFF, or a folder of band files such as ..._B04.tif); found: {found}"
+        )
+    return scenes
+

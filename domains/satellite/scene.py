@@ -1,0 +1,419 @@
+"""Reading a multispectral scene (a folder of band files or one multi-band GeoTIFF) onto one grid."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from domains.satellite.sensors import (
+    IDENTITY,
+    BandFile,
+    ReflectanceScale,
+    Sensor,
+    get_scaling,
+    get_sensor,
+    infer_sensor,
+    recognise_band_folder,
+)
+from domains.spec import Channel, DomainInputError
+
+if TYPE_CHECKING:
+    from affine import Affine
+    from rasterio.crs import CRS
+
+
+@dataclass
+class Scene:
+    """One scene on one pixel grid, in physical units.
+
+    Attributes:
+        data: float32 (C, H, W) reflectance (or the unit of ``scales``); 0 wherever ``valid`` is False.
+        valid: bool (H, W), True where every band holds data.
+        channels: the bands of ``data``, in order.
+        crs: coordinate reference system of the grid.
+        transform: affine map from (col, row) to CRS coordinates of the grid.
+        sensor: name of the sensor whose band table applies.
+        path: the folder or file the scene was read from.
+        scales: the scaling applied to each channel.
+    """
+
+    data: np.ndarray
+    valid: np.ndarray
+    channels: tuple[Channel, ...]
+    crs: CRS
+    transform: Affine
+    sensor: str
+    path: Path
+    scales: tuple[ReflectanceScale, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Grid shape (H, W)."""
+        return self.valid.shape
+
+    @property
+    def resolution(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units (metres for projected CRSs)."""
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        """Names of the channels, in order."""
+        return tuple(c.name for c in self.channels)
+
+    @property
+    def scaling(self) -> str:
+        """Which scaling was applied, e.g. ``sentinel2-l1c: reflectance = DN * 0.0001 + 0``.
+
+        Bands scaled differently (Landsat surface temperature beside reflectance) are listed per band.
+        """
+        distinct = list(dict.fromkeys(self.scales))
+        if len(distinct) == 1:
+            return distinct[0].describe()
+        return "; ".join(
+            f"{', '.join(c.name for c, s in zip(self.channels, self.scales) if s == scale)} -> {scale.describe()}"
+            for scale in distinct
+        )
+
+    @property
+    def scene_id(self) -> str:
+        """Short stable name of the scene (the folder name, or the file name without suffix)."""
+        return self.path.name if self.path.is_dir() else self.path.stem
+
+    def select(self, names: tuple[str, ...] | list[str]) -> Scene:
+        """Return a scene holding only the bands ``names``, in that order.
+
+        Raises:
+            DomainInputError: a band is missing; the message names it and lists the bands present.
+        """
+        index = _band_index(self.band_names, names, self.path)
+        return Scene(
+            data=self.data[index],
+            valid=self.valid,
+            channels=tuple(self.channels[i] for i in index),
+            crs=self.crs,
+            transform=self.transform,
+            sensor=self.sensor,
+            path=self.path,
+            scales=tuple(self.scales[i] for i in index),
+        )
+
+
+def _band_index(present: tuple[str, ...], wanted: tuple[str, ...] | list[str], path: Path) -> list[int]:
+    upper = [p.upper() for p in present]
+    missing = [w for w in wanted if w.upper() not in upper]
+    if missing:
+        raise DomainInputError(
+            path, f"scene lacks band(s) {', '.join(missing)}; it holds {', '.join(present) or 'no bands'}"
+        )
+    return [upper.index(w.upper()) for w in wanted]
+
+
+class _GdalWarnings(logging.Handler):
+    """Collects the warnings GDAL reports through rasterio's logger while a file is opened."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+# GDAL only warns (and drops the tag) when a TIFF directory is cut short, so a file truncated inside its
+# header opens "fine" without georeference; these words in its warnings reveal the truncation.
+_DAMAGE_WORDS = ("io error", "read error", "truncat", "corrupt", "cannot read")
+
+
+@contextmanager
+def open_raster(path: Path) -> Iterator[Any]:
+    """Open a raster with rasterio, turning unreadable or damaged files into :class:`DomainInputError`."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    logger = logging.getLogger("rasterio._env")
+    handler = _GdalWarnings()
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:
+        # An application that silences rasterio must not blind this check.
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            # A file without georeference is reported by our own CRS check, with the file name.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(path)
+    except RasterioError as error:
+        raise DomainInputError(path, f"cannot be opened as a raster (truncated or not a GeoTIFF?): {error}") from None
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    damage = [m for m in handler.messages if any(word in m.lower() for word in _DAMAGE_WORDS)]
+    if damage:
+        dataset.close()
+        raise DomainInputError(path, f"is truncated or corrupt: {damage[0]}")
+    with dataset:
+        yield dataset
+
+
+def read_band(dataset: Any, index: int, path: Path) -> np.ndarray:
+    """Read band ``index`` (1-based) of an open dataset; read failures become :class:`DomainInputError`."""
+    from rasterio.errors import RasterioError
+
+    try:
+        return dataset.read(index)
+    except RasterioError as error:
+        # Truncated files usually open (the header is intact) and fail here, on the missing tiles.
+        raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {error}") from None
+
+
+def _require_georeference(dataset: Any, path: Path) -> None:
+    if dataset.crs is None:
+        raise DomainInputError(path, "has no CRS: a scene must be georeferenced (set one with gdal_edit.py -a_srs)")
+    if dataset.transform.is_identity:
+        raise DomainInputError(path, "has no geotransform: a scene must be georeferenced")
+
+
+def _resolve_scaling(
+    scaling: str | ReflectanceScale | None, default: ReflectanceScale, dtype: np.dtype
+) -> ReflectanceScale:
+    if isinstance(scaling, ReflectanceScale):
+        return scaling
+    if scaling is not None:
+        return get_scaling(scaling)
+    # Floating-point rasters were written by a tool that already converted digital numbers.
+    return IDENTITY if np.issubdtype(dtype, np.floating) else default
+
+
+def _valid_pixels(dn: np.ndarray, nodata: float | None, fill_dn: int | None, scale: ReflectanceScale) -> np.ndarray:
+    valid = np.ones(dn.shape, dtype=bool)
+    if nodata is not None and not np.isnan(nodata):
+        valid &= dn != nodata
+    if np.issubdtype(dn.dtype, np.floating):
+        valid &= np.isfinite(dn)
+    elif fill_dn is not None and scale != IDENTITY:
+        # Agencies mark "no data" with DN 0 (Sentinel-2 L1C/L2A, Landsat C2) whether or not the file says so.
+        valid &= dn != fill_dn
+    return valid
+
+
+def read_scene(
+    path: Path | str,
+    channels: tuple[str, ...] | list[str] | None = None,
+    sensor: str | None = None,
+    scaling: str | ReflectanceScale | None = None,
+) -> Scene:
+    """Read a scene onto one grid, in reflectance.
+
+    Two layouts are read:
+
+    * a folder of single-band files named after their band (Sentinel-2 ``..._B04.tif``/``..._B8A_20m.jp2``,
+      Landsat Collection 2 ``LC09_..._SR_B4.TIF``). Bands are resampled (bilinear) onto the grid of the
+      finest band among those read, and ordered by the sensor table unless ``channels`` orders them;
+    * one multi-band GeoTIFF/COG. Its bands are named by ``channels`` (which must then list every band of
+      the file, in file order) or, when ``channels`` is None, by band descriptions that match the sensor
+      table. With descriptions, ``channels`` may also pick a subset in any order.
+
+    Args:
+        path: the scene folder or file.
+        channels: band names to read, in the order wanted; None reads every band found.
+        sensor: name of the band table (``sentinel2``, ``landsat8``, ``landsat9``); None infers it from the
+            file or band names.
+        scaling: name of a scaling in :data:`~domains.satellite.sensors.SCALINGS` or a
+            :class:`ReflectanceScale` applied to every band; None uses the product's own (band folders)
+            or the sensor's default for integer data and none for floating-point data.
+
+    Returns:
+        The scene; pixels where any band is nodata (file nodata, NaN, or the sensor's fill DN) are
+        invalid and hold 0.
+
+    Raises:
+        DomainInputError: the path is missing or unreadable, lacks a CRS, its bands disagree in CRS or
+            extent, the band count or names do not fit, a band is missing, the layout is unknown, or no
+            pixel is valid. The message names the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DomainInputError(path, "does not exist")
+    try:
+        table = get_sensor(sensor) if sensor is not None else None
+        if isinstance(scaling, str):
+            scaling = get_scaling(scaling)
+    except ValueError as error:
+        raise DomainInputError(path, str(error)) from None
+    wanted = tuple(channels) if channels is not None else None
+    if wanted is not None and not wanted:
+        raise DomainInputError(path, "channels is empty: name at least one band, or pass None to read all")
+    if wanted is not None and len(set(b.upper() for b in wanted)) != len(wanted):
+        raise DomainInputError(path, f"channels {', '.join(wanted)} name a band twice")
+    if path.is_dir():
+        scene = _read_band_folder(path, wanted, table, scaling)
+    else:
+        scene = _read_multiband(path, wanted, table, scaling)
+    if not scene.valid.any():
+        raise DomainInputError(path, "holds no valid pixel: every pixel is nodata in at least one band")
+    return scene
+
+
+def _read_band_folder(
+    folder: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
+) -> Scene:
+    from rasterio.warp import Resampling, reproject
+
+    sensor, files = recognise_band_folder(folder)
+    if table is not None and table.name != sensor.name:
+        raise DomainInputError(folder, f"sensor {table.name} was asked for but the band files are {sensor.title}")
+    names = tuple(files)
+    missing = [b for b in (wanted or ()) if b.upper() not in {n.upper() for n in names}]
+    if missing:
+        raise DomainInputError(folder, f"lacks band(s) {', '.join(missing)}; it holds {', '.join(names)}")
+    selected: list[BandFile] = [files[n] for n in (_canonical(sensor, wanted, folder) if wanted else names)]
+
+    # Read headers first so that geometry problems are reported before any pixel is decoded.
+    headers = []
+    for band in selected:
+        with open_raster(band.path) as ds:
+            _require_georeference(ds, band.path)
+            if ds.count != 1:
+                raise DomainInputError(band.path, f"a band file must hold 1 band, this one holds {ds.count}")
+            headers.append((band, ds.crs, ds.transform, ds.shape, ds.bounds, ds.nodata, np.dtype(ds.dtypes[0])))
+    finest = min(headers, key=lambda h: abs(h[2].a) * abs(h[2].e))
+    _, crs, transform, shape, bounds, _, _ = finest
+    tolerance = min(abs(transform.a), abs(transform.e)) / 2
+    for band, band_crs, _, _, band_bounds, _, _ in headers:
+        if band_crs != crs:
+            raise DomainInputError(
+                band.path, f"CRS {band_crs.to_string()} differs from {finest[0].path.name}'s {crs.to_string()}"
+            )
+        if max(abs(a - b) for a, b in zip(band_bounds, bounds)) > tolerance:
+            raise DomainInputError(
+                band.path,
+                f"extent {tuple(round(v, 3) for v in band_bounds)} differs from "
+                f"{finest[0].path.name}'s {tuple(round(v, 3) for v in bounds)}",
+            )
+
+    data = np.zeros((len(selected), *shape), dtype=np.float32)
+    valid = np.ones(shape, dtype=bool)
+    scales = []
+    for i, (band, _, band_transform, band_shape, _, nodata, dtype) in enumerate(headers):
+        scale = _resolve_scaling(scaling, band.scaling, dtype)
+        scales.append(scale)
+        with open_raster(band.path) as ds:
+            dn = read_band(ds, 1, band.path)
+        band_valid = _valid_pixels(dn, nodata, sensor.fill_dn, scale)
+        values = scale.apply(dn)
+        values[~band_valid] = np.nan
+        if band_shape == shape and band_transform.almost_equals(transform):
+            data[i] = values
+            valid &= band_valid
+            continue
+        resampled = np.full(shape, np.nan, dtype=np.float32)
+        # NaN as source nodata keeps nodata out of the bilinear weights of neighbouring valid pixels.
+        reproject(
+            values, resampled, src_transform=band_transform, src_crs=crs, dst_transform=transform, dst_crs=crs,
+            src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear,
+        )
+        mask = np.zeros(shape, dtype=np.uint8)
+        # A fine pixel inside a coarse nodata pixel is nodata: nearest neighbour keeps the mask's edges sharp.
+        reproject(
+            band_valid.astype(np.uint8), mask, src_transform=band_transform, src_crs=crs, dst_transform=transform,
+            dst_crs=crs, resampling=Resampling.nearest,
+        )
+        band_valid = mask.astype(bool) & np.isfinite(resampled)
+        data[i] = resampled
+        valid &= band_valid
+    data[:, ~valid] = 0.0
+    return Scene(
+        data=data,
+        valid=valid,
+        channels=tuple(sensor.channel(b.band) for b in selected),
+        crs=crs,
+        transform=transform,
+        sensor=sensor.name,
+        path=folder,
+        scales=tuple(scales),
+    )
+
+
+def _canonical(sensor: Sensor, wanted: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    """Spell requested band names as the sensor table does (``b8a`` -> ``B8A``)."""
+    out = []
+    for name in wanted:
+        try:
+            out.append(sensor.channel(name).name)
+        except KeyError as error:
+            raise DomainInputError(path, str(error.args[0])) from None
+    return tuple(out)
+
+
+def _read_multiband(
+    path: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
+) -> Scene:
+    with open_raster(path) as ds:
+        _require_georeference(ds, path)
+        descriptions = tuple(d or "" for d in ds.descriptions)
+        described = _described_sensor(descriptions, table)
+        if wanted is None and described is None:
+            raise DomainInputError(
+                path,
+                f"unknown band layout: the file has {ds.count} bands without band descriptions naming them; "
+                "pass channels=(...) listing its bands in file order",
+            )
+        if described is not None:
+            sensor = described
+            file_bands = tuple(sensor.channel(d).name for d in descriptions)
+            names = _canonical(sensor, wanted, path) if wanted is not None else file_bands
+            indexes = [i + 1 for i in _band_index(file_bands, names, path)]
+        else:
+            assert wanted is not None
+            if len(wanted) != ds.count:
+                raise DomainInputError(
+                    path,
+                    f"wrong band count: channels lists {len(wanted)} bands ({', '.join(wanted)}) "
+                    f"but the file holds {ds.count}",
+                )
+            try:
+                sensor = table if table is not None else infer_sensor(wanted)
+            except ValueError as error:
+                raise DomainInputError(path, str(error)) from None
+            names = _canonical(sensor, wanted, path)
+            indexes = list(range(1, ds.count + 1))
+        dtype = np.dtype(ds.dtypes[0])
+        scale = _resolve_scaling(scaling, sensor.scaling, dtype)
+        data = np.zeros((len(indexes), *ds.shape), dtype=np.float32)
+        valid = np.ones(ds.shape, dtype=bool)
+        for i, index in enumerate(indexes):
+            dn = read_band(ds, index, path)
+            band_valid = _valid_pixels(dn, ds.nodatavals[index - 1], sensor.fill_dn, scale)
+            data[i] = scale.apply(dn)
+            valid &= band_valid
+        data[:, ~valid] = 0.0
+        return Scene(
+            data=data,
+            valid=valid,
+            channels=tuple(sensor.channel(n) for n in names),
+            crs=ds.crs,
+            transform=ds.transform,
+            sensor=sensor.name,
+            path=path,
+            scales=(scale,) * len(indexes),
+        )
+
+
+def _described_sensor(descriptions: tuple[str, ...], table: Sensor | None) -> Sensor | None:
+    """The sensor whose table names every band description, or None if the descriptions name no bands."""
+    if not descriptions or not all(descriptions):
+        return None
+    if table is not None:
+        known = {b.upper() for b in table.band_names}
+        return table if all(d.upper() in known for d in descriptions) else None
+    try:
+        return infer_sensor(descriptions)
+    except ValueError:
+        return None
