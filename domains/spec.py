@@ -145,6 +145,9 @@ class DomainSpec:
         predict: writes a prediction for one input (see :class:`PredictionRequest`).
         list_prediction_inputs: expands a path (one input or a drop folder) into inputs.
         write_example: writes a tiny real-format example (tests, fixtures, docs).
+        prepare_demo: writes the demo inputs into a folder and returns them as ``{"source": ...,
+            "labels": ...}`` (``labels`` may be absent); None when the domain has no demo.
+        demo_notes: one paragraph saying where the demo data comes from and how its labels are made.
     """
 
     name: str
@@ -162,3 +165,5 @@ class DomainSpec:
     predict: Callable[[PredictionRequest], PredictionSummary]
     list_prediction_inputs: Callable[[Path], list[Path]]
     write_example: ExampleWriter
+    prepare_demo: Callable[[Path], dict[str, Path]] | None = None
+    demo_notes: str = ""

@@ -1,0 +1,1 @@
+"""Prefect flows: one stage per module, wiring tasks together and nothing else."""

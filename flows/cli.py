@@ -1,0 +1,270 @@
+"""The ``vitrail`` command line: one verb per flow, each building the flow's typed parameters.
+
+Heavy libraries (torch, timm, prefect, mlflow) are imported only after the arguments parse, so
+``vitrail --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ENV = {
+    # No network here and nothing to report: keep Prefect and MLflow from phoning home.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # The ephemeral Prefect server takes 10-15 s to start on a 2-core machine; 20 s is too tight.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+OVERRIDE_HELP = ("Override any parameter by its dotted path, e.g. --set train.epochs=3 --set lora.rank=4 "
+                 "(values are JSON when they parse as JSON, else strings; repeatable)")
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _apply_overrides(payload: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = payload
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return payload
+
+
+def _domain_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--domain", default="satellite", help="imaging domain (see `vitrail domains`)")
+
+
+def _workdir_arg(parser: argparse.ArgumentParser, default: str = "vitrail-work") -> None:
+    parser.add_argument("--workdir", default=default,
+                        help="work folder for checkpoints, reports and the local MLflow store (default: %(default)s)")
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bands", type=_csv, help="band names in file order, comma-separated (multi-band files)")
+    parser.add_argument("--sensor", help="sensor band table: sentinel2, landsat8, landsat9 (default: from file names)")
+    parser.add_argument("--class-names", type=_csv, help="names of label values 0..K-1, comma-separated")
+    parser.add_argument("--tile-size", type=int, help="tile side in pixels (default 32)")
+    parser.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
+    parser.add_argument("--block-size", type=int, help="spatial block side in pixels for leakage-free splits (default 128)")
+
+
+def _source_payload(args: argparse.Namespace) -> dict:
+    tiling = {k: v for k, v in (("tile_size", args.tile_size), ("stride", args.stride),
+                                ("block_size", args.block_size)) if v is not None}
+    if args.tile_size is not None and args.stride is None:
+        tiling["stride"] = args.tile_size
+    payload: dict = {"tiling": tiling}
+    for key in ("bands", "sensor", "class_names"):
+        if getattr(args, key) is not None:
+            payload[key] = getattr(args, key)
+    return payload
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitrail", description="Validated, compressed specialist ViTs for "
+                                     "Earth observation and medical imaging, as Prefect flows tracked in MLflow.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("demo", help="run the whole pipeline on the shipped demo data",
+                         description="Build the demo dataset, fine-tune, compress, validate, promote and predict.")
+    _domain_arg(p)
+    _workdir_arg(p, "vitrail-demo")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: %(default)s)")
+
+    verbs.add_parser("domains", help="list the registered imaging domains",
+                     description="List the registered imaging domains with their task and intended use.")
+
+    p = verbs.add_parser("ingest", help="turn a source and labels into a dataset",
+                         description="Read a scene, tile it, split by spatial block and write a versioned dataset.")
+    _domain_arg(p)
+    p.add_argument("--source", required=True, help="scene folder of per-band GeoTIFFs, or a multi-band GeoTIFF/COG")
+    p.add_argument("--labels", help="label raster (class id per pixel); omit for an unlabelled dataset")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    _source_args(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+    p = verbs.add_parser("finetune", help="fine-tune a backbone with LoRA on a dataset",
+                         description="Fine-tune a timm ViT with a LoRA adapter; logs the run and model to MLflow.")
+    _domain_arg(p)
+    p.add_argument("--dataset", required=True, help="dataset folder written by `vitrail ingest`")
+    _workdir_arg(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+    p = verbs.add_parser("compress", help="export ONNX, quantize int8 and measure variants",
+                         description="Export the reference model to ONNX, check parity, quantize, measure.")
+    _domain_arg(p)
+    p.add_argument("--dataset", required=True, help="dataset folder (test split and calibration tiles)")
+    p.add_argument("--model", required=True, help="reference model URI printed by `vitrail finetune`")
+    _workdir_arg(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+    p = verbs.add_parser("validate", help="score the reference model and its variants on the test split",
+                         description="Accuracy, macro-F1, per-class scores and confusion matrices for every variant.")
+    _domain_arg(p)
+    p.add_argument("--dataset", required=True, help="dataset folder")
+    p.add_argument("--model", required=True, help="reference model URI")
+    p.add_argument("--compress-run", required=True, help="MLflow run id printed by `vitrail compress`")
+    _workdir_arg(p)
+
+    p = verbs.add_parser("promote", help="gate a candidate and register it",
+                         description="Apply the promotion gate and set champion/challenger aliases.")
+    _domain_arg(p)
+    p.add_argument("--model", required=True, help="reference model URI")
+    p.add_argument("--edge-model", required=True, help="edge model URI printed by `vitrail compress`")
+    p.add_argument("--compress-run", required=True, help="compress run id")
+    p.add_argument("--validate-run", required=True, help="validate run id")
+    _workdir_arg(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP + " (gate.*)")
+
+    p = verbs.add_parser("predict", help="predict a scene (or a drop folder) with a model",
+                         description="Write a prediction GeoTIFF with the input's CRS and transform.")
+    _domain_arg(p)
+    p.add_argument("--model", help="MLflow model URI (default: models:/<domain>-<task>-edge@champion)")
+    p.add_argument("--input", required=True, help="scene folder, multi-band GeoTIFF, or a drop folder of scenes")
+    p.add_argument("--output", required=True, help="output .tif for one scene, or a folder for a drop folder")
+    p.add_argument("--stride", type=int, help="tile step in pixels (default: the model's tile size)")
+    _workdir_arg(p)
+
+    p = verbs.add_parser("pipeline", help="ingest, fine-tune, compress, validate, promote and predict",
+                         description="Run every stage in order on one source and its labels.")
+    _domain_arg(p)
+    p.add_argument("--source", required=True, help="scene folder or multi-band GeoTIFF")
+    p.add_argument("--labels", required=True, help="label raster aligned with the source")
+    _workdir_arg(p)
+    _source_args(p)
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    return parser
+
+
+def _print_receipt(receipt) -> None:
+    print(json.dumps(receipt.model_dump(mode="json"), indent=2))
+
+
+def _demo_summary(receipt, workdir: Path) -> str:
+    from tasks.tracking import resolve_tracking_uri
+
+    compress = json.loads(Path(receipt.compress.report).read_text())
+    rows = "\n".join(f"    {v['name']:<18} accuracy {v['accuracy']:.3f}  p50 {v['latency_ms_p50']:7.2f} ms  "
+                     f"{v['throughput']:8.1f} img/s  {v['size_bytes'] / 1e6:6.2f} MB  x{v['speedup_vs_fp32']:.2f}"
+                     for v in compress["variants"])
+    promoted = receipt.promote
+    verdict = f"promoted to {promoted.alias}" if promoted.alias else "NOT promoted (gate failed)"
+    uri = resolve_tracking_uri(workdir)
+    return f"""
+Vitrail demo finished.
+  dataset        {receipt.ingest.dataset}  (digest {receipt.ingest.digest[:12]})
+  variants (test split, batch-1 latency on {compress['threads']} threads):
+{rows}
+  int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f}
+  promotion      {promoted.edge_model} and {promoted.reference_model}: {verdict}
+  prediction     {', '.join(receipt.predict.outputs)}
+  report         {receipt.compress.report}
+
+Look at it:
+  MLflow UI   mlflow ui --backend-store-uri {uri} --port 5000   then open http://127.0.0.1:5000
+  Prefect UI  prefect server start --host 127.0.0.1              then open http://127.0.0.1:4200
+              (the demo ran on Prefect's ephemeral server, which keeps its runs in the same local database)
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    if args.verb == "domains":
+        from domains import registry
+
+        for name, spec in registry().items():
+            print(f"{name:<14} {spec.task:<15} {spec.title}\n{'':<14} {spec.intended_use}")
+        return 0
+    overrides = getattr(args, "set", [])
+    if args.verb == "demo":
+        from flows.demo import DemoParams, demo
+
+        workdir = Path(args.workdir)
+        receipt = demo(DemoParams(domain=args.domain, workdir=str(workdir), epochs=args.epochs))
+        print(_demo_summary(receipt, workdir))
+        return 0 if receipt.promote.alias == "champion" or receipt.promote.passed else 1
+    if args.verb == "ingest":
+        from flows.ingest import IngestParams, ingest_dataset
+
+        payload = {"domain": args.domain, "source": args.source, "labels": args.labels, "out": args.out,
+                   **_source_payload(args)}
+        _print_receipt(ingest_dataset(IngestParams(**_apply_overrides(payload, overrides))))
+        return 0
+    if args.verb == "finetune":
+        from flows.finetune import FinetuneParams, finetune_backbone
+
+        payload = {"domain": args.domain, "dataset": args.dataset, "workdir": args.workdir}
+        _print_receipt(finetune_backbone(FinetuneParams(**_apply_overrides(payload, overrides))))
+        return 0
+    if args.verb == "compress":
+        from flows.compress import CompressFlowParams, compress
+
+        payload = {"domain": args.domain, "dataset": args.dataset, "model_uri": args.model, "workdir": args.workdir}
+        _print_receipt(compress(CompressFlowParams(**_apply_overrides(payload, overrides))))
+        return 0
+    if args.verb == "validate":
+        from flows.validate import ValidateParams, validate
+
+        _print_receipt(validate(ValidateParams(domain=args.domain, dataset=args.dataset, model_uri=args.model,
+                                               compress_run_id=args.compress_run, workdir=args.workdir)))
+        return 0
+    if args.verb == "promote":
+        from flows.promote import PromoteParams, promote
+
+        payload = {"domain": args.domain, "model_uri": args.model, "edge_model_uri": args.edge_model,
+                   "compress_run_id": args.compress_run, "validate_run_id": args.validate_run, "workdir": args.workdir}
+        receipt = promote(PromoteParams(**_apply_overrides(payload, overrides)))
+        _print_receipt(receipt)
+        return 0 if receipt.passed else 1
+    if args.verb == "predict":
+        from flows.predict import PredictParams, predict
+
+        receipt = predict(PredictParams(domain=args.domain, model_uri=args.model, input=args.input,
+                                        output=args.output, stride=args.stride, workdir=args.workdir))
+        _print_receipt(receipt)
+        return 1 if receipt.failed else 0
+    if args.verb == "pipeline":
+        from flows.pipeline import PipelineParams, pipeline
+
+        payload = {"domain": args.domain, "source": args.source, "labels": args.labels, "workdir": args.workdir,
+                   **_source_payload(args)}
+        if args.epochs is not None:
+            payload["train"] = {"epochs": args.epochs}
+        receipt = pipeline(PipelineParams(**_apply_overrides(payload, overrides)))
+        _print_receipt(receipt)
+        return 0
+    raise AssertionError(f"unhandled verb {args.verb}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from domains import DomainInputError
+
+    try:
+        return run(args)
+    except (DomainInputError, ValidationError, FileNotFoundError, KeyError, ValueError) as error:
+        print(f"vitrail {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Compress: export the reference model to ONNX, check parity, quantize to int8, measure every variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.parameters import DomainName, WorkdirField
+from tasks import tracking
+from tasks.compression.recipe import CompressParams, compress_model_task, record_compression_task
+from tasks.dataset import read_dataset_info
+from tasks.tracking import load_reference_model_task, logged_model_metadata_task
+
+
+class CompressFlowParams(BaseModel):
+    """Build and measure edge variants of a fine-tuned model."""
+
+    domain: DomainName = "satellite"
+    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset folder (test split measures accuracy, "
+                                                                        "training split calibrates int8)")
+    model_uri: str = Field(..., min_length=1, max_length=1000, description="Reference model URI from the finetune flow")
+    workdir: str = WorkdirField
+    compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
+
+
+class CompressReceipt(BaseModel):
+    """The compress run, its edge model and the report."""
+
+    run_id: str
+    edge_model_uri: str
+    edge_variant: str
+    report: str
+    int8_vs_fp32_latency_ratio: float
+
+
+@flow(name="compress-model", flow_run_name="compress-{params.domain}", log_prints=True)
+def compress(params: CompressFlowParams) -> CompressReceipt:
+    """Export to ONNX with a parity check, quantize to int8, and measure latency, size and accuracy."""
+    info = read_dataset_info(params.dataset)
+    workdir = Path(params.workdir)
+    with tracking.stage_run(params.domain, "compress", workdir, params.model_dump(mode="json"), info,
+                            Path(params.dataset), {"vitrail.recipe": "export+int8"}) as run:
+        model = load_reference_model_task(params.model_uri)
+        metadata = logged_model_metadata_task(params.model_uri)
+        report = compress_model_task(model, Path(params.dataset), metadata, params.compression,
+                                     workdir / "compress" / run.run_id)
+        edge_uri = record_compression_task(report, metadata, workdir, run.artifact_dir)
+    return CompressReceipt(run_id=run.run_id, edge_model_uri=edge_uri, edge_variant=report.edge_variant,
+                           report=str((workdir / "compress_report.json").resolve()),
+                           int8_vs_fp32_latency_ratio=report.extra["int8_vs_fp32_latency_ratio"])

@@ -1,0 +1,52 @@
+"""Fine-tune: a foundation ViT learns a domain's task through a LoRA adapter, tracked in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.parameters import DomainName, WorkdirField
+from tasks import tracking
+from tasks.dataset import read_dataset_info
+from tasks.finetune import fit_adapter_task, record_finetune_task
+from tasks.models import BackboneParams, LoraParams
+from tasks.progress import EpochReporter
+from tasks.training import TrainParams
+
+
+class FinetuneParams(BaseModel):
+    """Fine-tune a foundation model on a dataset written by the ingest flow."""
+
+    domain: DomainName = "satellite"
+    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset folder written by the ingest flow")
+    workdir: str = WorkdirField
+    backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapter settings")
+    train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
+
+
+class FinetuneReceipt(BaseModel):
+    """The MLflow run and logged reference model."""
+
+    run_id: str
+    model_uri: str
+    best_epoch: int
+    best_val_macro_f1: float
+
+
+@flow(name="finetune-backbone", flow_run_name="finetune-{params.domain}", log_prints=True)
+def finetune_backbone(params: FinetuneParams) -> FinetuneReceipt:
+    """Train a LoRA adapter and head for the chosen domain and log the merged model to MLflow."""
+    info = read_dataset_info(params.dataset)
+    workdir = Path(params.workdir)
+    with tracking.stage_run(params.domain, "finetune", workdir, params.model_dump(mode="json"), info,
+                            Path(params.dataset), {"vitrail.backbone": params.backbone.name, "vitrail.peft": "lora"}) as run:
+        outcome = fit_adapter_task(Path(params.dataset), params.backbone, params.lora, params.train,
+                                   workdir / "checkpoints" / info.digest[:12],
+                                   EpochReporter(run.run_id, f"finetune {params.backbone.name}"))
+        model_uri = record_finetune_task(outcome, run.artifact_dir)
+    best = outcome.fit.best_metrics
+    return FinetuneReceipt(run_id=run.run_id, model_uri=model_uri, best_epoch=outcome.fit.best_epoch,
+                           best_val_macro_f1=best["val_macro_f1"])

@@ -1,0 +1,76 @@
+"""Pipeline: ingest, fine-tune, compress, validate, promote and predict, chained as one reproducible run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.compress import CompressFlowParams, CompressReceipt, compress
+from flows.finetune import FinetuneParams, FinetuneReceipt, finetune_backbone
+from flows.ingest import IngestParams, IngestReceipt, TilingParams, ingest_dataset
+from flows.parameters import DomainName, WorkdirField
+from flows.predict import PredictParams, PredictReceipt, predict
+from flows.promote import PromoteParams, PromoteReceipt, promote
+from flows.validate import ValidateParams, ValidateReceipt, validate
+from tasks.compression.recipe import CompressParams
+from tasks.dataset import SplitParams
+from tasks.models import BackboneParams, LoraParams
+from tasks.promotion import GateThresholds
+from tasks.training import TrainParams
+
+
+class PipelineParams(BaseModel):
+    """Everything from raw source to a promoted model and a prediction map, in one run."""
+
+    domain: DomainName = "satellite"
+    source: str = Field(..., min_length=1, max_length=1000, description="Scene folder or multi-band GeoTIFF to learn from")
+    labels: str = Field(..., min_length=1, max_length=1000, description="Label raster aligned with the source")
+    workdir: str = WorkdirField
+    bands: list[str] | None = Field(None, max_length=512, description="Band names in file order (multi-band files)")
+    sensor: str | None = Field(None, max_length=64, description="Sensor band table; empty to infer from file names")
+    class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
+    tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
+    split: SplitParams = Field(default_factory=SplitParams, description="Split fractions and seed")
+    backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapter settings")
+    train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
+    compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
+    gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+
+
+class PipelineReceipt(BaseModel):
+    """The receipts of every stage."""
+
+    ingest: IngestReceipt
+    finetune: FinetuneReceipt
+    compress: CompressReceipt
+    validation: ValidateReceipt
+    promote: PromoteReceipt
+    predict: PredictReceipt | None
+
+
+@flow(name="pipeline", flow_run_name="pipeline-{params.domain}", log_prints=True)
+def pipeline(params: PipelineParams) -> PipelineReceipt:
+    """Run every stage in order; each stage is also runnable on its own."""
+    workdir = Path(params.workdir)
+    common = dict(domain=params.domain, workdir=params.workdir)
+    ingested = ingest_dataset(IngestParams(
+        domain=params.domain, source=params.source, labels=params.labels, out=str(workdir / "dataset"),
+        tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
+        class_names=params.class_names))
+    tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
+                                             lora=params.lora, train=params.train))
+    compressed = compress(CompressFlowParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
+                                             compression=params.compression))
+    validated = validate(ValidateParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
+                                        compress_run_id=compressed.run_id, threads=params.compression.threads))
+    promoted = promote(PromoteParams(**common, model_uri=tuned.model_uri, edge_model_uri=compressed.edge_model_uri,
+                                     compress_run_id=compressed.run_id, validate_run_id=validated.run_id,
+                                     gate=params.gate))
+    # Predict with the candidate's own edge model, so a run whose gate failed still shows its map.
+    predicted = predict(PredictParams(**common, input=params.source, model_uri=compressed.edge_model_uri,
+                                      output=str(workdir / "predictions"), threads=params.compression.threads))
+    return PipelineReceipt(ingest=ingested, finetune=tuned, compress=compressed, validation=validated,
+                           promote=promoted, predict=predicted)

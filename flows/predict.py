@@ -1,0 +1,47 @@
+"""Predict: the promoted model (or any model URI) runs over a new input or a drop folder of inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from domains import get_domain
+from flows.parameters import DomainName, WorkdirField
+from tasks.prediction import predict_inputs_task
+from tasks.promotion import registered_model_names
+from tasks.tracking import configure_tracking
+
+
+class PredictParams(BaseModel):
+    """Run a model on new scenes and write georeferenced predictions."""
+
+    domain: DomainName = "satellite"
+    input: str = Field(..., min_length=1, max_length=1000, description="One scene (folder of bands or multi-band "
+                                                                      "GeoTIFF) or a drop folder of scenes")
+    output: str = Field(..., min_length=1, max_length=1000,
+                        description="Output GeoTIFF for one scene, or a folder for a drop folder")
+    model_uri: str | None = Field(None, max_length=1000,
+                                  description="MLflow model URI; empty uses the domain's edge champion")
+    stride: int | None = Field(None, ge=1, le=4096, description="Tile step in pixels; empty uses the model's tile size")
+    workdir: str = WorkdirField
+    threads: int = Field(2, ge=1, le=256, description="CPU threads for inference")
+
+
+class PredictReceipt(BaseModel):
+    """What was written, and what failed with its reason."""
+
+    model_uri: str
+    outputs: list[str]
+    failed: dict[str, str]
+
+
+@flow(name="predict", flow_run_name="predict-{params.domain}", log_prints=True)
+def predict(params: PredictParams) -> PredictReceipt:
+    """Predict with the promoted edge model by default; bad inputs are reported, the rest still run."""
+    configure_tracking(Path(params.workdir))
+    model_uri = params.model_uri or f"models:/{registered_model_names(get_domain(params.domain))[1]}@champion"
+    batch = predict_inputs_task(params.domain, model_uri, Path(params.input), Path(params.output), params.stride,
+                                params.threads)
+    return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)

@@ -1,0 +1,63 @@
+"""Promote: a gate decides; passing models get the champion or challenger alias in the MLflow registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from domains import get_domain
+from flows.parameters import DomainName, WorkdirField
+from tasks import tracking
+from tasks.promotion import (
+    GateThresholds,
+    apply_promotion_task,
+    current_champion_metric_task,
+    decide_promotion_task,
+    gather_candidate_task,
+    publish_decision_task,
+    registered_model_names,
+)
+
+
+class PromoteParams(BaseModel):
+    """Decide whether a validated model may serve, and register it."""
+
+    domain: DomainName = "satellite"
+    model_uri: str = Field(..., min_length=1, max_length=1000, description="Reference model URI from the finetune flow")
+    edge_model_uri: str = Field(..., min_length=1, max_length=1000, description="Edge model URI from the compress flow")
+    compress_run_id: str = Field(..., min_length=1, max_length=64, description="MLflow run id of the compress flow")
+    validate_run_id: str = Field(..., min_length=1, max_length=64, description="MLflow run id of the validate flow")
+    workdir: str = WorkdirField
+    gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+
+
+class PromoteReceipt(BaseModel):
+    """The decision and the registry versions it produced."""
+
+    passed: bool
+    alias: str | None
+    reasons: list[str]
+    reference_model: str
+    edge_model: str
+
+
+@flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)
+def promote(params: PromoteParams) -> PromoteReceipt:
+    """Apply the gate, compare with the current champion, register versions and set aliases."""
+    names = registered_model_names(get_domain(params.domain))
+    with tracking.stage_run(params.domain, "promote", Path(params.workdir), params.model_dump(mode="json")) as run:
+        candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
+        champion = current_champion_metric_task(names[1], params.gate.metric)
+        decision = decide_promotion_task(candidate, params.gate, champion)
+        lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,
+                   "vitrail.validate_run_id": params.validate_run_id, "vitrail.edge_variant": edge_variant,
+                   "vitrail.promote_run_id": run.run_id}
+        record = apply_promotion_task(decision, candidate, params.gate, params.model_uri, params.edge_model_uri,
+                                      names, lineage)
+        tracking.set_tags(decision.as_tags())
+        publish_decision_task(decision, record)
+    return PromoteReceipt(passed=decision.passed, alias=record.alias, reasons=list(decision.reasons),
+                          reference_model=f"{record.reference_name}/{record.reference_version}",
+                          edge_model=f"{record.edge_name}/{record.edge_version}")

@@ -1,0 +1,46 @@
+"""Validate: test-split metrics and confusion matrices for the reference model and every edge variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.parameters import DomainName, WorkdirField
+from tasks import tracking
+from tasks.dataset import read_dataset_info
+from tasks.tracking import load_reference_model_task
+from tasks.validation import fetch_onnx_variants_task, record_validation_task, validate_variants_task
+
+
+class ValidateParams(BaseModel):
+    """Score a fine-tuned model and its compressed variants on the held-out test split."""
+
+    domain: DomainName = "satellite"
+    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset folder written by the ingest flow")
+    model_uri: str = Field(..., min_length=1, max_length=1000, description="Reference model URI from the finetune flow")
+    compress_run_id: str = Field(..., min_length=1, max_length=64, description="MLflow run id of the compress flow")
+    workdir: str = WorkdirField
+    threads: int = Field(2, ge=1, le=256, description="CPU threads for inference")
+
+
+class ValidateReceipt(BaseModel):
+    """The validate run and its metrics, keyed ``<variant>.test_<metric>``."""
+
+    run_id: str
+    metrics: dict[str, float]
+
+
+@flow(name="validate-model", flow_run_name="validate-{params.domain}", log_prints=True)
+def validate(params: ValidateParams) -> ValidateReceipt:
+    """Compute accuracy, macro-F1, per-class scores and confusion matrices for every variant."""
+    info = read_dataset_info(params.dataset)
+    workdir = Path(params.workdir)
+    with tracking.stage_run(params.domain, "validate", workdir, params.model_dump(mode="json"), info,
+                            Path(params.dataset), {"vitrail.compress_run_id": params.compress_run_id}) as run:
+        reference = load_reference_model_task(params.model_uri)
+        variants = fetch_onnx_variants_task(params.compress_run_id, run.artifact_dir.parent / f"{run.run_id}-onnx")
+        result = validate_variants_task(Path(params.dataset), reference, variants, run.artifact_dir, params.threads)
+        metrics = record_validation_task(result)
+    return ValidateReceipt(run_id=run.run_id, metrics=metrics)

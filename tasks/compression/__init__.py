@@ -1,0 +1,1 @@
+"""Edge compression: ONNX export with parity checks, int8 quantization and side-by-side measurement."""

@@ -1,0 +1,71 @@
+"""Export a torch model to ONNX and check that the export predicts what the torch model predicts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.onnx_runtime import INPUT_NAME, OUTPUT_NAME, open_session, session_predictor, write_metadata
+from tasks.training import predict_logits
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """An exported model disagrees with its torch source beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely an ONNX file reproduces a reference model on the same inputs."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    agreement: float
+    samples: int
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def export_onnx(model: nn.Module, example: np.ndarray, path: Path, metadata: dict) -> Path:
+    """Export ``model`` (eval mode) with a dynamic batch axis and embed Vitrail metadata."""
+    model = model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample = torch.from_numpy(np.ascontiguousarray(example[:1], dtype=np.float32))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+    program.save(str(path), external_data=False)
+    write_metadata(path, metadata)
+    return path
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> ParityReport:
+    """Parity statistics between two logit arrays of the same inputs."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    return ParityReport(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+                        agreement=float((reference.argmax(1) == candidate.argmax(1)).mean()),
+                        samples=len(reference), tolerance=tolerance)
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, tolerance: float,
+                 threads: int = 2) -> ParityReport:
+    """Run the torch model and the ONNX file on ``images`` and compare logits."""
+    reference = predict_logits(model, images)
+    candidate = session_predictor(open_session(onnx_path, threads))(images)
+    report = compare_logits(reference, candidate, tolerance)
+    log.info("parity %s: max |diff| %.2e (tolerance %.1e), agreement %.4f", onnx_path.name,
+             report.max_abs_diff, tolerance, report.agreement)
+    return report

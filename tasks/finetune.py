@@ -1,0 +1,99 @@
+"""The fine-tune stage's work: a timm backbone with LoRA on a dataset's bands, trained by the one loop."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+from torch import nn
+
+from tasks.dataset import DatasetInfo, load_dataset
+from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
+from tasks.training import EpochCallback, FitResult, TrainParams, fit
+
+
+@dataclass
+class FinetuneOutcome:
+    """The merged reference model plus what is worth recording about how it was made."""
+
+    model: nn.Module
+    fit: FitResult
+    trainable_parameters: int
+    total_parameters: int
+    metadata: dict
+
+
+def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
+    """What a deployed model must carry to be used on new inputs: bands, classes, geometry, lineage."""
+    return {
+        "domain": info.domain,
+        "task": info.task,
+        "channels": [asdict(c) for c in info.channels],
+        "class_names": list(info.class_names),
+        "tile_size": info.tile_size,
+        "backbone": backbone.name,
+        "dataset_digest": info.digest,
+    }
+
+
+def fit_adapter(dataset_path: Path, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
+                checkpoint_dir: Path, on_epoch: EpochCallback | None = None) -> FinetuneOutcome:
+    """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model."""
+    dataset = load_dataset(dataset_path)
+    info = dataset.info
+    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size)
+    adapted = attach_lora(net, lora)
+    model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
+    trainable, total = count_parameters(model)
+    model_key = f"{backbone.model_dump_json()}|{lora.model_dump_json()}"
+    result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
+    merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std).eval()
+    return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
+                           metadata=model_metadata(info, backbone))
+
+
+fit_adapter_task = task(fit_adapter, name="fit-adapter", cache_policy=NONE)
+
+
+def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Loss and validation scores per epoch, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    left.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="accuracy")
+    right.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", label="macro-F1")
+    right.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def record_finetune(outcome: FinetuneOutcome, artifact_dir: Path) -> str:
+    """Log summary metrics, training curves and the merged model to the active run; return the model URI."""
+    from tasks import tracking
+
+    best = outcome.fit.best_metrics
+    tracking.log_metrics({"best_epoch": outcome.fit.best_epoch, "best_val_accuracy": best["val_accuracy"],
+                          "best_val_macro_f1": best["val_macro_f1"], "trainable_parameters": outcome.trainable_parameters,
+                          "total_parameters": outcome.total_parameters})
+    plot_training_curves(outcome.fit.history, artifact_dir / "training-curves.png")
+    channels = len(outcome.metadata["channels"])
+    size = outcome.metadata["tile_size"]
+    example = np.zeros((1, channels, size, size), dtype=np.float32)
+    return tracking.log_reference_model(outcome.model, example, outcome.metadata)
+
+
+record_finetune_task = task(record_finetune, name="record-finetune", cache_policy=NONE)

@@ -1,0 +1,105 @@
+"""The predict stage's work: load a logged or registered model and run it over new inputs."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from domains import Channel, DomainInputError, PredictionRequest, PredictionSummary, get_domain
+from tasks import tracking
+from tasks.onnx_runtime import open_session, read_metadata, session_predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to infer, with the bands, classes and tile size it was trained on."""
+
+    uri: str
+    flavor: str
+    predict_logits: Callable[[np.ndarray], np.ndarray]
+    channels: tuple[Channel, ...]
+    class_names: tuple[str, ...]
+    tile_size: int
+    domain: str
+
+
+@dataclass
+class PredictionBatch:
+    """Outputs written and inputs that failed (with the reason), so one bad scene loses nothing else."""
+
+    written: list[PredictionSummary] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
+    """Load an ONNX (edge) or torch (reference) model from any MLflow model URI."""
+    flavor, metadata = tracking.model_flavor(model_uri)
+    if flavor == "onnx":
+        folder = tracking.download_model(model_uri, Path(tempfile.mkdtemp(prefix="vitrail-model-")))
+        onnx_file = next(folder.rglob("*.onnx"), None)
+        if onnx_file is None:
+            raise FileNotFoundError(f"{model_uri}: no .onnx file in the model's artifacts")
+        metadata = read_metadata(onnx_file)
+        predict = session_predictor(open_session(onnx_file, threads))
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        model = tracking.load_reference_model(model_uri).eval()
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(images)).numpy()
+
+    missing = {"channels", "class_names", "tile_size", "domain"} - set(metadata)
+    if missing:
+        raise ValueError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
+    return LoadedModel(uri=model_uri, flavor=flavor, predict_logits=predict,
+                       channels=tuple(Channel(**c) for c in metadata["channels"]),
+                       class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
+                       domain=str(metadata["domain"]))
+
+
+def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path, stride: int | None = None,
+                   threads: int = 2) -> PredictionBatch:
+    """Predict one input or every input of a drop folder.
+
+    ``output`` is a file when ``input_path`` is a single input, else a folder that receives
+    ``<input name>.tif`` per input. Inputs that fail are recorded with their error and skipped.
+    """
+    domain = get_domain(domain_name)
+    model = load_model(model_uri, threads)
+    if model.domain != domain.name:
+        raise ValueError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
+    inputs = domain.list_prediction_inputs(Path(input_path))
+    single = len(inputs) == 1 and Path(input_path) == inputs[0]
+    batch = PredictionBatch()
+    for item in inputs:
+        target = output if single and output.suffix else output / f"{item.stem if item.is_file() else item.name}.tif"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        request = PredictionRequest(input=item, output=target, channels=model.channels, class_names=model.class_names,
+                                    tile_size=model.tile_size, stride=stride or model.tile_size,
+                                    infer=lambda x: _softmax(model.predict_logits(x)))
+        try:
+            batch.written.append(domain.predict(request))
+        except DomainInputError as error:
+            log.error("skipping %s: %s", item, error)
+            batch.failed[str(item)] = str(error)
+    return batch
+
+
+predict_inputs_task = task(predict_inputs, name="predict-inputs", cache_policy=NONE)

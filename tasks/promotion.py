@@ -1,0 +1,165 @@
+"""Promotion: a pure gate decides, a small side-effecting function applies it to the MLflow registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, Field
+
+from domains import DomainSpec
+
+GateMetric = Literal["macro_f1", "accuracy"]
+
+
+class GateThresholds(BaseModel):
+    """What a candidate must reach before it may serve: quality, fidelity to fp32, speed, export parity."""
+
+    metric: GateMetric = Field("macro_f1", description="Test-split metric the gate and champion comparison use")
+    min_metric: float = Field(0.6, ge=0.0, le=1.0, description="Lowest acceptable metric of the edge model")
+    max_drop_vs_fp32: float = Field(0.02, ge=0.0, le=1.0,
+                                    description="Largest metric drop of the edge model versus the fp32 reference")
+    latency_budget_ms: float = Field(50.0, gt=0, le=60000, description="Edge model p50 latency budget at batch 1 (ms)")
+    parity_tolerance: float = Field(1e-3, gt=0, le=1.0,
+                                    description="Largest |logit| difference allowed between torch and fp32 ONNX")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Measured facts about a model pair (reference + edge) waiting for a decision."""
+
+    reference_metric: float
+    edge_metric: float
+    edge_latency_ms: float
+    parity_max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the gate: whether the candidate passed, which alias it gets, and why."""
+
+    passed: bool
+    alias: Literal["champion", "challenger"] | None
+    reasons: tuple[str, ...]
+
+    def as_tags(self) -> dict[str, str]:
+        return {"vitrail.gate": "passed" if self.passed else "failed",
+                "vitrail.alias": self.alias or "none",
+                "vitrail.gate_reasons": "; ".join(self.reasons)}
+
+
+def decide_promotion(candidate: Candidate, gate: GateThresholds, champion_metric: float | None) -> Decision:
+    """Apply the gate; a passing candidate becomes champion unless it is worse than the current one."""
+    m = gate.metric
+    checks = [
+        (candidate.edge_metric >= gate.min_metric,
+         f"edge {m} {candidate.edge_metric:.4f} {'>=' if candidate.edge_metric >= gate.min_metric else '<'} minimum {gate.min_metric:.4f}"),
+        (candidate.reference_metric - candidate.edge_metric <= gate.max_drop_vs_fp32,
+         f"drop vs fp32 {candidate.reference_metric - candidate.edge_metric:+.4f} "
+         f"{'within' if candidate.reference_metric - candidate.edge_metric <= gate.max_drop_vs_fp32 else 'exceeds'} {gate.max_drop_vs_fp32:.4f}"),
+        (candidate.edge_latency_ms <= gate.latency_budget_ms,
+         f"edge p50 latency {candidate.edge_latency_ms:.2f} ms {'within' if candidate.edge_latency_ms <= gate.latency_budget_ms else 'over'} "
+         f"budget {gate.latency_budget_ms:.2f} ms"),
+        (candidate.parity_max_abs_diff <= gate.parity_tolerance,
+         f"export parity {candidate.parity_max_abs_diff:.2e} {'within' if candidate.parity_max_abs_diff <= gate.parity_tolerance else 'over'} "
+         f"tolerance {gate.parity_tolerance:.1e}"),
+    ]
+    reasons = [text for _, text in checks]
+    if not all(ok for ok, _ in checks):
+        return Decision(passed=False, alias=None, reasons=tuple(reasons))
+    if champion_metric is None:
+        return Decision(passed=True, alias="champion", reasons=(*reasons, "no current champion"))
+    if candidate.edge_metric >= champion_metric:
+        return Decision(passed=True, alias="champion",
+                        reasons=(*reasons, f"not worse than champion ({candidate.edge_metric:.4f} >= {champion_metric:.4f})"))
+    return Decision(passed=True, alias="challenger",
+                    reasons=(*reasons, f"worse than champion ({candidate.edge_metric:.4f} < {champion_metric:.4f})"))
+
+
+def registered_model_names(domain: DomainSpec) -> tuple[str, str]:
+    """(reference, edge) registered model names: ``<domain>-<task>`` and ``<domain>-<task>-edge``."""
+    base = f"{domain.name}-{domain.task_name}"
+    return base, f"{base}-edge"
+
+
+def current_champion_metric(edge_name: str, metric: str) -> float | None:
+    """The gate metric recorded on the edge champion version, or None when there is no champion."""
+    from tasks import tracking
+
+    holder = tracking.alias_holder(edge_name, "champion")
+    if holder is None:
+        return None
+    value = holder[1].get(f"vitrail.edge_{metric}")
+    return float(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    """What the registry now holds for this candidate."""
+
+    reference_name: str
+    reference_version: str
+    edge_name: str
+    edge_version: str
+    alias: str | None
+
+
+def apply_promotion(decision: Decision, candidate: Candidate, gate: GateThresholds, reference_uri: str,
+                    edge_uri: str, names: tuple[str, str], lineage: dict[str, str]) -> PromotionRecord:
+    """Register both models with the decision as tags; set the alias on both only if the gate passed."""
+    from tasks import tracking
+
+    tags = {**decision.as_tags(), **lineage, f"vitrail.edge_{gate.metric}": f"{candidate.edge_metric:.6f}",
+            f"vitrail.reference_{gate.metric}": f"{candidate.reference_metric:.6f}",
+            "vitrail.edge_latency_ms_p50": f"{candidate.edge_latency_ms:.4f}"}
+    ref_version = tracking.register_version(reference_uri, names[0], tags)
+    edge_version = tracking.register_version(edge_uri, names[1], tags)
+    if decision.passed and decision.alias:
+        tracking.set_alias(names[0], decision.alias, ref_version)
+        tracking.set_alias(names[1], decision.alias, edge_version)
+    return PromotionRecord(names[0], ref_version, names[1], edge_version, decision.alias if decision.passed else None)
+
+
+def publish_decision(decision: Decision, record: PromotionRecord) -> None:
+    """A markdown artifact in the Prefect UI stating the decision and every reason."""
+    from prefect.artifacts import create_markdown_artifact
+
+    verdict = f"promoted to **{record.alias}**" if record.alias else "**not promoted** (gate failed)"
+    lines = [f"### Promotion decision: {verdict}", "",
+             f"- `{record.reference_name}` version {record.reference_version}",
+             f"- `{record.edge_name}` version {record.edge_version}", "", "Reasons:", ""]
+    lines += [f"- {reason}" for reason in decision.reasons]
+    create_markdown_artifact(markdown="\n".join(lines), key="promotion-decision",
+                             description="Gate decision and reasons")
+
+
+apply_promotion_task = task(apply_promotion, name="apply-promotion", cache_policy=NONE)
+publish_decision_task = task(publish_decision, name="publish-decision", cache_policy=NONE)
+
+
+def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMetric) -> tuple[Candidate, str]:
+    """Collect the measured facts of a candidate from its compress and validate runs; also return the edge variant."""
+    from tasks import tracking
+
+    _, compress_tags = tracking.read_run(compress_run_id)
+    edge = compress_tags.get("vitrail.edge_variant")
+    if edge is None:
+        raise ValueError(f"run {compress_run_id} is not a compress run (no vitrail.edge_variant tag)")
+    report = tracking.read_json_artifact(compress_run_id, "compress_report.json")
+    validation, _ = tracking.read_run(validate_run_id)
+    keys = (f"torch-fp32.test_{metric}", f"{edge}.test_{metric}")
+    missing = [k for k in keys if k not in validation]
+    if missing:
+        raise ValueError(f"validate run {validate_run_id} lacks metrics {missing}")
+    edge_row = next(v for v in report["variants"] if v["name"] == edge)
+    candidate = Candidate(reference_metric=validation[keys[0]], edge_metric=validation[keys[1]],
+                          edge_latency_ms=edge_row["latency_ms_p50"],
+                          parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"])
+    return candidate, edge
+
+
+gather_candidate_task = task(gather_candidate, name="gather-candidate", cache_policy=NONE)
+decide_promotion_task = task(decide_promotion, name="decide-promotion", cache_policy=NONE)
+current_champion_metric_task = task(current_champion_metric, name="current-champion-metric", cache_policy=NONE)

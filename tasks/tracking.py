@@ -1,0 +1,250 @@
+"""Everything that talks to MLflow: tracking URI, stage runs, dataset lineage, models and the registry.
+
+No other module imports mlflow. Tracking goes to ``MLFLOW_TRACKING_URI`` when it is set (a team's
+MLflow server), else to a SQLite file in the work folder with artifacts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+# Prefect first: ``import mlflow.pytorch`` calls logging.basicConfig, which would otherwise flatten
+# Prefect's log format (see ENVIRONMENT.md).
+import prefect
+from prefect.cache_policies import NONE
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from tasks.dataset import DatasetInfo  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_REQUIREMENTS = ["torch", "timm", "onnxruntime", "numpy"]
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """An open MLflow run of one pipeline stage, with a scratch folder for its artifacts."""
+
+    run_id: str
+    experiment_id: str
+    artifact_dir: Path
+
+
+def resolve_tracking_uri(workdir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workdir>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def configure_tracking(workdir: Path) -> str:
+    """Point MLflow (tracking and registry) at the resolved URI and return it."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(domain: str, workdir: Path) -> str:
+    """Experiment per domain; with the local SQLite default, artifacts live in ``<workdir>/mlartifacts``."""
+    configure_tracking(workdir)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(domain)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(domain, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The project's git commit, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _prefect_run_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    return {"vitrail.prefect_flow_run_id": str(flow_run.id or "none"),
+            "vitrail.prefect_flow_run_name": str(flow_run.name or "none")}
+
+
+def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+@contextmanager
+def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None,
+              dataset: DatasetInfo | None = None, dataset_path: Path | None = None,
+              extra_tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """Open a run for ``stage`` tagged with dataset digest, git commit and Prefect flow-run id."""
+    experiment_id = ensure_experiment(domain, workdir)
+    tags = {"vitrail.stage": stage, "vitrail.domain": domain, "vitrail.git_commit": git_commit(),
+            **_prefect_run_tags(), **(extra_tags or {})}
+    if dataset is not None:
+        tags["vitrail.dataset_digest"] = dataset.digest
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{domain}-{stage}", tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix=f"vitrail-{stage}-") as scratch:
+        if params:
+            flat: dict[str, str] = {}
+            _flatten("", params, flat)
+            mlflow.log_params({k: v[:6000] for k, v in flat.items()})
+        if dataset is not None:
+            log_dataset_input(dataset, dataset_path, context="training" if stage == "finetune" else stage)
+        yield StageRun(run_id=run.info.run_id, experiment_id=experiment_id, artifact_dir=Path(scratch))
+        mlflow.log_artifacts(scratch)
+
+
+def log_dataset_input(dataset: DatasetInfo, path: Path | None, context: str) -> None:
+    """Record the dataset (by digest) as an input of the active run: the lineage of every model."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        # A local path matches two equivalent "local artifact" source types; either is right.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(path).resolve()) if path else dataset.sources[0])
+    meta = MetaDataset(source=source, name=f"{dataset.domain}-{dataset.digest[:12]}", digest=dataset.digest[:36])
+    mlflow.log_input(meta, context=context)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Log numeric metrics to the active run (or ``run_id``)."""
+    clean = {k: float(v) for k, v in metrics.items()}
+    if run_id is None:
+        mlflow.log_metrics(clean, step=step)
+    else:
+        client = MlflowClient()
+        for key, value in clean.items():
+            client.log_metric(run_id, key, value, step=step or 0)
+
+
+def set_tags(tags: dict[str, str], run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.set_tags(tags)
+    else:
+        for key, value in tags.items():
+            MlflowClient().set_tag(run_id, key, value)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_reference_model(model, input_example, metadata: dict) -> str:
+    """Log the merged torch model (pickle format: loads back as the original class); return its URI."""
+    import mlflow.pytorch
+
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                    input_example=input_example, metadata=metadata,
+                                    pip_requirements=MODEL_REQUIREMENTS)
+    return info.model_uri
+
+
+def log_edge_model(onnx_path: Path, metadata: dict, input_example) -> str:
+    """Log the edge ONNX artifact as an MLflow model; return its URI."""
+    import mlflow.onnx
+    import onnx
+
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="edge_model", metadata=metadata,
+                                 input_example=input_example, save_as_external_data=False,
+                                 pip_requirements=MODEL_REQUIREMENTS)
+    return info.model_uri
+
+
+def load_reference_model(model_uri: str):
+    """Load a torch model logged by :func:`log_reference_model`."""
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def model_flavor(model_uri: str) -> tuple[str, dict]:
+    """Return ('onnx' | 'pytorch', metadata) of a logged or registered model."""
+    from mlflow.models import get_model_info
+
+    info = get_model_info(model_uri)
+    flavor = "onnx" if "onnx" in info.flavors else "pytorch"
+    return flavor, dict(info.metadata or {})
+
+
+def download_model(model_uri: str, destination: Path) -> Path:
+    """Download a model's files (any URI MLflow understands) and return the local folder."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
+
+
+def read_run(run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a run."""
+    run = MlflowClient().get_run(run_id)
+    return dict(run.data.metrics), dict(run.data.tags)
+
+
+def read_json_artifact(run_id: str, path: str) -> dict:
+    """Load a JSON artifact of a run."""
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=scratch)
+        return json.loads(Path(local).read_text())
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register ``model_uri`` as a new version of ``name``; return the version number."""
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    return str(version.version)
+
+
+def alias_holder(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """(version, tags) of the version of ``name`` holding ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return str(version.version), dict(version.tags)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def download_run_artifacts(run_id: str, artifact_path: str, destination: Path) -> Path:
+    """Download a run's artifact folder and return the local path."""
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(destination)))
+
+
+def logged_model_metadata(model_uri: str) -> dict:
+    """The Vitrail metadata (bands, classes, tile size, lineage) stored with a logged model."""
+    return model_flavor(model_uri)[1]
+
+
+load_reference_model_task = prefect.task(load_reference_model, name="load-reference-model", cache_policy=NONE)
+logged_model_metadata_task = prefect.task(logged_model_metadata, name="logged-model-metadata", cache_policy=NONE)

@@ -1,0 +1,91 @@
+"""The validate stage's work: test-split scores and confusion matrices for every model variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from torch import nn
+
+from tasks.dataset import load_dataset
+from tasks.evaluation import ClassificationReport, evaluate_predictor, plot_confusion_matrix
+from tasks.onnx_runtime import open_session, session_predictor
+
+REFERENCE = "torch-fp32"
+
+
+@dataclass
+class ValidationResult:
+    """Per-variant reports on the test split and where their plots were written."""
+
+    reports: dict[str, ClassificationReport]
+    plots: dict[str, Path]
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``<variant>.test_<metric>`` for every variant, e.g. ``onnx-int8.test_macro_f1``."""
+        metrics: dict[str, float] = {}
+        for name, report in self.reports.items():
+            metrics.update(report.flat_metrics(prefix=f"{name}.test_"))
+        return metrics
+
+
+def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict[str, Path], plot_dir: Path,
+                      threads: int = 2) -> ValidationResult:
+    """Score the torch reference and each ONNX variant on the test split; plot confusion matrices."""
+    dataset = load_dataset(dataset_path)
+    test = dataset.splits.get("test")
+    if test is None or len(test) == 0 or (test.labels < 0).all():
+        raise ValueError(f"{dataset_path}: no labelled test split to validate on")
+    torch.set_num_threads(threads)
+    reference = reference.eval()
+
+    def torch_predict(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return reference(torch.from_numpy(images)).numpy()
+
+    predictors = {REFERENCE: torch_predict}
+    for name, path in sorted(onnx_files.items()):
+        predictors[name] = session_predictor(open_session(path, threads))
+    reports, plots = {}, {}
+    for name, predict in predictors.items():
+        reports[name] = evaluate_predictor(predict, test.images, test.labels, dataset.info.class_names)
+        plots[name] = plot_confusion_matrix(reports[name], f"{dataset.info.domain} test split: {name}",
+                                            plot_dir / f"confusion-{name}.png")
+    return ValidationResult(reports=reports, plots=plots)
+
+
+validate_variants_task = task(validate_variants, name="validate-variants", cache_policy=NONE)
+
+
+ONNX_FILES = {"model-fp32.onnx": "onnx-fp32", "model-int8.onnx": "onnx-int8",
+              "model-int8-dynamic.onnx": "onnx-int8-dynamic"}
+
+
+def fetch_onnx_variants(compress_run_id: str, destination: Path) -> dict[str, Path]:
+    """Download the ONNX variants a compress run logged, keyed by variant name."""
+    from tasks import tracking
+
+    folder = tracking.download_run_artifacts(compress_run_id, "onnx", destination)
+    found = {ONNX_FILES[p.name]: p for p in folder.glob("*.onnx") if p.name in ONNX_FILES}
+    if not found:
+        raise FileNotFoundError(f"compress run {compress_run_id} logged no ONNX variants under onnx/")
+    return found
+
+
+def record_validation(result: ValidationResult) -> dict[str, float]:
+    """Log every variant's test metrics and confusion-matrix plot to the active run."""
+    from tasks import tracking
+
+    metrics = result.flat_metrics()
+    tracking.log_metrics(metrics)
+    for path in result.plots.values():
+        tracking.log_artifact(path, artifact_path="plots")
+    return metrics
+
+
+fetch_onnx_variants_task = task(fetch_onnx_variants, name="fetch-onnx-variants", cache_policy=NONE)
+record_validation_task = task(record_validation, name="record-validation", cache_policy=NONE)
