@@ -172,7 +172,7 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running_loss += float(loss) * len(index)
+            running_loss += float(loss.detach()) * len(index)
             seen += len(index)
         val_logits = predict_logits(model, val.images)
         val_report = score_classification(val.labels, val_logits.argmax(1), class_names)
