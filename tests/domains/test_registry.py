@@ -1,0 +1,65 @@
+"""Contract tests over the domain registry: every domain, present or future, must pass them."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from domains import DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, registry
+
+DOMAINS = domain_names()
+
+
+def test_registry_discovers_domain_folders():
+    assert "satellite" in DOMAINS
+    assert all(isinstance(spec, DomainSpec) for spec in registry().values())
+
+
+def test_unknown_domain_lists_known_ones():
+    with pytest.raises(KeyError, match="known domains: .*satellite"):
+        get_domain("astronomy")
+
+
+def test_importing_the_registry_stays_light():
+    code = ("import sys, domains; domains.registry(); "
+            "heavy = [m for m in ('torch', 'rasterio', 'prefect', 'mlflow', 'timm') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_spec_is_complete(name):
+    spec = get_domain(name)
+    assert spec.name == name and spec.title and spec.intended_use
+    assert spec.task in ("classification", "segmentation")
+    assert len(spec.default_class_names) >= 2 and spec.default_channels
+    assert spec.default_tile_size >= 8 and spec.default_peft_targets
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_example_reads_into_a_valid_labelled_sample_set(name, tmp_path):
+    spec = get_domain(name)
+    example = spec.write_example(tmp_path)
+    samples = spec.read_samples(IngestRequest(source=example["scene_dir"], labels=example.get("labels"),
+                                              tile_size=8, stride=8, block_size=16))
+    assert samples.images.dtype == np.float32 and samples.images.shape[1] == len(samples.channels)
+    assert np.isfinite(samples.images).all()
+    assert (samples.labels >= 0).all() and samples.labels.max() < len(samples.class_names)
+    assert len(set(samples.groups.tolist())) >= 3
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_prediction_writes_one_output_per_input(name, tmp_path):
+    spec = get_domain(name)
+    example = spec.write_example(tmp_path)
+    inputs = spec.list_prediction_inputs(example["scene_dir"])
+    assert inputs
+    k = len(spec.default_class_names)
+    summary = spec.predict(PredictionRequest(
+        input=inputs[0], output=tmp_path / "out.tif", channels=spec.default_channels,
+        class_names=spec.default_class_names, tile_size=8, stride=8,
+        infer=lambda batch: np.eye(k, dtype=np.float32)[np.zeros(len(batch), dtype=int)]))
+    assert (tmp_path / "out.tif").is_file()
+    assert summary.samples > 0 and summary.class_counts[spec.default_class_names[0]] > 0
