@@ -7,10 +7,9 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from domains import get_domain
 from flows.parameters import DomainName, WorkdirField
 from tasks.prediction import predict_inputs_task
-from tasks.promotion import registered_model_names
+from tasks.promotion import resolve_model_uri
 from tasks.tracking import configure_tracking
 
 
@@ -41,7 +40,7 @@ class PredictReceipt(BaseModel):
 def predict(params: PredictParams) -> PredictReceipt:
     """Predict with the promoted edge model by default; bad inputs are reported, the rest still run."""
     configure_tracking(Path(params.workdir))
-    model_uri = params.model_uri or f"models:/{registered_model_names(get_domain(params.domain))[1]}@champion"
+    model_uri = resolve_model_uri(params.domain, params.model_uri)
     batch = predict_inputs_task(params.domain, model_uri, Path(params.input), Path(params.output), params.stride,
                                 params.threads)
     return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)

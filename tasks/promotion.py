@@ -84,6 +84,13 @@ def registered_model_names(domain: DomainSpec) -> tuple[str, str]:
     return base, f"{base}-edge"
 
 
+def resolve_model_uri(domain_name: str, model_uri: str | None) -> str:
+    """``model_uri`` when given, else the domain's edge champion: ``models:/<domain>-<task>-edge@champion``."""
+    from domains import get_domain
+
+    return model_uri or f"models:/{registered_model_names(get_domain(domain_name))[1]}@champion"
+
+
 def current_champion_metric(edge_name: str, metric: str) -> float | None:
     """The gate metric recorded on the edge champion version, or None when there is no champion."""
     from tasks import tracking

@@ -155,10 +155,26 @@ def record_compression(report: CompressReport, metadata: dict, workdir: Path, ar
     tracking.set_tags({"vitrail.edge_variant": report.edge_variant})
     for name, path in report.files.items():
         tracking.log_artifact(path, artifact_path="onnx")
+    publish_compression_table(report)
     edge_file = report.files[report.edge_variant]
     size = metadata["tile_size"]
     example = np.zeros((1, len(metadata["channels"]), size, size), dtype=np.float32)
     return tracking.log_edge_model(edge_file, {**metadata, "variant": report.edge_variant}, example)
+
+
+def publish_compression_table(report: CompressReport) -> None:
+    """The variants table as a Prefect artifact, so the UI shows the trade-offs without opening MLflow."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    rows = [{"variant": v.name, "accuracy": round(v.accuracy, 4), "macro_f1": round(v.macro_f1, 4),
+             "p50_ms": round(v.latency_ms_p50, 3), "p95_ms": round(v.latency_ms_p95, 3),
+             "img_per_s": round(v.throughput, 1), "size_MB": round(v.size_bytes / 1e6, 2),
+             "speedup_vs_fp32": round(v.speedup_vs_fp32, 2)} for v in report.variants]
+    create_table_artifact(table=rows, key="compression-variants",
+                          description=f"Variants measured on {report.threads} CPU threads; edge: {report.edge_variant}")
 
 
 record_compression_task = task(record_compression, name="record-compression", cache_policy=NONE)

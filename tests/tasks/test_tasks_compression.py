@@ -1,0 +1,200 @@
+"""Edge compression: ONNX export and parity, embedded metadata, int8 quantization, the compress stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from tasks_support import new_model
+
+from tasks.compression.export import ParityError, check_parity, compare_logits, export_onnx
+from tasks.compression.quantize import (
+    CalibrationError,
+    QuantizationParams,
+    quantize_int8_dynamic,
+    quantize_int8_static,
+)
+from tasks.compression.recipe import BASELINE, CompressParams, compress_model
+from tasks.onnx_runtime import INPUT_NAME, OUTPUT_NAME, open_session, read_metadata, session_predictor, write_metadata
+from tasks.training import predict_logits
+
+REPORT_KEYS = {"accuracy", "latency_ms_p50", "latency_ms_p95", "throughput", "size_bytes", "speedup_vs_fp32"}
+
+
+def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
+    return session_predictor(open_session(path, threads=2))(images)
+
+
+@pytest.fixture(scope="module")
+def int8_files(tmp_path_factory: pytest.TempPathFactory, onnx_fp32: Path, dataset) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("int8")
+    static = quantize_int8_static(onnx_fp32, dataset.splits["train"].images, out / "model-int8.onnx",
+                                  QuantizationParams(calibration_samples=32))
+    dynamic = quantize_int8_dynamic(onnx_fp32, out / "model-int8-dynamic.onnx")
+    return {"static": static, "dynamic": dynamic}
+
+
+# --- export and parity -------------------------------------------------------------------------------
+
+
+def test_export_reproduces_the_torch_model(onnx_fp32: Path, trained_model, dataset) -> None:
+    images = dataset.splits["test"].images
+    report = check_parity(trained_model, onnx_fp32, images, tolerance=1e-4)
+    assert report.passed and report.max_abs_diff < 1e-4
+    assert report.agreement == 1.0 and report.samples == len(images)
+    assert report.as_dict()["passed"] is True
+
+
+def test_export_has_named_io_and_a_dynamic_batch(onnx_fp32: Path, trained_model, dataset) -> None:
+    session = open_session(onnx_fp32)
+    assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
+    assert [o.name for o in session.get_outputs()] == [OUTPUT_NAME]
+    images = dataset.splits["test"].images
+    for batch in (1, 5, len(images)):
+        logits = onnx_logits(onnx_fp32, images[:batch])
+        assert logits.shape == (batch, 3)
+        np.testing.assert_allclose(logits, predict_logits(trained_model, images[:batch]), atol=1e-4)
+
+
+def test_parity_fails_against_a_different_model(onnx_fp32: Path, dataset) -> None:
+    other = new_model(dataset, seed=123).eval()
+    report = check_parity(other, onnx_fp32, dataset.splits["test"].images, tolerance=1e-3)
+    assert not report.passed and report.max_abs_diff > 1e-3
+    assert report.as_dict()["passed"] is False
+
+
+def test_compare_logits_statistics() -> None:
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    candidate = np.array([[1.0, 0.5], [0.0, 0.9]])
+    report = compare_logits(reference, candidate, tolerance=0.2)
+    assert report.max_abs_diff == pytest.approx(0.5) and report.mean_abs_diff == pytest.approx(0.15)
+    assert report.agreement == 1.0 and not report.passed
+    assert compare_logits(reference, reference[:, ::-1], 1.0).agreement == 0.0
+
+
+# --- metadata ----------------------------------------------------------------------------------------
+
+
+def test_metadata_round_trips_through_the_onnx_file(onnx_fp32: Path, model_metadata: dict) -> None:
+    assert read_metadata(onnx_fp32) == model_metadata
+
+
+def test_write_metadata_replaces_the_vitrail_entry_and_keeps_others(tmp_path: Path, onnx_fp32: Path) -> None:
+    path = tmp_path / "copy.onnx"
+    model = onnx.load(str(onnx_fp32))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "author": "unit test"})
+    onnx.save(model, str(path))
+    write_metadata(path, {"tile_size": 32})
+    assert read_metadata(path) == {"tile_size": 32}
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["author"] == "unit test" and json.loads(props["vitrail"]) == {"tile_size": 32}
+
+
+def plain_onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_read_metadata_of_a_foreign_onnx_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = plain_onnx(tmp_path / "foreign.onnx")
+    with pytest.raises(ValueError, match="no Vitrail metadata") as caught:
+        read_metadata(path)
+    assert str(path) in str(caught.value)
+
+
+# --- quantization ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("calibration", [np.empty((0, 3, 16, 16), np.float32), None])
+def test_static_quantization_without_calibration_tiles_is_an_error(tmp_path: Path, onnx_fp32: Path,
+                                                                   calibration) -> None:
+    with pytest.raises(CalibrationError, match="no calibration tiles"):
+        quantize_int8_static(onnx_fp32, calibration, tmp_path / "int8.onnx", QuantizationParams())
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_int8_models_are_smaller_and_agree_with_fp32(int8_files: dict[str, Path], onnx_fp32: Path, dataset,
+                                                     model_metadata: dict, kind: str) -> None:
+    path = int8_files[kind]
+    assert path.stat().st_size < 0.5 * onnx_fp32.stat().st_size
+    images = np.concatenate([dataset.splits["test"].images, dataset.splits["val"].images])
+    reference = onnx_logits(onnx_fp32, images)
+    quantized = onnx_logits(path, images)
+    assert (reference.argmax(1) == quantized.argmax(1)).mean() >= 0.9
+    assert np.abs(reference - quantized).max() < 0.5 * np.abs(reference).max()
+    assert read_metadata(path) == model_metadata  # the metadata survives quantization
+    assert not list(path.parent.glob("*.prep.onnx"))  # the pre-processed intermediate is cleaned up
+
+
+def test_static_quantization_quantizes_matmuls(int8_files: dict[str, Path]) -> None:
+    ops = {node.op_type for node in onnx.load(str(int8_files["static"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "Softmax" in ops  # kept in float, as the module promises
+
+
+# --- the compress stage ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compress_report(tmp_path_factory: pytest.TempPathFactory, trained_model, dataset_dir: Path,
+                    model_metadata: dict):
+    params = CompressParams(latency_repeats=5, throughput_batch=4, threads=2,
+                            quantization=QuantizationParams(calibration_samples=16))
+    return compress_model(trained_model, dataset_dir, model_metadata, params, tmp_path_factory.mktemp("compress"))
+
+
+@pytest.mark.slow
+def test_compress_model_measures_every_variant(compress_report, dataset) -> None:
+    names = [v.name for v in compress_report.variants]
+    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic"]
+    for variant in compress_report.variants:
+        row = variant.as_dict()
+        assert REPORT_KEYS <= set(row)
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["size_bytes"] > 0
+        assert 0 < row["latency_ms_p50"] <= row["latency_ms_p95"] and row["throughput"] > 0
+    baseline = compress_report.variant(BASELINE)
+    assert baseline.speedup_vs_fp32 == 1.0 and baseline.parity_max_abs_diff is None
+    assert compress_report.variant("onnx-fp32").accuracy == baseline.accuracy
+    assert compress_report.variant("onnx-int8").size_bytes < compress_report.variant("onnx-fp32").size_bytes
+    for name in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic"):
+        assert compress_report.variant(name).parity_max_abs_diff == compress_report.parity[name].max_abs_diff
+        assert compress_report.files[name].is_file()
+    assert compress_report.parity["onnx-fp32"].passed
+    assert compress_report.test_samples == len(dataset.splits["test"])
+
+
+@pytest.mark.slow
+def test_compress_report_is_json_serialisable(compress_report, tmp_path: Path) -> None:
+    payload = json.loads(json.dumps(compress_report.to_json()))
+    assert payload["baseline"] == BASELINE and payload["edge_variant"] == "onnx-int8"
+    assert [v["name"] for v in payload["variants"]] == [v.name for v in compress_report.variants]
+    assert payload["edge_accuracy_drop"] == pytest.approx(
+        compress_report.variant(BASELINE).accuracy - compress_report.variant("onnx-int8").accuracy)
+    assert payload["int8_vs_fp32_latency_ratio"] > 0
+    assert set(payload["parity"]) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic"}
+    written = compress_report.write(tmp_path / "compress_report.json")
+    assert json.loads(written.read_text()) == payload
+
+
+@pytest.mark.slow
+def test_compress_model_rejects_an_export_outside_the_parity_tolerance(tmp_path: Path, dataset_dir: Path, dataset,
+                                                                       model_metadata: dict, monkeypatch) -> None:
+    from tasks.compression import recipe
+
+    # Stand in for a broken exporter: the candidate's "export" is the ONNX file of another model.
+    impostor = new_model(dataset, seed=321).eval()
+    monkeypatch.setattr(recipe, "export_onnx",
+                        lambda model, example, path, metadata: export_onnx(impostor, example, path, metadata))
+    with pytest.raises(ParityError, match="differs from the torch model"):
+        compress_model(new_model(dataset).eval(), dataset_dir, model_metadata, CompressParams(latency_repeats=5),
+                       tmp_path)
+    assert (tmp_path / "model-fp32.onnx").is_file() and not (tmp_path / "model-int8.onnx").exists()
