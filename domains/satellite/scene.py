@@ -363,7 +363,8 @@ def _read_multiband(
             raise DomainInputError(
                 path,
                 f"unknown band layout: the file has {ds.count} bands without band descriptions naming them; "
-                "pass channels=(...) listing its bands in file order",
+                "give its band names in file order (vitrail --bands B02,B03,B04,B08 --sensor sentinel2; "
+                "bands=[...] in a flow form)",
             )
         if described is not None:
             sensor = described

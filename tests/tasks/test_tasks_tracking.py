@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from tasks_support import mlflow_sandbox
 
 from domains import get_domain
 from tasks import tracking
@@ -31,19 +32,16 @@ DOMAIN = "satellite"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
-    """(workdir, experiment id) of a fresh SQLite tracking store; the previous URIs are restored after."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """(workdir, experiment id) of a fresh SQLite tracking store; MLflow's global state is restored after."""
     workdir = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with mlflow_sandbox() as patch:
+        # MLflow falls back to ./mlruns for artifacts (see the xfail test below): keep them out of the checkout.
         patch.chdir(workdir)
         uri = tracking.configure_tracking(workdir)
         assert uri == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
         yield workdir, tracking.ensure_experiment(DOMAIN, workdir)
         while mlflow.active_run() is not None:
             mlflow.end_run()
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +75,33 @@ def test_configure_tracking_points_tracking_and_registry_at_the_store(store) -> 
     assert (workdir / "mlflow.db").is_file()
 
 
-def test_ensure_experiment_is_idempotent_and_keeps_artifacts_in_the_workdir(store) -> None:
+def test_ensure_experiment_is_idempotent(store) -> None:
     workdir, experiment_id = store
     assert tracking.ensure_experiment(DOMAIN, workdir) == experiment_id
-    location = MlflowClient().get_experiment(experiment_id).artifact_location
+    assert MlflowClient().get_experiment_by_name(DOMAIN).experiment_id == experiment_id
+
+
+@pytest.mark.xfail(strict=True, reason="mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so ensure_experiment "
+                                       "then believes a team server is configured and leaves the artifact "
+                                       "location to MLflow's default ./mlruns in the current directory")
+def test_ensure_experiment_keeps_artifacts_in_the_workdir(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with mlflow_sandbox():
+        workdir = tmp_path / "work"
+        experiment_id = tracking.ensure_experiment(DOMAIN, workdir)
+        location = MlflowClient().get_experiment(experiment_id).artifact_location
     assert location == (workdir.resolve() / "mlartifacts").as_uri()
+
+
+@pytest.mark.xfail(strict=True, reason="the MLFLOW_TRACKING_URI exported by the first configure_tracking wins over "
+                                       "every later workdir: a second workdir in the same process reuses the "
+                                       "first workdir's mlflow.db")
+def test_configure_tracking_follows_the_workdir(tmp_path: Path) -> None:
+    with mlflow_sandbox():
+        first = tracking.configure_tracking(tmp_path / "first")
+        second = tracking.configure_tracking(tmp_path / "second")
+    assert first.endswith("/first/mlflow.db")
+    assert second == f"sqlite:///{(tmp_path / 'second').resolve()}/mlflow.db"
 
 
 # --- stage runs --------------------------------------------------------------------------------------
