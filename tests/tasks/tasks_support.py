@@ -23,7 +23,7 @@ TILE = 16
 CLASS_NAMES = ("water", "vegetation", "bare")
 # Red, green and blue as Sentinel-2 B04, B03, B02 see them.
 CHANNELS = (Channel("B04", 664.6, 10.0), Channel("B03", 559.8, 10.0), Channel("B02", 492.7, 10.0))
-FAST_TRAIN = dict(epochs=4, batch_size=16, learning_rate=3e-3, warmup_epochs=0.0)
+FAST_TRAIN = dict(epochs=3, batch_size=16, learning_rate=3e-3, warmup_epochs=0.0)
 
 
 def tiny_backbone(**overrides):
@@ -69,7 +69,8 @@ def mlflow_sandbox() -> Iterator[pytest.MonkeyPatch]:
 
     ``mlflow.set_tracking_uri`` / ``set_registry_uri`` keep the URI in module globals *and* export it
     as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; both are restored here, so a temporary store
-    never leaks into later tests. Inside, both variables start unset.
+    never leaks into later tests. Inside, MLflow starts as in a fresh process: no URI chosen, both
+    variables unset.
     """
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -78,6 +79,6 @@ def mlflow_sandbox() -> Iterator[pytest.MonkeyPatch]:
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             patch.setenv(name, "placeholder")  # records the original value (or its absence) for undo
             patch.delenv(name)
-        patch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-        patch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+        patch.setattr(tracking_utils, "_tracking_uri", None)
+        patch.setattr(registry_utils, "_registry_uri", None)
         yield patch

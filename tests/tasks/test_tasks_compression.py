@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tasks_support import new_model
+from tasks_support import make_samples, new_model
 
-from tasks.compression.export import ParityError, check_parity, compare_logits, export_onnx
+from tasks.compression.export import ParityError, check_parity, compare_logits
 from tasks.compression.quantize import (
     CalibrationError,
     QuantizationParams,
@@ -187,14 +187,51 @@ def test_compress_report_is_json_serialisable(compress_report, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_compress_model_rejects_an_export_outside_the_parity_tolerance(tmp_path: Path, dataset_dir: Path, dataset,
-                                                                       model_metadata: dict, monkeypatch) -> None:
+                                                                       onnx_fp32: Path, model_metadata: dict,
+                                                                       monkeypatch) -> None:
+    import shutil
+
     from tasks.compression import recipe
 
-    # Stand in for a broken exporter: the candidate's "export" is the ONNX file of another model.
-    impostor = new_model(dataset, seed=321).eval()
-    monkeypatch.setattr(recipe, "export_onnx",
-                        lambda model, example, path, metadata: export_onnx(impostor, example, path, metadata))
+    # Stand in for a broken exporter: the "export" of this model is the ONNX file of another model.
+    def wrong_export(model, example, path, metadata):
+        return Path(shutil.copyfile(onnx_fp32, path))
+
+    monkeypatch.setattr(recipe, "export_onnx", wrong_export)
     with pytest.raises(ParityError, match="differs from the torch model"):
-        compress_model(new_model(dataset).eval(), dataset_dir, model_metadata, CompressParams(latency_repeats=5),
-                       tmp_path)
+        compress_model(new_model(dataset, seed=321).eval(), dataset_dir, model_metadata,
+                       CompressParams(latency_repeats=5), tmp_path)
     assert (tmp_path / "model-fp32.onnx").is_file() and not (tmp_path / "model-int8.onnx").exists()
+
+
+# --- validation of the variants ----------------------------------------------------------------------
+
+
+def test_validate_variants_scores_every_variant_on_the_test_split(tmp_path: Path, dataset_dir: Path, dataset,
+                                                                  trained_model, onnx_fp32: Path,
+                                                                  int8_files: dict[str, Path]) -> None:
+    from tasks.validation import REFERENCE, validate_variants
+
+    result = validate_variants(dataset_dir, trained_model, {"onnx-fp32": onnx_fp32, "onnx-int8": int8_files["static"]},
+                               tmp_path / "plots")
+    assert set(result.reports) == {REFERENCE, "onnx-fp32", "onnx-int8"}
+    test = dataset.splits["test"]
+    expected = (predict_logits(trained_model, test.images).argmax(1) == test.labels).mean()
+    assert result.reports[REFERENCE].accuracy == pytest.approx(expected)
+    assert result.reports["onnx-fp32"] == result.reports[REFERENCE]
+    assert all(report.samples == len(test) for report in result.reports.values())
+    assert all(path.is_file() and path.read_bytes()[:4] == b"\x89PNG" for path in result.plots.values())
+    flat = result.flat_metrics()
+    assert flat["onnx-int8.test_macro_f1"] == result.reports["onnx-int8"].macro_f1
+    assert flat["torch-fp32.test_f1_water"] == result.reports[REFERENCE].per_class["water"]["f1"]
+
+
+def test_validate_variants_needs_a_labelled_test_split(tmp_path: Path, trained_model) -> None:
+    from tasks.dataset import SplitParams, write_dataset
+    from tasks.validation import validate_variants
+
+    unlabelled = make_samples(n_groups=2)
+    unlabelled.labels[:] = -1
+    write_dataset(unlabelled, "satellite", "classification", tmp_path / "unlabelled", SplitParams())
+    with pytest.raises(ValueError, match="no labelled test split"):
+        validate_variants(tmp_path / "unlabelled", trained_model, {}, tmp_path / "plots")

@@ -6,6 +6,7 @@ the working directory is moved there too, so nothing is written into the checkou
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -84,11 +85,10 @@ def test_ensure_experiment_is_idempotent(store) -> None:
 @pytest.mark.xfail(strict=True, reason="mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so ensure_experiment "
                                        "then believes a team server is configured and leaves the artifact "
                                        "location to MLflow's default ./mlruns in the current directory")
-def test_ensure_experiment_keeps_artifacts_in_the_workdir(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    with mlflow_sandbox():
-        workdir = tmp_path / "work"
-        experiment_id = tracking.ensure_experiment(DOMAIN, workdir)
+def test_ensure_experiment_keeps_artifacts_in_the_workdir(store) -> None:
+    workdir, _ = store
+    with mlflow_sandbox():  # no MLFLOW_TRACKING_URI: the local SQLite default applies
+        experiment_id = tracking.ensure_experiment("unit-artifact-location", workdir)
         location = MlflowClient().get_experiment(experiment_id).artifact_location
     assert location == (workdir.resolve() / "mlartifacts").as_uri()
 
@@ -249,7 +249,7 @@ def compress_and_validate_runs(store, tmp_path_factory: pytest.TempPathFactory) 
     report = {"variants": [{"name": "onnx-fp32", "latency_ms_p50": 9.0}, {"name": "onnx-int8", "latency_ms_p50": 3.5}],
               "parity": {"onnx-fp32": {"max_abs_diff": 2e-5}}}
     scratch = tmp_path_factory.mktemp("report") / "compress_report.json"
-    scratch.write_text(__import__("json").dumps(report))
+    scratch.write_text(json.dumps(report))
     with mlflow.start_run(experiment_id=experiment_id, run_name="compress") as compress:
         tracking.set_tags({"vitrail.edge_variant": "onnx-int8"})
         tracking.log_artifact(scratch)
