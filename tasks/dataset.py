@@ -109,6 +109,10 @@ def assign_splits(groups: np.ndarray, params: SplitParams) -> dict[str, str]:
     order = np.random.default_rng(params.seed).permutation(len(unique))
     n_test = max(1, round(params.test_fraction * len(unique)))
     n_val = max(1, round(params.val_fraction * len(unique))) if params.val_fraction > 0 else 0
+    n_val = min(n_val, len(unique) - n_test - 1)  # rounding up both must still leave a training group
+    if n_val < 0 or (params.val_fraction > 0 and n_val == 0):
+        raise DatasetError(f"{len(unique)} leakage groups cannot fill train, val and test with "
+                           f"val_fraction={params.val_fraction} and test_fraction={params.test_fraction}")
     split_of: dict[str, str] = {}
     for rank, index in enumerate(order):
         split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
@@ -126,6 +130,13 @@ def check_no_group_leak(groups: np.ndarray, splits: np.ndarray, where: str) -> N
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _dataset_digest(rows: dict[str, list], channels: tuple[Channel, ...], class_names: tuple[str, ...],
+                    shards: list[str]) -> str:
+    """One digest over every manifest row, the band list, the classes and the shard contents."""
+    payload = {"rows": rows, "channels": [asdict(c) for c in channels], "classes": list(class_names), "shards": shards}
+    return _sha256(json.dumps(payload, sort_keys=True).encode())
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -190,13 +201,8 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
         split: {name: int(((splits == split) & (samples.labels == k)).sum()) for k, name in enumerate(samples.class_names)}
         for split in SPLITS
     }
-    digest_input = json.dumps(
-        {"rows": rows, "channels": [asdict(c) for c in samples.channels], "classes": list(samples.class_names),
-         "shards": shard_digests},
-        sort_keys=True,
-    ).encode()
     info = DatasetInfo(
-        digest=_sha256(digest_input),
+        digest=_dataset_digest(rows, samples.channels, samples.class_names, shard_digests),
         domain=domain,
         task=task_type,
         channels=samples.channels,
@@ -233,12 +239,20 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
     split_col = np.array(manifest["split"])
     labelled = split_col != "unlabelled"
     check_no_group_leak(groups[labelled], split_col[labelled], str(path))
+    if verify:
+        shard_order = list(dict.fromkeys(manifest["shard"]))
+        if _dataset_digest(manifest, info.channels, info.class_names, shard_order) != info.digest:
+            raise DatasetError(f"{path / 'manifest.parquet'}: manifest does not match the dataset digest "
+                               "(labels, splits or rows were edited after ingest)")
     shards: dict[str, np.ndarray] = {}
     for digest in dict.fromkeys(manifest["shard"]):
         shard_path = path / "shards" / f"{digest}.npy"
         if not shard_path.is_file():
             raise DatasetError(f"{shard_path}: shard listed in the manifest is missing")
-        block = np.load(shard_path)
+        try:
+            block = np.load(shard_path)
+        except (ValueError, OSError, EOFError) as error:
+            raise DatasetError(f"{shard_path}: unreadable shard ({error})") from error
         if verify and _sha256(block.tobytes() + str(block.shape).encode()) != digest:
             raise DatasetError(f"{shard_path}: content does not match its digest (file changed or corrupt)")
         shards[digest] = block

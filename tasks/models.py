@@ -41,7 +41,7 @@ class LoraParams(BaseModel):
     alpha: float = Field(16.0, gt=0, le=1024, description="LoRA scaling alpha (effective scale alpha / r)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch")
     target_modules: list[str] = Field(["qkv"], min_length=1, max_length=16,
-                                      description="Module names or regexes LoRA attaches to (qkv, fc1, fc2, attn.proj)")
+                                      description="Module-name suffixes LoRA attaches to (qkv, fc1, fc2, attn.proj)")
     train_patch_embed: bool = Field(True, description="Also train the patch embedding (advisable when the band "
                                                       "count differs from the pretrained model's)")
 
@@ -142,12 +142,10 @@ def attach_lora(model: nn.Module, params: LoraParams) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     trainable = ["head"] + (["patch_embed.proj"] if params.train_patch_embed else [])
-    targets: list[str] | str = params.target_modules
-    if any(not t.isidentifier() for t in targets):
-        # peft takes either a list of suffixes or one regex; join regex-style entries into one pattern.
-        targets = "|".join(f"(?:{t})" for t in params.target_modules)
+    # peft matches list entries as module-path suffixes, so "attn.proj" picks blocks.N.attn.proj and not
+    # the patch-embedding "proj" (a bare "proj" would match both).
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                        target_modules=targets, modules_to_save=trainable)
+                        target_modules=list(params.target_modules), modules_to_save=trainable)
     return get_peft_model(model, config)
 
 

@@ -53,12 +53,13 @@ class Decision:
 def decide_promotion(candidate: Candidate, gate: GateThresholds, champion_metric: float | None) -> Decision:
     """Apply the gate; a passing candidate becomes champion unless it is worse than the current one."""
     m = gate.metric
+    # Rounded so that e.g. 0.90 - 0.88 (0.020000000000000018 in floats) counts as a drop of exactly 0.02.
+    drop = round(candidate.reference_metric - candidate.edge_metric, 9)
     checks = [
         (candidate.edge_metric >= gate.min_metric,
          f"edge {m} {candidate.edge_metric:.4f} {'>=' if candidate.edge_metric >= gate.min_metric else '<'} minimum {gate.min_metric:.4f}"),
-        (candidate.reference_metric - candidate.edge_metric <= gate.max_drop_vs_fp32,
-         f"drop vs fp32 {candidate.reference_metric - candidate.edge_metric:+.4f} "
-         f"{'within' if candidate.reference_metric - candidate.edge_metric <= gate.max_drop_vs_fp32 else 'exceeds'} {gate.max_drop_vs_fp32:.4f}"),
+        (drop <= gate.max_drop_vs_fp32,
+         f"drop vs fp32 {drop:+.4f} {'within' if drop <= gate.max_drop_vs_fp32 else 'exceeds'} {gate.max_drop_vs_fp32:.4f}"),
         (candidate.edge_latency_ms <= gate.latency_budget_ms,
          f"edge p50 latency {candidate.edge_latency_ms:.2f} ms {'within' if candidate.edge_latency_ms <= gate.latency_budget_ms else 'over'} "
          f"budget {gate.latency_budget_ms:.2f} ms"),

@@ -40,15 +40,28 @@ class StageRun:
     artifact_dir: Path
 
 
+# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; remember what we exported so that a later
+# workdir is not mistaken for a team server the user configured.
+_EXPORTED_URIS: set[str] = set()
+
+
+def user_tracking_uri() -> str | None:
+    """The tracking URI the user (not Vitrail) set in the environment, if any."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri not in _EXPORTED_URIS else None
+
+
 def resolve_tracking_uri(workdir: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workdir>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` when the user set it, else ``sqlite:///<workdir>/mlflow.db``."""
+    return user_tracking_uri() or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def configure_tracking(workdir: Path) -> str:
     """Point MLflow (tracking and registry) at the resolved URI and return it."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(workdir)
+    if user_tracking_uri() is None:
+        _EXPORTED_URIS.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -62,7 +75,7 @@ def ensure_experiment(domain: str, workdir: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if user_tracking_uri() is None:
         location = (Path(workdir).resolve() / "mlartifacts").as_uri()
     return client.create_experiment(domain, artifact_location=location)
 

@@ -168,8 +168,6 @@ def test_assign_splits_needs_three_groups() -> None:
         assign_splits(np.array(["a", "a", "b"]), SplitParams())
 
 
-@pytest.mark.xfail(strict=True, reason="assign_splits can give every group to val/test when groups are few: "
-                                       "n_val and n_test are rounded up independently and never capped")
 def test_assign_splits_always_leaves_a_training_group() -> None:
     # 0.5 + 0.35 < 0.9 passes SplitParams, but round(0.5 * 3) = 2 val groups + 1 test group = all 3.
     split_of = assign_splits(np.array(["a", "b", "c"]), SplitParams(val_fraction=0.5, test_fraction=0.35))
@@ -213,8 +211,6 @@ def test_a_missing_shard_is_named(dataset_copy: Path) -> None:
     assert str(shard) in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="load_dataset lets np.load's ValueError escape for a truncated shard "
-                                       "instead of a DatasetError naming the file")
 def test_a_truncated_shard_is_a_dataset_error_naming_the_file(dataset_copy: Path) -> None:
     shard = sorted((dataset_copy / "shards").glob("*.npy"))[0]
     shard.write_bytes(shard.read_bytes()[:200])
@@ -241,8 +237,6 @@ def test_a_manifest_with_a_group_in_two_splits_is_rejected(dataset_copy: Path) -
     assert str(dataset_copy) in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="load_dataset never recomputes the dataset digest from the manifest, "
-                                       "so an edited label loads silently under the old digest")
 def test_a_manifest_edited_after_writing_is_detected(dataset_copy: Path) -> None:
     def relabel(manifest: dict) -> None:
         manifest["label"][0] = (manifest["label"][0] + 1) % 3

@@ -77,15 +77,12 @@ def test_decision_tags_of_a_promoted_candidate() -> None:
 
 
 def test_limits_are_inclusive() -> None:
-    # Binary fractions, so the drop is computed exactly (see the xfail test below for decimal ones).
+    # Binary fractions, so the drop is computed exactly.
     at_limits = Candidate(reference_metric=0.75, edge_metric=0.625, edge_latency_ms=50.0, parity_max_abs_diff=1e-3)
     gate = GATE.model_copy(update={"min_metric": 0.625, "max_drop_vs_fp32": 0.125})
     assert decide_promotion(at_limits, gate, None).passed
 
 
-@pytest.mark.xfail(strict=True, reason="the drop check compares a float difference exactly: 0.90 - 0.88 is "
-                                       "0.020000000000000018 > 0.02, so a drop exactly at the limit fails with the "
-                                       "self-contradicting reason 'drop vs fp32 +0.0200 exceeds 0.0200'")
 def test_a_drop_exactly_at_the_limit_passes() -> None:
     # 45/50 correct for fp32, 44/50 for int8: a drop of exactly one sample in fifty, the allowed 0.02.
     candidate = replace(GOOD, reference_metric=45 / 50, edge_metric=44 / 50)

@@ -36,7 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     """(workdir, experiment id) of a fresh SQLite tracking store; MLflow's global state is restored after."""
     workdir = tmp_path_factory.mktemp("mlflow")
     with mlflow_sandbox() as patch:
-        # MLflow falls back to ./mlruns for artifacts (see the xfail test below): keep them out of the checkout.
+        # Belt and braces: if artifacts ever fell back to ./mlruns, keep them out of the checkout.
         patch.chdir(workdir)
         uri = tracking.configure_tracking(workdir)
         assert uri == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
@@ -82,9 +82,6 @@ def test_ensure_experiment_is_idempotent(store) -> None:
     assert MlflowClient().get_experiment_by_name(DOMAIN).experiment_id == experiment_id
 
 
-@pytest.mark.xfail(strict=True, reason="mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so ensure_experiment "
-                                       "then believes a team server is configured and leaves the artifact "
-                                       "location to MLflow's default ./mlruns in the current directory")
 def test_ensure_experiment_keeps_artifacts_in_the_workdir(store) -> None:
     workdir, _ = store
     with mlflow_sandbox():  # no MLFLOW_TRACKING_URI: the local SQLite default applies
@@ -93,9 +90,6 @@ def test_ensure_experiment_keeps_artifacts_in_the_workdir(store) -> None:
     assert location == (workdir.resolve() / "mlartifacts").as_uri()
 
 
-@pytest.mark.xfail(strict=True, reason="the MLFLOW_TRACKING_URI exported by the first configure_tracking wins over "
-                                       "every later workdir: a second workdir in the same process reuses the "
-                                       "first workdir's mlflow.db")
 def test_configure_tracking_follows_the_workdir(tmp_path: Path) -> None:
     with mlflow_sandbox():
         first = tracking.configure_tracking(tmp_path / "first")
