@@ -26,13 +26,18 @@ from tasks.training import predict_logits
 log = logging.getLogger(__name__)
 
 BASELINE = "torch-fp32"
-EdgeVariant = Literal["onnx-int8", "onnx-int8-dynamic", "onnx-fp32"]
+EdgeVariant = Literal["auto", "onnx-int8", "onnx-int8-dynamic", "onnx-fp32"]
+ONNX_VARIANTS = ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic")
 
 
 class CompressParams(BaseModel):
     """Edge export and quantization settings, measured on the machine that runs the flow."""
 
-    edge_variant: EdgeVariant = Field("onnx-int8", description="Which variant becomes the edge artifact")
+    edge_variant: EdgeVariant = Field(
+        "auto", description="Edge artifact: 'auto' picks the fastest ONNX variant within max_accuracy_drop on the "
+                            "validation split, or name one variant")
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0,
+                                     description="Largest validation accuracy drop versus fp32 that 'auto' accepts")
     parity_tolerance: float = Field(1e-3, gt=0, le=1.0,
                                     description="Largest |logit| difference allowed between torch and the fp32 ONNX export")
     quantization: QuantizationParams = Field(default_factory=QuantizationParams, description="Static int8 settings")
@@ -80,6 +85,24 @@ def _torch_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, reference_predict, images: np.ndarray,
+                        labels: np.ndarray, class_names: tuple[str, ...], max_drop: float) -> str:
+    """The fastest ONNX variant whose accuracy on (images, labels) is within ``max_drop`` of the fp32 model.
+
+    fp32 ONNX passed its parity check, so it is always eligible and the choice never fails.
+    """
+    from tasks.evaluation import evaluate_predictor
+
+    reference = evaluate_predictor(reference_predict, images, labels, class_names).accuracy
+    latency = {v.name: v.latency_ms_p50 for v in measured}
+    eligible = ["onnx-fp32"] + [
+        name for name in ONNX_VARIANTS[1:]
+        if reference - evaluate_predictor(predictors[name], images, labels, class_names).accuracy <= max_drop + 1e-9]
+    choice = min(eligible, key=latency.__getitem__)
+    log.info("edge variant: %s (eligible within %.3f accuracy drop: %s)", choice, max_drop, ", ".join(eligible))
+    return choice
+
+
 def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params: CompressParams,
                    out_dir: Path) -> CompressReport:
     """Export ``model`` to ONNX, quantize it to int8, and measure all variants on the test split.
@@ -115,8 +138,9 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
             return model(torch.from_numpy(images)).numpy()
 
     variants = [measure_variant(BASELINE, "torch", torch_predict, _torch_size(model), **common)]
-    for name in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic"):
-        predict = session_predictor(open_session(files[name], params.threads))
+    predictors = {}
+    for name in ONNX_VARIANTS:
+        predict = predictors[name] = session_predictor(open_session(files[name], params.threads))
         if name != "onnx-fp32":
             parity[name] = compare_logits(reference_logits, predict(test.images), params.parity_tolerance)
         variants.append(measure_variant(name, "onnx", predict, files[name].stat().st_size, **common))
@@ -129,7 +153,13 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
             **{**variant.as_dict(), "speedup_vs_fp32": base.latency_ms_p50 / variant.latency_ms_p50,
                "parity_max_abs_diff": check.max_abs_diff if check else None,
                "parity_agreement": check.agreement if check else None}))
-    report = CompressReport(variants=measured, parity=parity, files=files, edge_variant=params.edge_variant,
+    edge = params.edge_variant
+    if edge == "auto":
+        # Chosen on the validation split, never the test split that later judges the choice.
+        selection = dataset.splits.get("val", train)
+        edge = select_edge_variant(measured, predictors, torch_predict, selection.images, selection.labels,
+                                   dataset.info.class_names, params.max_accuracy_drop)
+    report = CompressReport(variants=measured, parity=parity, files=files, edge_variant=edge,
                             threads=params.threads, test_samples=len(test))
     int8 = report.variant("onnx-int8")
     report.extra["int8_vs_fp32_latency_ratio"] = int8.latency_ms_p50 / base.latency_ms_p50

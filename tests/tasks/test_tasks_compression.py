@@ -175,7 +175,7 @@ def test_compress_model_measures_every_variant(compress_report, dataset) -> None
 @pytest.mark.slow
 def test_compress_report_is_json_serialisable(compress_report, tmp_path: Path) -> None:
     payload = json.loads(json.dumps(compress_report.to_json()))
-    assert payload["baseline"] == BASELINE and payload["edge_variant"] == "onnx-int8"
+    assert payload["baseline"] == BASELINE and payload["edge_variant"] in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic")
     assert [v["name"] for v in payload["variants"]] == [v.name for v in compress_report.variants]
     assert payload["edge_accuracy_drop"] == pytest.approx(
         compress_report.variant(BASELINE).accuracy - compress_report.variant("onnx-int8").accuracy)
@@ -235,3 +235,30 @@ def test_validate_variants_needs_a_labelled_test_split(tmp_path: Path, trained_m
     write_dataset(unlabelled, "satellite", "classification", tmp_path / "unlabelled", SplitParams())
     with pytest.raises(ValueError, match="no labelled test split"):
         validate_variants(tmp_path / "unlabelled", trained_model, {}, tmp_path / "plots")
+
+
+def test_auto_edge_choice_is_the_fastest_variant_within_the_accuracy_budget() -> None:
+    import numpy as np
+
+    from tasks.compression.measure import VariantMeasurement
+    from tasks.compression.recipe import select_edge_variant
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    images = np.zeros((10, 1, 2, 2), dtype=np.float32)
+    right = np.eye(2, dtype=np.float32)[labels]
+    one_wrong = right.copy()
+    one_wrong[0] = one_wrong[0][::-1]
+
+    def row(name: str, p50: float) -> VariantMeasurement:
+        return VariantMeasurement(name=name, format="onnx", accuracy=0, macro_f1=0, latency_ms_p50=p50,
+                                  latency_ms_p95=p50, throughput=1, size_bytes=1)
+
+    measured = [row("onnx-fp32", 6.0), row("onnx-int8", 4.0), row("onnx-int8-dynamic", 5.0)]
+    predictors = {"onnx-fp32": lambda x: right, "onnx-int8": lambda x: one_wrong, "onnx-int8-dynamic": lambda x: right}
+    reference = lambda x: right  # noqa: E731
+    # int8 static is fastest but loses 10 points: outside a 1-point budget, inside a 10-point one.
+    assert select_edge_variant(measured, predictors, reference, images, labels, ("a", "b"), 0.01) == "onnx-int8-dynamic"
+    assert select_edge_variant(measured, predictors, reference, images, labels, ("a", "b"), 0.10) == "onnx-int8"
+    # When every quantized variant is out of budget the parity-checked fp32 export is the fallback.
+    predictors["onnx-int8-dynamic"] = lambda x: one_wrong
+    assert select_edge_variant(measured, predictors, reference, images, labels, ("a", "b"), 0.0) == "onnx-fp32"
