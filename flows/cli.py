@@ -171,7 +171,8 @@ Vitrail demo finished.
   dataset        {receipt.ingest.dataset}  (digest {receipt.ingest.digest[:12]})
   variants (test split, batch-1 latency on {compress['threads']} threads):
 {rows}
-  int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f}
+  int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f} (static int8 vs torch fp32 eager, batch 1)
+  edge artifact  {compress['edge_variant']} (fastest variant within the accuracy budget on the validation split)
   promotion      {promoted.edge_model} and {promoted.reference_model}: {verdict}
   prediction     {', '.join(receipt.predict.outputs)}
   report         {receipt.compress.report}
