@@ -18,6 +18,8 @@ from domains.spec import (
     PredictionRequest,
     PredictionSummary,
     SampleSet,
+    TaskType,
+    labelled_samples,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "PredictionRequest",
     "PredictionSummary",
     "SampleSet",
+    "TaskType",
+    "labelled_samples",
     "domain_names",
     "get_domain",
     "registry",

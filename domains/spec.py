@@ -12,7 +12,22 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
-TaskType = Literal["classification", "segmentation"]
+TaskType = Literal["classification", "multilabel", "segmentation"]
+"""What a sample's label is.
+
+- ``classification``: one class id per sample, labels shape (N,), -1 for an unlabelled sample.
+- ``multilabel``: K independent 0/1 findings per sample, labels shape (N, K) int8; an unlabelled
+  sample is a row of -1.
+- ``segmentation``: a class id per pixel, labels shape (N, H, W) int16, -1 for pixels to ignore; an
+  unlabelled sample is all -1.
+"""
+
+
+def labelled_samples(labels: np.ndarray) -> np.ndarray:
+    """Boolean (N,) mask of samples that carry any label, whatever the task's label shape."""
+    if labels.ndim == 1:
+        return labels >= 0
+    return (labels.reshape(len(labels), -1) >= 0).any(axis=1)
 
 
 class DomainInputError(ValueError):
@@ -65,11 +80,15 @@ class SampleSet:
     """Samples read from one source, ready to be split and written as a dataset.
 
     ``images`` are already in physical units (e.g. reflectance), float32, shape (N, C, H, W).
-    ``labels`` holds class ids, or -1 where a sample is unlabelled. ``groups`` names the leakage
-    group of each sample (spatial block, patient, slide): samples of a group share a split.
-    ``locations`` gives (row, col) of each sample's top-left corner on the working grid.
-    ``dropped`` counts samples that were not kept, by reason. ``provenance`` holds small
-    string facts about the source (CRS, transform, sensor) that are stored with the dataset.
+    ``labels`` follow the task's shape (see :data:`TaskType`), -1 marking what is unlabelled.
+    ``groups`` names the leakage group of each sample (spatial block, patient, slide): samples of a
+    group share a split. ``locations`` gives (row, col) of each sample's top-left corner on the
+    working grid (for volumes: slice index and 0). ``dropped`` counts samples that were not kept, by
+    reason. ``provenance`` holds small string facts about the source (CRS, transform, sensor) that
+    are stored with the dataset. ``task`` overrides the domain's default task when the labels given
+    decide it (e.g. radiology: a findings CSV is multilabel, masks are segmentation).
+    ``sample_ids`` optionally names each sample (must be unique and free of identifying values); by
+    default a sample is named ``<source>#<row>,<col>``.
     """
 
     images: np.ndarray
@@ -81,14 +100,23 @@ class SampleSet:
     class_names: tuple[str, ...]
     dropped: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, str] = field(default_factory=dict)
+    task: TaskType | None = None
+    sample_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if self.images.ndim != 4 or self.images.shape[1] != len(self.channels):
             raise ValueError(f"{self.source}: images must be (N, {len(self.channels)}, H, W), got {self.images.shape}")
-        for name in ("labels", "groups", "locations"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{self.source}: {name} has {len(getattr(self, name))} rows for {n} images")
+        for name in ("labels", "groups", "locations", "sample_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{self.source}: {name} has {len(value)} rows for {n} images")
+        if self.task == "multilabel" and (self.labels.ndim != 2 or self.labels.shape[1] != len(self.class_names)):
+            raise ValueError(f"{self.source}: multilabel labels must be (N, {len(self.class_names)}), got {self.labels.shape}")
+        if self.task == "segmentation" and self.labels.shape[1:] != self.images.shape[2:]:
+            raise ValueError(f"{self.source}: segmentation labels must be (N, H, W) like the images, got {self.labels.shape}")
+        if self.sample_ids is not None and len(set(self.sample_ids.tolist())) != n:
+            raise ValueError(f"{self.source}: sample_ids are not unique")
 
 
 @dataclass(frozen=True)
@@ -97,7 +125,9 @@ class PredictionRequest:
 
     The domain reads ``input`` with the channels the model was trained on, runs ``infer`` over
     samples of ``tile_size`` moved by ``stride``, and writes a result in the input's geometry.
-    ``infer`` maps a float32 batch (N, C, H, W) in physical units to class probabilities (N, K).
+    ``infer`` maps a float32 batch (N, C, H, W) in physical units to probabilities shaped by ``task``:
+    (N, K) softmax for classification, (N, K) independent sigmoids for multilabel, (N, K, H, W)
+    per-pixel softmax for segmentation.
     """
 
     input: Path
@@ -108,6 +138,7 @@ class PredictionRequest:
     stride: int
     infer: Callable[[np.ndarray], np.ndarray]
     batch_size: int = 64
+    task: TaskType = "classification"
 
 
 @dataclass(frozen=True)
@@ -148,6 +179,11 @@ class DomainSpec:
         prepare_demo: writes the demo inputs into a folder and returns them as ``{"source": ...,
             "labels": ...}`` (``labels`` may be absent); None when the domain has no demo.
         demo_notes: one paragraph saying where the demo data comes from and how its labels are made.
+        prediction_suffix: file suffix of the main prediction output written per input (``.tif`` for
+            a class raster, ``.json`` for a per-study report); the predict stage names outputs
+            ``<input name><suffix>`` in its output folder.
+        train_flips: whether flips/90-degree rotations are valid augmentations (overhead imagery: yes;
+            chest radiographs, where left and right differ: no).
     """
 
     name: str
@@ -167,3 +203,5 @@ class DomainSpec:
     write_example: ExampleWriter
     prepare_demo: Callable[[Path], dict[str, Path]] | None = None
     demo_notes: str = ""
+    prediction_suffix: str = ".tif"
+    train_flips: bool = True
