@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p)
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
+                         description="Benchmarks measure variants side by side in one run on this machine and "
+                                     "print ratios; they are not tests. Known: compression, onboard.")
+    p.add_argument("name", help="benchmark name (compression, onboard)")
+    _workdir_arg(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
     return parser
 
 
@@ -250,6 +257,19 @@ def run(args: argparse.Namespace) -> int:
             payload["train"] = {"epochs": args.epochs}
         receipt = pipeline(PipelineParams(**_apply_overrides(payload, overrides)))
         _print_receipt(receipt)
+        return 0
+    if args.verb == "bench":
+        from tasks.benchmarks import load_benchmark
+
+        benchmark = load_benchmark(args.name)
+        options = dict(item.split("=", 1) for item in overrides if "=" in item)
+        workdir = Path(args.workdir)
+        result = benchmark.run_benchmark(workdir, options)
+        out = workdir / "bench" / f"{args.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(benchmark.format_table(result))
+        print(f"\nwritten: {out}")
         return 0
     raise AssertionError(f"unhandled verb {args.verb}")
 
