@@ -144,4 +144,4 @@ def write_example(directory: Path | str, seed: int = 0, size: int = 60) -> dict[
     stack = np.clip(np.rint(scene.data * 10000), 0, 65535).astype(np.uint16)
     stack[:, ~scene.valid] = 0
     _write_geotiff(multiband, stack, 10.0, 0, descriptions=scene.band_names)
-    return {"scene_dir": scene_dir, "multiband": multiband, "labels": labels_path, "labels_wgs84": labels_wgs84}
+    return {"source": scene_dir, "scene_dir": scene_dir, "multiband": multiband, "labels": labels_path, "labels_wgs84": labels_wgs84}

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from domains import DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, registry
+from domains import DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, labelled_samples, registry
 
 DOMAINS = domain_names()
 
@@ -42,11 +42,13 @@ def test_spec_is_complete(name):
 def test_example_reads_into_a_valid_labelled_sample_set(name, tmp_path):
     spec = get_domain(name)
     example = spec.write_example(tmp_path)
-    samples = spec.read_samples(IngestRequest(source=example["scene_dir"], labels=example.get("labels"),
+    samples = spec.read_samples(IngestRequest(source=example["source"], labels=example.get("labels"),
                                               tile_size=8, stride=8, block_size=16))
     assert samples.images.dtype == np.float32 and samples.images.shape[1] == len(samples.channels)
     assert np.isfinite(samples.images).all()
-    assert (samples.labels >= 0).all() and samples.labels.max() < len(samples.class_names)
+    assert labelled_samples(samples.labels).all() and samples.labels.max() < len(samples.class_names)
+    expected_rank = {"classification": 1, "multilabel": 2, "segmentation": 3}[samples.task or spec.task]
+    assert samples.labels.ndim == expected_rank
     assert len(set(samples.groups.tolist())) >= 3
 
 
@@ -54,12 +56,20 @@ def test_example_reads_into_a_valid_labelled_sample_set(name, tmp_path):
 def test_prediction_writes_one_output_per_input(name, tmp_path):
     spec = get_domain(name)
     example = spec.write_example(tmp_path)
-    inputs = spec.list_prediction_inputs(example["scene_dir"])
+    inputs = spec.list_prediction_inputs(example["source"])
     assert inputs
     k = len(spec.default_class_names)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        # Every sample (or pixel) is the first class with certainty.
+        first = np.eye(k, dtype=np.float32)[np.zeros(len(batch), dtype=int)]
+        if spec.task == "segmentation":
+            return np.broadcast_to(first[:, :, None, None], (len(batch), k, *batch.shape[2:])).copy()
+        return first
+
+    output = tmp_path / f"out{spec.prediction_suffix}"
     summary = spec.predict(PredictionRequest(
-        input=inputs[0], output=tmp_path / "out.tif", channels=spec.default_channels,
-        class_names=spec.default_class_names, tile_size=8, stride=8,
-        infer=lambda batch: np.eye(k, dtype=np.float32)[np.zeros(len(batch), dtype=int)]))
-    assert (tmp_path / "out.tif").is_file()
+        input=inputs[0], output=output, channels=spec.default_channels, class_names=spec.default_class_names,
+        tile_size=8, stride=8, infer=infer, task=spec.task))
+    assert output.is_file()
     assert summary.samples > 0 and summary.class_counts[spec.default_class_names[0]] > 0
