@@ -1,7 +1,10 @@
 """The one training loop: parameterised by task type and objective, never by domain.
 
-It checkpoints every epoch and resumes from the newest checkpoint whose fingerprint matches the
-run's settings, so an interrupted fine-tune picks up where it stopped.
+Task types (see ``domains.TaskType``): classification (one class per sample), multilabel (independent
+0/1 findings) and segmentation (a class per pixel). Objectives: cross-entropy (binary cross-entropy
+for multilabel), focal, and distillation from a teacher's logits. The loop checkpoints every epoch and
+resumes from the newest checkpoint whose fingerprint matches the run's settings, so an interrupted
+fine-tune picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tasks.dataset import Dataset
-from tasks.evaluation import score_classification
+from tasks.evaluation import score_outputs
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,15 @@ class TrainParams(BaseModel):
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate (AdamW, cosine decay)")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay")
     warmup_epochs: float = Field(0.5, ge=0, le=50, description="Linear warm-up length in epochs")
-    objective: Literal["cross-entropy", "focal"] = Field(
-        "cross-entropy", description="Loss: cross-entropy, or focal loss for heavily imbalanced classes")
+    objective: Literal["cross-entropy", "focal", "distillation"] = Field(
+        "cross-entropy", description="Loss: cross-entropy, focal loss for heavily imbalanced classes, or "
+                                     "distillation from a teacher model's logits (compress stage)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing for cross-entropy")
-    flip_augment: bool = Field(True, description="Random horizontal/vertical flips and 90-degree rotations "
-                                                 "(valid for overhead imagery)")
+    distill_temperature: float = Field(2.0, gt=0, le=20, description="Softmax temperature of the distillation term")
+    distill_weight: float = Field(0.7, ge=0, le=1, description="Share of the distillation term in the loss "
+                                                               "(the rest is the task loss on true labels)")
+    flip_augment: bool = Field(True, description="Random flips and 90-degree rotations (valid for overhead imagery "
+                                                 "and slides; turned off by domains where left and right differ)")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and augmentation")
     resume: bool = Field(True, description="Resume from the newest matching checkpoint in the work folder")
 
@@ -61,21 +68,76 @@ class FitResult:
         return self.history[self.best_epoch - 1]
 
 
-def _loss(objective: str, logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+def _task_loss(task: str, objective: str, logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Loss against true labels; entries labelled -1 (unlabelled findings, ignored pixels) do not count."""
+    if task == "multilabel":
+        known = labels >= 0
+        targets = labels.clamp(min=0).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        if objective == "focal":
+            # Focal loss (Lin et al. 2017), gamma=2, per finding: easy negatives stop dominating.
+            p_true = torch.where(targets > 0, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
+            loss = (1 - p_true) ** 2 * loss
+        return (loss * known).sum() / known.sum().clamp(min=1)
+    # classification (N, K) vs (N,), segmentation (N, K, H, W) vs (N, H, W): class dimension is 1
     if objective == "focal":
-        # Focal loss (Lin et al. 2017) with gamma=2: down-weights easy, majority-class samples.
-        log_prob = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
-        return (-(1 - log_prob.exp()) ** 2 * log_prob).mean()
-    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        log_prob = F.log_softmax(logits, dim=1)
+        known = labels >= 0
+        picked = log_prob.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        loss = -(1 - picked.exp()) ** 2 * picked
+        return (loss * known).sum() / known.sum().clamp(min=1)
+    return F.cross_entropy(logits, labels.long(), label_smoothing=smoothing, ignore_index=-1)
 
 
-def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if torch.rand(1, generator=generator).item() < 0.5:
+def _distillation_term(task: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015) soft-target loss, scaled by T^2 so its gradients keep their size as T changes."""
+    if task == "multilabel":
+        soft = torch.sigmoid(teacher / temperature)
+        return F.binary_cross_entropy_with_logits(student / temperature, soft) * temperature ** 2
+    log_student = F.log_softmax(student / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=1)
+    per_item = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)  # KL(teacher || student)
+    return per_item.mean() * temperature ** 2
+
+
+def _loss(params: TrainParams, task: str, logits: torch.Tensor, labels: torch.Tensor,
+          teacher: torch.Tensor | None = None) -> torch.Tensor:
+    if params.objective == "distillation":
+        if teacher is None:
+            raise ValueError("objective 'distillation' needs teacher logits (see cache_teacher_logits)")
+        hard = _task_loss(task, "cross-entropy", logits, labels, params.label_smoothing)
+        soft = _distillation_term(task, logits, teacher, params.distill_temperature)
+        return (1 - params.distill_weight) * hard + params.distill_weight * soft
+    return _task_loss(task, params.objective, logits, labels, params.label_smoothing)
+
+
+# The 8 symmetries of the square (4 rotations, each optionally mirrored) used as augmentation; a
+# transform's index also keys the teacher-logit cache, so distillation sees the teacher's view of
+# exactly the pixels the student sees.
+DIHEDRAL_TRANSFORMS = 8
+
+
+def _dihedral(batch: torch.Tensor, index: int) -> torch.Tensor:
+    if index >= 4:
         batch = batch.flip(-1)
-    if torch.rand(1, generator=generator).item() < 0.5:
-        batch = batch.flip(-2)
-    turns = int(torch.randint(0, 4, (1,), generator=generator).item())
+    turns = index % 4
     return torch.rot90(batch, turns, dims=(-2, -1)) if turns else batch
+
+
+@torch.inference_mode()
+def cache_teacher_logits(teacher: nn.Module, images: np.ndarray, flips: bool = True, batch_size: int = 128) -> np.ndarray:
+    """Teacher logits computed once for every augmented view (TinyViT-style cached distillation).
+
+    Returns (8, N, ...) for the 8 flip/rotation views the training loop draws from, or (1, N, ...)
+    when training without flips; distillation then costs about as much as plain training.
+    """
+    teacher = teacher.eval()
+    views = range(DIHEDRAL_TRANSFORMS if flips else 1)
+    tensor = torch.from_numpy(images)
+    return np.stack([
+        np.concatenate([teacher(_dihedral(tensor[i:i + batch_size], view)).float().numpy()
+                        for i in range(0, len(images), batch_size)])
+        for view in views])
 
 
 @torch.inference_mode()
@@ -105,23 +167,35 @@ def _newest_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
 
 
 def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path, model_key: str,
-        on_epoch: EpochCallback | None = None) -> FitResult:
+        on_epoch: EpochCallback | None = None, teacher_logits: np.ndarray | None = None) -> FitResult:
     """Train ``model`` on the dataset's train split, validate each epoch, keep the best weights.
 
+    The dataset's task decides the loss and the validation score that picks the best epoch (macro-F1
+    for classification, macro AUROC for multilabel, foreground IoU for segmentation).
+
     Args:
-        model: a module mapping (N, C, H, W) physical-unit images to logits; only parameters with
-            ``requires_grad`` are optimised (adapters, head).
+        model: a module mapping (N, C, H, W) physical-unit images to logits ((N, K), or (N, K, H, W)
+            for segmentation); only parameters with ``requires_grad`` are optimised (adapters, head).
         dataset: a loaded dataset with ``train`` and ``val`` splits.
         params: training knobs.
         checkpoint_dir: where ``epoch-NNN.pt`` files are written every epoch.
         model_key: describes the architecture/adapter, so checkpoints of another model are not resumed.
         on_epoch: called as ``on_epoch(epoch, total_epochs, metrics)`` after every epoch.
+        teacher_logits: for ``objective="distillation"``, the output of :func:`cache_teacher_logits`
+            on the train split's images (with ``flips`` matching ``params.flip_augment``).
     """
     if "train" not in dataset.splits:
         raise ValueError(f"{dataset.path}: dataset has no labelled training split")
     train = dataset.splits["train"]
     val = dataset.splits.get("val", train)
     class_names = dataset.info.class_names
+    task = dataset.info.task
+    if params.objective == "distillation":
+        expected_views = DIHEDRAL_TRANSFORMS if params.flip_augment else 1
+        if teacher_logits is None or teacher_logits.shape[:2] != (expected_views, len(train)):
+            got = None if teacher_logits is None else teacher_logits.shape
+            raise ValueError(f"distillation needs cached teacher logits of shape ({expected_views}, {len(train)}, ...) "
+                             f"for the train split, got {got}")
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +231,7 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
 
     labels_all = torch.from_numpy(train.labels)
     images_all = torch.from_numpy(train.images)
+    teacher_all = torch.from_numpy(teacher_logits) if params.objective == "distillation" else None
     for epoch in range(start_epoch + 1, params.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -165,9 +240,12 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
         for step in range(steps_per_epoch):
             index = order[step * params.batch_size:(step + 1) * params.batch_size]
             batch, labels = images_all[index], labels_all[index]
-            if params.flip_augment:
-                batch = _augment(batch, generator)
-            loss = _loss(params.objective, model(batch), labels, params.label_smoothing)
+            view = int(torch.randint(0, DIHEDRAL_TRANSFORMS, (1,), generator=generator).item()) if params.flip_augment else 0
+            batch = _dihedral(batch, view)
+            if task == "segmentation":
+                labels = _dihedral(labels, view)
+            teacher = teacher_all[view][index] if teacher_all is not None else None
+            loss = _loss(params, task, model(batch), labels, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,19 +253,19 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             running_loss += float(loss.detach()) * len(index)
             seen += len(index)
         val_logits = predict_logits(model, val.images)
-        val_report = score_classification(val.labels, val_logits.argmax(1), class_names)
-        val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val.labels)))
+        val_report = score_outputs(task, val.labels, val_logits, class_names)
+        val_loss = float(_task_loss(task, "cross-entropy", torch.from_numpy(val_logits), torch.from_numpy(val.labels), 0.0))
         metrics = {
             "train_loss": running_loss / max(seen, 1),
             "val_loss": val_loss,
-            "val_accuracy": val_report.accuracy,
-            "val_macro_f1": val_report.macro_f1,
+            **{f"val_{name}": value for name, value in val_report.headline().items()},
             "learning_rate": scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - started,
         }
         history.append(metrics)
-        if val_report.macro_f1 > best_score:
-            best_score, best_epoch = val_report.macro_f1, epoch
+        score = val_report.selection if math.isfinite(val_report.selection) else -1.0
+        if score > best_score or best_state is None:
+            best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         path = checkpoint_dir / f"epoch-{epoch:03d}.pt"
         torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tasks_support import FAST_TRAIN, new_model
 
-from tasks.training import TrainParams, _loss, fit, predict_logits
+from tasks.training import TrainParams, _task_loss, fit, predict_logits
 
 
 def params(**overrides) -> TrainParams:
@@ -111,12 +111,12 @@ def test_focal_loss_down_weights_easy_examples() -> None:
     labels = torch.tensor([0, 1])
     confident = torch.tensor([[6.0, 0.0, 0.0], [0.0, 6.0, 0.0]])
     unsure = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
-    ce = _loss("cross-entropy", confident, labels, 0.0)
-    focal = _loss("focal", confident, labels, 0.0)
+    ce = _task_loss("classification", "cross-entropy", confident, labels, 0.0)
+    focal = _task_loss("classification", "focal", confident, labels, 0.0)
     p = torch.softmax(confident, 1)[0, 0]
     torch.testing.assert_close(focal, -((1 - p) ** 2) * torch.log(p))
     assert focal < ce / 100  # an easy example barely counts
-    assert _loss("focal", unsure, labels, 0.0) / _loss("cross-entropy", unsure, labels, 0.0) > 0.2
+    assert _task_loss("classification", "focal", unsure, labels, 0.0) / _task_loss("classification", "cross-entropy", unsure, labels, 0.0) > 0.2
 
 
 def test_fit_needs_a_training_split(tmp_path: Path, dataset) -> None:
@@ -125,3 +125,45 @@ def test_fit_needs_a_training_split(tmp_path: Path, dataset) -> None:
     no_train = replace(dataset, splits={k: v for k, v in dataset.splits.items() if k != "train"})
     with pytest.raises(ValueError, match="no labelled training split"):
         fit(new_model(dataset), no_train, params(epochs=1), tmp_path, "tiny-vit")
+
+
+def test_distillation_term_vanishes_when_the_student_is_the_teacher() -> None:
+    from tasks.training import _distillation_term
+
+    logits = torch.randn(6, 3)
+    assert float(_distillation_term("classification", logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(6, 3)
+    assert float(_distillation_term("classification", other, logits, 2.0)) > 0.01
+    pixels = torch.randn(2, 3, 4, 4)
+    assert float(_distillation_term("segmentation", pixels, pixels, 4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cached_teacher_logits_cover_every_augmented_view(trained_model, dataset) -> None:
+    from tasks.training import _dihedral, cache_teacher_logits
+
+    images = dataset.splits["train"].images[:5]
+    cache = cache_teacher_logits(trained_model, images, flips=True)
+    assert cache.shape == (8, 5, len(dataset.info.class_names))
+    view = _dihedral(torch.from_numpy(images), 6)
+    with torch.inference_mode():
+        assert np.allclose(cache[6], trained_model(view).numpy(), atol=1e-5)
+    assert cache_teacher_logits(trained_model, images, flips=False).shape == (1, 5, len(dataset.info.class_names))
+
+
+def test_distillation_trains_a_student_from_cached_teacher_logits(tmp_path: Path, trained_model, dataset) -> None:
+    from tasks.training import cache_teacher_logits
+
+    teacher_logits = cache_teacher_logits(trained_model, dataset.splits["train"].images, flips=True)
+    result = fit(new_model(dataset, seed=3), dataset, params(objective="distillation", distill_weight=1.0), tmp_path,
+                 "student", teacher_logits=teacher_logits)
+    val = dataset.splits["val"]
+    agreement = (predict_logits(result.model, val.images).argmax(1) == predict_logits(trained_model, val.images).argmax(1))
+    assert agreement.mean() >= 0.8
+
+
+def test_distillation_without_matching_teacher_logits_is_refused(tmp_path: Path, dataset) -> None:
+    with pytest.raises(ValueError, match="cached teacher logits of shape"):
+        fit(new_model(dataset), dataset, params(objective="distillation"), tmp_path, "student")
+    wrong = np.zeros((1, len(dataset.splits["train"]), 3), dtype=np.float32)  # flips on needs 8 views
+    with pytest.raises(ValueError, match="cached teacher logits"):
+        fit(new_model(dataset), dataset, params(objective="distillation"), tmp_path, "student", teacher_logits=wrong)
