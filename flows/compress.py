@@ -1,4 +1,4 @@
-"""Compress: export the reference model to ONNX, check parity, quantize to int8, measure every variant."""
+"""Compress: export to ONNX, quantize, distil/prune/merge tokens, check parity at every step, measure every variant."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ class CompressFlowParams(BaseModel):
                                                                         "training split calibrates int8)")
     model_uri: str = Field(..., min_length=1, max_length=1000, description="Reference model URI from the finetune flow")
     workdir: str = WorkdirField
-    compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
+    compression: CompressParams = Field(default_factory=CompressParams,
+                                        description="Export, quantization, recipe (distil, prune, token reduction), "
+                                                    "target profile and timing")
 
 
 class CompressReceipt(BaseModel):
@@ -37,11 +39,12 @@ class CompressReceipt(BaseModel):
 
 @flow(name="compress-model", flow_run_name="compress-{params.domain}", log_prints=True)
 def compress(params: CompressFlowParams) -> CompressReceipt:
-    """Export to ONNX with a parity check, quantize to int8, and measure latency, size and accuracy."""
+    """Export to ONNX with a parity check, quantize, run the compression recipe, and measure every variant."""
     info = read_dataset_info(params.dataset)
     workdir = Path(params.workdir)
     with tracking.stage_run(params.domain, "compress", workdir, params.model_dump(mode="json"), info,
-                            Path(params.dataset), {"vitrail.recipe": "export+int8"}) as run:
+                            Path(params.dataset), {"vitrail.recipe": params.compression.recipe_label(),
+                             "vitrail.profile": params.compression.profile}) as run:
         model = load_reference_model_task(params.model_uri)
         metadata = logged_model_metadata_task(params.model_uri)
         report = compress_model_task(model, Path(params.dataset), metadata, params.compression,

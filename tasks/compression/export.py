@@ -69,3 +69,27 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, toleranc
     log.info("parity %s: max |diff| %.2e (tolerance %.1e), agreement %.4f", onnx_path.name,
              report.max_abs_diff, tolerance, report.agreement)
     return report
+
+
+def require_parity(report: ParityReport, path: Path) -> ParityReport:
+    """Raise :class:`ParityError` when ``report`` is outside its tolerance."""
+    if not report.passed:
+        raise ParityError(f"{path}: ONNX export differs from the torch model by {report.max_abs_diff:.3g} "
+                          f"> tolerance {report.tolerance:g}")
+    return report
+
+
+class ExportOnnx:
+    """The export technique: torch variant -> fp32 ONNX file, failing the step beyond the parity tolerance."""
+
+    stage = "export"
+
+    def apply(self, variant, context):
+        from tasks.compression.technique import REFERENCE_ROOT, onnx_file_name
+
+        name = "onnx-fp32" if variant.name == REFERENCE_ROOT else variant.name
+        path = export_onnx(variant.model, context.parity_images, context.out_dir / onnx_file_name(name),
+                           context.metadata)
+        report = require_parity(check_parity(variant.model, path, context.parity_images, context.parity_tolerance,
+                                             context.threads), path)
+        return variant.then("export", name, {"parity": report.as_dict()}, onnx=path)

@@ -11,6 +11,73 @@ import numpy as np
 from tasks.evaluation import evaluate_predictor
 
 
+def primary_metric(report) -> float:
+    """The score variants are compared and selected by.
+
+    The single place to switch to the evaluation report's task-aware ``.primary`` value once it
+    exists (it equals accuracy for classification).
+    """
+    return float(report.accuracy)
+
+
+def count_macs(model, example: np.ndarray) -> int:
+    """Multiply-accumulates of one forward pass on ``example[:1]``, attention matmuls included."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.from_numpy(np.ascontiguousarray(example[:1], dtype=np.float32)))
+    return int(counter.get_total_flops() // 2)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, latency, accuracy) points no other point beats on both (faster and at least as accurate)."""
+    front = []
+    for name, latency, accuracy in points:
+        dominated = any((other_latency <= latency and other_accuracy >= accuracy)
+                        and (other_latency < latency or other_accuracy > accuracy)
+                        for _, other_latency, other_accuracy in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def plot_pareto(rows: list[dict], title: str, path) -> object:
+    """Accuracy versus batch-1 p50 latency of every variant, the Pareto front joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["name"], r["latency_ms_p50"], r["accuracy"]) for r in rows]
+    front = set(pareto_front(points))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, latency, accuracy in points:
+        ax.scatter(latency, accuracy, color="tab:red" if name in front else "tab:gray", zorder=3)
+        ax.annotate(name, (latency, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    line = sorted((lat, acc) for name, lat, acc in points if name in front)
+    ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", lw=1, zorder=2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @dataclass(frozen=True)
 class VariantMeasurement:
     """One row of the compression report (keys are the report's public schema)."""
@@ -26,6 +93,10 @@ class VariantMeasurement:
     speedup_vs_fp32: float = 1.0
     parity_max_abs_diff: float | None = None
     parity_agreement: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    memory_bytes: int | None = None
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +129,9 @@ def measure_variant(name: str, fmt: str, predict: Callable[[np.ndarray], np.ndar
                     latency_repeats: int, throughput_batch: int) -> VariantMeasurement:
     """Accuracy on the test split, then latency at batch 1 and throughput at ``throughput_batch``."""
     report = evaluate_predictor(predict, test_images, test_labels, class_names)
+    accuracy = primary_metric(report)
     p50, p95 = time_latency(predict, test_images[:1], repeats=latency_repeats, warmup=max(3, latency_repeats // 10))
     batch = np.resize(test_images, (throughput_batch, *test_images.shape[1:])).astype(np.float32)
     throughput = time_throughput(predict, batch, repeats=max(2, latency_repeats // 20))
-    return VariantMeasurement(name=name, format=fmt, accuracy=report.accuracy, macro_f1=report.macro_f1,
+    return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.macro_f1,
                               latency_ms_p50=p50, latency_ms_p95=p95, throughput=throughput, size_bytes=size_bytes)

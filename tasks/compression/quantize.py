@@ -85,3 +85,63 @@ def quantize_int8_dynamic(source: Path, destination: Path) -> Path:
     prepared.unlink(missing_ok=True)
     write_metadata(destination, metadata)
     return destination
+
+
+def convert_fp16(source: Path, destination: Path) -> Path:
+    """Half-precision weights and activations, with float32 inputs and outputs (``keep_io_types``).
+
+    LayerNorm and Softmax stay in float32 (their reductions overflow or lose too much in fp16).
+    Useful on GPUs and ARMv8.2+ CPUs with fp16 arithmetic; x86 CPUs usually run it slower than fp32.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    metadata = read_metadata(source)
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
+                                     op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"])
+    onnx.save(model, str(destination))
+    write_metadata(destination, metadata)
+    return destination
+
+
+QuantKind = Literal["int8", "int8-dynamic", "fp16"]
+
+
+class QuantizeOnnx:
+    """The quantize technique: an exported variant -> its int8 (static or dynamic) or fp16 ONNX file.
+
+    Logit differences against the torch model are recorded, not enforced: a quantized model is
+    judged by its accuracy, which the compress stage measures next.
+    """
+
+    stage = "quantize"
+
+    def __init__(self, kind: QuantKind, params: QuantizationParams | None = None):
+        self.kind = kind
+        self.params = params or QuantizationParams()
+
+    def apply(self, variant, context):
+        from tasks.compression.export import compare_logits
+        from tasks.compression.technique import derived_name, onnx_file_name
+        from tasks.onnx_runtime import open_session, session_predictor
+        from tasks.training import predict_logits
+
+        if variant.onnx is None:
+            raise ValueError(f"{variant.name}: quantize needs an exported ONNX file; export runs first")
+        name = derived_name(variant.name, self.kind)
+        destination = context.out_dir / onnx_file_name(name)
+        if self.kind == "int8":
+            train = context.dataset.splits.get("train")
+            calibration = train.images if train is not None else None
+            path = quantize_int8_static(variant.onnx, calibration, destination, self.params)
+        elif self.kind == "int8-dynamic":
+            path = quantize_int8_dynamic(variant.onnx, destination)
+        else:
+            path = convert_fp16(variant.onnx, destination)
+        reference = predict_logits(variant.model, context.parity_images)
+        candidate = session_predictor(open_session(path, context.threads))(context.parity_images)
+        parity = compare_logits(reference, candidate, context.parity_tolerance)
+        record = {"kind": self.kind, "parity": parity.as_dict()}
+        if self.kind == "int8":
+            record["quantization"] = self.params.model_dump()
+        return variant.then("quantize", name, record, onnx=path, precision=self.kind)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -16,34 +16,93 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 from torch import nn
 
-from tasks.compression.export import ParityError, ParityReport, check_parity, compare_logits, export_onnx
-from tasks.compression.measure import VariantMeasurement, measure_variant
-from tasks.compression.quantize import QuantizationParams, quantize_int8_dynamic, quantize_int8_static
+from tasks.compression.distill import DistillParams, DistillStudent
+from tasks.compression.export import ExportOnnx, ParityError, ParityReport, check_parity, compare_logits, export_onnx
+from tasks.compression.measure import (
+    VariantMeasurement,
+    count_macs,
+    measure_variant,
+    plot_pareto,
+    primary_metric,
+    resident_bytes,
+)
+from tasks.compression.profiles import ProfileError, ProfileName, TargetProfile, budget_violations, get_profile
+from tasks.compression.prune import PruneParams, PruneStructured
+from tasks.compression.quantize import QuantizationParams, QuantizeOnnx, quantize_int8_dynamic, quantize_int8_static
+from tasks.compression.technique import REFERENCE_ROOT, CompressionContext, Variant, run_recipe
+from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
 from tasks.dataset import load_dataset
 from tasks.onnx_runtime import open_session, session_predictor
-from tasks.training import predict_logits
 
 log = logging.getLogger(__name__)
 
 BASELINE = "torch-fp32"
-EdgeVariant = Literal["auto", "onnx-int8", "onnx-int8-dynamic", "onnx-fp32"]
+EdgeVariant = Literal["auto", "onnx-int8", "onnx-int8-dynamic", "onnx-fp32", "onnx-fp16", "recipe"]
 ONNX_VARIANTS = ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic")
 
 
 class CompressParams(BaseModel):
-    """Edge export and quantization settings, measured on the machine that runs the flow."""
+    """Edge export, quantization and the compression recipe, measured on the machine that runs the flow.
+
+    The recipe's techniques run in a fixed order (distil -> prune -> token reduction -> export ->
+    quantize); every step is exported to ONNX, checked for parity and measured as its own variant.
+    """
 
     edge_variant: EdgeVariant = Field(
         "auto", description="Edge artifact: 'auto' picks the fastest ONNX variant within max_accuracy_drop on the "
-                            "validation split, or name one variant")
+                            "validation split and within the target profile's budget; 'recipe' takes the recipe's "
+                            "last step; or name one variant")
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0,
                                      description="Largest validation accuracy drop versus fp32 that 'auto' accepts")
+    profile: ProfileName = Field("cpu-2core", description="Target hardware whose latency/memory/size budget the edge "
+                                                          "variant must meet (only cpu-2core is measured here)")
     parity_tolerance: float = Field(1e-3, gt=0, le=1.0,
-                                    description="Largest |logit| difference allowed between torch and the fp32 ONNX export")
+                                    description="Largest |logit| difference allowed between torch and each fp32 ONNX export")
     quantization: QuantizationParams = Field(default_factory=QuantizationParams, description="Static int8 settings")
+    fp16: bool = Field(False, description="Also build an fp16 ONNX variant (fast on GPUs/ARM, usually slow on x86 CPUs)")
+    distillation: DistillParams = Field(default_factory=DistillParams, description="Recipe step 1: distil into a student")
+    pruning: PruneParams = Field(default_factory=PruneParams, description="Recipe step 2: prune heads and MLP channels")
+    token_reduction: TokenReductionParams = Field(default_factory=TokenReductionParams,
+                                                  description="Recipe step 3: merge or drop tokens at inference")
+    recipe_quantization: Literal["int8", "int8-dynamic", "fp16", "none"] = Field(
+        "int8", description="Recipe's last step: quantize its export (when any recipe step is enabled)")
     threads: int = Field(2, ge=1, le=256, description="CPU threads for every measured variant (target: 2-core CPU)")
     latency_repeats: int = Field(100, ge=5, le=10000, description="Batch-1 calls timed per variant")
     throughput_batch: int = Field(32, ge=1, le=1024, description="Batch size for the throughput measurement")
+
+    def recipe_techniques(self) -> list:
+        """The enabled torch techniques of the recipe plus its quantizer (empty when no step is enabled)."""
+        steps: list = []
+        if self.distillation.enabled:
+            steps.append(DistillStudent(self.distillation))
+        if self.pruning.enabled:
+            steps.append(PruneStructured(self.pruning))
+        if self.token_reduction.method != "none":
+            steps.append(ReduceTokens(self.token_reduction))
+        if steps and self.recipe_quantization != "none":
+            steps.append(QuantizeOnnx(self.recipe_quantization, self.quantization))
+        return steps
+
+    def recipe_label(self) -> str:
+        """Short tag of what the compress run did, e.g. ``export+int8`` or ``distill+prune+tome+int8``."""
+        parts = [t.stage if t.stage != "tokens" else self.token_reduction.method for t in self.recipe_techniques()
+                 if t.stage != "quantize"]
+        return "+".join(["export", "int8"] + (parts and [*parts, self.recipe_quantization]))
+
+
+class ReduceTokens:
+    """The token-reduction technique (ToMe or EViT), applied at inference without retraining."""
+
+    stage = "tokens"
+
+    def __init__(self, params: TokenReductionParams):
+        self.params = params
+
+    def apply(self, variant: Variant, context: CompressionContext) -> Variant:
+        model, plan = reduce_tokens(variant.model, self.params)
+        suffix = token_variant_suffix(self.params)
+        name = suffix if variant.name == REFERENCE_ROOT else f"{variant.name}-{suffix}"
+        return variant.then("tokens", name, {**self.params.model_dump(), "plan": plan.as_dict()}, model=model)
 
 
 @dataclass
@@ -57,6 +116,10 @@ class CompressReport:
     threads: int
     test_samples: int
     extra: dict[str, float] = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+    recipe: list[dict] = field(default_factory=list)
+    plot: Path | None = None
 
     def variant(self, name: str) -> VariantMeasurement:
         return next(v for v in self.variants if v.name == name)
@@ -72,10 +135,13 @@ class CompressReport:
             "edge_accuracy_drop": self.variant(BASELINE).accuracy - edge.accuracy,
             "variants": [v.as_dict() for v in self.variants],
             "parity": {name: report.as_dict() for name, report in self.parity.items()},
+            "profile": self.profile,
+            "selection": self.selection,
+            "recipe": self.recipe,
         }
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(self.to_json(), indent=2))
+        path.write_text(json.dumps(self.to_json(), indent=2, default=str))
         return path
 
 
@@ -86,50 +152,90 @@ def _torch_size(model: nn.Module) -> int:
 
 
 def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, reference_predict, images: np.ndarray,
-                        labels: np.ndarray, class_names: tuple[str, ...], max_drop: float) -> str:
-    """The fastest ONNX variant whose accuracy on (images, labels) is within ``max_drop`` of the fp32 model.
+                        labels: np.ndarray, class_names: tuple[str, ...], max_drop: float,
+                        profile: TargetProfile | None = None, reasons: dict | None = None) -> str:
+    """The fastest ONNX variant within ``max_drop`` of the fp32 model's accuracy on (images, labels)
+    and within ``profile``'s budget.
 
-    fp32 ONNX passed its parity check, so it is always eligible and the choice never fails.
+    fp32 ONNX passed its parity check, so it is always within the accuracy budget; when no variant
+    meets the profile's budget the choice fails with each variant's reasons.
     """
     from tasks.evaluation import evaluate_predictor
 
-    reference = evaluate_predictor(reference_predict, images, labels, class_names).accuracy
-    latency = {v.name: v.latency_ms_p50 for v in measured}
-    eligible = ["onnx-fp32"] + [
-        name for name in ONNX_VARIANTS[1:]
-        if reference - evaluate_predictor(predictors[name], images, labels, class_names).accuracy <= max_drop + 1e-9]
-    choice = min(eligible, key=latency.__getitem__)
-    log.info("edge variant: %s (eligible within %.3f accuracy drop: %s)", choice, max_drop, ", ".join(eligible))
+    reference = primary_metric(evaluate_predictor(reference_predict, images, labels, class_names))
+    why: dict[str, list[str]] = {} if reasons is None else reasons
+    for row in measured:
+        if row.name not in predictors:
+            continue
+        problems = []
+        if row.name != "onnx-fp32":
+            drop = reference - primary_metric(evaluate_predictor(predictors[row.name], images, labels, class_names))
+            if drop > max_drop + 1e-9:
+                problems.append(f"validation accuracy drop {drop:.4f} > {max_drop:g}")
+        if profile is not None:
+            problems += budget_violations(profile, row.precision, row.latency_ms_p50, row.memory_bytes, row.size_bytes)
+        why[row.name] = problems
+    eligible = [row for row in measured if row.name in why and not why[row.name]]
+    if not eligible:
+        detail = "; ".join(f"{name}: {', '.join(problems)}" for name, problems in why.items())
+        raise ProfileError(f"no variant meets the budget of profile {profile.name if profile else '-'} "
+                           f"within a {max_drop:g} accuracy drop ({detail})")
+    choice = min(eligible, key=lambda row: row.latency_ms_p50).name
+    log.info("edge variant: %s (eligible: %s)", choice, ", ".join(row.name for row in eligible))
     return choice
+
+
+def _domain_flips(domain: str) -> bool:
+    try:
+        from domains import get_domain
+
+        return bool(getattr(get_domain(domain), "train_flips", True))
+    except Exception:  # an unregistered domain in a test dataset: flips are the loop's default
+        return True
+
+
+def _measure_onnx(variant: Variant, params: CompressParams, common: dict) -> tuple[VariantMeasurement, object]:
+    before = resident_bytes()
+    predict = session_predictor(open_session(variant.onnx, params.threads))
+    predict(np.resize(common["test_images"], (params.throughput_batch, *common["test_images"].shape[1:])))
+    memory = max(0, resident_bytes() - before)
+    row = measure_variant(variant.name, "onnx", predict, variant.onnx.stat().st_size, **common)
+    return replace(row, memory_bytes=memory, precision=variant.precision), predict
+
+
+def build_variants(model: nn.Module, params: CompressParams, context: CompressionContext) -> list[Variant]:
+    """The reference model's export and quantizations, then the recipe's steps (each exported and checked)."""
+    reference = [ExportOnnx(), QuantizeOnnx("int8", params.quantization), QuantizeOnnx("int8-dynamic")]
+    if params.fp16:
+        reference.append(QuantizeOnnx("fp16"))
+    start = Variant(REFERENCE_ROOT, model)
+    variants = run_recipe(start, reference, context)
+    techniques = params.recipe_techniques()
+    if techniques:
+        variants += run_recipe(start, techniques, context)
+    return variants
 
 
 def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params: CompressParams,
                    out_dir: Path) -> CompressReport:
-    """Export ``model`` to ONNX, quantize it to int8, and measure all variants on the test split.
+    """Export ``model`` to ONNX, quantize it, run the recipe, and measure all variants on the test split.
 
-    The fp32 export must match the torch model within ``parity_tolerance`` or the stage fails; the
-    int8 variants' logit differences are recorded, and judged by their accuracy.
+    Every fp32 export must match its torch model within ``parity_tolerance`` or the stage fails; the
+    quantized variants' logit differences are recorded, and judged by their accuracy.
     """
+    profile = get_profile(params.profile)
     torch.set_num_threads(params.threads)
     dataset = load_dataset(dataset_path)
     test = dataset.splits.get("test")
-    train = dataset.splits.get("train")
     if test is None or len(test) == 0:
         raise ValueError(f"{dataset.path}: no test split to measure compressed variants on")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
+    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images,
+                                 parity_tolerance=params.parity_tolerance, threads=params.threads, teacher=model,
+                                 flips=_domain_flips(dataset.info.domain))
+    variants = build_variants(model, params, context)
 
-    files = {"onnx-fp32": export_onnx(model, test.images, out_dir / "model-fp32.onnx", metadata)}
-    parity = {"onnx-fp32": check_parity(model, files["onnx-fp32"], test.images, params.parity_tolerance, params.threads)}
-    if not parity["onnx-fp32"].passed:
-        raise ParityError(f"{files['onnx-fp32']}: ONNX export differs from the torch model by "
-                          f"{parity['onnx-fp32'].max_abs_diff:.3g} > tolerance {params.parity_tolerance:g}")
-    calibration = train.images if train is not None else np.empty((0,))
-    files["onnx-int8"] = quantize_int8_static(files["onnx-fp32"], calibration, out_dir / "model-int8.onnx",
-                                              params.quantization)
-    files["onnx-int8-dynamic"] = quantize_int8_dynamic(files["onnx-fp32"], out_dir / "model-int8-dynamic.onnx")
-
-    reference_logits = predict_logits(model, test.images)
     common = dict(test_images=test.images, test_labels=test.labels, class_names=dataset.info.class_names,
                   latency_repeats=params.latency_repeats, throughput_batch=params.throughput_batch)
 
@@ -137,34 +243,49 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
         with torch.inference_mode():
             return model(torch.from_numpy(images)).numpy()
 
-    variants = [measure_variant(BASELINE, "torch", torch_predict, _torch_size(model), **common)]
-    predictors = {}
-    for name in ONNX_VARIANTS:
-        predict = predictors[name] = session_predictor(open_session(files[name], params.threads))
-        if name != "onnx-fp32":
-            parity[name] = compare_logits(reference_logits, predict(test.images), params.parity_tolerance)
-        variants.append(measure_variant(name, "onnx", predict, files[name].stat().st_size, **common))
-
-    base = variants[0]
-    measured = []
+    rows = [replace(measure_variant(BASELINE, "torch", torch_predict, _torch_size(model), **common),
+                    params=sum(p.numel() for p in model.parameters()), macs=count_macs(model, test.images))]
+    predictors, parity, files = {}, {}, {}
+    macs_of: dict[int, int] = {}
     for variant in variants:
-        check = parity.get(variant.name)
-        measured.append(VariantMeasurement(
-            **{**variant.as_dict(), "speedup_vs_fp32": base.latency_ms_p50 / variant.latency_ms_p50,
-               "parity_max_abs_diff": check.max_abs_diff if check else None,
-               "parity_agreement": check.agreement if check else None}))
+        row, predictors[variant.name] = _measure_onnx(variant, params, common)
+        key = id(variant.model)
+        if key not in macs_of:
+            macs_of[key] = count_macs(variant.model, test.images)
+        rows.append(replace(row, params=sum(p.numel() for p in variant.model.parameters()), macs=macs_of[key]))
+        parity[variant.name] = ParityReport(**{k: v for k, v in variant.records[-1]["parity"].items() if k != "passed"})
+        files[variant.name] = variant.onnx
+
+    base = rows[0]
+    measured = [replace(row, speedup_vs_fp32=base.latency_ms_p50 / row.latency_ms_p50,
+                        parity_max_abs_diff=parity[row.name].max_abs_diff if row.name in parity else None,
+                        parity_agreement=parity[row.name].agreement if row.name in parity else None)
+                for row in rows]
+    names = [row.name for row in measured]
     edge = params.edge_variant
-    if edge == "auto":
+    reasons: dict[str, list[str]] = {}
+    if edge == "recipe":
+        if not params.recipe_techniques():
+            raise ValueError("edge_variant 'recipe' needs at least one enabled recipe step")
+        edge = variants[-1].name
+    elif edge == "auto":
         # Chosen on the validation split, never the test split that later judges the choice.
-        selection = dataset.splits.get("val", train)
+        selection = dataset.splits.get("val", dataset.splits.get("train"))
         edge = select_edge_variant(measured, predictors, torch_predict, selection.images, selection.labels,
-                                   dataset.info.class_names, params.max_accuracy_drop)
+                                   dataset.info.class_names, params.max_accuracy_drop, profile, reasons)
+    elif edge not in names:
+        raise ValueError(f"edge_variant {edge!r} was not built; built: {', '.join(names[1:])}")
     report = CompressReport(variants=measured, parity=parity, files=files, edge_variant=edge,
-                            threads=params.threads, test_samples=len(test))
-    int8 = report.variant("onnx-int8")
-    report.extra["int8_vs_fp32_latency_ratio"] = int8.latency_ms_p50 / base.latency_ms_p50
+                            threads=params.threads, test_samples=len(test), profile=profile.as_dict(),
+                            selection={"mode": params.edge_variant, "max_accuracy_drop": params.max_accuracy_drop,
+                                       "split": "val", "rejected": {k: v for k, v in reasons.items() if v}},
+                            recipe=[variant.records[-1] for variant in variants])
+    report.extra["int8_vs_fp32_latency_ratio"] = report.variant("onnx-int8").latency_ms_p50 / base.latency_ms_p50
+    report.plot = plot_pareto([row.as_dict() for row in measured],
+                              f"{dataset.info.domain}: accuracy vs latency ({params.threads} threads, "
+                              f"profile {profile.name})", out_dir / "pareto.png")
     for v in measured:
-        log.info("%-18s acc %.4f  p50 %7.3f ms  p95 %7.3f ms  %8.1f img/s  %9d B  x%.2f", v.name, v.accuracy,
+        log.info("%-34s acc %.4f  p50 %7.3f ms  p95 %7.3f ms  %8.1f img/s  %9d B  x%.2f", v.name, v.accuracy,
                  v.latency_ms_p50, v.latency_ms_p95, v.throughput, v.size_bytes, v.speedup_vs_fp32)
     return report
 
@@ -185,6 +306,8 @@ def record_compression(report: CompressReport, metadata: dict, workdir: Path, ar
     tracking.set_tags({"vitrail.edge_variant": report.edge_variant})
     for name, path in report.files.items():
         tracking.log_artifact(path, artifact_path="onnx")
+    if report.plot is not None:
+        tracking.log_artifact(report.plot, artifact_path="plots")
     publish_compression_table(report)
     edge_file = report.files[report.edge_variant]
     size = metadata["tile_size"]
@@ -202,9 +325,27 @@ def publish_compression_table(report: CompressReport) -> None:
     rows = [{"variant": v.name, "accuracy": round(v.accuracy, 4), "macro_f1": round(v.macro_f1, 4),
              "p50_ms": round(v.latency_ms_p50, 3), "p95_ms": round(v.latency_ms_p95, 3),
              "img_per_s": round(v.throughput, 1), "size_MB": round(v.size_bytes / 1e6, 2),
+             "params": v.params, "MMACs": None if v.macs is None else round(v.macs / 1e6, 2),
+             "memory_MB": None if v.memory_bytes is None else round(v.memory_bytes / 1e6, 1),
              "speedup_vs_fp32": round(v.speedup_vs_fp32, 2)} for v in report.variants]
+    profile = report.profile or {}
+    note = f"; profile {profile.get('name')}: {profile.get('note')}" if profile else ""
     create_table_artifact(table=rows, key="compression-variants",
-                          description=f"Variants measured on {report.threads} CPU threads; edge: {report.edge_variant}")
+                          description=f"Variants measured on {report.threads} CPU threads; edge: "
+                                      f"{report.edge_variant}{note}")
+    if report.plot is not None:
+        _publish_plot(report.plot)
+
+
+def _publish_plot(path: Path) -> None:
+    """The Pareto plot inline in the Prefect UI (a markdown artifact with the PNG as a data URI)."""
+    import base64
+
+    from prefect.artifacts import create_markdown_artifact
+
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    create_markdown_artifact(markdown=f"![accuracy vs latency](data:image/png;base64,{encoded})",
+                             key="compression-pareto", description="Accuracy versus batch-1 latency of every variant")
 
 
 record_compression_task = task(record_compression, name="record-compression", cache_policy=NONE)

@@ -191,13 +191,13 @@ def test_compress_model_rejects_an_export_outside_the_parity_tolerance(tmp_path:
                                                                        monkeypatch) -> None:
     import shutil
 
-    from tasks.compression import recipe
+    from tasks.compression import export as exporting
 
     # Stand in for a broken exporter: the "export" of this model is the ONNX file of another model.
     def wrong_export(model, example, path, metadata):
         return Path(shutil.copyfile(onnx_fp32, path))
 
-    monkeypatch.setattr(recipe, "export_onnx", wrong_export)
+    monkeypatch.setattr(exporting, "export_onnx", wrong_export)
     with pytest.raises(ParityError, match="differs from the torch model"):
         compress_model(new_model(dataset, seed=321).eval(), dataset_dir, model_metadata,
                        CompressParams(latency_repeats=5), tmp_path)
