@@ -1,0 +1,178 @@
+"""Finding the DICOM and NIfTI files of a source (folder, file, DICOMDIR) and reading them into series."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from domains.radiology.deidentify import FileAudit, pseudonym, summarise_audits
+from domains.radiology.dicom_reader import FileReadError, NotAnImage, QuarantinedFile, read_dicom_frames
+from domains.radiology.nifti_reader import is_nifti, read_nifti_series
+from domains.radiology.series import Frame, Series, assemble_series
+from domains.spec import DomainInputError
+
+# Files that are never image data (labels, notes, exports' side files) are skipped without comment.
+_SKIPPED_SUFFIXES = frozenset({".csv", ".json", ".txt", ".md", ".xml", ".html", ".pdf", ".png", ".jpg",
+                               ".jpeg", ".zip", ".py", ".log", ".ini", ".cfg", ".yaml", ".yml", ".tsv"})
+
+
+def source_tag(source: Path | str) -> str:
+    """Non-identifying name of a source: ``radiology:<hash of its resolved path>``.
+
+    Folder names often carry patient names or IDs, so the path itself is never stored.
+    """
+    digest = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:12]
+    return f"radiology:{digest}"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One candidate file: its path, its path relative to the source root, and its pseudonymous key."""
+
+    path: Path
+    relative: PurePosixPath
+    key: str
+
+
+@dataclass
+class SourceRead:
+    """Everything read from a source: good series, and what was dropped, by file or series key."""
+
+    tag: str
+    series: list[Series] = field(default_factory=list)
+    files: list[SourceFile] = field(default_factory=list)
+    audits: list[FileAudit] = field(default_factory=list)
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    notes: dict[str, str] = field(default_factory=dict)
+    patients_without_id: set[str] = field(default_factory=set)
+    seen_keys: set[str] = field(default_factory=set)
+    """Pseudonymous keys of every patient, study, series and file met, kept or not (for label matching)."""
+
+    def reject(self, key: str, reason: str, problem: str, images: int = 1) -> None:
+        self.quarantine.append({"item": key, "reason": reason, "problem": problem})
+        self.dropped[reason] += images
+
+    def summary(self) -> dict[str, str]:
+        """Small non-identifying facts for the provenance."""
+        facts = {
+            "modalities": ",".join(sorted({s.modality for s in self.series})),
+            "patients": str(len({s.patient for s in self.series})),
+            "studies": str(len({s.study for s in self.series})),
+            "series": str(len(self.series)),
+            "files_read": str(len(self.files)),
+            "files_quarantined": str(len(self.quarantine)),
+            "patients_without_id": str(len(self.patients_without_id)),
+            "quarantine": json.dumps(self.quarantine, sort_keys=True, separators=(",", ":")),
+            **summarise_audits(self.audits),
+            **self.notes,
+        }
+        return facts
+
+
+def _dicomdir_files(path: Path) -> list[Path]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise DomainInputError("DICOMDIR", f"cannot read the DICOMDIR ({type(exc).__name__})") from None
+    files = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        if "ReferencedFileID" in record:
+            parts = record.ReferencedFileID
+            parts = [parts] if isinstance(parts, str) else list(parts)
+            files.append(path.parent.joinpath(*parts))
+    return files
+
+
+def _is_dicomdir(path: Path) -> bool:
+    return path.name.upper() == "DICOMDIR"
+
+
+def discover_files(source: Path) -> tuple[Path, list[Path]]:
+    """The source root and its candidate image files (sorted; order does not matter for reading).
+
+    A folder is searched recursively (hidden files and obvious non-image suffixes skipped, a DICOMDIR
+    inside it skipped since the files it lists are found anyway); a DICOMDIR file expands to the files
+    its records reference; any other file is itself.
+
+    Raises:
+        DomainInputError: the source does not exist or holds no candidate file.
+    """
+    tag = source_tag(source)
+    if not source.exists():
+        raise DomainInputError(tag, "the source does not exist")
+    if source.is_file():
+        root = source.parent
+        files = _dicomdir_files(source) if _is_dicomdir(source) else [source]
+    else:
+        root = source
+        files = [p for p in sorted(source.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+                 and p.suffix.lower() not in _SKIPPED_SUFFIXES and not _is_dicomdir(p)]
+    if not files:
+        raise DomainInputError(tag, "no DICOM or NIfTI files found")
+    return root, files
+
+
+def read_source(source: Path | str) -> SourceRead:
+    """Read every DICOM and NIfTI file of ``source`` into ordered, de-identified series.
+
+    Bad files and irregular series are recorded (by pseudonymous key, reason and problem) in
+    ``quarantine`` and counted in ``dropped``; the rest is kept.
+
+    Raises:
+        DomainInputError: nothing usable was found; the message lists the problems by key.
+    """
+    source = Path(source)
+    root, paths = discover_files(source)
+    result = SourceRead(tag=source_tag(source))
+    by_series: dict[str, list[Frame]] = defaultdict(list)
+    for path in paths:
+        try:
+            relative = PurePosixPath(path.relative_to(root).as_posix())
+        except ValueError:  # a DICOMDIR may point outside its folder via ".."
+            relative = PurePosixPath(path.name)
+        item = SourceFile(path, relative, pseudonym("file", relative.as_posix()))
+        result.files.append(item)
+        result.seen_keys.add(item.key)
+        if not path.is_file():
+            result.reject(item.key, "missing_file", "a file listed in the DICOMDIR does not exist")
+            continue
+        try:
+            if is_nifti(path):
+                series, notes = read_nifti_series(path, relative, item.key)
+                result.series.append(series)
+                result.seen_keys.update((series.patient, series.study, series.series))
+                result.notes.update(notes)
+                continue
+            frames, audit, no_patient_id = read_dicom_frames(path, item.key)
+        except NotAnImage as kind:
+            result.notes[f"skipped_{kind}"] = str(int(result.notes.get(f"skipped_{kind}", "0")) + 1)
+            continue
+        except QuarantinedFile as exc:
+            result.audits.append(exc.audit)
+            result.reject(item.key, exc.reason, str(exc))
+            continue
+        except FileReadError as exc:
+            result.reject(item.key, exc.reason, exc.problem)
+            continue
+        result.audits.append(audit)
+        if no_patient_id:
+            result.patients_without_id.add(frames[0].patient)
+        result.seen_keys.update((frames[0].patient, frames[0].study, frames[0].series))
+        for frame in frames:
+            by_series[frame.series].append(frame)
+    for key, frames in by_series.items():
+        try:
+            result.series.append(assemble_series(frames))
+        except DomainInputError as exc:
+            result.reject(key, "inconsistent_series", exc.problem, images=len(frames))
+    if not result.series:
+        problems = "; ".join(f"{q['item']}: {q['problem']}" for q in result.quarantine[:10]) or "no image objects"
+        raise DomainInputError(result.tag, f"no usable images in {len(paths)} file(s): {problems}")
+    return result
