@@ -17,10 +17,10 @@ from domains.hyperspectral.synthesis import (
 )
 
 DEMO_SHAPE = (544, 544)  # 17 x 17 tiles of 32 px: ~290 training tiles at stride 32
-DEMO_PLUMES = 22
+DEMO_PLUMES = 36
 DEMO_SEED = 20250611
-DEMO_PEAK_PPMM = (1500.0, 6000.0)
-DEMO_LENGTH_PX = (14.0, 45.0)
+DEMO_PEAK_PPMM = (2000.0, 8000.0)
+DEMO_LENGTH_PX = (20.0, 60.0)
 
 
 def prepare_demo(folder: Path) -> dict[str, Path]:

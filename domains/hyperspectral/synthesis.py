@@ -66,7 +66,7 @@ def spectrometer(name: str, bands: int, first_nm: float = 381.0, last_nm: float 
 
 
 EMIT_LIKE = spectrometer("emit-like", 285)  # EMIT: 285 bands, 381-2493 nm, ~7.4 nm sampling, ~8.5 nm FWHM
-COARSE_VSWIR = spectrometer("coarse-vswir", 120)  # PRISMA/EnMAP-class sampling (~18 nm), for tiny fixtures
+COARSE_VSWIR = spectrometer("coarse-vswir", 120)  # PRISMA/EnMAP-class sampling (~18 nm)
 
 
 def _bump(w: np.ndarray, centre: float, width: float) -> np.ndarray:
