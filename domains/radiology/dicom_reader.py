@@ -177,15 +177,19 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
                               "set VITRAIL_ALLOW_BURNED_IN=1 once such images have been checked", audit)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise FileReadError(file_key, "no_pixel_data", "the object has no pixel data")
-    check_codec(str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2")), file_key)
+    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+    check_codec(transfer_syntax, file_key)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         raise FileReadError(file_key, "unsupported", "PALETTE COLOR images are not supported")
     try:
         pixels = ds.pixel_array
     except Exception as exc:
+        from pydicom.uid import UID
+
         raise FileReadError(file_key, "unreadable",
-                            f"pixel data cannot be decoded ({type(exc).__name__}): truncated or corrupt") from None
+                            f"{UID(transfer_syntax).name} pixel data cannot be decoded ({type(exc).__name__}): "
+                            "truncated, corrupt, or a variant the installed decoders do not support") from None
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples > 1:  # colour (secondary captures, ultrasound): luminance, ITU-R BT.601 weights

@@ -74,6 +74,7 @@ def samples_of(read: SourceRead, recipes: tuple[ChannelRecipe, ...], size: int) 
             made.append(series_images(series, recipes, size))
         except ValueError as exc:
             read.reject(series.series, "channel_mismatch", str(exc), images=len(series.frames))
+    read.series = [m.series for m in made]
     return made
 
 

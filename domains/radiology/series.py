@@ -71,8 +71,8 @@ def assemble_series(frames: list[Frame]) -> Series:
     Frames that all carry a position and orientation are sorted by ``position . normal`` (normal = row x
     column direction of ImageOrientationPatient), never by file name or instance number, which scanners
     and exporters do not keep consistent. Such a series must share one orientation, image shape and pixel
-    spacing and have evenly spaced, distinct slice positions. Frames without geometry stay separate 2D
-    images ordered by instance and frame number.
+    spacing and have evenly spaced, distinct slice positions. Frames without geometry, or in several
+    orientations (localizers), stay separate 2D images ordered by instance and frame number.
 
     Raises:
         DomainInputError: named after the pseudonymous series key, when a volume is irregular.
@@ -80,14 +80,15 @@ def assemble_series(frames: list[Frame]) -> Series:
     first = frames[0]
     name = f"series {first.series}"
     with_geometry = all(f.position is not None and f.orientation is not None for f in frames)
+    if with_geometry:
+        orientations = np.array([f.orientation for f in frames], float)
+        # Several orientations in one series is a localizer/scout (three planes): separate 2D images.
+        with_geometry = np.abs(orientations - orientations[0]).max() <= ORIENTATION_TOLERANCE
     if not with_geometry or len(frames) == 1:
         ordered = sorted(frames, key=lambda f: (f.instance, f.frame))
         spacing_yx = _spacing_yx(ordered)
         return Series(first.patient, first.study, first.series, first.modality, ordered, False,
                       (0.0, *spacing_yx), first.orientation)
-    orientations = np.array([f.orientation for f in frames], float)
-    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        raise DomainInputError(name, "its slices have different orientations (ImageOrientationPatient)")
     shapes = Counter(f.pixels.shape for f in frames)
     if len(shapes) > 1:
         raise DomainInputError(name, f"its slices have mixed shapes {sorted(shapes)}")
