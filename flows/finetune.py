@@ -33,7 +33,7 @@ class FinetuneReceipt(BaseModel):
     run_id: str
     model_uri: str
     best_epoch: int
-    best_val_macro_f1: float
+    best_val_metrics: dict[str, float]
 
 
 @flow(name="finetune-backbone", flow_run_name="finetune-{params.domain}", log_prints=True)
@@ -47,6 +47,5 @@ def finetune_backbone(params: FinetuneParams) -> FinetuneReceipt:
                                    workdir / "checkpoints" / info.digest[:12],
                                    EpochReporter(run.run_id, f"finetune {params.backbone.name}"))
         model_uri = record_finetune_task(outcome, run.artifact_dir)
-    best = outcome.fit.best_metrics
     return FinetuneReceipt(run_id=run.run_id, model_uri=model_uri, best_epoch=outcome.fit.best_epoch,
-                           best_val_macro_f1=best["val_macro_f1"])
+                           best_val_metrics=outcome.best_validation_metrics)

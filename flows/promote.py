@@ -49,7 +49,7 @@ def promote(params: PromoteParams) -> PromoteReceipt:
     names = registered_model_names(get_domain(params.domain))
     with tracking.stage_run(params.domain, "promote", Path(params.workdir), params.model_dump(mode="json")) as run:
         candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
-        champion = current_champion_metric_task(names[1], params.gate.metric)
+        champion = current_champion_metric_task(names[1], candidate.metric)
         decision = decide_promotion_task(candidate, params.gate, champion)
         lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,
                    "vitrail.validate_run_id": params.validate_run_id, "vitrail.edge_variant": edge_variant,

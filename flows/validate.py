@@ -34,7 +34,7 @@ class ValidateReceipt(BaseModel):
 
 @flow(name="validate-model", flow_run_name="validate-{params.domain}", log_prints=True)
 def validate(params: ValidateParams) -> ValidateReceipt:
-    """Compute accuracy, macro-F1, per-class scores and confusion matrices for every variant."""
+    """Score the reference model and every compressed variant on the test split, with the task's metrics and plots."""
     info = read_dataset_info(params.dataset)
     workdir = Path(params.workdir)
     with tracking.stage_run(params.domain, "validate", workdir, params.model_dump(mode="json"), info,

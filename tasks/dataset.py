@@ -2,9 +2,14 @@
 
 On disk a dataset is a folder::
 
-    dataset.json       metadata: digest, domain, channels, classes, geometry, normalisation, counts
-    manifest.parquet   one row per sample: id, shard, index in shard, source, row, col, label, group, split
-    shards/<sha>.npy   float32 (n, C, H, W) image stacks, named by the SHA-256 of their bytes
+    dataset.json       metadata: digest, domain, task, channels, classes, geometry, normalisation, counts
+    manifest.parquet   one row per sample: id, shard, index in shard, label shard, source, row, col,
+                       label, group, split
+    shards/<sha>.npy   float32 (n, C, H, W) image stacks, named by the SHA-256 of their bytes; for
+                       multilabel (n, K) int8 and segmentation (n, H, W) int16 tasks, label stacks too
+
+For classification the manifest's ``label`` column is the class id; for the other tasks it is 1 for a
+labelled sample and -1 for an unlabelled one, and the labels themselves live in the label shards.
 
 Splits are assigned per leakage group (spatial block, patient, slide), never per sample, and the
 "no group in two splits" invariant is asserted both when writing and when loading.
@@ -22,11 +27,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, model_validator
 
-from domains import Channel, IngestRequest, SampleSet, get_domain
+from domains import Channel, IngestRequest, SampleSet, get_domain, labelled_samples
 
 SPLITS = ("train", "val", "test")
 SHARD_SAMPLES = 2048
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LABEL_DTYPES = {"multilabel": np.int8, "segmentation": np.int16}
 
 
 class DatasetError(ValueError):
@@ -147,19 +153,36 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def _class_counts(labels: np.ndarray, splits: np.ndarray, task: str, class_names: tuple[str, ...]) -> dict:
+    """Per split: samples per class (classification), positives per finding (multilabel), pixels per class (segmentation)."""
+    counts = {}
+    for split in SPLITS:
+        members = labels[splits == split]
+        if task == "multilabel":
+            counts[split] = {name: int((members[:, k] == 1).sum()) for k, name in enumerate(class_names)}
+        else:
+            counts[split] = {name: int((members == k).sum()) for k, name in enumerate(class_names)}
+    return counts
+
+
 def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams) -> DatasetInfo:
     """Split ``samples`` by leakage group and write manifest, shards and metadata to ``out_dir``.
 
     Only labelled samples are split for training; an unlabelled sample set is written entirely as
-    the ``test`` split with label -1, so prediction-only datasets keep the same format.
+    the ``test`` split with label -1, so prediction-only datasets keep the same format. The task is
+    the sample set's own when it names one, else ``task_type`` (the domain's default).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
+    task_type = samples.task or task_type
     if len(samples.images) == 0:
         raise DatasetError(f"{samples.source}: no samples left after filtering (dropped: {samples.dropped})")
-    labelled = samples.labels >= 0
+    expected_rank = {"classification": 1, "multilabel": 2, "segmentation": 3}.get(task_type)
+    if expected_rank is None or samples.labels.ndim != expected_rank:
+        raise DatasetError(f"{samples.source}: labels of shape {samples.labels.shape} do not fit task {task_type!r}")
+    labelled = labelled_samples(samples.labels)
     if labelled.any():
         split_of = assign_splits(samples.groups[labelled], params)
         splits = np.array([split_of.get(g, "unlabelled") for g in samples.groups.tolist()])
@@ -172,24 +195,36 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
 
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: [] for k in ("sample_id", "shard", "index", "source", "row", "col", "label", "group", "split")}
+    rows = {k: [] for k in ("sample_id", "shard", "index", "label_shard", "source", "row", "col", "label", "group",
+                            "split")}
     shard_digests: list[str] = []
+
+    def save_block(block: np.ndarray) -> str:
+        digest = _sha256(block.tobytes() + str(block.shape).encode())
+        np.save(shard_dir / f"{digest}.npy", block)
+        shard_digests.append(digest)
+        return digest
+
     for split in (*SPLITS, "unlabelled"):
         members = np.flatnonzero(splits == split)
         for start in range(0, len(members), SHARD_SAMPLES):
             chunk = members[start:start + SHARD_SAMPLES]
-            block = np.ascontiguousarray(samples.images[chunk], dtype=np.float32)
-            digest = _sha256(block.tobytes() + str(block.shape).encode())
-            np.save(shard_dir / f"{digest}.npy", block)
-            shard_digests.append(digest)
+            digest = save_block(np.ascontiguousarray(samples.images[chunk], dtype=np.float32))
+            label_digest = ""
+            if task_type in LABEL_DTYPES:
+                label_digest = save_block(np.ascontiguousarray(samples.labels[chunk], dtype=LABEL_DTYPES[task_type]))
             for index, sample in enumerate(chunk):
-                rows["sample_id"].append(f"{samples.source}#{int(samples.locations[sample][0])},{int(samples.locations[sample][1])}")
+                row, col = int(samples.locations[sample][0]), int(samples.locations[sample][1])
+                rows["sample_id"].append(str(samples.sample_ids[sample]) if samples.sample_ids is not None
+                                         else f"{samples.source}#{row},{col}")
                 rows["shard"].append(digest)
                 rows["index"].append(index)
+                rows["label_shard"].append(label_digest)
                 rows["source"].append(samples.source)
-                rows["row"].append(int(samples.locations[sample][0]))
-                rows["col"].append(int(samples.locations[sample][1]))
-                rows["label"].append(int(samples.labels[sample]))
+                rows["row"].append(row)
+                rows["col"].append(col)
+                rows["label"].append(int(samples.labels[sample]) if task_type == "classification"
+                                     else 1 if labelled[sample] else -1)
                 rows["group"].append(str(samples.groups[sample]))
                 rows["split"].append(split)
     table = pa.table(rows)
@@ -197,10 +232,7 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
 
     train_mask = splits == "train" if (splits == "train").any() else np.ones(len(splits), bool)
     mean, std = _channel_stats(samples.images[train_mask])
-    class_counts = {
-        split: {name: int(((splits == split) & (samples.labels == k)).sum()) for k, name in enumerate(samples.class_names)}
-        for split in SPLITS
-    }
+    class_counts = _class_counts(samples.labels, splits, task_type, samples.class_names)
     info = DatasetInfo(
         digest=_dataset_digest(rows, samples.channels, samples.class_names, shard_digests),
         domain=domain,
@@ -218,6 +250,16 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
     )
     (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2))
     return info
+
+
+def _shard_order(manifest: dict[str, list]) -> list[str]:
+    """Shard digests in the order the writer saved them (each image shard, then its label shard)."""
+    order: dict[str, None] = {}
+    for image, label in zip(manifest["shard"], manifest.get("label_shard", [""] * len(manifest["shard"]))):
+        order.setdefault(image)
+        if label:
+            order.setdefault(label)
+    return list(order)
 
 
 def read_dataset_info(path: Path | str) -> DatasetInfo:
@@ -240,12 +282,13 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
     labelled = split_col != "unlabelled"
     check_no_group_leak(groups[labelled], split_col[labelled], str(path))
     if verify:
-        shard_order = list(dict.fromkeys(manifest["shard"]))
+        shard_order = _shard_order(manifest)
         if _dataset_digest(manifest, info.channels, info.class_names, shard_order) != info.digest:
             raise DatasetError(f"{path / 'manifest.parquet'}: manifest does not match the dataset digest "
                                "(labels, splits or rows were edited after ingest)")
     shards: dict[str, np.ndarray] = {}
-    for digest in dict.fromkeys(manifest["shard"]):
+    label_shards = manifest.get("label_shard", [""] * len(groups))
+    for digest in dict.fromkeys([*manifest["shard"], *(d for d in label_shards if d)]):
         shard_path = path / "shards" / f"{digest}.npy"
         if not shard_path.is_file():
             raise DatasetError(f"{shard_path}: shard listed in the manifest is missing")
@@ -262,8 +305,11 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
         if len(members) == 0:
             continue
         images = np.stack([shards[manifest["shard"][i]][manifest["index"][i]] for i in members])
-        splits[split] = Split(images=images, labels=np.array([manifest["label"][i] for i in members], dtype=np.int64),
-                              groups=groups[members])
+        if info.task in LABEL_DTYPES:
+            labels = np.stack([shards[label_shards[i]][manifest["index"][i]] for i in members]).astype(np.int64)
+        else:
+            labels = np.array([manifest["label"][i] for i in members], dtype=np.int64)
+        splits[split] = Split(images=images, labels=labels, groups=groups[members])
     return Dataset(path=path, info=info, splits=splits)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,9 +11,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 from torch import nn
 
+from domains import get_domain
 from tasks.dataset import DatasetInfo, load_dataset
 from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +28,11 @@ class FinetuneOutcome:
     trainable_parameters: int
     total_parameters: int
     metadata: dict
+
+    @property
+    def best_validation_metrics(self) -> dict[str, float]:
+        """The best epoch's validation scores (``val_*`` keys other than the loss)."""
+        return {k: v for k, v in self.fit.best_metrics.items() if k.startswith("val_") and k != "val_loss"}
 
 
 def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
@@ -44,11 +53,15 @@ def fit_adapter(dataset_path: Path, backbone: BackboneParams, lora: LoraParams, 
     """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model."""
     dataset = load_dataset(dataset_path)
     info = dataset.info
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size)
+    if train.flip_augment and not get_domain(info.domain).train_flips:
+        log.info("%s: flips and rotations are not valid augmentations for this domain; training without them",
+                 info.domain)
+        train = train.model_copy(update={"flip_augment": False})
+    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
     adapted = attach_lora(net, lora)
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
-    model_key = f"{backbone.model_dump_json()}|{lora.model_dump_json()}"
+    model_key = f"{info.task}|{backbone.model_dump_json()}|{lora.model_dump_json()}"
     result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
     merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
@@ -71,8 +84,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     left.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
     left.set(xlabel="epoch", ylabel="loss", title="loss")
     left.legend()
-    right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="accuracy")
-    right.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", label="macro-F1")
+    for key in [k for k in history[0] if k.startswith("val_") and k != "val_loss"]:
+        right.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_").replace("_", " "))
     right.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
     right.legend()
     fig.tight_layout()
@@ -85,9 +98,9 @@ def record_finetune(outcome: FinetuneOutcome, artifact_dir: Path) -> str:
     """Log summary metrics, training curves and the merged model to the active run; return the model URI."""
     from tasks import tracking
 
-    best = outcome.fit.best_metrics
-    tracking.log_metrics({"best_epoch": outcome.fit.best_epoch, "best_val_accuracy": best["val_accuracy"],
-                          "best_val_macro_f1": best["val_macro_f1"], "trainable_parameters": outcome.trainable_parameters,
+    tracking.log_metrics({"best_epoch": outcome.fit.best_epoch,
+                          **{f"best_{k}": v for k, v in outcome.best_validation_metrics.items()},
+                          "trainable_parameters": outcome.trainable_parameters,
                           "total_parameters": outcome.total_parameters})
     plot_training_curves(outcome.fit.history, artifact_dir / "training-curves.png")
     channels = len(outcome.metadata["channels"])

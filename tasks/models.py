@@ -83,13 +83,42 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_backbone(params: BackboneParams, channels: tuple[Channel, ...], num_classes: int, img_size: int) -> nn.Module:
+class SegmentationViT(nn.Module):
+    """A ViT encoder with a light per-token decoder: class logits per patch, upsampled to every pixel.
+
+    The patch tokens of the last block are projected to K classes by a 1x1 convolution on the token
+    grid and bilinearly upsampled to the input size (the linear-decoder baseline of Segmenter, Strudel
+    et al. 2021): cheap enough for the edge, exportable to ONNX, and LoRA attaches to the encoder as
+    for classification. The decoder is called ``head`` so adapters treat it like a classifier head.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Conv2d(encoder.embed_dim, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
+        rows, cols = self.encoder.patch_embed.grid_size
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, rows, cols)
+        return nn.functional.interpolate(self.head(grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_backbone(params: BackboneParams, channels: tuple[Channel, ...], num_classes: int, img_size: int,
+                   task: str = "classification") -> nn.Module:
     """Create a timm ViT for ``channels`` input bands and ``num_classes`` outputs.
 
-    Weights come from nowhere (random), the hub, or a local checkpoint. A checkpoint with 3 input
-    channels is treated as RGB and its patch embedding is adapted by wavelength; a checkpoint with the
-    right channel count loads as is. The classification head is always new.
+    Classification and multilabel models end in a linear head of ``num_classes`` logits; segmentation
+    models are a :class:`SegmentationViT` giving (N, K, H, W) logits. Weights come from nowhere
+    (random), the hub, or a local checkpoint. A checkpoint with 3 input channels is treated as RGB and
+    its patch embedding is adapted by wavelength; a checkpoint with the right channel count loads as
+    is. The head is always new.
     """
+    encoder = _build_timm_vit(params, channels, 0 if task == "segmentation" else num_classes, img_size)
+    return SegmentationViT(encoder, num_classes) if task == "segmentation" else encoder
+
+
+def _build_timm_vit(params: BackboneParams, channels: tuple[Channel, ...], num_classes: int, img_size: int) -> nn.Module:
     import timm
 
     shape = dict(img_size=img_size, patch_size=params.patch_size, in_chans=len(channels), num_classes=num_classes)

@@ -30,6 +30,14 @@ class LoadedModel:
     class_names: tuple[str, ...]
     tile_size: int
     domain: str
+    task: str = "classification"
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax over classes (per sample or per pixel), or independent sigmoids for multilabel models."""
+        logits = self.predict_logits(images)
+        if self.task == "multilabel":
+            return 1.0 / (1.0 + np.exp(-logits))
+        return _softmax(logits)
 
 
 @dataclass
@@ -71,7 +79,7 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
     return LoadedModel(uri=model_uri, flavor=flavor, predict_logits=predict,
                        channels=tuple(Channel(**c) for c in metadata["channels"]),
                        class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
-                       domain=str(metadata["domain"]))
+                       domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")))
 
 
 def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path, stride: int | None = None,
@@ -79,7 +87,8 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     """Predict one input or every input of a drop folder.
 
     ``output`` is a file when ``input_path`` is a single input, else a folder that receives
-    ``<input name>.tif`` per input. Inputs that fail are recorded with their error and skipped.
+    ``<input name><suffix>`` per input (the domain's prediction suffix: ``.tif`` rasters, ``.json``
+    study reports). Inputs that fail are recorded with their error and skipped.
     """
     domain = get_domain(domain_name)
     model = load_model(model_uri, threads)
@@ -89,11 +98,12 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     batch = PredictionBatch()
     for item in inputs:
-        target = output if single and output.suffix else output / f"{item.stem if item.is_file() else item.name}.tif"
+        name = item.stem.removesuffix(".nii") if item.is_file() else item.name
+        target = output if single and output.suffix else output / f"{name}{domain.prediction_suffix}"
         target.parent.mkdir(parents=True, exist_ok=True)
         request = PredictionRequest(input=item, output=target, channels=model.channels, class_names=model.class_names,
                                     tile_size=model.tile_size, stride=stride or model.tile_size,
-                                    infer=lambda x: _softmax(model.predict_logits(x)))
+                                    infer=model.probabilities, task=model.task)
         try:
             batch.written.append(domain.predict(request))
         except DomainInputError as error:

@@ -11,13 +11,18 @@ from pydantic import BaseModel, Field
 
 from domains import DomainSpec
 
-GateMetric = Literal["macro_f1", "accuracy"]
+GateMetric = Literal["auto", "macro_f1", "accuracy", "macro_auroc", "macro_auprc", "foreground_iou", "mean_iou",
+                     "pixel_accuracy"]
+# What "auto" means per task: the score model selection maximises during training.
+AUTO_GATE_METRIC = {"classification": "macro_f1", "multilabel": "macro_auroc", "segmentation": "foreground_iou"}
 
 
 class GateThresholds(BaseModel):
     """What a candidate must reach before it may serve: quality, fidelity to fp32, speed, export parity."""
 
-    metric: GateMetric = Field("macro_f1", description="Test-split metric the gate and champion comparison use")
+    metric: GateMetric = Field("auto", description="Test-split metric the gate and champion comparison use; 'auto' is "
+                                                   "macro-F1 for classification, macro AUROC for multilabel, "
+                                                   "foreground IoU for segmentation")
     min_metric: float = Field(0.6, ge=0.0, le=1.0, description="Lowest acceptable metric of the edge model")
     max_drop_vs_fp32: float = Field(0.02, ge=0.0, le=1.0,
                                     description="Largest metric drop of the edge model versus the fp32 reference")
@@ -34,6 +39,7 @@ class Candidate:
     edge_metric: float
     edge_latency_ms: float
     parity_max_abs_diff: float
+    metric: str = "macro_f1"
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Decision:
 
 def decide_promotion(candidate: Candidate, gate: GateThresholds, champion_metric: float | None) -> Decision:
     """Apply the gate; a passing candidate becomes champion unless it is worse than the current one."""
-    m = gate.metric
+    m = candidate.metric
     # Rounded so that e.g. 0.90 - 0.88 (0.020000000000000018 in floats) counts as a drop of exactly 0.02.
     drop = round(candidate.reference_metric - candidate.edge_metric, 9)
     checks = [
@@ -119,8 +125,8 @@ def apply_promotion(decision: Decision, candidate: Candidate, gate: GateThreshol
     """Register both models with the decision as tags; set the alias on both only if the gate passed."""
     from tasks import tracking
 
-    tags = {**decision.as_tags(), **lineage, f"vitrail.edge_{gate.metric}": f"{candidate.edge_metric:.6f}",
-            f"vitrail.reference_{gate.metric}": f"{candidate.reference_metric:.6f}",
+    tags = {**decision.as_tags(), **lineage, f"vitrail.edge_{candidate.metric}": f"{candidate.edge_metric:.6f}",
+            f"vitrail.reference_{candidate.metric}": f"{candidate.reference_metric:.6f}",
             "vitrail.edge_latency_ms_p50": f"{candidate.edge_latency_ms:.4f}"}
     ref_version = tracking.register_version(reference_uri, names[0], tags)
     edge_version = tracking.register_version(edge_uri, names[1], tags)
@@ -148,15 +154,20 @@ publish_decision_task = task(publish_decision, name="publish-decision", cache_po
 
 
 def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMetric) -> tuple[Candidate, str]:
-    """Collect the measured facts of a candidate from its compress and validate runs; also return the edge variant."""
+    """Collect the measured facts of a candidate from its compress and validate runs; also return the edge variant.
+
+    ``metric="auto"`` resolves by the task the validate run recorded (tag ``vitrail.task``).
+    """
     from tasks import tracking
 
+    validation, validate_tags = tracking.read_run(validate_run_id)
+    if metric == "auto":
+        metric = AUTO_GATE_METRIC[validate_tags.get("vitrail.task", "classification")]
     _, compress_tags = tracking.read_run(compress_run_id)
     edge = compress_tags.get("vitrail.edge_variant")
     if edge is None:
         raise ValueError(f"run {compress_run_id} is not a compress run (no vitrail.edge_variant tag)")
     report = tracking.read_json_artifact(compress_run_id, "compress_report.json")
-    validation, _ = tracking.read_run(validate_run_id)
     keys = (f"torch-fp32.test_{metric}", f"{edge}.test_{metric}")
     missing = [k for k in keys if k not in validation]
     if missing:
@@ -164,7 +175,7 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
     edge_row = next(v for v in report["variants"] if v["name"] == edge)
     candidate = Candidate(reference_metric=validation[keys[0]], edge_metric=validation[keys[1]],
                           edge_latency_ms=edge_row["latency_ms_p50"],
-                          parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"])
+                          parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"], metric=metric)
     return candidate, edge
 
 

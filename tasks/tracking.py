@@ -114,6 +114,7 @@ def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None
             **_prefect_run_tags(), **(extra_tags or {})}
     if dataset is not None:
         tags["vitrail.dataset_digest"] = dataset.digest
+        tags["vitrail.task"] = dataset.task
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{domain}-{stage}", tags=tags) as run, \
             tempfile.TemporaryDirectory(prefix=f"vitrail-{stage}-") as scratch:
         if params:

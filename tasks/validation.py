@@ -1,8 +1,8 @@
-"""The validate stage's work: test-split scores and confusion matrices for every model variant."""
+"""The validate stage's work: test-split scores and plots for every model variant, in the dataset's task."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 from torch import nn
 
 from tasks.dataset import load_dataset
-from tasks.evaluation import ClassificationReport, evaluate_predictor, plot_confusion_matrix
+from tasks.evaluation import Report, predict_in_batches, score_outputs
 from tasks.onnx_runtime import open_session, session_predictor
 
 REFERENCE = "torch-fp32"
@@ -20,16 +20,24 @@ REFERENCE = "torch-fp32"
 
 @dataclass
 class ValidationResult:
-    """Per-variant reports on the test split and where their plots were written."""
+    """Per-variant reports on the test split and where their plots were written.
 
-    reports: dict[str, ClassificationReport]
+    ``group_reports`` holds, for multilabel tasks, the same scores after aggregating each leakage
+    group's images (a patient's radiographs, a study's slices) into one prediction.
+    """
+
+    reports: dict[str, Report]
     plots: dict[str, Path]
+    group_reports: dict[str, Report] = field(default_factory=dict)
 
     def flat_metrics(self) -> dict[str, float]:
-        """``<variant>.test_<metric>`` for every variant, e.g. ``onnx-int8.test_macro_f1``."""
+        """``<variant>.test_<metric>`` for every variant, e.g. ``onnx-int8.test_macro_f1``; group-level
+        scores as ``<variant>.test_group_<metric>``."""
         metrics: dict[str, float] = {}
         for name, report in self.reports.items():
             metrics.update(report.flat_metrics(prefix=f"{name}.test_"))
+        for name, report in self.group_reports.items():
+            metrics.update(report.flat_metrics(prefix=f"{name}.test_group_"))
         return metrics
 
 
@@ -37,6 +45,7 @@ def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict
                       threads: int = 2) -> ValidationResult:
     """Score the torch reference and each ONNX variant on the test split; plot confusion matrices."""
     dataset = load_dataset(dataset_path)
+    info = dataset.info
     test = dataset.splits.get("test")
     if test is None or len(test) == 0 or (test.labels < 0).all():
         raise ValueError(f"{dataset_path}: no labelled test split to validate on")
@@ -50,27 +59,35 @@ def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict
     predictors = {REFERENCE: torch_predict}
     for name, path in sorted(onnx_files.items()):
         predictors[name] = session_predictor(open_session(path, threads))
-    reports, plots = {}, {}
+    result = ValidationResult(reports={}, plots={})
+    plot_kind = {"classification": "confusion", "multilabel": "roc", "segmentation": "pixel-confusion"}[info.task]
     for name, predict in predictors.items():
-        reports[name] = evaluate_predictor(predict, test.images, test.labels, dataset.info.class_names)
-        plots[name] = plot_confusion_matrix(reports[name], f"{dataset.info.domain} test split: {name}",
-                                            plot_dir / f"confusion-{name}.png")
-    return ValidationResult(reports=reports, plots=plots)
+        outputs = predict_in_batches(predict, test.images)
+        report = score_outputs(info.task, test.labels, outputs, info.class_names)
+        result.reports[name] = report
+        result.plots[name] = report.plot(f"{info.domain} test split: {name}", plot_dir / f"{plot_kind}-{name}.png")
+        if info.task == "multilabel":
+            grouped = score_outputs(info.task, test.labels, outputs, info.class_names, groups=test.groups)
+            result.group_reports[name] = grouped
+            result.plots[f"{name}-group"] = grouped.plot(f"{info.domain} test split, per group: {name}",
+                                                         plot_dir / f"{plot_kind}-{name}-group.png")
+    return result
 
 
 validate_variants_task = task(validate_variants, name="validate-variants", cache_policy=NONE)
 
 
-ONNX_FILES = {"model-fp32.onnx": "onnx-fp32", "model-int8.onnx": "onnx-int8",
-              "model-int8-dynamic.onnx": "onnx-int8-dynamic"}
+# Variant names of files logged before compress runs named their files after their variants.
+LEGACY_ONNX_FILES = {"model-fp32.onnx": "onnx-fp32", "model-int8.onnx": "onnx-int8",
+                     "model-int8-dynamic.onnx": "onnx-int8-dynamic"}
 
 
 def fetch_onnx_variants(compress_run_id: str, destination: Path) -> dict[str, Path]:
-    """Download the ONNX variants a compress run logged, keyed by variant name."""
+    """Download the ONNX variants a compress run logged under ``onnx/``, keyed by variant name (the file stem)."""
     from tasks import tracking
 
     folder = tracking.download_run_artifacts(compress_run_id, "onnx", destination)
-    found = {ONNX_FILES[p.name]: p for p in folder.glob("*.onnx") if p.name in ONNX_FILES}
+    found = {LEGACY_ONNX_FILES.get(p.name, p.stem): p for p in folder.glob("*.onnx")}
     if not found:
         raise FileNotFoundError(f"compress run {compress_run_id} logged no ONNX variants under onnx/")
     return found

@@ -97,3 +97,89 @@ def test_plot_confusion_matrix_writes_a_png(tmp_path: Path) -> None:
     assert path == tmp_path / "plots" / "confusion.png"
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+# --- multilabel and segmentation --------------------------------------------------------------------
+
+def test_roc_auc_matches_the_pairwise_definition() -> None:
+    from tasks.evaluation import roc_auc
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert roc_auc(labels, scores) == pytest.approx(pairwise)
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert np.isnan(roc_auc(np.zeros(4, int), np.arange(4.0)))
+
+
+def test_average_precision_of_a_known_ranking() -> None:
+    from tasks.evaluation import average_precision
+
+    # ranking: pos, neg, pos -> precision at the hits 1/1 and 2/3
+    assert average_precision(np.array([1, 0, 1]), np.array([0.9, 0.8, 0.7])) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_sensitivity_at_specificity_keeps_the_specificity() -> None:
+    from tasks.evaluation import sensitivity_at_specificity
+
+    labels = np.array([0] * 10 + [1] * 4)
+    scores = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.9, 0.85, 0.3, 0.99])
+    sensitivity, threshold = sensitivity_at_specificity(labels, scores, 0.9)
+    assert ((scores[labels == 0] <= threshold).mean()) >= 0.9
+    # one false positive allowed (the 0.95 negative), so the threshold is 0.8: positives 0.9, 0.85, 0.99 pass
+    assert threshold == 0.8 and sensitivity == pytest.approx(0.75)
+
+
+def test_patient_level_aggregation_takes_the_max_over_a_patients_images() -> None:
+    from tasks.evaluation import aggregate_by_group
+
+    scores = np.array([[0.1, 0.9], [0.7, 0.2], [0.3, 0.3]])
+    labels = np.array([[0, 1], [1, 0], [0, 0]])
+    groups = np.array(["p2", "p2", "p1"])
+    out_scores, out_labels, names = aggregate_by_group(scores, labels, groups)
+    assert names.tolist() == ["p1", "p2"]
+    assert out_scores.tolist() == [[0.3, 0.3], [0.7, 0.9]] and out_labels.tolist() == [[0, 0], [1, 1]]
+    mean_scores, _, _ = aggregate_by_group(scores, labels, groups, how="mean")
+    assert mean_scores[1].tolist() == pytest.approx([0.4, 0.55])
+
+
+def test_multilabel_report_skips_unknown_entries_and_names_its_keys() -> None:
+    from tasks.evaluation import score_outputs
+
+    labels = np.array([[1, -1], [0, 1], [1, 0], [0, 0]])
+    scores = np.array([[0.9, 0.5], [0.1, 0.8], [0.8, 0.1], [0.2, 0.3]])
+    report = score_outputs("multilabel", labels, scores, ("nodule", "effusion"))
+    assert report.primary == report.macro_auroc == 1.0
+    metrics = report.flat_metrics("test_")
+    assert {"test_macro_auroc", "test_auroc_nodule", "test_auprc_effusion", "test_sensitivity_at_spec90_nodule"} <= set(metrics)
+
+
+def test_segmentation_report_ignores_unlabelled_pixels_and_counts_objects() -> None:
+    from tasks.evaluation import score_segmentation
+
+    truth = np.zeros((1, 8, 8), dtype=np.int64)
+    truth[0, 1:3, 1:3] = 1  # object A (4 px)
+    truth[0, 5:7, 5:7] = 1  # object B (4 px), missed below
+    truth[0, 7, 0] = -1
+    predicted = np.zeros((1, 8, 8), dtype=np.int64)
+    predicted[0, 1:3, 1:4] = 1  # covers A plus 2 false pixels
+    predicted[0, 0, 6] = 1  # a false object
+    predicted[0, 7, 0] = 1  # on an ignored pixel: does not count
+    report = score_segmentation(truth, predicted, ("background", "plume"))
+    # plume: TP 4, FP 3, FN 4 -> IoU 4/11
+    assert report.foreground_iou == pytest.approx(4 / 11)
+    assert report.object_precision == pytest.approx(1 / 2) and report.object_recall == pytest.approx(1 / 2)
+    assert sum(map(sum, report.confusion)) == 63
+
+
+def test_reports_plot_for_every_task(tmp_path) -> None:
+    from tasks.evaluation import score_outputs
+
+    rng = np.random.default_rng(1)
+    multi = score_outputs("multilabel", rng.integers(0, 2, (20, 2)), rng.random((20, 2)), ("a", "b"))
+    seg = score_outputs("segmentation", rng.integers(0, 2, (3, 8, 8)), rng.random((3, 2, 8, 8)), ("bg", "fg"))
+    for report, name in ((multi, "roc.png"), (seg, "pixels.png")):
+        path = report.plot("test", tmp_path / name)
+        assert path.stat().st_size > 1000

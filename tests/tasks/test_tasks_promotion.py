@@ -60,8 +60,29 @@ def test_passing_checks_are_reported_too() -> None:
 
 
 def test_the_gate_metric_is_named_in_the_reasons() -> None:
-    decision = decide_promotion(GOOD, GATE.model_copy(update={"metric": "accuracy"}), None)
-    assert decision.reasons[0].startswith("edge accuracy ")
+    from dataclasses import replace
+
+    decision = decide_promotion(replace(GOOD, metric="macro_auroc"), GATE, None)
+    assert decision.reasons[0].startswith("edge macro_auroc ")
+
+
+def test_auto_gate_metric_is_defined_for_every_task_and_reported_by_its_reports() -> None:
+    import typing
+
+    import numpy as np
+
+    from domains import TaskType
+    from tasks.evaluation import score_outputs
+    from tasks.promotion import AUTO_GATE_METRIC, GateMetric
+
+    assert set(AUTO_GATE_METRIC) == set(typing.get_args(TaskType))
+    assert set(AUTO_GATE_METRIC.values()) <= set(typing.get_args(GateMetric))
+    shapes = {"classification": ((4,), (4, 2)), "multilabel": ((4, 2), (4, 2)), "segmentation": ((4, 3, 3), (4, 2, 3, 3))}
+    for task, metric in AUTO_GATE_METRIC.items():
+        labels_shape, output_shape = shapes[task]
+        labels = np.indices(labels_shape).sum(axis=0) % 2  # both values in every column
+        report = score_outputs(task, labels, np.random.default_rng(0).random(output_shape), ("a", "b"))
+        assert f"test_{metric}" in report.flat_metrics("test_") and report.selection_metric == metric
 
 
 def test_decide_promotion_is_pure() -> None:

@@ -38,7 +38,7 @@ def test_example_is_reproducible(tmp_path: Path) -> None:
     first = write_example(tmp_path / "a", seed=3)
     second = write_example(tmp_path / "b", seed=3)
     other = write_example(tmp_path / "c", seed=4)
-    assert sorted(first) == ["labels", "labels_wgs84", "multiband", "scene_dir"]
+    assert sorted(first) == ["labels", "labels_wgs84", "multiband", "scene_dir", "source"]
     a, b, c = (read_scene(p["scene_dir"]) for p in (first, second, other))
     np.testing.assert_array_equal(a.data, b.data)
     assert not np.array_equal(a.data, c.data)
