@@ -90,18 +90,28 @@ def quantize_int8_dynamic(source: Path, destination: Path) -> Path:
 def convert_fp16(source: Path, destination: Path) -> Path:
     """Half-precision weights and activations, with float32 inputs and outputs (``keep_io_types``).
 
-    LayerNorm and Softmax stay in float32 (their reductions overflow or lose too much in fp16).
+    LayerNormalization and Softmax accumulate in float32 inside ONNX Runtime's fp16 kernels.
     Useful on GPUs and ARMv8.2+ CPUs with fp16 arithmetic; x86 CPUs usually run it slower than fp32.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     metadata = read_metadata(source)
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
-                                     op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"])
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    _unique_node_names(model.graph)
     onnx.save(model, str(destination))
     write_metadata(destination, metadata)
     return destination
+
+
+def _unique_node_names(graph) -> None:
+    # The converter names each inserted Cast after the tensor it casts; a tensor feeding several
+    # kept-in-fp32 nodes then yields duplicate node names, which ONNX Runtime rejects.
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if node.name in seen:
+            node.name = f"{node.name}_{index}"
+        seen.add(node.name)
 
 
 QuantKind = Literal["int8", "int8-dynamic", "fp16"]
