@@ -31,27 +31,34 @@ def draw_phantom(rng: np.random.Generator, findings: dict[str, bool], size: int 
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     s = size / 64.0
+    # Every random draw happens whatever the findings, so one seed gives the same anatomy, exposure and
+    # noise with or without a finding, and only the finding's own pixels differ.
     cy, cx = 33 * s + rng.normal(0, 1.0) * s, 32 * s + rng.normal(0, 1.0) * s
+    lung_heights = rng.uniform(0.93, 1.05, 2)
+    heart_scale = rng.uniform(0.92, 1.08)
+    effusion_side, effusion_level = rng.integers(2), rng.uniform(4, 9)
+    nodule_side, nodule_pick = rng.integers(2), rng.random()
+    gain, noise = rng.uniform(0.9, 1.1), rng.normal(0, 0.03, (size, size))
     image = np.full((size, size), 0.05, np.float32)
     image[_disk(yy, xx, cy, cx, 28 * s, 27 * s)] = 0.55
     lungs = []
-    for side in (-1, 1):
-        lung = _disk(yy, xx, cy - 2 * s, cx + side * 11 * s, 20 * s * rng.uniform(0.93, 1.05), 8.5 * s)
+    for side, height in zip((-1, 1), lung_heights):
+        lung = _disk(yy, xx, cy - 2 * s, cx + side * 11 * s, 20 * s * height, 8.5 * s)
         image[lung] = 0.2
         lungs.append((lung, cx + side * 11 * s))
-    heart_width = (15.5 if findings["cardiomegaly"] else 9.0) * s * rng.uniform(0.92, 1.08)
+    heart_width = (15.5 if findings["cardiomegaly"] else 9.0) * s * heart_scale
     image[_disk(yy, xx, cy + 8 * s, cx + 3 * s, 9 * s, heart_width)] = 0.6
     if findings["effusion"]:
-        lung, lung_cx = lungs[rng.integers(2)]
-        level = cy + rng.uniform(4, 9) * s
+        lung, lung_cx = lungs[effusion_side]
+        level = cy + effusion_level * s
         meniscus = level - 0.04 * (xx - lung_cx) ** 2 / s  # fluid climbs at the lateral wall
         image[lung & (yy > meniscus)] = 0.5
     if findings["nodule"]:
-        lung, lung_cx = lungs[rng.integers(2)]
+        lung, lung_cx = lungs[nodule_side]
         candidates = np.argwhere(lung & _disk(yy, xx, cy - 6 * s, lung_cx, 9 * s, 4 * s))
-        ny, nx = candidates[rng.integers(len(candidates))]
+        ny, nx = candidates[int(nodule_pick * len(candidates))]
         image[_disk(yy, xx, ny, nx, 3.2 * s, 3.2 * s)] = 0.75
-    image = image * rng.uniform(0.9, 1.1) + rng.normal(0, 0.03, image.shape)
+    image = image * gain + noise
     return np.clip(image, 0.0, 1.0)
 
 

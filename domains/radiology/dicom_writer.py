@@ -42,10 +42,11 @@ class ImageGeometry:
 
 
 def synthetic_uid(*parts: object) -> str:
-    """A deterministic ``2.25`` UID derived from ``parts`` (pydicom's hashed-entropy generator)."""
-    from pydicom.uid import generate_uid
+    """A deterministic ``2.25`` UID (PS3.5 B.2) from a hash of ``parts``: same parts, same UID."""
+    import hashlib
 
-    return str(generate_uid(prefix=None, entropy_srcs=[repr(p) for p in parts]))
+    digest = hashlib.sha256("\x00".join(repr(p) for p in parts).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
 def write_dicom_image(
