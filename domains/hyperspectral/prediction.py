@@ -123,6 +123,12 @@ def plume_list_path(output: Path) -> Path:
 
 
 def predict_capture(request: PredictionRequest) -> PredictionSummary:
+    """Segment plumes over a whole capture and write the mask raster and the plume list (see :func:`run_capture`)."""
+    return run_capture(request)[0]
+
+
+def run_capture(request: PredictionRequest, timings: dict[str, float] | None = None,
+                ) -> tuple[PredictionSummary, np.ndarray, list[ChannelSource]]:
     """Segment plumes over a whole capture and write the mask raster and the plume list.
 
     The model's channels are located in the capture by wavelength (so a model trained on one sensor can
@@ -134,7 +140,15 @@ def predict_capture(request: PredictionRequest) -> PredictionSummary:
     Raises:
         DomainInputError: a bad cube, channels that cannot be mapped, or a cube smaller than a tile.
         ValueError: ``infer`` misbehaves or the request is malformed.
+
+    Returns:
+        The receipt, the channel stack the model saw (C, H, W) and where each channel came from; with
+        ``timings`` given, the seconds spent reading + deriving channels (``read_and_products``), in the
+        model (``inference``) and writing (``write``) are stored in it.
     """
+    import time
+
+    clock = time.perf_counter()
     if len(request.class_names) != 2:
         raise ValueError(f"plume segmentation has two classes, got {request.class_names}")
     if request.stride < 1 or request.batch_size < 1:
@@ -145,7 +159,9 @@ def predict_capture(request: PredictionRequest) -> PredictionSummary:
                                           f"tile size {request.tile_size}")
     sources = locate_channels(cube, tuple(request.channels))
     stack, invalid = compute_stack(cube, sources)
+    after_read = time.perf_counter()
     probabilities = segment_stack(stack, invalid, request)
+    after_inference = time.perf_counter()
     predicted = ~invalid & (probabilities.sum(axis=0) > 0)
     classes = probabilities.argmax(axis=0).astype(np.uint8)
     plume_prob = np.rint(np.clip(probabilities[1], 0, 1) * 100).astype(np.uint8)
@@ -172,10 +188,14 @@ def predict_capture(request: PredictionRequest) -> PredictionSummary:
         "enhancement_unit": "ppm·m (Mag1c-SAS)" if enhancement is not None else None, "plumes": plumes,
     }, indent=2))
     counts = np.bincount(classes[predicted], minlength=2)
-    return PredictionSummary(input=str(request.input), output=str(output),
+    if timings is not None:
+        timings.update(read_and_products=after_read - clock, inference=after_inference - after_read,
+                       write=time.perf_counter() - after_inference)
+    summary = PredictionSummary(input=str(request.input), output=str(output),
                              samples=int(len(tile_starts(cube.grid[0], request.tile_size, request.stride))
                                          * len(tile_starts(cube.grid[1], request.tile_size, request.stride))),
                              class_counts={n: int(c) for n, c in zip(request.class_names, counts)})
+    return summary, stack, sources
 
 
 def list_prediction_inputs(path: Path | str) -> list[Path]:

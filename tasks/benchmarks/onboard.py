@@ -1,0 +1,296 @@
+"""On-board methane benchmark: one EMIT-sized capture end to end, side by side with onboard-methane-detection.
+
+``vitrail bench onboard --workdir DIR`` (after ``vitrail demo --domain hyperspectral --workdir DIR``):
+
+1. generates, or reuses from ``DIR/bench/``, a synthetic EMIT-sized capture (1242 x 1280 px, 285 bands,
+   float32 radiance, ENVI BIL, about 1.8 GB) with injected plumes (see ``domains.hyperspectral.synthesis``);
+2. runs **our pipeline** in a child process on ``threads`` threads: window-wise read of only the bands
+   needed, band selection, Mag1c-SAS enhancement per 512 px tile, tiled inference with the edge model
+   ``models:/hyperspectral-plume-segmentation-edge@champion`` (ONNX Runtime), mask GeoTIFF + plume list;
+3. runs **the reference** (``onboard-methane-detection``: its Mag1c-SAS with 512 px tiling, then its
+   LinkNet ONNX on RGB + Mag1c-SAS with its EMIT normalisation) in another child on the same capture,
+   reading the same bands into memory as its API requires;
+4. compares the two enhancement products (Pearson correlation over valid pixels) and masks (IoU), and
+   each mask with the injected truth.
+
+``peak_rss_mb`` is the child process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``),
+so it includes the interpreter, numpy and ONNX Runtime (``baseline_rss_mb`` is that figure before the
+capture is touched). Timings exclude process start-up and model loading, which happen once on board.
+
+Options (``--set KEY=VALUE``): ``size`` = ``emit`` (default), ``small`` (256 x 256) or ``tiny`` (64 x 64);
+``threads`` (2); ``seed`` (0); ``model`` (a model URI); ``model_file`` (an ONNX file instead of the
+registry, for tests); ``reference`` = ``yes``/``no``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "models:/hyperspectral-plume-segmentation-edge@champion"
+SIZES = {"emit": (1242, 1280), "small": (256, 256), "tiny": (64, 64)}
+PLUMES_PER_MPX = 12
+REFERENCE_TILE = 512
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
+    """The benchmark capture for ``size``/``seed`` under ``bench_dir``, generated once then reused."""
+    from domains.hyperspectral.synthesis import EMIT_LIKE, make_scene, plume_labels, random_plumes, write_capture, write_mask
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+    folder = bench_dir / f"onboard-capture-{size}-seed{seed}"
+    paths = {"source": folder / "capture.hdr", "data": folder / "capture.bil", "labels": folder / "truth_mask.tif"}
+    done = folder / "complete"
+    if done.is_file() and all(p.is_file() for p in paths.values()):
+        return paths
+    shape = SIZES[size]
+    rng = np.random.default_rng(seed)
+    count = max(2, int(round(PLUMES_PER_MPX * shape[0] * shape[1] / 1e6)))
+    plumes = random_plumes(shape, count, rng, peak_ppmm=(2000.0, 8000.0),
+                           length_px=(min(20.0, shape[0] / 4), min(60.0, shape[0] / 2)), margin=8)
+    scene = make_scene(EMIT_LIKE, shape, plumes, seed=seed)
+    write_capture(paths["data"], scene, interleave="bil", strip_rows=32)
+    write_mask(paths["labels"], plume_labels(scene))
+    done.write_text(json.dumps({"plumes": count, "shape": list(shape)}))
+    return paths
+
+
+def resolve_model(workdir: Path, options: dict[str, str], scratch: Path) -> tuple[Path, dict]:
+    """The edge ONNX file and its metadata (channels, classes, tile size), from the registry or a file."""
+    from tasks.onnx_runtime import read_metadata
+
+    if options.get("model_file"):
+        onnx_file = Path(options["model_file"])
+        return onnx_file, read_metadata(onnx_file)
+    uri = options.get("model", DEFAULT_MODEL)
+    from tasks import tracking
+
+    hint = f"run `vitrail demo --domain hyperspectral --workdir {workdir}` first"
+    store = tracking.resolve_tracking_uri(workdir)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no MLflow store at {store}, so no model {uri}; {hint}")
+    tracking.configure_tracking(workdir)
+    try:
+        folder = tracking.download_model(uri, scratch)
+    except Exception as error:  # noqa: BLE001 - any registry miss means the same thing to the user
+        raise FileNotFoundError(
+            f"no model at {uri} in {workdir} ({type(error).__name__}); {hint}") from error
+    onnx_file = next(folder.rglob("*.onnx"), None)
+    if onnx_file is None:
+        raise FileNotFoundError(f"{uri}: no .onnx file in the model's artifacts (is it the edge model?)")
+    metadata = read_metadata(onnx_file)
+    if metadata.get("domain") != "hyperspectral":
+        raise ValueError(f"{uri} was trained for domain {metadata.get('domain')!r}, not 'hyperspectral'")
+    return onnx_file, metadata
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        env[key] = str(threads)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_child(role: str, job: dict, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tasks.benchmarks.onboard", role, json.dumps(job)],
+                         cwd=PROJECT_ROOT, env=_child_env(threads), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"onboard benchmark {role} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _ours(job: dict) -> dict:
+    """Child: our pipeline on the capture (predict stage of the hyperspectral domain)."""
+    from domains import Channel, PredictionRequest
+    from domains.hyperspectral.prediction import run_capture
+    from tasks.onnx_runtime import open_session, session_predictor
+
+    predict = session_predictor(open_session(job["model_file"], job["threads"]))
+    meta = job["metadata"]
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        logits = predict(batch)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    request = PredictionRequest(input=Path(job["source"]), output=Path(job["output"]),
+                                channels=tuple(Channel(**c) for c in meta["channels"]),
+                                class_names=tuple(meta["class_names"]), tile_size=int(meta["tile_size"]),
+                                stride=int(meta["tile_size"]), infer=infer, batch_size=64, task="segmentation")
+    baseline = _rss_mb()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    summary, stack, sources = run_capture(request, timings)
+    seconds = time.perf_counter() - start
+    peak = _rss_mb()
+    product = next((i for i, s in enumerate(sources) if s.product), None)
+    if product is not None:
+        np.save(job["enhancement"], stack[product])
+    return {"seconds": seconds, "timings": timings, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
+            "tiles": summary.samples, "plume_pixels": summary.class_counts.get("plume", 0),
+            "product": sources[product].product if product is not None else None}
+
+
+def _reference(job: dict) -> dict:
+    """Child: onboard-methane-detection's Mag1c-SAS and LinkNet on the same capture."""
+    import onnxruntime as ort
+    from onboard_methane_detection import generate_methane_spectrum, model_inference, normalize_image
+    from onboard_methane_detection.processing.pipeline import process_tile_mag1c_sas
+    from onboard_methane_detection.processing.utils import stitch_tiles, tile_image
+
+    from domains.hyperspectral.bands import select_channels
+    from domains.hyperspectral.cube import open_cube
+    from domains.hyperspectral.stack import detector_bands
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = job["threads"]
+    options.inter_op_num_threads = 1
+    import onboard_methane_detection.inference as inference_package
+
+    session = ort.InferenceSession(str(Path(inference_package.__file__).parent / "linknet_exported.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    cube = open_cube(job["source"])
+    rgb = [s.band for s in select_channels(cube, ("rgb",))]
+    window, _ = detector_bands(cube)
+    waves, widths = cube.require_wavelengths(), cube.band_widths()
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    rgb_image = cube.read(rgb)
+    image = cube.read(window)  # the reference API takes the whole (C, H, W) array in memory
+    read_done = time.perf_counter()
+    spectrum = generate_methane_spectrum(waves[window], widths[window])
+    # mag1c_sas(..., tiling=True) of onboard-methane-detection 0.1.2 fails in stitch_tiles (each tile result is
+    # already (1, h, w) and gets another axis), so its own tiling helpers are called around its per-tile step.
+    tiles, tiling = tile_image(image, REFERENCE_TILE)
+    results = [process_tile_mag1c_sas(tile, spectrum, 0.01) for tile in tiles]
+    tiling["original_shape"] = (1, *cube.grid)
+    enhancement = np.asarray(stitch_tiles(results, tiling), dtype=np.float32).reshape(cube.grid)
+    product_done = time.perf_counter()
+    stacked = np.concatenate([rgb_image, enhancement[None]], axis=0)
+    probability = model_inference(session, session.get_inputs()[0].name, normalize_image(stacked, "emit"),
+                                  use_tiling=True, tile_size=REFERENCE_TILE, logits_to_probs=True)
+    seconds = time.perf_counter() - start
+    np.save(job["enhancement"], enhancement)
+    np.save(job["mask"], (np.asarray(probability).reshape(cube.grid) > 0.5))
+    return {"seconds": seconds, "timings": {"read": read_done - start, "mag1c_sas": product_done - read_done,
+                                            "linknet": seconds - (product_done - start)},
+            "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float | None:
+    union = int((a | b).sum())
+    return float((a & b).sum() / union) if union else None
+
+
+def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
+    """Generate/reuse the capture, time our pipeline and the reference side by side, compare their outputs."""
+    from domains.hyperspectral.cube import open_cube
+    from domains.hyperspectral.tiling import read_mask
+
+    workdir = Path(workdir)
+    size = options.get("size", "emit")
+    threads = int(options.get("threads", "2"))
+    seed = int(options.get("seed", "0"))
+    bench_dir = workdir / "bench"
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="vitrail-onboard-"))
+    onnx_file, metadata = resolve_model(workdir, options, scratch / "model")
+    generation_start = time.perf_counter()
+    capture = ensure_capture(bench_dir, size, seed)
+    generation_seconds = time.perf_counter() - generation_start
+    cube = open_cube(capture["source"])
+    mask_path = bench_dir / f"onboard-{size}-mask.tif"
+    ours = _run_child("ours", {"source": str(capture["source"]), "output": str(mask_path), "model_file": str(onnx_file),
+                               "metadata": metadata, "threads": threads,
+                               "enhancement": str(scratch / "ours.npy")}, threads)
+    result = {
+        "capture": str(capture["source"]), "capture_shape": {"lines": cube.grid[0], "samples": cube.grid[1],
+                                                              "bands": cube.bands},
+        "capture_gb": round(cube.envi.expected_bytes / 1e9, 3) if cube.envi else None,
+        "threads": threads, "model": str(options.get("model_file") or options.get("model", DEFAULT_MODEL)),
+        "model_channels": [c["name"] for c in metadata["channels"]], "tile_size": int(metadata["tile_size"]),
+        "capture_seconds": round(ours["seconds"], 3),
+        "stage_seconds": {k: round(v, 3) for k, v in ours["timings"].items()},
+        "peak_rss_mb": round(ours["peak_rss_mb"], 1), "baseline_rss_mb": round(ours["baseline_rss_mb"], 1),
+        "peak_rss_method": "child process resource.getrusage(RUSAGE_SELF).ru_maxrss (includes interpreter + libraries)",
+        "mask": str(mask_path), "tiles": ours["tiles"], "generation_seconds": round(generation_seconds, 2),
+        "goal_seconds": 30.0,
+    }
+    truth = read_mask(capture["labels"], cube) == 1
+    with __import__("rasterio").open(mask_path) as ds:
+        ours_mask = ds.read(1) == 1
+    result["mask_iou_vs_truth"] = _iou(ours_mask, truth)
+    if options.get("reference", "yes").lower() in ("yes", "true", "1"):
+        ref = _run_child("reference", {"source": str(capture["source"]), "threads": threads,
+                                       "enhancement": str(scratch / "ref.npy"), "mask": str(scratch / "ref_mask.npy")},
+                         threads)
+        ref_enh = np.load(scratch / "ref.npy")
+        ref_mask = np.load(scratch / "ref_mask.npy")
+        ours_enh = np.load(scratch / "ours.npy") if (scratch / "ours.npy").is_file() else None
+        valid = ~cube.invalid_mask(cube.read([0], slice(None), slice(None)))
+        result.update(
+            reference="onboard-methane-detection Mag1c-SAS (tiling 512, 1 % sample) + LinkNet ONNX (EMIT normalisation)",
+            reference_seconds=round(ref["seconds"], 3),
+            reference_stage_seconds={k: round(v, 3) for k, v in ref["timings"].items()},
+            reference_peak_rss_mb=round(ref["peak_rss_mb"], 1),
+            speedup_vs_reference=round(ref["seconds"] / ours["seconds"], 3),
+            enhancement_correlation=(float(np.corrcoef(ours_enh[valid], ref_enh[valid])[0, 1])
+                                     if ours_enh is not None else None),
+            mask_iou_vs_reference=_iou(ours_mask, ref_mask),
+            reference_mask_iou_vs_truth=_iou(ref_mask, truth),
+            reference_plume_pixels=int(ref_mask.sum()),
+        )
+    result["plume_pixels"] = int(ours_mask.sum())
+    result["truth_plume_pixels"] = int(truth.sum())
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A short table of the benchmark for people."""
+    shape = result["capture_shape"]
+
+    def fmt(value, spec: str = ".3f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    rows = [
+        f"On-board methane benchmark: {shape['lines']} x {shape['samples']} px x {shape['bands']} bands "
+        f"({fmt(result.get('capture_gb'), '.2f')} GB), {result['threads']} threads",
+        f"  {'':<34}{'ours':>12}{'reference':>12}",
+        f"  {'capture seconds':<34}{fmt(result['capture_seconds'], '.2f'):>12}{fmt(result.get('reference_seconds'), '.2f'):>12}",
+        f"  {'peak RSS MB':<34}{fmt(result['peak_rss_mb'], '.0f'):>12}{fmt(result.get('reference_peak_rss_mb'), '.0f'):>12}",
+        f"  {'mask IoU vs injected truth':<34}{fmt(result.get('mask_iou_vs_truth')):>12}"
+        f"{fmt(result.get('reference_mask_iou_vs_truth')):>12}",
+        f"  speedup vs reference       {fmt(result.get('speedup_vs_reference'), '.2f')}x"
+        f"   (goal: capture <= {result['goal_seconds']:.0f} s: "
+        f"{'met' if result['capture_seconds'] <= result['goal_seconds'] else 'NOT met'})",
+        f"  enhancement correlation    {fmt(result.get('enhancement_correlation'))}",
+        f"  mask IoU vs reference      {fmt(result.get('mask_iou_vs_reference'))}",
+        f"  our stages (s)             " + ", ".join(f"{k} {v:.2f}" for k, v in result["stage_seconds"].items()),
+    ]
+    if "reference_stage_seconds" in result:
+        rows.append("  reference stages (s)       " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                             result["reference_stage_seconds"].items()))
+    rows.append(f"  peak RSS: {result['peak_rss_method']}; before the capture {fmt(result['baseline_rss_mb'], '.0f')} MB")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    # Child entry point: ``python -m tasks.benchmarks.onboard ours|reference '<json job>'``.
+    role, payload = sys.argv[1], json.loads(sys.argv[2])
+    print(json.dumps({"ours": _ours, "reference": _reference}[role](payload)))
