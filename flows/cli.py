@@ -45,6 +45,13 @@ def _apply_overrides(payload: dict, overrides: list[str]) -> dict:
     return payload
 
 
+SOURCE_HELP = ("the domain's input: a scene folder of per-band GeoTIFFs or a multi-band GeoTIFF/COG (satellite), "
+               "a folder of DICOM series/NIfTI volumes or a DICOMDIR (radiology), an ENVI cube or multi-band "
+               "GeoTIFF (hyperspectral)")
+LABELS_HELP = ("labels aligned with the source: a class raster (satellite), a findings CSV keyed by patient/study/"
+               "series (radiology), a plume mask raster (hyperspectral)")
+
+
 def _domain_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", default="satellite", help="imaging domain (see `vitrail domains`)")
 
@@ -55,7 +62,10 @@ def _workdir_arg(parser: argparse.ArgumentParser, default: str = "vitrail-work")
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bands", type=_csv, help="band names in file order, comma-separated (multi-band files)")
+    parser.add_argument("--bands", "--channels", dest="bands", type=_csv,
+                        help="input channels, comma-separated: band names in file order (satellite multi-band files), "
+                             "CT window presets such as lung,mediastinum,bone (radiology), or a band selection "
+                             "(hyperspectral; see the domain's docs)")
     parser.add_argument("--sensor", help="sensor band table: sentinel2, landsat8, landsat9 (default: from file names)")
     parser.add_argument("--class-names", type=_csv, help="names of label values 0..K-1, comma-separated")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (default 32)")
@@ -92,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ingest", help="turn a source and labels into a dataset",
                          description="Read a scene, tile it, split by spatial block and write a versioned dataset.")
     _domain_arg(p)
-    p.add_argument("--source", required=True, help="scene folder of per-band GeoTIFFs, or a multi-band GeoTIFF/COG")
-    p.add_argument("--labels", help="label raster (class id per pixel); omit for an unlabelled dataset")
+    p.add_argument("--source", required=True, help=SOURCE_HELP)
+    p.add_argument("--labels", help=LABELS_HELP + "; omit for an unlabelled dataset")
     p.add_argument("--out", required=True, help="dataset folder to write")
     _source_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
@@ -143,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("pipeline", help="ingest, fine-tune, compress, validate, promote and predict",
                          description="Run every stage in order on one source and its labels.")
     _domain_arg(p)
-    p.add_argument("--source", required=True, help="scene folder or multi-band GeoTIFF")
-    p.add_argument("--labels", required=True, help="label raster aligned with the source")
+    p.add_argument("--source", required=True, help=SOURCE_HELP)
+    p.add_argument("--labels", required=True, help=LABELS_HELP)
     _workdir_arg(p)
     _source_args(p)
     p.add_argument("--epochs", type=int, help="training epochs")

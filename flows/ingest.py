@@ -27,13 +27,17 @@ class IngestParams(BaseModel):
 
     domain: DomainName = "satellite"
     source: str = Field(..., min_length=1, max_length=1000,
-                        description="Scene folder of per-band GeoTIFFs, or one multi-band GeoTIFF/COG")
-    labels: str | None = Field(None, max_length=1000, description="Label raster (class id per pixel); empty for unlabelled")
+                        description="The domain's input: scene folder or multi-band GeoTIFF (satellite), folder of "
+                                    "DICOM/NIfTI studies (radiology), ENVI cube (hyperspectral)")
+    labels: str | None = Field(None, max_length=1000, description="Labels: class raster (satellite), findings CSV "
+                                                                  "(radiology), plume mask (hyperspectral); empty "
+                                                                  "for an unlabelled dataset")
     out: str = Field(..., min_length=1, max_length=1000, description="Folder the dataset is written to")
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
     split: SplitParams = Field(default_factory=SplitParams, description="Split fractions and seed")
     bands: list[str] | None = Field(None, max_length=512,
-                                    description="Band names in file order (required for a multi-band file)")
+                                    description="Input channels: band names in file order (satellite multi-band "
+                                                "file), CT window presets (radiology), band selection (hyperspectral)")
     sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat8, landsat9); "
                                                                 "empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")

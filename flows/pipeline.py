@@ -25,10 +25,15 @@ class PipelineParams(BaseModel):
     """Everything from raw source to a promoted model and a prediction map, in one run."""
 
     domain: DomainName = "satellite"
-    source: str = Field(..., min_length=1, max_length=1000, description="Scene folder or multi-band GeoTIFF to learn from")
-    labels: str = Field(..., min_length=1, max_length=1000, description="Label raster aligned with the source")
+    source: str = Field(..., min_length=1, max_length=1000,
+                        description="The domain's input to learn from: scene folder or multi-band GeoTIFF (satellite), "
+                                    "folder of DICOM/NIfTI studies (radiology), ENVI cube (hyperspectral)")
+    labels: str = Field(..., min_length=1, max_length=1000,
+                        description="Labels: class raster (satellite), findings CSV (radiology), plume mask (hyperspectral)")
     workdir: str = WorkdirField
-    bands: list[str] | None = Field(None, max_length=512, description="Band names in file order (multi-band files)")
+    bands: list[str] | None = Field(None, max_length=512,
+                                    description="Input channels: band names (satellite multi-band file), CT window "
+                                                "presets (radiology), band selection (hyperspectral)")
     sensor: str | None = Field(None, max_length=64, description="Sensor band table; empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
