@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -20,12 +19,12 @@ _SKIPPED_SUFFIXES = frozenset({".csv", ".json", ".txt", ".md", ".xml", ".html", 
 
 
 def source_tag(source: Path | str) -> str:
-    """Non-identifying name of a source: ``radiology:<hash of its resolved path>``.
+    """Non-identifying name of a source: ``radiology:<keyed hash of its resolved path>``.
 
-    Folder names often carry patient names or IDs, so the path itself is never stored.
+    Folder names often carry patient names or IDs, so the path itself is never stored; the hash is keyed
+    like the other pseudonyms, so a guessed path cannot be checked against it without the salt.
     """
-    digest = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:12]
-    return f"radiology:{digest}"
+    return "radiology:" + pseudonym("source", str(Path(source).resolve())).split("-", 1)[1]
 
 
 @dataclass(frozen=True)
