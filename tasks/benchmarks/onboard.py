@@ -72,12 +72,13 @@ def resolve_model(workdir: Path, options: dict[str, str], scratch: Path) -> tupl
         onnx_file = Path(options["model_file"])
         return onnx_file, read_metadata(onnx_file)
     uri = options.get("model", DEFAULT_MODEL)
+    hint = f"run `vitrail demo --domain hyperspectral --workdir {workdir}` first"
+    # Without a team server the registry is DIR/mlflow.db (tasks.tracking.resolve_tracking_uri): fail fast,
+    # before importing MLflow, when the demo never ran there.
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (workdir / "mlflow.db").is_file():
+        raise FileNotFoundError(f"no MLflow store at {workdir / 'mlflow.db'}, so no model {uri}; {hint}")
     from tasks import tracking
 
-    hint = f"run `vitrail demo --domain hyperspectral --workdir {workdir}` first"
-    store = tracking.resolve_tracking_uri(workdir)
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
-        raise FileNotFoundError(f"no MLflow store at {store}, so no model {uri}; {hint}")
     tracking.configure_tracking(workdir)
     try:
         folder = tracking.download_model(uri, scratch)
