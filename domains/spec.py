@@ -184,6 +184,8 @@ class DomainSpec:
             ``<input name><suffix>`` in its output folder.
         train_flips: whether flips/90-degree rotations are valid augmentations (overhead imagery: yes;
             chest radiographs, where left and right differ: no).
+        name_prediction: names the output of one input (without suffix); by default the input's file
+            or folder name. Domains whose file names may carry identity (radiology) give a pseudonym.
     """
 
     name: str
@@ -205,3 +207,4 @@ class DomainSpec:
     demo_notes: str = ""
     prediction_suffix: str = ".tif"
     train_flips: bool = True
+    name_prediction: Callable[[Path], str] | None = None

@@ -98,7 +98,8 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     batch = PredictionBatch()
     for item in inputs:
-        name = item.stem.removesuffix(".nii") if item.is_file() else item.name
+        name = domain.name_prediction(item) if domain.name_prediction else (
+            item.stem.removesuffix(".nii") if item.is_file() else item.name)
         target = output if single and output.suffix else output / f"{name}{domain.prediction_suffix}"
         target.parent.mkdir(parents=True, exist_ok=True)
         request = PredictionRequest(input=item, output=target, channels=model.channels, class_names=model.class_names,
