@@ -186,6 +186,8 @@ class DomainSpec:
             chest radiographs, where left and right differ: no).
         name_prediction: names the output of one input (without suffix); by default the input's file
             or folder name. Domains whose file names may carry identity (radiology) give a pseudonym.
+        write_ingest_reports: writes extra reports about a read (e.g. radiology's de-identification
+            audit) into the dataset folder after it is written; returns the files.
     """
 
     name: str
@@ -208,3 +210,4 @@ class DomainSpec:
     prediction_suffix: str = ".tif"
     train_flips: bool = True
     name_prediction: Callable[[Path], str] | None = None
+    write_ingest_reports: Callable[[SampleSet, Path], list[Path]] | None = None

@@ -317,7 +317,10 @@ def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path, param
     """Read a source with its domain's reader and write it as a dataset (the ingest stage's work)."""
     domain = get_domain(domain_name)
     samples = domain.read_samples(request)
-    return write_dataset(samples, domain.name, domain.task, out_dir, params)
+    info = write_dataset(samples, domain.name, domain.task, out_dir, params)
+    if domain.write_ingest_reports is not None:
+        domain.write_ingest_reports(samples, Path(out_dir))
+    return info
 
 
 build_dataset_task = task(build_dataset, name="build-dataset", cache_policy=NONE)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from domains.radiology.demo import DEMO_NOTES, prepare_demo
 from domains.radiology.examples import write_example
-from domains.radiology.prediction import list_prediction_inputs, predict_study
+from domains.radiology.deidentify import write_ingest_reports
+from domains.radiology.prediction import list_prediction_inputs, prediction_name, predict_study
 from domains.radiology.sampling import DEFAULT_FINDINGS, read_samples
 from domains.spec import Channel, DomainSpec
 
@@ -34,6 +35,8 @@ SPEC = DomainSpec(
     demo_notes=DEMO_NOTES,
     prediction_suffix=".json",
     train_flips=False,
+    name_prediction=prediction_name,
+    write_ingest_reports=write_ingest_reports,
 )
 
 __all__ = ["SPEC"]

@@ -243,3 +243,8 @@ def write_deidentification_audit(provenance: dict[str, str], out_dir: Path | str
     path = out / AUDIT_FILE_NAME
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
     return path
+
+
+def write_ingest_reports(samples, out_dir: Path) -> list[Path]:
+    """The radiology ingest report: the de-identification audit beside the dataset (see above)."""
+    return [write_deidentification_audit(samples.provenance, out_dir)]

@@ -148,3 +148,10 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
         elif child.is_file() and (is_nifti(child) or _has_images(child)) and child.suffix.lower() not in (".csv", ".json", ".txt", ".md"):
             children.append(child)
     return children or [path]
+
+
+def prediction_name(path: Path) -> str:
+    """Output name of one study: ``study-<keyed hash>``, since study folders are often named after patients."""
+    from domains.radiology.source import source_tag
+
+    return "study-" + source_tag(path).split(":", 1)[1]

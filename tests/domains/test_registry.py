@@ -33,7 +33,7 @@ def test_importing_the_registry_stays_light():
 def test_spec_is_complete(name):
     spec = get_domain(name)
     assert spec.name == name and spec.title and spec.intended_use
-    assert spec.task in ("classification", "segmentation")
+    assert spec.task in ("classification", "multilabel", "segmentation")
     assert len(spec.default_class_names) >= 2 and spec.default_channels
     assert spec.default_tile_size >= 8 and spec.default_peft_targets
 
