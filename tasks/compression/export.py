@@ -42,7 +42,10 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path, metadata: dic
     """Export ``model`` (eval mode) with a dynamic batch axis and embed Vitrail metadata."""
     model = model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample = torch.from_numpy(np.ascontiguousarray(example[:1], dtype=np.float32))
+    # Trace with a batch of 2: torch.export specialises a traced size of 1, which then conflicts with the
+    # dynamic batch range in models that upsample (segmentation heads): "Invalid ranges [2:1]".
+    sample = torch.from_numpy(np.ascontiguousarray(np.repeat(example[:1], 2, axis=0) if len(example) < 2
+                                                   else example[:2], dtype=np.float32))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
