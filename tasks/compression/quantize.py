@@ -50,7 +50,11 @@ class _TileReader:
 def _preprocess(source: Path, destination: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(source), str(destination), skip_symbolic_shape=False)
+    try:
+        quant_pre_process(str(source), str(destination), skip_symbolic_shape=False)
+    except Exception:  # noqa: BLE001 - ORT's symbolic shape inference has gaps (e.g. ToMe's ScatterElements)
+        # ONNX's own shape inference is enough for the quantizer; only the extra symbolic pass is skipped.
+        quant_pre_process(str(source), str(destination), skip_symbolic_shape=True)
     return destination
 
 

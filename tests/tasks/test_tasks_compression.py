@@ -262,3 +262,41 @@ def test_auto_edge_choice_is_the_fastest_variant_within_the_accuracy_budget() ->
     # When every quantized variant is out of budget the parity-checked fp32 export is the fallback.
     predictors["onnx-int8-dynamic"] = lambda x: one_wrong
     assert select_edge_variant(measured, predictors, reference, images, labels, ("a", "b"), 0.0) == "onnx-fp32"
+
+
+# --- the compress stage with a recipe ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compress_model_runs_the_recipe_and_measures_every_step(tmp_path: Path, trained_model, dataset_dir: Path,
+                                                                model_metadata: dict) -> None:
+    from tasks.compression.prune import PruneParams
+    from tasks.compression.tokens import TokenReductionParams
+
+    params = CompressParams(latency_repeats=5, throughput_batch=4, edge_variant="recipe", fp16=True,
+                            quantization=QuantizationParams(calibration_samples=16),
+                            pruning=PruneParams(enabled=True, ratio=0.5, recovery_epochs=1),
+                            token_reduction=TokenReductionParams(method="tome", merge_r=4, min_tokens=4))
+    report = compress_model(trained_model, dataset_dir, model_metadata, params, tmp_path)
+    names = [v.name for v in report.variants]
+    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-fp16",
+                     "pruned50", "pruned50-tome-r4", "pruned50-tome-r4-int8"]
+    assert report.edge_variant == "pruned50-tome-r4-int8"
+    assert params.recipe_label() == "export+int8+prune+tome+int8"
+    for name in names[1:]:
+        assert report.parity[name].samples > 0 and report.files[name].is_file()
+    row = report.variant("pruned50")
+    assert row.params < report.variant(BASELINE).params and row.macs < report.variant(BASELINE).macs
+    assert report.variant("onnx-fp16").precision == "fp16"
+    payload = json.loads(json.dumps(report.to_json()))
+    assert payload["profile"]["name"] == "cpu-2core" and payload["profile"]["measured"] is True
+    assert [r["stage"] for r in payload["recipe"]][-1] == "quantize"
+    assert report.plot is not None and report.plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compress_model_rejects_an_unknown_edge_variant_name(tmp_path: Path, trained_model, dataset_dir: Path,
+                                                             model_metadata: dict) -> None:
+    params = CompressParams(latency_repeats=5, throughput_batch=2, edge_variant="recipe",
+                            quantization=QuantizationParams(calibration_samples=8))
+    with pytest.raises(ValueError, match="needs at least one enabled recipe step"):
+        compress_model(trained_model, dataset_dir, model_metadata, params, tmp_path)
