@@ -53,7 +53,8 @@ def test_every_flow_has_a_deployment():
 
 def test_nightly_predict_is_scheduled():
     scheduled = [d for d in DEPLOYMENTS if d.get("schedules")]
-    assert [d["entrypoint"] for d in scheduled] == ["flows/predict.py:predict"]
+    assert scheduled and {d["entrypoint"] for d in scheduled} == {"flows/predict.py:predict"}
+    assert {d["parameters"]["params"]["domain"] for d in scheduled} == {"satellite", "radiology", "hyperspectral"}
 
 
 def _walk(schema: dict, defs: dict, where: str):
