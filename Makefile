@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitrail-installed
-WORKDIR ?= vitrail-demo
+DOMAIN ?= satellite
+WORKDIR ?= vitrail-demo$(if $(filter-out satellite,$(DOMAIN)),-$(DOMAIN))
 
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vitrail demo --workdir $(WORKDIR)
+	$(BIN)/vitrail demo --domain $(DOMAIN) --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -34,4 +35,4 @@ fixtures: $(STAMP)
 	$(BIN)/python tests/fixtures/write_fixtures.py --check
 
 clean:
-	rm -rf $(WORKDIR) .pytest_cache
+	rm -rf vitrail-demo vitrail-demo-* .pytest_cache
