@@ -115,6 +115,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
             return model(torch.from_numpy(images)).numpy()
 
     common = dict(test_images=test.images, test_labels=test.labels, class_names=dataset.info.class_names,
+                  task=dataset.info.task,
                   latency_repeats=20, throughput_batch=batch)
     rows = {BASELINE: replace(measure_variant(BASELINE, "torch", torch_predict, _torch_size(model), **common),
                               params=sum(p.numel() for p in model.parameters()), macs=count_macs(model, test.images))}

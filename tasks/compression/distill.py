@@ -58,7 +58,7 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
     vit = _inner_vit(teacher)
     patch = int(vit.patch_embed.patch_size[0])
     backbone = BackboneParams(name=params.student_backbone, patch_size=patch, depth=params.student_depth)
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size)
+    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
     if params.init_from_teacher:
         _copy_teacher_blocks(vit, net, params.student_depth)
     mean = getattr(teacher, "mean", None)

@@ -12,12 +12,9 @@ from tasks.evaluation import evaluate_predictor
 
 
 def primary_metric(report) -> float:
-    """The score variants are compared and selected by.
-
-    The single place to switch to the evaluation report's task-aware ``.primary`` value once it
-    exists (it equals accuracy for classification).
-    """
-    return float(report.accuracy)
+    """The score variants are compared and selected by: the task's headline metric (accuracy for
+    classification, macro AUROC for multilabel, foreground IoU for segmentation)."""
+    return float(report.primary)
 
 
 def count_macs(model, example: np.ndarray) -> int:
@@ -126,12 +123,16 @@ def time_throughput(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarr
 
 def measure_variant(name: str, fmt: str, predict: Callable[[np.ndarray], np.ndarray], size_bytes: int,
                     test_images: np.ndarray, test_labels: np.ndarray, class_names: tuple[str, ...],
-                    latency_repeats: int, throughput_batch: int) -> VariantMeasurement:
-    """Accuracy on the test split, then latency at batch 1 and throughput at ``throughput_batch``."""
-    report = evaluate_predictor(predict, test_images, test_labels, class_names)
+                    latency_repeats: int, throughput_batch: int, task: str = "classification") -> VariantMeasurement:
+    """Test-split score, then latency at batch 1 and throughput at ``throughput_batch``.
+
+    ``accuracy`` holds the task's headline metric (see :func:`primary_metric`) and ``macro_f1`` its
+    model-selection score (macro-F1, macro AUROC or foreground IoU), so one table serves every task.
+    """
+    report = evaluate_predictor(predict, test_images, test_labels, class_names, task=task)
     accuracy = primary_metric(report)
     p50, p95 = time_latency(predict, test_images[:1], repeats=latency_repeats, warmup=max(3, latency_repeats // 10))
     batch = np.resize(test_images, (throughput_batch, *test_images.shape[1:])).astype(np.float32)
     throughput = time_throughput(predict, batch, repeats=max(2, latency_repeats // 20))
-    return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.macro_f1,
+    return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.selection,
                               latency_ms_p50=p50, latency_ms_p95=p95, throughput=throughput, size_bytes=size_bytes)

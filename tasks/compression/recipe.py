@@ -153,7 +153,8 @@ def _torch_size(model: nn.Module) -> int:
 
 def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, reference_predict, images: np.ndarray,
                         labels: np.ndarray, class_names: tuple[str, ...], max_drop: float,
-                        profile: TargetProfile | None = None, reasons: dict | None = None) -> str:
+                        profile: TargetProfile | None = None, reasons: dict | None = None,
+                        task: str = "classification") -> str:
     """The fastest ONNX variant within ``max_drop`` of the fp32 model's accuracy on (images, labels)
     and within ``profile``'s budget.
 
@@ -162,14 +163,15 @@ def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, re
     """
     from tasks.evaluation import evaluate_predictor
 
-    reference = primary_metric(evaluate_predictor(reference_predict, images, labels, class_names))
+    reference = primary_metric(evaluate_predictor(reference_predict, images, labels, class_names, task=task))
     why: dict[str, list[str]] = {} if reasons is None else reasons
     for row in measured:
         if row.name not in predictors:
             continue
         problems = []
         if row.name != "onnx-fp32":
-            drop = reference - primary_metric(evaluate_predictor(predictors[row.name], images, labels, class_names))
+            drop = reference - primary_metric(evaluate_predictor(predictors[row.name], images, labels, class_names,
+                                                                 task=task))
             if drop > max_drop + 1e-9:
                 problems.append(f"validation accuracy drop {drop:.4f} > {max_drop:g}")
         if profile is not None:
@@ -237,7 +239,8 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
     variants = build_variants(model, params, context)
 
     common = dict(test_images=test.images, test_labels=test.labels, class_names=dataset.info.class_names,
-                  latency_repeats=params.latency_repeats, throughput_batch=params.throughput_batch)
+                  latency_repeats=params.latency_repeats, throughput_batch=params.throughput_batch,
+                  task=dataset.info.task)
 
     def torch_predict(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -272,7 +275,8 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
         # Chosen on the validation split, never the test split that later judges the choice.
         selection = dataset.splits.get("val", dataset.splits.get("train"))
         edge = select_edge_variant(measured, predictors, torch_predict, selection.images, selection.labels,
-                                   dataset.info.class_names, params.max_accuracy_drop, profile, reasons)
+                                   dataset.info.class_names, params.max_accuracy_drop, profile, reasons,
+                                   task=dataset.info.task)
     elif edge not in names:
         raise ValueError(f"edge_variant {edge!r} was not built; built: {', '.join(names[1:])}")
     report = CompressReport(variants=measured, parity=parity, files=files, edge_variant=edge,

@@ -209,6 +209,11 @@ def _check_supported(vit: nn.Module) -> None:
 
 def reduce_tokens(model: nn.Module, params: TokenReductionParams) -> tuple[nn.Module, TokenPlan]:
     """A copy of ``model`` whose ViT reduces tokens per ``params``; the original is left untouched."""
+    from tasks.models import SegmentationViT
+
+    if any(isinstance(m, SegmentationViT) for m in model.modules()):
+        raise ValueError("token reduction merges the patch tokens a per-pixel segmentation head needs; "
+                         "use distillation, pruning or quantization for segmentation models")
     model = copy.deepcopy(model).eval()
     parent, attr, vit = _find_vit(model)
     _check_supported(vit)
