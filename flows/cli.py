@@ -174,24 +174,30 @@ def _print_receipt(receipt) -> None:
 
 
 def _demo_summary(receipt, workdir: Path) -> str:
+    from tasks.dataset import read_dataset_info
+    from tasks.evaluation import PRIMARY_METRICS
     from tasks.tracking import resolve_tracking_uri
 
     compress = json.loads(Path(receipt.compress.report).read_text())
-    rows = "\n".join(f"    {v['name']:<18} accuracy {v['accuracy']:.3f}  p50 {v['latency_ms_p50']:7.2f} ms  "
+    metric = PRIMARY_METRICS[read_dataset_info(receipt.ingest.dataset).task]
+    rows = "\n".join(f"    {v['name']:<18} {metric} {v['accuracy']:.3f}  p50 {v['latency_ms_p50']:7.2f} ms  "
                      f"{v['throughput']:8.1f} img/s  {v['size_bytes'] / 1e6:6.2f} MB  x{v['speedup_vs_fp32']:.2f}"
                      for v in compress["variants"])
     promoted = receipt.promote
     verdict = f"promoted to {promoted.alias}" if promoted.alias else "NOT promoted (gate failed)"
+    outputs = receipt.predict.outputs if receipt.predict else []
+    predictions = ", ".join(outputs) if len(outputs) <= 3 else \
+        f"{len(outputs)} files in {Path(outputs[0]).parent} (e.g. {Path(outputs[0]).name})"
     uri = resolve_tracking_uri(workdir)
     return f"""
 Vitrail demo finished.
   dataset        {receipt.ingest.dataset}  (digest {receipt.ingest.digest[:12]})
-  variants (test split, batch-1 latency on {compress['threads']} threads):
+  variants (test split {metric}, batch-1 latency on {compress['threads']} threads):
 {rows}
   int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f} (static int8 vs torch fp32 eager, batch 1)
-  edge artifact  {compress['edge_variant']} (fastest variant within the accuracy budget on the validation split)
+  edge artifact  {compress['edge_variant']} (fastest variant within the {metric} budget on the validation split)
   promotion      {promoted.edge_model} and {promoted.reference_model}: {verdict}
-  prediction     {', '.join(receipt.predict.outputs)}
+  prediction     {predictions}
   report         {receipt.compress.report}
 
 Look at it:

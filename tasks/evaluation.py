@@ -22,6 +22,9 @@ import numpy as np
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
+# The headline metric of each task (each report's ``primary``), by the key it has in flat metrics.
+PRIMARY_METRICS = {"classification": "accuracy", "multilabel": "macro_auroc", "segmentation": "foreground_iou"}
+
 
 class Report(Protocol):
     task: str

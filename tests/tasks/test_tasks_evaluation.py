@@ -183,3 +183,12 @@ def test_reports_plot_for_every_task(tmp_path) -> None:
     for report, name in ((multi, "roc.png"), (seg, "pixels.png")):
         path = report.plot("test", tmp_path / name)
         assert path.stat().st_size > 1000
+
+
+def test_primary_metrics_table_matches_each_reports_primary() -> None:
+    from tasks.evaluation import PRIMARY_METRICS, ClassificationReport, MultiLabelReport, SegmentationReport
+
+    assert {ClassificationReport.primary_metric, MultiLabelReport.primary_metric, SegmentationReport.primary_metric} \
+        == set(PRIMARY_METRICS.values())
+    for report_type in (ClassificationReport, MultiLabelReport, SegmentationReport):
+        assert PRIMARY_METRICS[report_type.task] == report_type.primary_metric
