@@ -96,3 +96,36 @@ def write_example(directory: Path, seed: int = 0) -> dict[str, Path]:
         for patient in EXAMPLE_PATIENTS:
             writer.writerow([patient, *EXAMPLE_LABELS[patient]])
     return {"source": source, "labels": labels}
+
+
+def write_segmentation_pair(image_path: Path, mask_path: Path, rng: np.random.Generator, *,
+                            shape: tuple[int, int, int] = (20, 16, 6), spacing: tuple[float, float, float] = (1.0, 1.25, 2.0),
+                            centre: tuple[float, float, float] | None = None, radius_mm: float = 5.0,
+                            affine: np.ndarray | None = None) -> tuple[Path, Path]:
+    """Write a synthetic CT-like NIfTI volume with a bright sphere (a "lesion") and its mask (0/1 uint8).
+
+    The volume is soft tissue (~40 HU, noisy) with a 300 HU sphere of ``radius_mm`` at voxel ``centre``
+    (default: a random point away from the edges); the mask is 1 inside the sphere. Both files share
+    ``affine`` (default LPS-like: x and y axes flipped, so readers must reorient).
+
+    Returns:
+        ``(image_path, mask_path)``.
+    """
+    import nibabel as nib
+
+    if affine is None:
+        affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        affine[:3, 3] = (30.0, 20.0, -10.0)
+    if centre is None:
+        centre = tuple(rng.uniform(0.3, 0.7) * (n - 1) for n in shape)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    grid = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    distance = np.sqrt(sum(((g - c) * z) ** 2 for g, c, z in zip(grid, centre, zooms)))
+    mask = (distance <= radius_mm).astype(np.uint8)
+    data = rng.normal(40.0, 15.0, shape).astype(np.float32)
+    data[:, :1] = -1000.0  # a strip of air, so the volume reads as CT
+    data[mask == 1] = 300.0 + rng.normal(0.0, 10.0, int(mask.sum()))
+    for path, array in ((image_path, data), (mask_path, mask)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), str(path))
+    return image_path, mask_path

@@ -122,6 +122,18 @@ def view_volume(volume: np.ndarray, modality: str, view: str) -> np.ndarray:
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "PX", "IO"})
 
 
+def square_layout(height: int, width: int, spacing_yx: tuple[float, float], size: int) -> tuple[int, int, int, int]:
+    """Where an ``height`` x ``width`` image lands in the ``size`` square: (out_h, out_w, top, left).
+
+    The longer physical side fills the square; the shorter is centred (the rest is padding).
+    """
+    extent_y, extent_x = height * spacing_yx[0], width * spacing_yx[1]
+    field_of_view = max(extent_y, extent_x)
+    out_h = min(size, max(1, round(size * extent_y / field_of_view)))
+    out_w = min(size, max(1, round(size * extent_x / field_of_view)))
+    return out_h, out_w, (size - out_h) // 2, (size - out_w) // 2
+
+
 def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int) -> np.ndarray:
     """Resample (S, H, W) slices onto ``size`` x ``size``, keeping the physical aspect ratio.
 
@@ -132,10 +144,7 @@ def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int
     from scipy import ndimage
 
     count, height, width = slices.shape
-    extent_y, extent_x = height * spacing_yx[0], width * spacing_yx[1]
-    field_of_view = max(extent_y, extent_x)
-    out_h = max(1, round(size * extent_y / field_of_view))
-    out_w = max(1, round(size * extent_x / field_of_view))
+    out_h, out_w, top, left = square_layout(height, width, spacing_yx, size)
     factors = (height / out_h, width / out_w)
     data = slices.astype(np.float32, copy=False)
     sigma = [0.0] + [max(0.0, (f - 1) / 2) for f in factors]
@@ -143,6 +152,40 @@ def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int
         data = ndimage.gaussian_filter(data, sigma=sigma, mode="nearest")
     data = ndimage.zoom(data, (1.0, out_h / height, out_w / width), order=1, mode="nearest", grid_mode=True)
     out = np.zeros((count, size, size), dtype=np.float32)
-    top, left = (size - data.shape[1]) // 2, (size - data.shape[2]) // 2
     out[:, top:top + data.shape[1], left:left + data.shape[2]] = data[:, :size, :size]
     return out
+
+
+def fit_labels_to_square(labels: np.ndarray, spacing_yx: tuple[float, float], size: int) -> np.ndarray:
+    """Resample (S, H, W) class ids like :func:`fit_to_square` resamples the image, by nearest neighbour.
+
+    Same output size and placement as the image (so a label pixel lies on the image pixel it labels); no
+    smoothing; the padding is -1 (ignored by training and metrics). Returns int16.
+    """
+    from scipy import ndimage
+
+    count, height, width = labels.shape
+    out_h, out_w, top, left = square_layout(height, width, spacing_yx, size)
+    data = ndimage.zoom(labels.astype(np.int16, copy=False), (1.0, out_h / height, out_w / width), order=0,
+                        mode="nearest", grid_mode=True)
+    out = np.full((count, size, size), -1, dtype=np.int16)
+    out[:, top:top + data.shape[1], left:left + data.shape[2]] = data[:, :size, :size]
+    return out
+
+
+def unfit_from_square(maps: np.ndarray, height: int, width: int, spacing_yx: tuple[float, float]) -> np.ndarray:
+    """Undo :func:`fit_to_square` on (S, K, size, size) per-pixel maps: crop the padding, resample to (H, W).
+
+    Linear interpolation of the maps (probabilities), so an argmax afterwards gives smooth class borders
+    rather than blocks. Returns (S, K, H, W) float32.
+    """
+    from scipy import ndimage
+
+    count, k, size, _ = maps.shape
+    out_h, out_w, top, left = square_layout(height, width, spacing_yx, size)
+    inner = maps[:, :, top:top + out_h, left:left + out_w].astype(np.float32, copy=False)
+    data = ndimage.zoom(inner, (1.0, 1.0, height / out_h, width / out_w), order=1, mode="nearest", grid_mode=True)
+    if data.shape[2:] != (height, width):  # rounding of the zoomed size: pad by edge or crop to the exact grid
+        pad = [(0, 0), (0, 0), (0, max(0, height - data.shape[2])), (0, max(0, width - data.shape[3]))]
+        data = np.pad(data, pad, mode="edge")[:, :, :height, :width]
+    return data

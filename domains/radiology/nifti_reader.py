@@ -56,8 +56,8 @@ def read_nifti_series(path: Path, relative: PurePosixPath, file_key: str) -> tup
 
     notes: dict[str, str] = {}
     try:
-        image = nib.load(str(path))
-        image = nib.as_closest_canonical(image)
+        original = nib.load(str(path))
+        image = nib.as_closest_canonical(original)
         data = np.asanyarray(image.dataobj, dtype=np.float32) if image.ndim <= 4 else None
     except Exception as exc:
         raise FileReadError(file_key, "unreadable", f"damaged or truncated NIfTI ({type(exc).__name__})") from None
@@ -86,5 +86,8 @@ def read_nifti_series(path: Path, relative: PurePosixPath, file_key: str) -> tup
               for k in range(slices.shape[0])]
     is_volume = len(frames) > 1
     result = Series(patient, study, series, modality, frames, is_volume,
-                    (zooms[2] if is_volume else 0.0, zooms[1], zooms[0]), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), kind="nifti")
+                    (zooms[2] if is_volume else 0.0, zooms[1], zooms[0]), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), kind="nifti",
+                    nifti_affine=np.asarray(original.affine, dtype=np.float64),
+                    nifti_shape=tuple(int(n) for n in original.shape[:3]),
+                    canonical_affine=np.asarray(image.affine, dtype=np.float64))
     return result, notes

@@ -49,6 +49,11 @@ class Series:
     spacing: tuple[float, float, float]
     orientation: tuple[float, ...] | None
     kind: str = "dicom"
+    nifti_affine: np.ndarray | None = None
+    """NIfTI series only: the file's own affine (4x4, RAS mm) and spatial shape, to write masks back in them."""
+    nifti_shape: tuple[int, ...] | None = None
+    canonical_affine: np.ndarray | None = None
+    """NIfTI series only: the affine of the volume after reorientation to RAS (what the slices were cut from)."""
 
     @property
     def file_keys(self) -> list[str]:
