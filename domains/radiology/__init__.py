@@ -12,9 +12,11 @@ from domains.spec import Channel, DomainSpec
 # pydicom, nibabel and scipy are imported inside the functions that use them, so the registry stays light.
 SPEC = DomainSpec(
     name="radiology",
-    title="Radiology (DICOM CT/MR/CR/DX, NIfTI): multi-label findings per image and study, de-identified on read",
+    title=("Radiology (DICOM CT/MR/CR/DX, NIfTI): multi-label findings per image and study, or segmentation from "
+           "NIfTI masks; de-identified on read"),
     intended_use=(
-        "Research on multi-label findings classifiers for radiographs and CT/MR slices, with every input "
+        "Research on multi-label findings classifiers and lesion/organ segmentation for radiographs and CT/MR "
+        "slices, with every input "
         "de-identified (DICOM PS3.15 basic profile) before use and splits by patient. Not a medical device: "
         "not for diagnosis, triage or any clinical decision. Validate on your own scanners and population "
         "before drawing conclusions; the bundled demo is synthetic phantoms, not patients."

@@ -182,11 +182,19 @@ def test_predict_writes_a_nifti_mask_in_the_inputs_geometry(tmp_path):
 
 
 def test_predict_on_a_dicom_volume_writes_its_grid(tmp_path, write_ct_series):
-    write_ct_series(tmp_path / "ct", [0.0, 2.0, 4.0], shape=(10, 12), spacing=(0.8, 0.8))
+    write_ct_series(tmp_path / "src" / "ct", [0.0, 2.0, 4.0], shape=(10, 12), spacing=(0.8, 0.8))
     output = tmp_path / "report.json"
-    SPEC.predict(PredictionRequest(input=tmp_path / "ct", output=output, channels=(Channel("image"),),
+    SPEC.predict(PredictionRequest(input=tmp_path / "src" / "ct", output=output, channels=(Channel("image"),),
                                    class_names=CLASSES, tile_size=12, stride=12, task="segmentation",
                                    infer=lambda b: np.stack([np.ones_like(b[:, 0]), np.zeros_like(b[:, 0])], axis=1)))
     written = nib.load(str(tmp_path / "report.nii.gz"))
     assert written.shape == (12, 10, 3) and not np.asarray(written.dataobj).any()
     np.testing.assert_allclose(np.diag(written.affine)[:3], [-0.8, -0.8, 2.0])
+    # The mask written on the DICOM grid is read back onto the same grid as a label (CSV keyed by file).
+    data = np.asarray(written.dataobj).copy()
+    data[5, 4, 1] = 1
+    nib.save(nib.Nifti1Image(data, written.affine), str(tmp_path / "drawn.nii.gz"))
+    (tmp_path / "masks.csv").write_text("file,mask\nct/001.dcm,drawn.nii.gz\n")
+    samples = _ingest(tmp_path / "src", tmp_path / "masks.csv", tile_size=12)
+    assert samples.task == "segmentation" and samples.labels.shape == (3, 12, 12)
+    assert (samples.labels[:, 0] == -1).all() and np.argwhere(samples.labels == 1).tolist() == [[1, 5, 5]]
