@@ -54,7 +54,10 @@ def plot_pareto(rows: list[dict], title: str, path) -> object:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["name"], r["latency_ms_p50"], r["accuracy"]) for r in rows]
+    # A score can be undefined (NaN): e.g. AUROC on a test split where a finding never occurs.
+    points = [(r["name"], r["latency_ms_p50"], r["accuracy"]) for r in rows if np.isfinite(r["accuracy"])]
+    if len(points) < len(rows):
+        title = f"{title}\n({len(rows) - len(points)} variants without a defined score are not shown)"
     front = set(pareto_front(points))
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, latency, accuracy in points:
@@ -62,7 +65,8 @@ def plot_pareto(rows: list[dict], title: str, path) -> object:
         ax.annotate(name, (latency, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
     line = sorted((lat, acc) for name, lat, acc in points if name in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", lw=1, zorder=2, label="Pareto front")
-    ax.set_xscale("log")
+    if points:
+        ax.set_xscale("log")
     ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=9)
