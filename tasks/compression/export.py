@@ -83,9 +83,18 @@ def require_parity(report: ParityReport, path: Path) -> ParityReport:
 
 
 class ExportOnnx:
-    """The export technique: torch variant -> fp32 ONNX file, failing the step beyond the parity tolerance."""
+    """The export technique: torch variant -> fp32 ONNX file, failing the step beyond the parity tolerance.
+
+    With ``fuse`` (the default) the export is then optimised for CPU inference (each attention block
+    becomes one ``Attention`` op, residual+LayerNorm and bias+GELU become fused ops; see
+    :mod:`tasks.compression.fuse`), and the parity check runs on the fused file, so every later step
+    (quantization included) starts from a graph that is both fast and checked against torch.
+    """
 
     stage = "export"
+
+    def __init__(self, fuse: bool = True):
+        self.fuse = fuse
 
     def apply(self, variant, context):
         from tasks.compression.technique import REFERENCE_ROOT, onnx_file_name
@@ -93,6 +102,13 @@ class ExportOnnx:
         name = "onnx-fp32" if variant.name == REFERENCE_ROOT else variant.name
         path = export_onnx(variant.model, context.parity_images, context.out_dir / onnx_file_name(name),
                            context.metadata)
+        record: dict = {}
+        if self.fuse:
+            from tasks.compression.fuse import optimize_for_cpu
+
+            record["fusion"] = optimize_for_cpu(path, path, context.parity_images,
+                                                tolerance=context.parity_tolerance / 10, threads=context.threads)
+            write_metadata(path, context.metadata)
         report = require_parity(check_parity(variant.model, path, context.parity_images, context.parity_tolerance,
                                              context.threads), path)
-        return variant.then("export", name, {"parity": report.as_dict()}, onnx=path)
+        return variant.then("export", name, {"parity": report.as_dict(), **record}, onnx=path)
