@@ -46,9 +46,9 @@ class PromoteReceipt(BaseModel):
 @flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)
 def promote(params: PromoteParams) -> PromoteReceipt:
     """Apply the gate, compare with the current champion, register versions and set aliases."""
-    names = registered_model_names(get_domain(params.domain))
     with tracking.stage_run(params.domain, "promote", Path(params.workdir), params.model_dump(mode="json")) as run:
         candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
+        names = registered_model_names(get_domain(params.domain), candidate.task)
         champion = current_champion_metric_task(names[1], candidate.metric)
         decision = decide_promotion_task(candidate, params.gate, champion)
         lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,

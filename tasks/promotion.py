@@ -40,6 +40,7 @@ class Candidate:
     edge_latency_ms: float
     parity_max_abs_diff: float
     metric: str = "macro_f1"
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,14 @@ def decide_promotion(candidate: Candidate, gate: GateThresholds, champion_metric
                     reasons=(*reasons, f"worse than champion ({candidate.edge_metric:.4f} < {champion_metric:.4f})"))
 
 
-def registered_model_names(domain: DomainSpec) -> tuple[str, str]:
-    """(reference, edge) registered model names: ``<domain>-<task>`` and ``<domain>-<task>-edge``."""
-    base = f"{domain.name}-{domain.task_name}"
+def registered_model_names(domain: DomainSpec, task: str | None = None) -> tuple[str, str]:
+    """(reference, edge) registered model names: ``<domain>-<task>`` and ``<domain>-<task>-edge``.
+
+    A model of the domain's own task uses its task slug (``satellite-tile-classification``); a model
+    of another task the domain also reads (radiology masks: segmentation) is named after that task,
+    so champions of different tasks are never compared with each other.
+    """
+    base = f"{domain.name}-{domain.task_name if task in (None, domain.task) else task}"
     return base, f"{base}-edge"
 
 
@@ -161,8 +167,9 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
     from tasks import tracking
 
     validation, validate_tags = tracking.read_run(validate_run_id)
+    task = validate_tags.get("vitrail.task", "classification")
     if metric == "auto":
-        metric = AUTO_GATE_METRIC[validate_tags.get("vitrail.task", "classification")]
+        metric = AUTO_GATE_METRIC[task]
     _, compress_tags = tracking.read_run(compress_run_id)
     edge = compress_tags.get("vitrail.edge_variant")
     if edge is None:
@@ -175,7 +182,8 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
     edge_row = next(v for v in report["variants"] if v["name"] == edge)
     candidate = Candidate(reference_metric=validation[keys[0]], edge_metric=validation[keys[1]],
                           edge_latency_ms=edge_row["latency_ms_p50"],
-                          parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"], metric=metric)
+                          parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"], metric=metric,
+                          task=task)
     return candidate, edge
 
 

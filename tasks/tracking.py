@@ -195,9 +195,16 @@ def load_reference_model(model_uri: str):
 
 def model_flavor(model_uri: str) -> tuple[str, dict]:
     """Return ('onnx' | 'pytorch', metadata) of a logged or registered model."""
+    from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
-    info = get_model_info(model_uri)
+    try:
+        info = get_model_info(model_uri)
+    except MlflowException as error:
+        if "@" in model_uri and "alias" in str(error).lower():
+            raise ValueError(f"{model_uri}: no model version holds this alias yet (no candidate has passed the "
+                             "promotion gate); promote one first, or pass the model URI to use") from error
+        raise ValueError(f"{model_uri}: cannot load this model ({error})") from error
     flavor = "onnx" if "onnx" in info.flavors else "pytorch"
     return flavor, dict(info.metadata or {})
 

@@ -117,3 +117,11 @@ def test_registered_model_names_follow_domain_and_task() -> None:
                                                  "satellite-tile-classification-edge")
     other = replace(satellite, name="pathology", task_name="slide-grading")
     assert registered_model_names(other) == ("pathology-slide-grading", "pathology-slide-grading-edge")
+
+
+def test_a_model_of_another_task_gets_its_own_registered_names() -> None:
+    from domains import get_domain
+
+    radiology = get_domain("radiology")
+    assert registered_model_names(radiology, "multilabel") == registered_model_names(radiology)
+    assert registered_model_names(radiology, "segmentation") == ("radiology-segmentation", "radiology-segmentation-edge")

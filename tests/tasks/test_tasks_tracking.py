@@ -271,3 +271,11 @@ def test_gather_candidate_refuses_a_run_that_is_not_a_compress_run(compress_and_
     compress_id, validate_id = compress_and_validate_runs
     with pytest.raises(ValueError, match="is not a compress run"):
         gather_candidate(validate_id, validate_id, "macro_f1")
+
+
+def test_a_champion_that_does_not_exist_yet_is_a_clear_error(logged_models) -> None:
+    from tasks.prediction import load_model
+
+    tracking.register_version(logged_models["edge"], "never-promoted-edge", {})
+    with pytest.raises(ValueError, match="no model version holds this alias yet"):
+        load_model("models:/never-promoted-edge@champion")
