@@ -32,6 +32,11 @@ class QuantizationParams(BaseModel):
     per_channel: bool = Field(True, description="One weight scale per output channel (recommended for ViTs)")
     quantize_ops: list[Literal["MatMul", "Gemm", "Conv", "Add", "Mul"]] = Field(
         ["MatMul", "Gemm", "Conv"], min_length=1, description="Op types to quantize; softmax, LayerNorm and GELU stay in float")
+    quantize_outputs: bool = Field(
+        False, description="Also requantize the outputs of the quantized ops. Off: int8 inputs and weights, float "
+                           "outputs, which ONNX Runtime runs as one MatMulIntegerToFloat per matmul; the ops that "
+                           "follow (LayerNorm, GELU, residual adds) are float anyway, so output Q/DQ pairs only add "
+                           "per-op overhead and rounding")
 
 
 class _TileReader:
@@ -73,7 +78,9 @@ def quantize_int8_static(source: Path, calibration_images: np.ndarray, destinati
     quantize_static(str(prepared), str(destination), _TileReader("image", images), quant_format=QuantFormat.QDQ,
                     per_channel=params.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=list(params.quantize_ops), calibrate_method=method,
-                    extra_options={"CalibPercentile": params.percentile, "ActivationSymmetric": False})
+                    extra_options={"CalibPercentile": params.percentile, "ActivationSymmetric": False,
+                                   **({} if params.quantize_outputs else
+                                      {"OpTypesToExcludeOutputQuantization": list(params.quantize_ops)})})
     prepared.unlink(missing_ok=True)
     write_metadata(destination, metadata)
     return destination
