@@ -66,6 +66,9 @@ class CompressParams(BaseModel):
                                                   description="Recipe step 3: merge or drop tokens at inference")
     recipe_quantization: Literal["int8", "int8-dynamic", "fp16", "none"] = Field(
         "int8", description="Recipe's last step: quantize its export (when any recipe step is enabled)")
+    fuse_graph: bool = Field(True, description="Fuse attention, residual+LayerNorm and bias+GELU into ONNX Runtime "
+                                               "contrib ops (com.microsoft) after export, parity-checked; turn off for "
+                                               "runtimes other than ONNX Runtime")
     threads: int = Field(2, ge=1, le=256, description="CPU threads for every measured variant (target: 2-core CPU)")
     latency_repeats: int = Field(100, ge=5, le=10000, description="Batch-1 calls timed per variant")
     throughput_batch: int = Field(32, ge=1, le=1024, description="Batch size for the throughput measurement")
@@ -81,12 +84,14 @@ class CompressParams(BaseModel):
             steps.append(ReduceTokens(self.token_reduction))
         if steps and self.recipe_quantization != "none":
             steps.append(QuantizeOnnx(self.recipe_quantization, self.quantization))
+        if steps:
+            steps.append(ExportOnnx(fuse=self.fuse_graph))
         return steps
 
     def recipe_label(self) -> str:
         """Short tag of what the compress run did, e.g. ``export+int8`` or ``distill+prune+tome+int8``."""
         parts = [t.stage if t.stage != "tokens" else self.token_reduction.method for t in self.recipe_techniques()
-                 if t.stage != "quantize"]
+                 if t.stage not in ("quantize", "export")]
         return "+".join(["export", "int8"] + (parts and [*parts, self.recipe_quantization]))
 
 
@@ -207,7 +212,8 @@ def _measure_onnx(variant: Variant, params: CompressParams, common: dict) -> tup
 
 def build_variants(model: nn.Module, params: CompressParams, context: CompressionContext) -> list[Variant]:
     """The reference model's export and quantizations, then the recipe's steps (each exported and checked)."""
-    reference = [ExportOnnx(), QuantizeOnnx("int8", params.quantization), QuantizeOnnx("int8-dynamic")]
+    reference = [ExportOnnx(fuse=params.fuse_graph), QuantizeOnnx("int8", params.quantization),
+                 QuantizeOnnx("int8-dynamic")]
     if params.fp16:
         reference.append(QuantizeOnnx("fp16"))
     start = Variant(REFERENCE_ROOT, model)

@@ -92,3 +92,23 @@ def test_graph_without_attention_is_copied_with_a_logged_reason(images, tmp_path
     assert not report.applied and report.fused == 0 and "no attention block matched" in report.reason
     assert "attention fusion skipped" in caplog.text
     assert (tmp_path / "out.onnx").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_export_step_fuses_only_when_asked_and_checks_parity_on_the_final_file(fuse, images, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from tasks.compression.export import ExportOnnx
+    from tasks.compression.recipe import CompressParams
+    from tasks.compression.technique import REFERENCE_ROOT, Variant
+
+    context = SimpleNamespace(out_dir=tmp_path, parity_images=images, metadata=METADATA, parity_tolerance=1e-4,
+                              threads=2)
+    exported = ExportOnnx(fuse=fuse).apply(Variant(REFERENCE_ROOT, tiny_vit()), context)
+    record = exported.records[-1]
+    assert record["parity"]["passed"]
+    assert ("fusion" in record) is fuse
+    assert (op_counts(exported.onnx)["Attention"] == 2) is fuse
+    assert read_metadata(exported.onnx) == METADATA
+    params = CompressParams(fuse_graph=fuse, pruning={"enabled": True, "ratio": 0.3})
+    assert [t.fuse for t in params.recipe_techniques() if t.stage == "export"] == [fuse]
