@@ -57,7 +57,8 @@ class IngestRequest:
         labels: optional label file aligned with the source (e.g. a class raster).
         tile_size: side of each square sample, in pixels of the working grid.
         stride: step between neighbouring samples, in pixels (``stride < tile_size`` overlaps).
-        block_size: side of the leakage block in pixels; samples never straddle two blocks.
+        block_size: side of the leakage block in pixels; samples never straddle two blocks (None: the
+            domain's ``default_block_size``, filled in by the ingest stage before the reader sees it).
         max_nodata_fraction: samples with more nodata than this are dropped and counted.
         channels: explicit channel list (e.g. band names of a multi-band GeoTIFF), or None to infer.
         sensor: sensor name whose band table applies, or None to infer from file names.
@@ -68,7 +69,7 @@ class IngestRequest:
     labels: Path | None = None
     tile_size: int = 32
     stride: int = 32
-    block_size: int = 128
+    block_size: int | None = 128
     max_nodata_fraction: float = 0.5
     channels: tuple[str, ...] | None = None
     sensor: str | None = None
@@ -172,6 +173,8 @@ class DomainSpec:
         default_backbone: timm model name used when a run names none.
         default_peft_targets: module names LoRA attaches to on the default backbone.
         default_tile_size: sample side in pixels.
+        default_block_size: side of the spatial leakage blocks in pixels when a run names none (domains
+            without spatial blocks ignore it).
         read_samples: reader turning an :class:`IngestRequest` into a :class:`SampleSet`.
         predict: writes a prediction for one input (see :class:`PredictionRequest`).
         list_prediction_inputs: expands a path (one input or a drop folder) into inputs.
@@ -209,5 +212,6 @@ class DomainSpec:
     demo_notes: str = ""
     prediction_suffix: str = ".tif"
     train_flips: bool = True
+    default_block_size: int = 128
     name_prediction: Callable[[Path], str] | None = None
     write_ingest_reports: Callable[[SampleSet, Path], list[Path]] | None = None

@@ -70,7 +70,8 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-names", type=_csv, help="names of label values 0..K-1, comma-separated")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (default 32)")
     parser.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
-    parser.add_argument("--block-size", type=int, help="spatial block side in pixels for leakage-free splits (default 128)")
+    parser.add_argument("--block-size", type=int, help="spatial block side in pixels for leakage-free splits "
+                                                       "(default: the domain's; 128 satellite, 64 hyperspectral)")
 
 
 def _source_payload(args: argparse.Namespace) -> dict:

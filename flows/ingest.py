@@ -17,8 +17,10 @@ class TilingParams(BaseModel):
 
     tile_size: int = Field(32, ge=8, le=1024, description="Side of each square tile in pixels (also the model input size)")
     stride: int = Field(32, ge=1, le=1024, description="Step between tiles in pixels; smaller than tile_size overlaps")
-    block_size: int = Field(128, ge=8, le=100000,
-                            description="Side of the spatial blocks that are kept whole within one split (pixels)")
+    block_size: int | None = Field(None, ge=8, le=100000,
+                                   description="Side of the spatial blocks that are kept whole within one split "
+                                               "(pixels); empty uses the domain's default (satellite 128, "
+                                               "hyperspectral 64)")
     max_nodata_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Tiles with more nodata than this are dropped")
 
 

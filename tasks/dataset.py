@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +316,8 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
 def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path, params: SplitParams) -> DatasetInfo:
     """Read a source with its domain's reader and write it as a dataset (the ingest stage's work)."""
     domain = get_domain(domain_name)
+    if request.block_size is None:
+        request = replace(request, block_size=domain.default_block_size)
     samples = domain.read_samples(request)
     info = write_dataset(samples, domain.name, domain.task, out_dir, params)
     if domain.write_ingest_reports is not None:
