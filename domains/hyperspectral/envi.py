@@ -205,6 +205,18 @@ def read_envi_header(path: Path | str) -> EnviHeader:
     return header
 
 
+def _map_data(header: EnviHeader, mode: str) -> np.ndarray:
+    """The data file as an array in its interleave's axis order: BSQ (band, line, sample), BIL (line, band,
+    sample), BIP (line, sample, band); nothing is read until it is indexed."""
+    shapes = {
+        "bsq": (header.bands, header.lines, header.samples),
+        "bil": (header.lines, header.bands, header.samples),
+        "bip": (header.lines, header.samples, header.bands),
+    }
+    return np.memmap(header.data_path, dtype=header.dtype, mode=mode, offset=header.header_offset,
+                     shape=shapes[header.interleave])
+
+
 def read_envi_window(header: EnviHeader, bands: np.ndarray | list[int] | None, rows: slice, cols: slice) -> np.ndarray:
     """Copy bands x rows x cols out of an ENVI data file as float32 (bands, rows, cols).
 
@@ -212,13 +224,7 @@ def read_envi_window(header: EnviHeader, bands: np.ndarray | list[int] | None, r
     the requested band lines of each row, BIP reads whole rows (every band of a pixel is adjacent).
     """
     band_index = np.arange(header.bands) if bands is None else np.asarray(bands, dtype=np.int64)
-    shapes = {
-        "bsq": (header.bands, header.lines, header.samples),
-        "bil": (header.lines, header.bands, header.samples),
-        "bip": (header.lines, header.samples, header.bands),
-    }
-    raw = np.memmap(header.data_path, dtype=header.dtype, mode="r", offset=header.header_offset,
-                    shape=shapes[header.interleave])
+    raw = _map_data(header, "r")
     try:
         if header.interleave == "bsq":
             out = raw[band_index, rows, cols]
@@ -316,13 +322,7 @@ def write_envi_rows(path: Path | str, block: np.ndarray, first_row: int) -> None
     """Write a (bands, rows, samples) block into an existing ENVI file at ``first_row``."""
     header = read_envi_header(path)
     block = np.asarray(block)
-    shapes = {
-        "bsq": (header.bands, header.lines, header.samples),
-        "bil": (header.lines, header.bands, header.samples),
-        "bip": (header.lines, header.samples, header.bands),
-    }
-    raw = np.memmap(header.data_path, dtype=header.dtype, mode="r+", offset=header.header_offset,
-                    shape=shapes[header.interleave])
+    raw = _map_data(header, "r+")
     rows = slice(first_row, first_row + block.shape[1])
     if header.interleave == "bsq":
         raw[:, rows, :] = block

@@ -102,7 +102,7 @@ def distill(teacher: nn.Module, params: DistillParams, context, name: str) -> tu
     return model, {"student_backbone": params.student_backbone, "student_depth": params.student_depth,
                    "init_from_teacher": params.init_from_teacher, "epochs": params.epochs,
                    "temperature": params.temperature, "weight": params.weight, "best_epoch": result.best_epoch,
-                   "val_accuracy": best.get("val_accuracy"), "val_macro_f1": best.get("val_macro_f1")}
+                   **{k: v for k, v in best.items() if k.startswith("val_")}}
 
 
 class DistillStudent:

@@ -115,7 +115,7 @@ def recover(model: nn.Module, context, epochs: int, learning_rate: float, distil
     result = fit(model, context.dataset, params, checkpoint_dir, model_key, teacher_logits=teacher_logits)
     best = result.best_metrics
     return result.model.eval(), {"objective": objective, "epochs": epochs, "best_epoch": result.best_epoch,
-                                 "val_accuracy": best.get("val_accuracy"), "val_macro_f1": best.get("val_macro_f1")}
+                                 **{k: v for k, v in best.items() if k.startswith("val_")}}
 
 
 class PruneStructured:
