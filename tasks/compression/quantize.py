@@ -90,9 +90,21 @@ def quantize_int8_dynamic(source: Path, destination: Path) -> Path:
     """Dynamic int8: weights quantized offline, activation ranges computed per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import onnx
+
     metadata = read_metadata(source)
     prepared = _preprocess(source, destination.with_suffix(".prep.onnx"))
-    quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8, per_channel=True)
+    try:
+        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8, per_channel=True)
+    except onnx.shape_inference.InferenceError:
+        # Token-merged graphs can leave value_info that ONNX's re-inference contradicts (seen on ToMe exports:
+        # "Inferred shape and existing shape differ"); dynamic quantization needs no stored shapes, so drop them.
+        model = onnx.load(str(prepared))
+        del model.graph.value_info[:]
+        onnx.save(model, str(prepared))
+        # Without stored shapes some initialiser types are not re-derived; every weight here is float32.
+        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     prepared.unlink(missing_ok=True)
     write_metadata(destination, metadata)
     return destination

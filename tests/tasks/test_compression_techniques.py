@@ -148,6 +148,19 @@ def test_pruned_and_merged_models_export_with_parity(tmp_path: Path, dataset, im
     assert produced[-1].steps == ("prune", "export", "tokens", "export")
 
 
+def test_a_token_merged_export_quantizes_dynamically(tmp_path: Path, dataset, images) -> None:
+    from tasks.compression.quantize import quantize_int8_dynamic
+    from tasks.compression.recipe import ReduceTokens
+    from tasks.onnx_runtime import open_session, session_predictor
+
+    context = context_for(dataset, tmp_path, images)
+    [merged] = run_recipe(Variant(REFERENCE_ROOT, tiny_vit(depth=4)),
+                          [ReduceTokens(TokenReductionParams(method="tome", merge_r=4, min_tokens=2))], context)
+    quantized = quantize_int8_dynamic(merged.onnx, tmp_path / "merged-int8-dynamic.onnx")
+    outputs = session_predictor(open_session(quantized, 1))(images)
+    assert outputs.shape == (len(images), 3) and np.isfinite(outputs).all()
+
+
 def test_export_step_fails_when_the_onnx_file_disagrees(tmp_path: Path, dataset, onnx_fp32: Path,
                                                         monkeypatch) -> None:
     from tasks.compression import export as exporting
