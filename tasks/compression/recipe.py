@@ -23,7 +23,6 @@ from tasks.compression.measure import (
     count_macs,
     measure_variant,
     plot_pareto,
-    primary_metric,
     resident_bytes,
 )
 from tasks.compression.profiles import ProfileError, ProfileName, TargetProfile, budget_violations, get_profile
@@ -53,7 +52,9 @@ class CompressParams(BaseModel):
                             "validation split and within the target profile's budget; 'recipe' takes the recipe's "
                             "last step; or name one variant")
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0,
-                                     description="Largest validation accuracy drop versus fp32 that 'auto' accepts")
+                                     description="Largest validation score drop versus fp32 that 'auto' accepts "
+                                                 "(the gate's default metric: macro-F1, macro AUROC or "
+                                                 "foreground IoU)")
     profile: ProfileName = Field("cpu-2core", description="Target hardware whose latency/memory/size budget the edge "
                                                           "variant must meet (only cpu-2core is measured here)")
     parity_tolerance: float = Field(1e-3, gt=0, le=1.0,
@@ -169,17 +170,18 @@ def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, re
     """
     from tasks.evaluation import evaluate_predictor
 
-    reference = primary_metric(evaluate_predictor(reference_predict, images, labels, class_names, task=task))
+    # Judged on the same score the promotion gate uses by default (macro-F1, macro AUROC or foreground
+    # IoU), so the variant chosen here is not one the gate then rejects for a minority-class drop.
+    reference = evaluate_predictor(reference_predict, images, labels, class_names, task=task).selection
     why: dict[str, list[str]] = {} if reasons is None else reasons
     for row in measured:
         if row.name not in predictors:
             continue
         problems = []
         if row.name != "onnx-fp32":
-            drop = reference - primary_metric(evaluate_predictor(predictors[row.name], images, labels, class_names,
-                                                                 task=task))
+            drop = reference - evaluate_predictor(predictors[row.name], images, labels, class_names, task=task).selection
             if drop > max_drop + 1e-9:
-                problems.append(f"validation accuracy drop {drop:.4f} > {max_drop:g}")
+                problems.append(f"validation score drop {drop:.4f} > {max_drop:g}")
         if profile is not None:
             problems += budget_violations(profile, row.precision, row.latency_ms_p50, row.memory_bytes, row.size_bytes)
         why[row.name] = problems
