@@ -177,10 +177,12 @@ def _print_receipt(receipt) -> None:
 def _demo_summary(receipt, workdir: Path) -> str:
     from tasks.dataset import read_dataset_info
     from tasks.evaluation import PRIMARY_METRICS
+    from tasks.promotion import AUTO_GATE_METRIC
     from tasks.tracking import resolve_tracking_uri
 
     compress = json.loads(Path(receipt.compress.report).read_text())
-    metric = PRIMARY_METRICS[read_dataset_info(receipt.ingest.dataset).task]
+    task = read_dataset_info(receipt.ingest.dataset).task
+    metric, judged_on = PRIMARY_METRICS[task], AUTO_GATE_METRIC[task]
     rows = "\n".join(f"    {v['name']:<18} {metric} {v['accuracy']:.3f}  p50 {v['latency_ms_p50']:7.2f} ms  "
                      f"{v['throughput']:8.1f} img/s  {v['size_bytes'] / 1e6:6.2f} MB  x{v['speedup_vs_fp32']:.2f}"
                      for v in compress["variants"])
@@ -196,7 +198,7 @@ Vitrail demo finished.
   variants (test split {metric}, batch-1 latency on {compress['threads']} threads):
 {rows}
   int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f} (static int8 vs torch fp32 eager, batch 1)
-  edge artifact  {compress['edge_variant']} (fastest variant within the {metric} budget on the validation split)
+  edge artifact  {compress['edge_variant']} (fastest variant within the {judged_on} budget on the validation split)
   promotion      {promoted.edge_model} and {promoted.reference_model}: {verdict}
   prediction     {predictions}
   report         {receipt.compress.report}
