@@ -13,6 +13,7 @@ from functools import cache
 from domains.spec import (
     Channel,
     DomainInputError,
+    LABEL_RANKS,
     DomainSpec,
     IngestRequest,
     PredictionRequest,
@@ -26,6 +27,7 @@ __all__ = [
     "Channel",
     "DomainInputError",
     "DomainSpec",
+    "LABEL_RANKS",
     "IngestRequest",
     "PredictionRequest",
     "PredictionSummary",

@@ -23,6 +23,10 @@ TaskType = Literal["classification", "multilabel", "segmentation"]
 """
 
 
+# Dimensions of a task's label array: (N,), (N, K) or (N, H, W).
+LABEL_RANKS = {"classification": 1, "multilabel": 2, "segmentation": 3}
+
+
 def labelled_samples(labels: np.ndarray) -> np.ndarray:
     """Boolean (N,) mask of samples that carry any label, whatever the task's label shape."""
     if labels.ndim == 1:

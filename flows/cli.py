@@ -52,6 +52,10 @@ LABELS_HELP = ("labels aligned with the source: a class raster (satellite), a fi
                "series (radiology), a plume mask raster (hyperspectral)")
 
 
+def _overrides_arg(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text or OVERRIDE_HELP)
+
+
 def _domain_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", default="satellite", help="imaging domain (see `vitrail domains`)")
 
@@ -107,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help=LABELS_HELP + "; omit for an unlabelled dataset")
     p.add_argument("--out", required=True, help="dataset folder to write")
     _source_args(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    _overrides_arg(p)
 
     p = verbs.add_parser("finetune", help="fine-tune a backbone with LoRA on a dataset",
                          description="Fine-tune a timm ViT with a LoRA adapter; logs the run and model to MLflow.")
     _domain_arg(p)
     p.add_argument("--dataset", required=True, help="dataset folder written by `vitrail ingest`")
     _workdir_arg(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    _overrides_arg(p)
 
     p = verbs.add_parser("compress", help="export ONNX, quantize int8 and measure variants",
                          description="Export the reference model to ONNX, check parity, quantize, measure.")
@@ -122,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset folder (test split and calibration tiles)")
     p.add_argument("--model", required=True, help="reference model URI printed by `vitrail finetune`")
     _workdir_arg(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    _overrides_arg(p)
 
     p = verbs.add_parser("validate", help="score the reference model and its variants on the test split",
-                         description="Accuracy, macro-F1, per-class scores and confusion matrices for every variant.")
+                         description="The task's metrics and plots (confusion matrices, ROC curves, IoU) for every variant.")
     _domain_arg(p)
     p.add_argument("--dataset", required=True, help="dataset folder")
     p.add_argument("--model", required=True, help="reference model URI")
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-run", required=True, help="compress run id")
     p.add_argument("--validate-run", required=True, help="validate run id")
     _workdir_arg(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP + " (gate.*)")
+    _overrides_arg(p, OVERRIDE_HELP + " (gate.*)")
 
     p = verbs.add_parser("predict", help="predict a scene (or a drop folder) with a model",
                          description="Write a prediction GeoTIFF with the input's CRS and transform.")
@@ -159,14 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p)
     _source_args(p)
     p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    _overrides_arg(p)
     p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
                          description="Benchmarks measure variants side by side in one run on this machine and "
                                      "print ratios; they are not tests. Known: compression, onboard.")
     p.add_argument("name", help="benchmark name (compression, onboard)")
     _workdir_arg(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
+    _overrides_arg(p, "benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
     return parser
 
 

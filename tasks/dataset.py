@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, model_validator
 
-from domains import Channel, IngestRequest, SampleSet, get_domain, labelled_samples
+from domains import LABEL_RANKS, Channel, IngestRequest, SampleSet, get_domain, labelled_samples
 
 SPLITS = ("train", "val", "test")
 SHARD_SAMPLES = 2048
@@ -179,8 +179,7 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
     task_type = samples.task or task_type
     if len(samples.images) == 0:
         raise DatasetError(f"{samples.source}: no samples left after filtering (dropped: {samples.dropped})")
-    expected_rank = {"classification": 1, "multilabel": 2, "segmentation": 3}.get(task_type)
-    if expected_rank is None or samples.labels.ndim != expected_rank:
+    if LABEL_RANKS.get(task_type) != samples.labels.ndim:
         raise DatasetError(f"{samples.source}: labels of shape {samples.labels.shape} do not fit task {task_type!r}")
     labelled = labelled_samples(samples.labels)
     if labelled.any():

@@ -22,8 +22,10 @@ import numpy as np
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
-# The headline metric of each task (each report's ``primary``), by the key it has in flat metrics.
+# The headline metric of each task (each report's ``primary``) and the score model selection maximises
+# (each report's ``selection``), by the keys they have in flat metrics.
 PRIMARY_METRICS = {"classification": "accuracy", "multilabel": "macro_auroc", "segmentation": "foreground_iou"}
+SELECTION_METRICS = {"classification": "macro_f1", "multilabel": "macro_auroc", "segmentation": "foreground_iou"}
 
 
 class Report(Protocol):

@@ -10,11 +10,12 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from domains import DomainSpec
+from tasks.evaluation import SELECTION_METRICS
 
 GateMetric = Literal["auto", "macro_f1", "accuracy", "macro_auroc", "macro_auprc", "foreground_iou", "mean_iou",
                      "pixel_accuracy"]
 # What "auto" means per task: the score model selection maximises during training.
-AUTO_GATE_METRIC = {"classification": "macro_f1", "multilabel": "macro_auroc", "segmentation": "foreground_iou"}
+AUTO_GATE_METRIC = SELECTION_METRICS
 
 
 class GateThresholds(BaseModel):

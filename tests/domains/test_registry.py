@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from domains import DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, labelled_samples, registry
+from domains import LABEL_RANKS, DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, labelled_samples, registry
 
 DOMAINS = domain_names()
 
@@ -47,8 +47,7 @@ def test_example_reads_into_a_valid_labelled_sample_set(name, tmp_path):
     assert samples.images.dtype == np.float32 and samples.images.shape[1] == len(samples.channels)
     assert np.isfinite(samples.images).all()
     assert labelled_samples(samples.labels).all() and samples.labels.max() < len(samples.class_names)
-    expected_rank = {"classification": 1, "multilabel": 2, "segmentation": 3}[samples.task or spec.task]
-    assert samples.labels.ndim == expected_rank
+    assert samples.labels.ndim == LABEL_RANKS[samples.task or spec.task]
     assert len(set(samples.groups.tolist())) >= 3
 
 
