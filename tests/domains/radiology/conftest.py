@@ -32,7 +32,7 @@ def testdata():
     import pydicom.data
 
     def find(name: str) -> Path:
-        path = Path(pydicom.data.get_testdata_file(name) or "")
+        path = Path(pydicom.data.get_testdata_file(name, download=False) or "")
         if not path.is_file():
             pytest.skip(f"pydicom test file {name} is not installed")
         return path
