@@ -1,0 +1,34 @@
+"""Fixtures of the integration tests: free ports and a real Prefect server shared by the session."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import pytest
+from integration_support import PrefectServer, find_free_port, running_prefect_server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture()
+def free_port() -> Callable[[], int]:
+    """Call it once per port a test needs (127.0.0.1)."""
+    return find_free_port
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real ``prefect server start`` with a temporary PREFECT_HOME; stopped (whole process group) at the end."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server
+
+
+@pytest.fixture()
+def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """Point this test process's Prefect client at the real server (over any harness another folder set up)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server

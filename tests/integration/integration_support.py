@@ -1,0 +1,127 @@
+"""Helpers of the integration tests: free ports, process groups, and a real Prefect server.
+
+Named ``integration_support`` (not ``conftest``) so test modules can import it without clashing with other
+folders' conftest modules. Every process started here runs in a new session (its own process group) and is
+stopped with its whole group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT_S = 120
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``process``, then SIGKILL whatever is left of it."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        # Children (uvicorn, service workers) may outlive the leader; the group id is the leader's pid.
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=grace_s)
+
+
+def client_environment(home: Path, api_url: str) -> dict[str, str]:
+    """The caller's environment pointed at a private Prefect home and server, with nothing phoning home."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_CLI_COLORS": "false",
+        "PREFECT_CLI_WRAP_LINES": "false",
+    })
+    return env
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """A running Prefect server and the environment its clients (CLI, workers, flow processes) need."""
+
+    api_url: str
+    home: Path
+    log: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str, cwd: Path = REPO_ROOT, extra_env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run ``prefect <args>`` against this server; fail with its output if it fails."""
+        result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env={**self.env, **(extra_env or {})},
+                                capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+@contextmanager
+def running_prefect_server(home: Path) -> Iterator[PrefectServer]:
+    """``prefect server start`` on 127.0.0.1 (every service, the scheduler included) with SQLite in ``home``."""
+    port = find_free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = client_environment(home, api_url)
+    server_env = {
+        **env,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_UI_ENABLED": "false",
+        # Short service loops so scheduled runs and expired leases show up in seconds, not minutes.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+    }
+    log = home / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                    "--port", str(port)], env=server_env, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(api_url):
+            if process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not answer /api/health in {SERVER_START_TIMEOUT_S} s:\n"
+                                   f"{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield PrefectServer(api_url=api_url, home=home, log=log, env=env)
+    finally:
+        stop_process_group(process)
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
