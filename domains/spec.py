@@ -34,13 +34,22 @@ def labelled_samples(labels: np.ndarray) -> np.ndarray:
     return (labels.reshape(len(labels), -1) >= 0).any(axis=1)
 
 
+def printable_path(path: Path | str) -> str:
+    """A path as text that any terminal, log handler or JSON encoder accepts.
+
+    Linux file names are bytes; Python keeps the ones that are not UTF-8 as lone surrogates, which
+    make ``print``, log shipping and JSON encoders fail. They are shown as ``\\xNN`` escapes instead.
+    """
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class DomainInputError(ValueError):
     """Bad input for a domain reader; the message names the file and the problem."""
 
     def __init__(self, path: Path | str, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{printable_path(path)}: {printable_path(problem)}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,9 @@ class SampleSet:
     are stored with the dataset. ``task`` overrides the domain's default task when the labels given
     decide it (e.g. radiology: a findings CSV is multilabel, masks are segmentation).
     ``sample_ids`` optionally names each sample (must be unique and free of identifying values); by
-    default a sample is named ``<source>#<row>,<col>``.
+    default a sample is named ``<source>#<row>,<col>``. ``quarantine`` lists the files or series of the
+    source that were left out, one ``{"item", "reason", "problem"}`` record each (``item`` is the file,
+    or its pseudonymous key where names may identify people); the rest of the source was kept.
     """
 
     images: np.ndarray
@@ -107,6 +118,7 @@ class SampleSet:
     provenance: dict[str, str] = field(default_factory=dict)
     task: TaskType | None = None
     sample_ids: np.ndarray | None = None
+    quarantine: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.images)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from domains import IngestRequest
 from flows.parameters import DomainName
-from tasks.dataset import SplitParams, build_dataset_task
+from tasks.dataset import QUARANTINE_FILE, SplitParams, build_dataset_task
 
 
 class TilingParams(BaseModel):
@@ -46,12 +46,14 @@ class IngestParams(BaseModel):
 
 
 class IngestReceipt(BaseModel):
-    """Where the dataset is and what it holds."""
+    """Where the dataset is, what it holds, and how many input files or series were left out (quarantined)."""
 
     dataset: str
     digest: str
     split_counts: dict[str, int]
     dropped: dict[str, int]
+    quarantined: int = 0
+    quarantine_file: str | None = None
 
 
 @flow(name="ingest-dataset", flow_run_name="ingest-{params.domain}", log_prints=True)
@@ -65,5 +67,7 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         class_names=tuple(params.class_names) if params.class_names else None,
     )
     info = build_dataset_task(params.domain, request, Path(params.out), params.split)
-    return IngestReceipt(dataset=str(Path(params.out).resolve()), digest=info.digest,
-                         split_counts=info.split_counts, dropped=info.dropped)
+    dataset = Path(params.out).resolve()
+    return IngestReceipt(dataset=str(dataset), digest=info.digest, split_counts=info.split_counts,
+                         dropped=info.dropped, quarantined=info.quarantined,
+                         quarantine_file=str(dataset / QUARANTINE_FILE))

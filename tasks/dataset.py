@@ -3,6 +3,7 @@
 On disk a dataset is a folder::
 
     dataset.json       metadata: digest, domain, task, channels, classes, geometry, normalisation, counts
+    quarantine.json    files or series of the source left out, each with its reason (may be empty)
     manifest.parquet   one row per sample: id, shard, index in shard, label shard, source, row, col,
                        label, group, split
     shards/<sha>.npy   float32 (n, C, H, W) image stacks, named by the SHA-256 of their bytes; for
@@ -13,14 +14,22 @@ labelled sample and -1 for an unlabelled one, and the labels themselves live in 
 
 Splits are assigned per leakage group (spatial block, patient, slide), never per sample, and the
 "no group in two splits" invariant is asserted both when writing and when loading.
+
+A dataset is written into a hidden sibling folder (``.<name>.partial-<pid>-<token>``) and renamed into
+place only once complete, so a killed ingest never leaves a half-written dataset where a later stage
+would read it; the next write sweeps the leftovers of writers that are no longer running.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from prefect import task
@@ -28,11 +37,15 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, model_validator
 
 from domains import LABEL_RANKS, Channel, IngestRequest, SampleSet, get_domain, labelled_samples
+from domains.confinement import ensure_inside
 
 SPLITS = ("train", "val", "test")
 SHARD_SAMPLES = 2048
 FORMAT_VERSION = 2
 LABEL_DTYPES = {"multilabel": np.int8, "segmentation": np.int16}
+QUARANTINE_FILE = "quarantine.json"
+PARTIAL_MARK = ".partial-"
+_REPLACED_MARK = ".replaced-"
 
 
 class DatasetError(ValueError):
@@ -71,6 +84,8 @@ class DatasetInfo:
     channel_std: tuple[float, ...]
     provenance: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    quarantined: int = 0
+    """Files or series of the source left out (listed with their reasons in ``quarantine.json``)."""
 
     @property
     def num_classes(self) -> int:
@@ -165,22 +180,109 @@ def _class_counts(labels: np.ndarray, splits: np.ndarray, task: str, class_names
     return counts
 
 
-def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams) -> DatasetInfo:
+def is_partial_dataset(path: Path | str) -> bool:
+    """Whether ``path`` is an unfinished (or abandoned) dataset write, never a dataset to read."""
+    return PARTIAL_MARK in Path(path).name or _REPLACED_MARK in Path(path).name
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _sweep_abandoned(out_dir: Path) -> None:
+    """Remove partial folders of ``out_dir`` left by writers that died (``kill -9``, power cut)."""
+    for mark in (PARTIAL_MARK, _REPLACED_MARK):
+        prefix = f".{out_dir.name}{mark}"
+        for sibling in out_dir.parent.glob(f".*{mark}*"):
+            if not sibling.name.startswith(prefix):
+                continue
+            pid = sibling.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _writer_alive(int(pid)):
+                shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise DatasetError(f"{out_dir}: exists and is not a folder; choose another dataset folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "dataset.json").is_file():
+        raise DatasetError(f"{out_dir}: exists, is not empty and is not a Vitrail dataset; refusing to replace "
+                           "what it holds: choose a new or empty folder")
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    """Rename the complete ``partial`` folder to ``out_dir``, replacing an earlier dataset there."""
+    _check_replaceable(out_dir)  # again: something may have appeared there while the dataset was written
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.rename(partial, out_dir)
+        return
+    # Two renames: the old dataset stays complete until the new one is complete and about to take its name.
+    old = out_dir.with_name(f".{out_dir.name}{_REPLACED_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(out_dir, old)
+    os.rename(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams,
+                  extra_files: Callable[[Path], object] | None = None) -> DatasetInfo:
     """Split ``samples`` by leakage group and write manifest, shards and metadata to ``out_dir``.
 
     Only labelled samples are split for training; an unlabelled sample set is written entirely as
     the ``test`` split with label -1, so prediction-only datasets keep the same format. The task is
     the sample set's own when it names one, else ``task_type`` (the domain's default).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    out_dir = Path(out_dir)
+    Everything is written into a hidden sibling folder first; ``extra_files`` (e.g. a domain's ingest
+    reports) is called with that folder, and the folder is renamed to ``out_dir`` only when complete. An
+    existing dataset at ``out_dir`` is replaced then; a non-empty folder that is not a dataset is refused.
+
+    Raises:
+        DatasetError: nothing to write, labels that do not fit the task, splits that cannot be filled, or
+            ``out_dir`` holding something other than a dataset.
+    """
+    out_dir = Path(os.path.abspath(out_dir))
+    if not out_dir.name or out_dir == out_dir.parent:
+        raise DatasetError(f"{out_dir}: a dataset needs a folder of its own, not the file system root")
+    if is_partial_dataset(out_dir):
+        raise DatasetError(f"{out_dir}: names the temporary folder of an unfinished write; choose another name")
+    _check_replaceable(out_dir)
     task_type = samples.task or task_type
+    _check_samples(samples, task_type)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_abandoned(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    partial.mkdir()
+    try:
+        info = _write_contents(samples, domain, task_type, partial, params, where=out_dir)
+        if extra_files is not None:
+            extra_files(partial)
+        _publish(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return info
+
+
+def _check_samples(samples: SampleSet, task_type: str) -> None:
     if len(samples.images) == 0:
         raise DatasetError(f"{samples.source}: no samples left after filtering (dropped: {samples.dropped})")
     if LABEL_RANKS.get(task_type) != samples.labels.ndim:
         raise DatasetError(f"{samples.source}: labels of shape {samples.labels.shape} do not fit task {task_type!r}")
+
+
+def _write_contents(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams,
+                    where: Path) -> DatasetInfo:
+    """Write manifest, shards, quarantine list and (last) ``dataset.json`` into ``out_dir``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _check_samples(samples, task_type)
     labelled = labelled_samples(samples.labels)
     if labelled.any():
         split_of = assign_splits(samples.groups[labelled], params)
@@ -188,7 +290,7 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
         splits[~labelled] = "unlabelled"
     else:
         splits = np.full(len(samples.labels), "test")
-    check_no_group_leak(samples.groups[splits != "unlabelled"], splits[splits != "unlabelled"], str(out_dir))
+    check_no_group_leak(samples.groups[splits != "unlabelled"], splits[splits != "unlabelled"], str(where))
     if labelled.any() and not all((splits == s).any() for s in SPLITS if s != "val" or params.val_fraction > 0):
         raise DatasetError(f"{samples.source}: a split came out empty; add data or lower the block size")
 
@@ -200,7 +302,7 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
 
     def save_block(block: np.ndarray) -> str:
         digest = _sha256(block.tobytes() + str(block.shape).encode())
-        np.save(shard_dir / f"{digest}.npy", block)
+        np.save(ensure_inside(shard_dir, shard_dir / f"{digest}.npy"), block)
         shard_digests.append(digest)
         return digest
 
@@ -246,7 +348,10 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
         channel_mean=mean,
         channel_std=std,
         provenance=dict(samples.provenance),
+        quarantined=len(samples.quarantine),
     )
+    (out_dir / QUARANTINE_FILE).write_text(json.dumps(samples.quarantine, indent=2))
+    # dataset.json last: a folder holding it holds everything it describes.
     (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2))
     return info
 
@@ -263,6 +368,9 @@ def _shard_order(manifest: dict[str, list]) -> list[str]:
 
 def read_dataset_info(path: Path | str) -> DatasetInfo:
     """Read only the metadata of the dataset at ``path`` (cheap; no shards are touched)."""
+    if is_partial_dataset(path):
+        raise DatasetError(f"{path}: an unfinished dataset write (the ingest was interrupted); rerun the ingest "
+                           "and use the folder it names")
     meta = Path(path) / "dataset.json"
     if not meta.is_file():
         raise DatasetError(f"{path}: not a Vitrail dataset (no dataset.json); run the ingest flow first")
@@ -318,10 +426,9 @@ def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path, param
     if request.block_size is None:
         request = replace(request, block_size=domain.default_block_size)
     samples = domain.read_samples(request)
-    info = write_dataset(samples, domain.name, domain.task, out_dir, params)
-    if domain.write_ingest_reports is not None:
-        domain.write_ingest_reports(samples, Path(out_dir))
-    return info
+    reports = domain.write_ingest_reports
+    return write_dataset(samples, domain.name, domain.task, out_dir, params,
+                         extra_files=(lambda folder: reports(samples, folder)) if reports is not None else None)
 
 
 build_dataset_task = task(build_dataset, name="build-dataset", cache_policy=NONE)

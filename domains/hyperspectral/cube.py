@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from domains.hyperspectral.envi import EnviHeader, read_envi_header, read_envi_window
+from domains.input_guards import check_readable, check_source_size, input_errors_named
 from domains.spec import DomainInputError
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -137,6 +138,10 @@ def _open_geotiff(path: Path) -> Cube:
     except rasterio.errors.RasterioIOError as error:
         raise DomainInputError(path, f"cannot be opened as a GeoTIFF: {error}") from None
     with ds:
+        check_source_size(path, (ds.height, ds.width, ds.count), "lines x samples x bands")
+        if not {np.dtype(d).kind for d in ds.dtypes} <= {"u", "i", "f"}:
+            raise DomainInputError(path, f"data type {', '.join(sorted(set(ds.dtypes)))} is not supported: a cube "
+                                         "must hold real radiance values")
         tags = ds.tags()
         waves: list[float | None] = []
         widths: list[float | None] = []
@@ -200,18 +205,22 @@ def open_cube(path: Path | str) -> Cube:
     """Open an ENVI cube (header or data file) or a multi-band GeoTIFF without reading its pixels.
 
     Raises:
-        DomainInputError: the file does not exist, is not a supported cube, or its header is bad.
+        DomainInputError: the file does not exist or cannot be read, is not a supported cube, its header is
+            bad, or it declares more values than ``VITRAIL_MAX_SOURCE_SAMPLES``; no other exception escapes.
     """
-    path = Path(path)
+    path = check_readable(path, "any")
+    with input_errors_named(path):
+        return _open_cube(path)
+
+
+def _open_cube(path: Path) -> Cube:
     if path.is_dir():
         headers = sorted(path.glob("*.hdr"))
         tifs = sorted(p for p in path.iterdir() if p.suffix.lower() in GEOTIFF_SUFFIXES)
         if len(headers) + len(tifs) != 1:
             raise DomainInputError(path, f"a folder source must hold exactly one cube (.hdr or .tif), found "
                                          f"{len(headers)} headers and {len(tifs)} GeoTIFFs")
-        path = (headers or tifs)[0]
-    if not path.exists():
-        raise DomainInputError(path, "does not exist")
+        path = check_readable((headers or tifs)[0], "file")
     if path.suffix.lower() in GEOTIFF_SUFFIXES:
         return _open_geotiff(path)
     header = read_envi_header(path)
@@ -223,5 +232,5 @@ def open_cube(path: Path | str) -> Cube:
 
 
 def is_cube_file(path: Path) -> bool:
-    """True for a file that names a cube: an ENVI header, or a GeoTIFF."""
-    return path.is_file() and path.suffix.lower() in (".hdr", *GEOTIFF_SUFFIXES)
+    """True for a file that names a cube: an ENVI header, or a GeoTIFF (or a link named like one, even broken)."""
+    return (path.is_file() or path.is_symlink()) and path.suffix.lower() in (".hdr", *GEOTIFF_SUFFIXES)

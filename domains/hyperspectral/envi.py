@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.input_guards import check_source_size
 from domains.spec import DomainInputError
 
 # ENVI "data type" codes -> numpy dtypes (complex types are not radiance and are refused).
@@ -159,6 +160,7 @@ def read_envi_header(path: Path | str) -> EnviHeader:
     bands = _int(fields, "bands", header_path)
     if min(samples, lines, bands) < 1:
         raise DomainInputError(header_path, f"samples/lines/bands must be positive, got {samples}/{lines}/{bands}")
+    check_source_size(header_path, (lines, samples, bands), "lines x samples x bands")
     code = _int(fields, "data type", header_path)
     if code not in ENVI_DTYPES:
         raise DomainInputError(header_path, f"data type {code} is not supported (supported: {sorted(ENVI_DTYPES)})")

@@ -11,6 +11,8 @@ import numpy as np
 from domains.hyperspectral.bands import PRODUCTS, ChannelSource, locate_channels
 from domains.hyperspectral.cube import GEOTIFF_SUFFIXES, Cube, is_cube_file, open_cube
 from domains.hyperspectral.stack import compute_stack
+from domains.confinement import confined_path
+from domains.input_guards import check_readable, input_errors_named
 from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
 
 PREDICTION_NODATA = 255
@@ -158,7 +160,8 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
         raise DomainInputError(cube.path, f"capture grid {cube.grid[0]}x{cube.grid[1]} is smaller than the model's "
                                           f"tile size {request.tile_size}")
     sources = locate_channels(cube, tuple(request.channels))
-    stack, invalid = compute_stack(cube, sources)
+    with input_errors_named(cube.path):  # GeoTIFF tiles are decoded here: a truncated file fails now
+        stack, invalid = compute_stack(cube, sources)
     after_read = time.perf_counter()
     probabilities = segment_stack(stack, invalid, request)
     after_inference = time.perf_counter()
@@ -180,7 +183,7 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
 
     output = Path(request.output)
     if output.is_dir():
-        output = output / f"{cube.cube_id}_plumes.tif"
+        output = confined_path(output, cube.cube_id, "_plumes.tif")
     write_mask_raster(output, cube, classes, plume_prob, request, sources)
     plumes = plume_list(classes, probabilities[1], enhancement, cube)
     plume_list_path(output).write_text(json.dumps({
@@ -204,9 +207,7 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
     Raises:
         DomainInputError: the path does not exist or holds no cube.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DomainInputError(path, "does not exist")
+    path = check_readable(path, "any")
     if path.is_file():
         if path.suffix.lower() in (".hdr", *GEOTIFF_SUFFIXES):
             return [path]

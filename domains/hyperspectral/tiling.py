@@ -9,6 +9,7 @@ import numpy as np
 from domains.hyperspectral.bands import select_channels
 from domains.hyperspectral.cube import Cube, open_cube
 from domains.hyperspectral.stack import compute_stack
+from domains.input_guards import check_readable, input_errors_named
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("background", "plume")
@@ -33,17 +34,23 @@ def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
         from domains.hyperspectral.envi import find_header_and_data
 
         target = find_header_and_data(path)[1]
+    check_readable(target, "file")
     try:
-        with rasterio.open(target) as ds:
+        with input_errors_named(path), rasterio.open(target) as ds:
             if ds.count != 1:
                 raise DomainInputError(path, f"plume mask must have 1 band, it has {ds.count}")
+            if ds.shape != cube.grid:  # from the header, before reading a mask of the wrong size
+                raise DomainInputError(path, f"plume mask is {ds.height}x{ds.width} px but the cube "
+                                             f"{cube.path.name} is {cube.grid[0]}x{cube.grid[1]}")
+            if cube.transform is not None and ds.crs is not None and not _same_transform(tuple(ds.transform)[:6],
+                                                                                         cube.transform):
+                raise DomainInputError(path, f"plume mask is not on the cube's grid: its geotransform "
+                                             f"{tuple(round(v, 3) for v in tuple(ds.transform)[:6])} differs from "
+                                             f"{cube.path.name}'s {tuple(round(v, 3) for v in cube.transform)}")
             data = ds.read(1)
             nodata = ds.nodata if ds.nodata is not None else MASK_NODATA
     except rasterio.errors.RasterioIOError as error:
         raise DomainInputError(path, f"cannot be read as a mask raster: {error}") from None
-    if data.shape != cube.grid:
-        raise DomainInputError(path, f"plume mask is {data.shape[0]}x{data.shape[1]} px but the cube "
-                                     f"{cube.path.name} is {cube.grid[0]}x{cube.grid[1]}")
     unlabelled = data == nodata
     values = np.unique(data[~unlabelled])
     if not set(values.tolist()) <= {0, 1}:
@@ -52,6 +59,12 @@ def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
     labels = data.astype(np.int16)
     labels[unlabelled] = -1
     return labels
+
+
+def _same_transform(mask: tuple[float, ...], cube: tuple[float, ...]) -> bool:
+    """Same pixel grid: equal pixel sizes, origins within a tenth of a pixel."""
+    pixel = max(abs(cube[0]), abs(cube[4]), 1e-12)
+    return all(abs(a - b) <= 0.1 * pixel for a, b in zip(mask, cube))
 
 
 def check_geometry(request: IngestRequest, grid: tuple[int, int], path: Path) -> None:
@@ -76,16 +89,23 @@ def read_samples(request: IngestRequest) -> SampleSet:
     are per pixel: 0 background, 1 plume, -1 for unlabelled or invalid pixels.
 
     Raises:
-        DomainInputError: a bad cube, mask or geometry.
+        DomainInputError: a bad cube, mask or geometry (no other exception escapes for a bad file).
     """
+    # One capture per ingest: whatever fails on a bad file becomes one error naming the source.
+    with input_errors_named(request.source):
+        return _read_samples(request)
+
+
+def _read_samples(request: IngestRequest) -> SampleSet:
     cube = open_cube(request.source)
     class_names = tuple(request.class_names) if request.class_names else DEFAULT_CLASS_NAMES
     if len(class_names) != 2:
         raise DomainInputError(cube.path, f"plume segmentation has two classes (background, plume), got {class_names}")
     check_geometry(request, cube.grid, cube.path)
     sources = select_channels(cube, request.channels)
-    stack, invalid = compute_stack(cube, sources)
     labels = read_mask(request.labels, cube) if request.labels is not None else None
+    with input_errors_named(cube.path):  # GeoTIFF tiles are decoded here: a truncated file fails now
+        stack, invalid = compute_stack(cube, sources)
     if labels is not None:
         labels[invalid] = -1
 

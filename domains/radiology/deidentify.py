@@ -90,7 +90,9 @@ def burned_in_allowed() -> bool:
 
 def _digest(kind: str, value: str) -> bytes:
     salt, _ = deidentification_salt()
-    return hmac.new(salt, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+    # surrogateescape: a file name that is not UTF-8 (Linux names are bytes) still hashes, to the same key as
+    # its raw bytes would; every valid UTF-8 value hashes exactly as before.
+    return hmac.new(salt, f"{kind}\x00{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
 def pseudonym(kind: str, value: str, length: int = 12) -> str:

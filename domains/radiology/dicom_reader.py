@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.input_guards import check_source_size
 from domains.radiology.deidentify import FileAudit, burned_in_allowed, deidentify_dataset
 from domains.radiology.intensity import RADIOGRAPH_MODALITIES
 from domains.radiology.series import Frame
@@ -152,7 +153,8 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
     Raises:
         NotAnImage: a valid DICOM object without image pixels meant for training (DICOMDIR, SR, SEG...).
         QuarantinedFile: burned-in annotation without the user's permission.
-        FileReadError: unreadable, truncated, no pixel data, no codec, unsupported photometric.
+        FileReadError: unreadable, truncated, no pixel data, no codec, unsupported photometric, or more
+            pixels declared than the configured limit.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -182,6 +184,13 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         raise FileReadError(file_key, "unsupported", "PALETTE COLOR images are not supported")
+    declared = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                int(ds.get("SamplesPerPixel", 1) or 1))
+    try:
+        # From the header, before pixel_array allocates what it declares.
+        check_source_size(f"file {file_key}", declared, "frames x rows x columns x samples per pixel")
+    except DomainInputError as exc:
+        raise FileReadError(file_key, "too_large", exc.problem) from None
     try:
         pixels = ds.pixel_array
     except Exception as exc:

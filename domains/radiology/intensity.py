@@ -9,6 +9,7 @@ ingest and predict call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,10 @@ def channels_of(recipes: tuple[ChannelRecipe, ...]) -> tuple[Channel, ...]:
     return tuple(Channel(name=r.name) for r in recipes)
 
 
+class ChannelMismatch(ValueError):
+    """A channel that does not apply to a series (a CT window asked of an MR series)."""
+
+
 def percentile_scale(volume: np.ndarray, lower: float, upper: float) -> np.ndarray:
     """Scale so the ``lower``/``upper`` percentiles of the whole volume map to 0/1, clipped to [0, 1]."""
     low, high = np.percentile(volume, [lower, upper])
@@ -106,11 +111,11 @@ def view_volume(volume: np.ndarray, modality: str, view: str) -> np.ndarray:
     modalities get percentile scaling over the whole series, so slices of one volume stay comparable.
 
     Raises:
-        ValueError: a CT window asked for a non-CT series.
+        ChannelMismatch: a CT window asked for a non-CT series.
     """
     if view in CT_WINDOWS:
         if modality != "CT":
-            raise ValueError(f"channel {view!r} is a CT window but the series is {modality}")
+            raise ChannelMismatch(f"channel {view!r} is a CT window but the series is {modality}")
         return CT_WINDOWS[view].apply(volume)
     if modality == "CT":
         return CT_WINDOWS[CT_DEFAULT_WINDOW].apply(volume)
@@ -122,13 +127,29 @@ def view_volume(volume: np.ndarray, modality: str, view: str) -> np.ndarray:
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "PX", "IO"})
 
 
+class FieldOfViewError(ValueError):
+    """An image whose physical extent is empty or not a number (zero, negative or non-finite spacing or size)."""
+
+
 def square_layout(height: int, width: int, spacing_yx: tuple[float, float], size: int) -> tuple[int, int, int, int]:
     """Where an ``height`` x ``width`` image lands in the ``size`` square: (out_h, out_w, top, left).
 
     The longer physical side fills the square; the shorter is centred (the rest is padding).
+
+    Raises:
+        FieldOfViewError: the image has no usable field of view (an empty image, or a pixel spacing that is
+            zero, negative or not finite, as some exports write for radiographs without calibration).
     """
+    if height < 1 or width < 1:
+        raise FieldOfViewError(f"the image is empty ({height} x {width} pixels)")
+    if not all(math.isfinite(s) and s > 0 for s in spacing_yx):
+        raise FieldOfViewError(f"pixel spacing {tuple(spacing_yx)} mm is not positive and finite, so the image has "
+                               "no usable field of view")
     extent_y, extent_x = height * spacing_yx[0], width * spacing_yx[1]
     field_of_view = max(extent_y, extent_x)
+    if not (math.isfinite(field_of_view) and extent_y > 0 and extent_x > 0):
+        raise FieldOfViewError(f"a {height} x {width} image at pixel spacing {tuple(spacing_yx)} mm has no usable "
+                               "field of view")
     out_h = min(size, max(1, round(size * extent_y / field_of_view)))
     out_w = min(size, max(1, round(size * extent_x / field_of_view)))
     return out_h, out_w, (size - out_h) // 2, (size - out_w) // 2

@@ -7,9 +7,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from domains.input_guards import check_source_size
 from domains.radiology.deidentify import pseudonym
 from domains.radiology.dicom_reader import FileReadError
 from domains.radiology.series import Frame, Series
+from domains.spec import DomainInputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # NIfTI has no modality attribute. Air is about -1000 HU, and no MR magnitude image is negative, so a
@@ -57,6 +59,14 @@ def read_nifti_series(path: Path, relative: PurePosixPath, file_key: str) -> tup
     notes: dict[str, str] = {}
     try:
         original = nib.load(str(path))
+    except Exception as exc:
+        raise FileReadError(file_key, "unreadable", f"damaged or truncated NIfTI ({type(exc).__name__})") from None
+    try:
+        # The header's shape, before reorienting or reading allocates it.
+        check_source_size(f"file {file_key}", tuple(original.shape), "voxels per axis")
+    except DomainInputError as exc:
+        raise FileReadError(file_key, "too_large", exc.problem) from None
+    try:
         image = nib.as_closest_canonical(original)
         data = np.asanyarray(image.dataobj, dtype=np.float32) if image.ndim <= 4 else None
     except Exception as exc:

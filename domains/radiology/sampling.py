@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from domains.radiology.deidentify import AUDIT_PROVENANCE_KEY, audit_payload
-from domains.radiology.intensity import (ChannelRecipe, channels_of, fit_labels_to_square, fit_to_square,
-                                        parse_channels, view_volume)
+from domains.input_guards import describe_failure
+from domains.radiology.intensity import (ChannelMismatch, ChannelRecipe, FieldOfViewError, channels_of,
+                                        fit_labels_to_square, fit_to_square, parse_channels, view_volume)
 from domains.radiology.labels import FindingsTable, read_findings_csv, unmatched_rows
 from domains.radiology.masks import MaskTable, is_mask_labels, read_mask, read_mask_table, segmentation_class_names
 from domains.radiology.series import Series
@@ -39,7 +40,8 @@ def series_images(series: Series, recipes: tuple[ChannelRecipe, ...], size: int)
     by one and are their own neighbours.
 
     Raises:
-        ValueError: a CT window channel on a non-CT series.
+        ChannelMismatch: a CT window channel on a non-CT series; FieldOfViewError: an image without a usable
+            field of view.
     """
     views = sorted({r.view for r in recipes})
     count = len(series.frames)
@@ -69,13 +71,24 @@ def parse_request_channels(names: tuple[str, ...] | None, where: str) -> tuple[C
 
 
 def samples_of(read: SourceRead, recipes: tuple[ChannelRecipe, ...], size: int) -> list[SeriesSamples]:
-    """Samples of every series read; a series the channels do not fit (CT window on MR) is quarantined."""
+    """Samples of every series read; a series that cannot be made into samples is quarantined, the rest kept.
+
+    Reasons: ``channel_mismatch`` (a CT window on MR), ``degenerate_field_of_view`` (zero or non-finite
+    pixel spacing, empty image) and ``unusable_series`` for any other failure of this one series.
+    """
     made = []
     for series in read.series:
         try:
             made.append(series_images(series, recipes, size))
-        except ValueError as exc:
+        except ChannelMismatch as exc:
             read.reject(series.series, "channel_mismatch", str(exc), images=len(series.frames))
+        except FieldOfViewError as exc:
+            read.reject(series.series, "degenerate_field_of_view", str(exc), images=len(series.frames))
+        except MemoryError:
+            raise
+        except Exception as exc:  # one odd series must not cost the others (issue 9: one bad file kills a batch)
+            read.reject(series.series, "unusable_series", f"cannot be made into samples ({describe_failure(exc)})",
+                        images=len(series.frames))
     read.series = [m.series for m in made]
     return made
 
@@ -201,4 +214,5 @@ def read_samples(request: IngestRequest) -> SampleSet:
         images=images, labels=labels, groups=groups, locations=locations, source=read.tag,
         channels=channels_of(recipes), class_names=tuple(class_names), dropped=dict(read.dropped),
         provenance=provenance, task="segmentation" if masks is not None else "multilabel", sample_ids=ids,
+        quarantine=list(read.quarantine),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -110,12 +111,26 @@ def discover_files(source: Path) -> tuple[Path, list[Path]]:
         files = _dicomdir_files(source) if _is_dicomdir(source) else [source]
     else:
         root = source
+        # Dangling or looping links are kept as candidates so that they are reported, not silently skipped.
         files = [p for p in sorted(source.rglob("*"))
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+                 if (p.is_file() or (p.is_symlink() and not p.exists())) and not any(part.startswith(".") for part in p.relative_to(source).parts)
                  and p.suffix.lower() not in _SKIPPED_SUFFIXES and not _is_dicomdir(p)]
     if not files:
         raise DomainInputError(tag, "no DICOM or NIfTI files found")
     return root, files
+
+
+def _first_with_same_content(path: Path, key: str, seen: dict[tuple[int, str], str]) -> str | None:
+    """Key of an earlier file with exactly these bytes (a copy would put every slice twice), else None."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    fingerprint = (path.stat().st_size, digest.hexdigest())
+    earlier = seen.get(fingerprint)
+    if earlier is None:
+        seen[fingerprint] = key
+    return earlier
 
 
 def read_source(source: Path | str) -> SourceRead:
@@ -131,6 +146,7 @@ def read_source(source: Path | str) -> SourceRead:
     root, paths = discover_files(source)
     result = SourceRead(tag=source_tag(source))
     by_series: dict[str, list[Frame]] = defaultdict(list)
+    contents: dict[tuple[int, str], str] = {}
     for path in paths:
         try:
             relative = PurePosixPath(path.relative_to(root).as_posix())
@@ -139,10 +155,17 @@ def read_source(source: Path | str) -> SourceRead:
         item = SourceFile(path, relative, pseudonym("file", relative.as_posix()))
         result.files.append(item)
         result.seen_keys.add(item.key)
+        if path.is_symlink() and not path.exists():
+            result.reject(item.key, "broken_link", "a symbolic link that loops or points to nothing")
+            continue
         if not path.is_file():
             result.reject(item.key, "missing_file", "a file listed in the DICOMDIR does not exist")
             continue
         try:
+            duplicate_of = _first_with_same_content(path, item.key, contents)
+            if duplicate_of is not None:
+                result.reject(item.key, "duplicate_file", f"same bytes as file {duplicate_of} (read once)")
+                continue
             if is_nifti(path):
                 series, notes = read_nifti_series(path, relative, item.key)
                 result.series.append(series)
@@ -160,6 +183,15 @@ def read_source(source: Path | str) -> SourceRead:
         except FileReadError as exc:
             result.reject(item.key, exc.reason, exc.problem)
             continue
+        except PermissionError:
+            result.reject(item.key, "unreadable", "permission denied")
+            continue
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one file quarantines that file only
+            # Only the exception's type: library messages may quote attribute values (names, IDs).
+            result.reject(item.key, "unreadable", f"reading failed unexpectedly ({type(exc).__name__})")
+            continue
         result.audits.append(audit)
         if no_patient_id:
             result.patients_without_id.add(frames[0].patient)
@@ -171,6 +203,10 @@ def read_source(source: Path | str) -> SourceRead:
             result.series.append(assemble_series(frames))
         except DomainInputError as exc:
             result.reject(key, "inconsistent_series", exc.problem, images=len(frames))
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one odd series must not cost the others
+            result.reject(key, "inconsistent_series", f"cannot be assembled ({type(exc).__name__})", images=len(frames))
     if not result.series:
         problems = "; ".join(f"{q['item']}: {q['problem']}" for q in result.quarantine[:10]) or "no image objects"
         raise DomainInputError(result.tag, f"no usable images in {len(paths)} file(s): {problems}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.input_guards import check_source_size, input_errors_named
 from domains.satellite.scene import Scene, open_raster, read_band
 from domains.spec import DomainInputError
 
@@ -35,9 +36,10 @@ def read_label_raster(path: Path | str, scene: Scene) -> np.ndarray:
     from rasterio.warp import Resampling, reproject, transform_bounds
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise DomainInputError(path, "label raster does not exist")
-    with open_raster(path) as ds:
+    with input_errors_named(path), open_raster(path) as ds:
+        check_source_size(path, (ds.height, ds.width, ds.count), "rows x columns x bands")
         if ds.crs is None or ds.transform.is_identity:
             raise DomainInputError(path, "label raster has no CRS: it cannot be aligned with the scene")
         if ds.count != 1:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.confinement import confined_path
+from domains.input_guards import check_readable
 from domains.satellite.scene import Scene, read_scene
 from domains.satellite.sensors import is_band_folder
 from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
@@ -112,7 +114,7 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
 
     output_path = Path(request.output)
     if output_path.is_dir():
-        output_path = output_path / f"{scene.scene_id}_classes.tif"
+        output_path = confined_path(output_path, scene.scene_id, "_classes.tif")
     write_prediction_raster(output_path, scene, classes, confidence, class_names, request)
     counts = np.bincount(classes[predicted], minlength=len(class_names))
     return PredictionSummary(
@@ -168,6 +170,22 @@ def write_prediction_raster(
         partial.unlink(missing_ok=True)
 
 
+def _looks_like_scene(child: Path) -> bool:
+    """A GeoTIFF (or a link named like one, even a broken one) or a band folder; unreadable folders too.
+
+    Anything that looks like an input is listed, so that predicting it reports what is wrong with it,
+    rather than it vanishing from the batch without a word.
+    """
+    if child.suffix.lower() in SCENE_FILE_SUFFIXES and (child.is_file() or child.is_symlink()):
+        return True
+    if not child.is_dir():
+        return False
+    try:
+        return is_band_folder(child)
+    except OSError:  # no permission to list it: report it when it is read
+        return True
+
+
 def list_prediction_inputs(path: Path | str) -> list[Path]:
     """Expand a path into the scenes it holds.
 
@@ -184,9 +202,7 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
     Raises:
         DomainInputError: the path does not exist, is not a GeoTIFF, or holds no scene.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DomainInputError(path, "does not exist")
+    path = check_readable(path, "any")
     if path.is_file():
         if path.suffix.lower() not in SCENE_FILE_SUFFIXES:
             raise DomainInputError(path, f"is not a scene: expected a GeoTIFF ({', '.join(SCENE_FILE_SUFFIXES)})")
@@ -194,11 +210,7 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
     if is_band_folder(path):
         return [path]
     children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    scenes = [
-        child
-        for child in children
-        if (child.is_file() and child.suffix.lower() in SCENE_FILE_SUFFIXES) or is_band_folder(child)
-    ]
+    scenes = [child for child in children if _looks_like_scene(child)]
     if not scenes:
         found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in children) or "nothing"
         raise DomainInputError(

@@ -21,6 +21,7 @@ from domains.satellite.sensors import (
     infer_sensor,
     recognise_band_folder,
 )
+from domains.input_guards import check_readable, check_source_size, describe_failure, input_errors_named
 from domains.spec import Channel, DomainInputError
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ def open_raster(path: Path) -> Iterator[Any]:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+    check_readable(path, "file")
     logger = logging.getLogger("rasterio._env")
     handler = _GdalWarnings()
     level = logger.level
@@ -151,6 +153,10 @@ def open_raster(path: Path) -> Iterator[Any]:
             dataset = rasterio.open(path)
     except RasterioError as error:
         raise DomainInputError(path, f"cannot be opened as a raster (truncated or not a GeoTIFF?): {error}") from None
+    except (MemoryError, DomainInputError):
+        raise
+    except Exception as error:  # e.g. a file name GDAL cannot take: still this file's problem, said plainly
+        raise DomainInputError(path, f"cannot be opened as a raster ({describe_failure(error)})") from error
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -171,6 +177,24 @@ def read_band(dataset: Any, index: int, path: Path) -> np.ndarray:
     except RasterioError as error:
         # Truncated files usually open (the header is intact) and fail here, on the missing tiles.
         raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {error}") from None
+
+
+def check_raster_header(dataset: Any, path: Path) -> None:
+    """Refuse, from the header alone, a raster too large for the configured limit or of a non-real data type."""
+    check_source_size(path, (dataset.height, dataset.width, dataset.count), "rows x columns x bands")
+    kinds = {np.dtype(d).kind for d in dataset.dtypes}
+    if not kinds <= {"u", "i", "f", "b"}:
+        raise DomainInputError(path, f"data type {', '.join(sorted(set(dataset.dtypes)))} is not supported: bands "
+                                     "must hold real numbers (integer digital numbers or floating-point reflectance)")
+
+
+def _reject_infinite(values: np.ndarray, path: Path, band: str) -> None:
+    # NaN is a common nodata marker in float rasters; infinity is not, it is a broken value.
+    if np.issubdtype(values.dtype, np.floating):
+        infinite = int(np.isinf(values).sum())
+        if infinite:
+            raise DomainInputError(path, f"band {band} holds {infinite} infinite values (NaN marks nodata; infinity "
+                                         "is a corrupt value): repair or mask them")
 
 
 def _require_georeference(dataset: Any, path: Path) -> None:
@@ -235,12 +259,22 @@ def read_scene(
 
     Raises:
         DomainInputError: the path is missing or unreadable, lacks a CRS, its bands disagree in CRS or
-            extent, the band count or names do not fit, a band is missing, the layout is unknown, or no
-            pixel is valid. The message names the file and the problem.
+            extent, the band count or names do not fit, a band is missing, the layout is unknown, a band
+            holds infinite values or a non-real data type, the header declares more values than
+            ``VITRAIL_MAX_SOURCE_SAMPLES``, or no pixel is valid. The message names the file and the
+            problem; no other exception escapes for a bad file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DomainInputError(path, "does not exist")
+    path = check_readable(path, "any")
+    with input_errors_named(path):
+        return _read_scene(path, channels, sensor, scaling)
+
+
+def _read_scene(
+    path: Path,
+    channels: tuple[str, ...] | list[str] | None,
+    sensor: str | None,
+    scaling: str | ReflectanceScale | None,
+) -> Scene:
     try:
         table = get_sensor(sensor) if sensor is not None else None
         if isinstance(scaling, str):
@@ -279,12 +313,15 @@ def _read_band_folder(
     headers = []
     for band in selected:
         with open_raster(band.path) as ds:
+            check_raster_header(ds, band.path)
             _require_georeference(ds, band.path)
             if ds.count != 1:
                 raise DomainInputError(band.path, f"a band file must hold 1 band, this one holds {ds.count}")
             headers.append((band, ds.crs, ds.transform, ds.shape, ds.bounds, ds.nodata, np.dtype(ds.dtypes[0])))
     finest = min(headers, key=lambda h: abs(h[2].a) * abs(h[2].e))
     _, crs, transform, shape, bounds, _, _ = finest
+    # Every band is resampled onto the finest grid: that, not each file, is what gets allocated.
+    check_source_size(folder, (*shape, len(headers)), "rows x columns x bands on the finest band's grid")
     tolerance = min(abs(transform.a), abs(transform.e)) / 2
     for band, band_crs, _, _, band_bounds, _, _ in headers:
         if band_crs != crs:
@@ -306,6 +343,7 @@ def _read_band_folder(
         scales.append(scale)
         with open_raster(band.path) as ds:
             dn = read_band(ds, 1, band.path)
+        _reject_infinite(dn, band.path, band.band)
         band_valid = _valid_pixels(dn, nodata, sensor.fill_dn, scale)
         values = scale.apply(dn)
         values[~band_valid] = np.nan
@@ -356,6 +394,7 @@ def _read_multiband(
     path: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
 ) -> Scene:
     with open_raster(path) as ds:
+        check_raster_header(ds, path)
         _require_georeference(ds, path)
         descriptions = tuple(d or "" for d in ds.descriptions)
         described = _described_sensor(descriptions, table)
@@ -391,6 +430,7 @@ def _read_multiband(
         valid = np.ones(ds.shape, dtype=bool)
         for i, index in enumerate(indexes):
             dn = read_band(ds, index, path)
+            _reject_infinite(dn, path, names[i])
             band_valid = _valid_pixels(dn, ds.nodatavals[index - 1], sensor.fill_dn, scale)
             data[i] = scale.apply(dn)
             valid &= band_valid

@@ -253,7 +253,9 @@ def raster_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in BAND_FILE_SUFFIXES
+        # A dangling or looping link named like a band is kept, so that reading it reports it.
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+        and p.suffix.lower() in BAND_FILE_SUFFIXES
     )
 
 

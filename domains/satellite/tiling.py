@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.input_guards import input_errors_named
 from domains.satellite.labels import read_label_raster
 from domains.satellite.scene import Scene, read_scene
 from domains.spec import DomainInputError, IngestRequest, SampleSet
@@ -157,6 +158,8 @@ def read_samples(request: IngestRequest) -> SampleSet:
     Raises:
         DomainInputError: the scene or label raster is bad, or the geometry does not fit.
     """
-    scene = read_scene(request.source, channels=request.channels, sensor=request.sensor)
-    labels = read_label_raster(request.labels, scene) if request.labels is not None else None
-    return tile_scene(scene, labels, request)
+    # One scene per ingest: whatever fails on a bad file becomes one error naming the source.
+    with input_errors_named(request.source):
+        scene = read_scene(request.source, channels=request.channels, sensor=request.sensor)
+        labels = read_label_raster(request.labels, scene) if request.labels is not None else None
+        return tile_scene(scene, labels, request)
