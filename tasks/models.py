@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from domains import Channel
+from domains import Channel, TaskType
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +208,149 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# --- the reference model as plain files: weights (safetensors) plus the architecture that holds them ------
+
+REFERENCE_WEIGHTS_FILE = "model.safetensors"
+REFERENCE_ARCHITECTURE_FILE = "architecture.json"
+
+
+class ReferenceModelError(ValueError):
+    """A reference model's files that Vitrail refuses to load; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ReferenceArchitecture(BaseModel):
+    """Everything needed to rebuild a reference model's modules before its weights are loaded.
+
+    Stored as ``architecture.json`` beside ``model.safetensors``: the model is rebuilt by this
+    project's own code (:func:`build_reference_model`) and only tensors are read from the file, so
+    loading a model never runs code that came with it, unlike unpickling a saved ``nn.Module``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[1] = Field(1, description="Version of this file's layout")
+    backbone: str = Field(min_length=1, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$",
+                          description="timm model name the encoder is built from")
+    task: TaskType = Field(description="classification and multilabel end in a linear head; segmentation in a "
+                                       "per-token decoder")
+    img_size: int = Field(ge=1, le=8192, description="Side of the square input tile in pixels")
+    patch_size: int = Field(ge=1, le=64, description="Patch side in pixels")
+    depth: int = Field(ge=1, le=128, description="Number of transformer blocks")
+    channels: tuple[Channel, ...] = Field(min_length=1, max_length=1024, description="Input bands, in order")
+    num_classes: int = Field(ge=1, le=100_000, description="Logits per sample (or per pixel for segmentation)")
+    mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input")
+    std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by")
+
+    @model_validator(mode="after")
+    def _statistics_match_channels(self) -> "ReferenceArchitecture":
+        if not len(self.mean) == len(self.std) == len(self.channels):
+            raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) need one value per channel "
+                             f"({len(self.channels)})")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError("mean must be finite and std finite and positive")
+        return self
+
+
+def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task: str) -> ReferenceArchitecture:
+    """Describe a merged :class:`NormalizedClassifier` (timm ViT or :class:`SegmentationViT` inside).
+
+    Shapes are read from the modules themselves, the band names from ``channels`` (a model only knows
+    how many bands it takes). Raises ``ValueError`` for a model this description cannot rebuild, such
+    as one whose LoRA adapters are not merged yet.
+    """
+    if not isinstance(model, NormalizedClassifier):
+        raise ValueError(f"a reference model is a NormalizedClassifier, got {type(model).__name__}")
+    net = model.net
+    encoder = net.encoder if isinstance(net, SegmentationViT) else net
+    if hasattr(net, "peft_config") or hasattr(encoder, "peft_config"):
+        raise ValueError("cannot describe a model whose LoRA adapters are not merged: merge adapters first")
+    if not all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "pretrained_cfg")):
+        raise ValueError(f"cannot describe {type(encoder).__name__}: expected a timm ViT")
+    num_classes = net.head.out_channels if isinstance(net, SegmentationViT) else encoder.num_classes
+    img_size, patch_size = encoder.patch_embed.img_size, encoder.patch_embed.patch_size
+    if img_size[0] != img_size[1] or patch_size[0] != patch_size[1]:
+        raise ValueError(f"only square tiles and patches are described, got {img_size} and {patch_size}")
+    architecture = ReferenceArchitecture(
+        backbone=encoder.pretrained_cfg["architecture"], task=task, img_size=img_size[0],
+        patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
+        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()))
+    _check_rebuilds(model, architecture)
+    return architecture
+
+
+def _check_rebuilds(model: nn.Module, architecture: ReferenceArchitecture) -> None:
+    """Fail at logging time, not at loading time, when the description does not rebuild ``model``."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        rebuilt = build_reference_model(architecture)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if expected != got:
+        differ = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise ValueError(f"{architecture.backbone}: the architecture description does not rebuild this model "
+                         f"({len(differ)} tensors differ, e.g. {differ[0]})")
+
+
+def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClassifier:
+    """Build the reference model's modules (random weights, eval mode) exactly as fine-tuning built them."""
+    import timm
+
+    if not timm.is_model(architecture.backbone):
+        raise ValueError(f"{architecture.backbone!r} is not a timm model name known to this installation")
+    backbone = BackboneParams(name=architecture.backbone, weights="none", patch_size=architecture.patch_size,
+                              depth=architecture.depth)
+    net = build_backbone(backbone, architecture.channels, architecture.num_classes, architecture.img_size,
+                         task=architecture.task)
+    return NormalizedClassifier(net, architecture.mean, architecture.std).eval()
+
+
+def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, folder: Path) -> tuple[Path, Path]:
+    """Write ``model.safetensors`` and ``architecture.json`` into ``folder``; return their paths."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, description = folder / REFERENCE_WEIGHTS_FILE, folder / REFERENCE_ARCHITECTURE_FILE
+    save_model(model, str(weights), metadata={"format": "pt"})
+    description.write_text(architecture.model_dump_json(indent=2) + "\n")
+    return weights, description
+
+
+def read_reference_architecture(path: Path) -> ReferenceArchitecture:
+    """Parse and validate ``architecture.json``; raise :class:`ReferenceModelError` naming what is wrong."""
+    if not path.is_file():
+        raise ReferenceModelError(path, "architecture description not found")
+    try:
+        return ReferenceArchitecture.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()[:5])
+        raise ReferenceModelError(path, f"not a valid architecture description ({problems})") from None
+
+
+def load_reference_files(weights: Path, description: Path) -> NormalizedClassifier:
+    """Rebuild a reference model from its description and load its weights, every tensor checked.
+
+    Only tensors are read (safetensors has no code path); a file of another format, such as a pickle,
+    is refused, and so is a file whose tensor names or shapes differ from the described model's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    architecture = read_reference_architecture(description)
+    model = build_reference_model(architecture)
+    if not weights.is_file():
+        raise ReferenceModelError(weights, "weights file not found")
+    try:
+        load_model(model, str(weights), strict=True)
+    except SafetensorError as error:
+        raise ReferenceModelError(weights, f"not a safetensors file ({error}); Vitrail reads model weights only "
+                                           "from safetensors and never unpickles them") from None
+    except RuntimeError as error:
+        raise ReferenceModelError(weights, f"weights do not match {description.name} "
+                                           f"({' '.join(str(error).split())[:400]})") from None
+    return model.eval()

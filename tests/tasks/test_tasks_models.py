@@ -14,11 +14,17 @@ from domains.satellite.sensors import SENTINEL2
 from tasks.models import (
     LoraParams,
     NormalizedClassifier,
+    ReferenceArchitecture,
+    ReferenceModelError,
     adapt_patch_embedding,
     attach_lora,
     build_backbone,
+    build_reference_model,
     count_parameters,
+    load_reference_files,
     merge_adapter,
+    reference_architecture,
+    save_reference_model,
 )
 
 S2 = SENTINEL2.channels
@@ -211,3 +217,107 @@ def test_normalized_classifier_normalises_per_channel_before_the_network() -> No
     torch.testing.assert_close(model(x), expected)
     state = model.state_dict()  # statistics ship with the model (and with its ONNX export)
     assert state["mean"].flatten().tolist() == [1.0, 2.0, 3.0] and state["std"].shape == (1, 3, 1, 1)
+
+
+# --- reference model files: safetensors weights plus architecture.json --------------------------------
+
+MEAN, STD = (0.1, 0.2, 0.3), (0.05, 0.06, 0.07)
+
+
+def reference_net(task: str = "classification", num_classes: int = 3, seed: int = 0) -> NormalizedClassifier:
+    torch.manual_seed(seed)
+    net = build_backbone(tiny_backbone(), S2[:3], num_classes=num_classes, img_size=16, task=task)
+    return NormalizedClassifier(net, MEAN, STD).eval()
+
+
+@pytest.mark.parametrize("task,num_classes", [("classification", 3), ("multilabel", 2), ("segmentation", 2)])
+def test_reference_model_files_rebuild_the_same_model(tmp_path: Path, task: str, num_classes: int) -> None:
+    model = reference_net(task, num_classes)
+    architecture = reference_architecture(model, S2[:3], task)
+    assert (architecture.backbone, architecture.task, architecture.img_size, architecture.patch_size,
+            architecture.depth, architecture.num_classes) == ("vit_tiny_patch16_224", task, 16, 4, 1, num_classes)
+    assert architecture.channels == S2[:3]
+    assert architecture.mean == pytest.approx(MEAN) and architecture.std == pytest.approx(STD)
+    weights, description = save_reference_model(model, architecture, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["architecture.json", "model.safetensors"]
+    loaded = load_reference_files(weights, description)
+    assert not loaded.training
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))  # the same tensors in the same modules: bitwise equal
+    assert ReferenceArchitecture.model_validate_json(description.read_text()) == architecture
+
+
+def test_build_reference_model_gives_fresh_weights_of_the_described_shape() -> None:
+    architecture = reference_architecture(reference_net(), S2[:3], "classification")
+    rebuilt = build_reference_model(architecture)
+    shapes = {k: v.shape for k, v in rebuilt.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in reference_net().state_dict().items()}
+    assert not torch.equal(rebuilt.state_dict()["net.head.weight"], reference_net().state_dict()["net.head.weight"])
+
+
+def test_a_model_with_unmerged_adapters_cannot_be_described() -> None:
+    model = NormalizedClassifier(attach_lora(tiny_net(), LoraParams(rank=2)), MEAN, STD)
+    with pytest.raises(ValueError, match="merge adapters first"):
+        reference_architecture(model, S2[:3], "classification")
+
+
+def test_a_description_that_does_not_rebuild_the_model_is_refused_when_logging() -> None:
+    with pytest.raises(ValueError, match="does not rebuild this model"):
+        reference_architecture(reference_net("segmentation", 2), S2[:3], "classification")
+
+
+def written_reference(tmp_path: Path) -> tuple[Path, Path]:
+    model = reference_net()
+    return save_reference_model(model, reference_architecture(model, S2[:3], "classification"), tmp_path)
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"backbone": "../../etc/passwd"}, "backbone: String should match pattern"),
+    ({"depth": 0}, "depth: Input should be greater than or equal to 1"),
+    ({"std": [0.1, 0.0, 0.1]}, "std finite and positive"),
+    ({"mean": [0.1]}, "one value per channel"),
+    ({"code": "import os"}, "code: Extra inputs are not permitted"),
+    ({"format_version": 2}, "format_version: Input should be 1"),
+])
+def test_a_bad_architecture_description_is_refused_naming_the_file(tmp_path: Path, change: dict, problem: str) -> None:
+    import json
+
+    weights, description = written_reference(tmp_path)
+    description.write_text(json.dumps({**json.loads(description.read_text()), **change}))
+    with pytest.raises(ReferenceModelError, match="architecture.json: not a valid architecture description") as error:
+        load_reference_files(weights, description)
+    assert problem in str(error.value)
+
+
+def test_an_unknown_timm_name_is_refused(tmp_path: Path) -> None:
+    import json
+
+    weights, description = written_reference(tmp_path)
+    description.write_text(json.dumps({**json.loads(description.read_text()), "backbone": "no_such_vit"}))
+    with pytest.raises(ValueError, match="'no_such_vit' is not a timm model name"):
+        load_reference_files(weights, description)
+
+
+def test_weights_with_a_missing_or_extra_tensor_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights, description = written_reference(tmp_path)
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if k != "net.norm.weight"}, str(weights))
+    with pytest.raises(ReferenceModelError, match=r"model.safetensors: weights do not match architecture.json "
+                                                  r"\(.*Missing key\(s\).*net.norm.weight"):
+        load_reference_files(weights, description)
+    save_file({**state, "net.extra": torch.zeros(1)}, str(weights))
+    with pytest.raises(ReferenceModelError, match=r"Unexpected key\(s\).*net.extra"):
+        load_reference_files(weights, description)
+
+
+def test_weights_of_another_shape_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights, description = written_reference(tmp_path)
+    state = load_file(str(weights))
+    save_file({**state, "net.head.weight": torch.zeros(5, 192)}, str(weights))
+    with pytest.raises(ReferenceModelError, match="weights do not match architecture.json .*size mismatch"):
+        load_reference_files(weights, description)
