@@ -7,13 +7,14 @@ the user; and it must refuse a source too large to hold from its header numbers,
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from domains.spec import DomainInputError
+from domains.spec import DomainInputError, printable_path
 
 MAX_SOURCE_SAMPLES_ENV = "VITRAIL_MAX_SOURCE_SAMPLES"
 DEFAULT_MAX_SOURCE_SAMPLES = 2**31
@@ -78,8 +79,8 @@ def check_readable(path: Path | str, kind: str = "file") -> Path:
         try:
             os.stat(path)
         except OSError as error:
-            if error.strerror and "loop" in error.strerror.lower():
-                raise DomainInputError(path, "is a symbolic link that loops (it points back at itself)") from None
+            if error.errno == errno.ELOOP:
+                raise DomainInputError(path, "is a symbolic link that loops (it leads back to itself)") from None
         raise DomainInputError(path, f"is a symbolic link to {os.readlink(path)!r}, which does not exist") from None
     if not path.exists():
         raise DomainInputError(path, "does not exist")
@@ -91,6 +92,14 @@ def check_readable(path: Path | str, kind: str = "file") -> Path:
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise DomainInputError(path, f"cannot be read: permission denied (mode {path.stat().st_mode & 0o777:o})")
     return path
+
+
+def check_encodable_name(path: Path | str) -> None:
+    """Refuse a path whose name is not valid UTF-8 before it reaches a library that cannot open it (GDAL)."""
+    text = str(path)
+    if text != printable_path(text):
+        raise DomainInputError(path, "its name is not valid UTF-8, which GDAL cannot open; rename the file "
+                                     "(e.g. convmv -f latin1 -t utf8)")
 
 
 def describe_failure(error: BaseException) -> str:

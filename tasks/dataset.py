@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from domains import LABEL_RANKS, Channel, IngestRequest, SampleSet, get_domain, labelled_samples
 from domains.confinement import ensure_inside
+from domains.spec import printable_path
 
 SPLITS = ("train", "val", "test")
 SHARD_SAMPLES = 2048
@@ -283,6 +284,8 @@ def _write_contents(samples: SampleSet, domain: str, task_type: str, out_dir: Pa
     import pyarrow.parquet as pq
 
     _check_samples(samples, task_type)
+    # File names are bytes on Linux; Parquet and JSON need text, so names that are not UTF-8 are escaped.
+    source = printable_path(samples.source)
     labelled = labelled_samples(samples.labels)
     if labelled.any():
         split_of = assign_splits(samples.groups[labelled], params)
@@ -316,17 +319,17 @@ def _write_contents(samples: SampleSet, domain: str, task_type: str, out_dir: Pa
                 label_digest = save_block(np.ascontiguousarray(samples.labels[chunk], dtype=LABEL_DTYPES[task_type]))
             for index, sample in enumerate(chunk):
                 row, col = int(samples.locations[sample][0]), int(samples.locations[sample][1])
-                rows["sample_id"].append(str(samples.sample_ids[sample]) if samples.sample_ids is not None
-                                         else f"{samples.source}#{row},{col}")
+                rows["sample_id"].append(printable_path(samples.sample_ids[sample]) if samples.sample_ids is not None
+                                         else f"{source}#{row},{col}")
                 rows["shard"].append(digest)
                 rows["index"].append(index)
                 rows["label_shard"].append(label_digest)
-                rows["source"].append(samples.source)
+                rows["source"].append(source)
                 rows["row"].append(row)
                 rows["col"].append(col)
                 rows["label"].append(int(samples.labels[sample]) if task_type == "classification"
                                      else 1 if labelled[sample] else -1)
-                rows["group"].append(str(samples.groups[sample]))
+                rows["group"].append(printable_path(samples.groups[sample]))
                 rows["split"].append(split)
     table = pa.table(rows)
     pq.write_table(table, out_dir / "manifest.parquet")
@@ -341,16 +344,17 @@ def _write_contents(samples: SampleSet, domain: str, task_type: str, out_dir: Pa
         channels=samples.channels,
         class_names=samples.class_names,
         tile_size=int(samples.images.shape[-1]),
-        sources=(samples.source,),
+        sources=(source,),
         split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
         class_counts=class_counts,
         dropped=dict(samples.dropped),
         channel_mean=mean,
         channel_std=std,
-        provenance=dict(samples.provenance),
+        provenance={key: printable_path(value) for key, value in samples.provenance.items()},
         quarantined=len(samples.quarantine),
     )
-    (out_dir / QUARANTINE_FILE).write_text(json.dumps(samples.quarantine, indent=2))
+    quarantine = [{key: printable_path(value) for key, value in entry.items()} for entry in samples.quarantine]
+    (out_dir / QUARANTINE_FILE).write_text(json.dumps(quarantine, indent=2))
     # dataset.json last: a folder holding it holds everything it describes.
     (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2))
     return info

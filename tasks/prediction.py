@@ -12,7 +12,9 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
-from domains import Channel, DomainInputError, PredictionRequest, PredictionSummary, get_domain
+from domains import Channel, DomainInputError, DomainSpec, PredictionRequest, PredictionSummary, get_domain
+from domains.confinement import confined_path
+from domains.spec import printable_path
 from tasks import tracking
 from tasks.onnx_runtime import open_session, read_metadata, session_predictor
 
@@ -54,10 +56,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
-    """Load an ONNX (edge) or torch (reference) model from any MLflow model URI."""
-    flavor, metadata = tracking.model_flavor(model_uri)
+    """Load an ONNX (edge) or torch (reference) model from any MLflow model URI.
+
+    An alias (``models:/<name>@champion``) is pinned to its version once, after checking that its
+    reference/edge twin holds the alias too; a half-applied promotion is refused (HalfPromotionError).
+    """
+    from tasks.promotion import pinned_model_uri
+
+    source_uri = pinned_model_uri(model_uri)
+    flavor, metadata = tracking.model_flavor(source_uri)
     if flavor == "onnx":
-        folder = tracking.download_model(model_uri, Path(tempfile.mkdtemp(prefix="vitrail-model-")))
+        folder = tracking.download_model(source_uri, Path(tempfile.mkdtemp(prefix="vitrail-model-")))
         onnx_file = next(folder.rglob("*.onnx"), None)
         if onnx_file is None:
             raise FileNotFoundError(f"{model_uri}: no .onnx file in the model's artifacts")
@@ -67,7 +76,7 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
         import torch
 
         torch.set_num_threads(threads)
-        model = tracking.load_reference_model(model_uri).eval()
+        model = tracking.load_reference_model(source_uri).eval()
 
         def predict(images: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -88,7 +97,8 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
 
     ``output`` is a file when ``input_path`` is a single input, else a folder that receives
     ``<input name><suffix>`` per input (the domain's prediction suffix: ``.tif`` rasters, ``.json``
-    study reports). Inputs that fail are recorded with their error and skipped.
+    study reports; names made safe by :func:`prediction_target`). An input that fails, for any reason, is
+    recorded with its error and skipped; the others are still predicted.
     """
     domain = get_domain(domain_name)
     model = load_model(model_uri, threads)
@@ -98,19 +108,36 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     batch = PredictionBatch()
     for item in inputs:
-        name = domain.name_prediction(item) if domain.name_prediction else (
-            item.stem.removesuffix(".nii") if item.is_file() else item.name)
-        target = output if single and output.suffix else output / f"{name}{domain.prediction_suffix}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        request = PredictionRequest(input=item, output=target, channels=model.channels, class_names=model.class_names,
-                                    tile_size=model.tile_size, stride=stride or model.tile_size,
-                                    infer=model.probabilities, task=model.task)
         try:
+            target = output if single and output.suffix else prediction_target(domain, item, output)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            request = PredictionRequest(input=item, output=target, channels=model.channels,
+                                        class_names=model.class_names, tile_size=model.tile_size,
+                                        stride=stride or model.tile_size, infer=model.probabilities, task=model.task)
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
-            log.error("skipping %s: %s", item, error)
-            batch.failed[str(item)] = str(error)
+            log.error("skipping %s: %s", printable_path(item), error)
+            batch.failed[printable_path(item)] = str(error)
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - one input's failure must not cost the others
+            # Not a known input problem: keep the traceback for whoever fixes it, and go on with the rest.
+            log.error("skipping %s: unexpected %s: %s", printable_path(item), type(error).__name__, error,
+                      exc_info=True)
+            batch.failed[printable_path(item)] = f"{printable_path(item)}: unexpected {type(error).__name__}: {error}"
     return batch
+
+
+def prediction_target(domain: DomainSpec, item: Path, output: Path) -> Path:
+    """Where the prediction of one input of a drop folder goes: ``<output>/<safe name><suffix>``.
+
+    The name comes from the domain (a pseudonym for radiology) or the input's file name; either way it
+    is made one harmless file name and checked to stay inside ``output`` (input names are data).
+    """
+    name = domain.name_prediction(item) if domain.name_prediction else (
+        item.name.removesuffix(".gz").removesuffix(".nii") if item.name.endswith((".nii", ".nii.gz"))
+        else item.stem if item.is_file() or item.is_symlink() else item.name)
+    return confined_path(output, name, domain.prediction_suffix)
 
 
 predict_inputs_task = task(predict_inputs, name="predict-inputs", cache_policy=NONE)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from domains.hyperspectral.envi import EnviHeader, read_envi_header, read_envi_window
-from domains.input_guards import check_readable, check_source_size, input_errors_named
+from domains.input_guards import check_encodable_name, check_readable, check_source_size, input_errors_named
 from domains.spec import DomainInputError
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -133,6 +133,7 @@ def _wavelength_from_text(text: str) -> float | None:
 def _open_geotiff(path: Path) -> Cube:
     import rasterio
 
+    check_encodable_name(path)
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioIOError as error:

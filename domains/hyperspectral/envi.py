@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domains.input_guards import check_source_size
+from domains.input_guards import check_readable, check_source_size
 from domains.spec import DomainInputError
 
 # ENVI "data type" codes -> numpy dtypes (complex types are not radiance and are refused).
@@ -125,17 +125,16 @@ def find_header_and_data(path: Path) -> tuple[Path, Path]:
         # ``cube.img.hdr`` names its data file ``cube.img``.
         if base.suffix.lower() in DATA_SUFFIXES:
             candidates.insert(0, base)
-        data = next((c for c in candidates if c.is_file() and c != header), None)
-        if not header.is_file():
-            raise DomainInputError(header, "does not exist")
+        # A dangling or looping link named like the data file is that file, and is reported as such.
+        data = next((c for c in candidates if (c.is_file() or c.is_symlink()) and c != header), None)
+        check_readable(header, "file")
         if data is None:
             raise DomainInputError(header, f"has no data file beside it (looked for {', '.join(c.name for c in candidates)})")
-        return header, data
-    if not path.is_file():
-        raise DomainInputError(path, "does not exist")
+        return header, check_readable(data, "file")
+    check_readable(path, "file")
     for header in (path.with_suffix(".hdr"), path.with_name(path.name + ".hdr")):
-        if header.is_file():
-            return header, path
+        if header.is_file() or header.is_symlink():
+            return check_readable(header, "file"), path
     raise DomainInputError(path, f"has no ENVI header beside it ({path.with_suffix('.hdr').name} or {path.name}.hdr)")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from domains.hyperspectral.bands import select_channels
 from domains.hyperspectral.cube import Cube, open_cube
 from domains.hyperspectral.stack import compute_stack
-from domains.input_guards import check_readable, input_errors_named
+from domains.input_guards import check_encodable_name, check_readable, input_errors_named
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("background", "plume")
@@ -35,6 +35,7 @@ def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
 
         target = find_header_and_data(path)[1]
     check_readable(target, "file")
+    check_encodable_name(target)
     try:
         with input_errors_named(path), rasterio.open(target) as ds:
             if ds.count != 1:

@@ -21,7 +21,8 @@ from domains.satellite.sensors import (
     infer_sensor,
     recognise_band_folder,
 )
-from domains.input_guards import check_readable, check_source_size, describe_failure, input_errors_named
+from domains.input_guards import (check_encodable_name, check_readable, check_source_size, describe_failure,
+                                  input_errors_named)
 from domains.spec import Channel, DomainInputError
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def open_raster(path: Path) -> Iterator[Any]:
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     check_readable(path, "file")
+    check_encodable_name(path)
     logger = logging.getLogger("rasterio._env")
     handler = _GdalWarnings()
     level = logger.level
