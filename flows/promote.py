@@ -13,9 +13,11 @@ from tasks import tracking
 from tasks.promotion import (
     GateThresholds,
     apply_promotion_task,
+    complete_half_promotions_task,
     current_champion_metric_task,
     decide_promotion_task,
     gather_candidate_task,
+    promotion_lock,
     publish_decision_task,
     registered_model_names,
 )
@@ -41,23 +43,31 @@ class PromoteReceipt(BaseModel):
     reasons: list[str]
     reference_model: str
     edge_model: str
+    repaired: list[str] = Field(default_factory=list,
+                                description="Alias pairs a crashed earlier promotion left half-applied, completed first")
 
 
 @flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)
 def promote(params: PromoteParams) -> PromoteReceipt:
-    """Apply the gate, compare with the current champion, register versions and set aliases."""
+    """Apply the gate, compare with the current champion, register versions and set aliases.
+
+    One promotion of a registered model at a time: read champion, decide, register and set aliases all
+    happen under a Prefect global concurrency limit named after the model, across processes and workers.
+    """
     with tracking.stage_run(params.domain, "promote", Path(params.workdir), params.model_dump(mode="json")) as run:
         candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
         names = registered_model_names(get_domain(params.domain), candidate.task)
-        champion = current_champion_metric_task(names[1], candidate.metric)
-        decision = decide_promotion_task(candidate, params.gate, champion)
         lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,
                    "vitrail.validate_run_id": params.validate_run_id, "vitrail.edge_variant": edge_variant,
                    "vitrail.promote_run_id": run.run_id}
-        record = apply_promotion_task(decision, candidate, params.gate, params.model_uri, params.edge_model_uri,
-                                      names, lineage)
+        with promotion_lock(names[1]):
+            repaired = complete_half_promotions_task(names)
+            champion = current_champion_metric_task(names[1], candidate.metric)
+            decision = decide_promotion_task(candidate, params.gate, champion)
+            record = apply_promotion_task(decision, candidate, params.gate, params.model_uri, params.edge_model_uri,
+                                          names, lineage)
         tracking.set_tags(decision.as_tags())
         publish_decision_task(decision, record)
     return PromoteReceipt(passed=decision.passed, alias=record.alias, reasons=list(decision.reasons),
                           reference_model=f"{record.reference_name}/{record.reference_version}",
-                          edge_model=f"{record.edge_name}/{record.edge_version}")
+                          edge_model=f"{record.edge_name}/{record.edge_version}", repaired=repaired)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -127,20 +130,164 @@ class PromotionRecord:
     alias: str | None
 
 
+# Each registered version names its twin (the reference <-> edge version registered with it), so a reader of
+# an alias can check that both registered models agree, and a later promotion can finish a half-applied one.
+TWIN_NAME_TAG = "vitrail.twin_name"
+TWIN_VERSION_TAG = "vitrail.twin_version"
+ALIASES = ("champion", "challenger")
+# Test-only: the promotion test sets this to a crash point's name, and the process SIGKILLs itself there, so a
+# crash lands deterministically between the two alias writes. Never set in production.
+CRASH_POINT_ENV = "VITRAIL_TEST_CRASH_AT"
+
+
+class HalfPromotionError(ValueError):
+    """An alias is held by a reference or edge version whose twin does not hold it too."""
+
+
+def _twin_tags(name: str, version: str) -> dict[str, str]:
+    return {TWIN_NAME_TAG: name, TWIN_VERSION_TAG: version}
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_alias_pair(names: tuple[str, str], versions: tuple[str, str], alias: str) -> None:
+    """Point ``alias`` at twin versions: the reference first, always, so the reference side tells a later
+    promotion what a crash interrupted (:func:`complete_half_promotions`)."""
+    from tasks import tracking
+
+    tracking.set_alias(names[0], alias, versions[0])
+    _crash_point("between-aliases")
+    tracking.set_alias(names[1], alias, versions[1])
+
+
 def apply_promotion(decision: Decision, candidate: Candidate, gate: GateThresholds, reference_uri: str,
                     edge_uri: str, names: tuple[str, str], lineage: dict[str, str]) -> PromotionRecord:
-    """Register both models with the decision as tags; set the alias on both only if the gate passed."""
+    """Register both models as twins with the decision as tags; set the alias on both only if the gate passed.
+
+    Call it under :func:`promotion_lock`. The edge version is registered already naming its reference twin,
+    the reference version is tagged with its edge twin before any alias moves, and aliases move reference
+    first: a crash at any point leaves either no alias change or one that :func:`complete_half_promotions`
+    finishes, and readers refuse the half state meanwhile (:func:`pinned_model_uri`).
+    """
     from tasks import tracking
 
     tags = {**decision.as_tags(), **lineage, f"vitrail.edge_{candidate.metric}": f"{candidate.edge_metric:.6f}",
             f"vitrail.reference_{candidate.metric}": f"{candidate.reference_metric:.6f}",
             "vitrail.edge_latency_ms_p50": f"{candidate.edge_latency_ms:.4f}"}
     ref_version = tracking.register_version(reference_uri, names[0], tags)
-    edge_version = tracking.register_version(edge_uri, names[1], tags)
+    edge_version = tracking.register_version(edge_uri, names[1], {**tags, **_twin_tags(names[0], ref_version)})
+    tracking.tag_version(names[0], ref_version, _twin_tags(names[1], edge_version))
     if decision.passed and decision.alias:
-        tracking.set_alias(names[0], decision.alias, ref_version)
-        tracking.set_alias(names[1], decision.alias, edge_version)
+        set_alias_pair(names, (ref_version, edge_version), decision.alias)
     return PromotionRecord(names[0], ref_version, names[1], edge_version, decision.alias if decision.passed else None)
+
+
+def complete_half_promotions(names: tuple[str, str]) -> list[str]:
+    """Finish any alias pair a crashed promotion left half-applied; return what was repaired.
+
+    Call it under :func:`promotion_lock`, before reading the champion. The reference side is authoritative
+    (:func:`set_alias_pair` writes it first): its holder's twin gets the alias on the edge model. An edge
+    alias whose reference twin lacks it (only possible by hand) is completed the same way. Versions
+    without twin tags (registered outside the promote stage) are left alone.
+    """
+    from tasks import tracking
+
+    repaired = []
+    for alias in ALIASES:
+        for side, other in ((0, 1), (1, 0)):
+            holder = tracking.alias_holder(names[side], alias)
+            if holder is None or holder[1].get(TWIN_NAME_TAG) != names[other]:
+                continue
+            twin_version = holder[1][TWIN_VERSION_TAG]
+            current = tracking.alias_holder(names[other], alias)
+            if current is None or current[0] != twin_version:
+                tracking.set_alias(names[other], alias, twin_version)
+                repaired.append(f"{names[other]}@{alias}: version {current[0] if current else 'none'} -> "
+                                f"{twin_version} (twin of {names[side]} version {holder[0]})")
+            break  # the reference side decided; the edge side is only read when the reference has no twin
+    return repaired
+
+
+def pinned_model_uri(model_uri: str) -> str:
+    """``models:/<name>@<alias>`` resolved to ``models:/<name>/<version>`` after checking its twin; other URIs as given.
+
+    Raises:
+        HalfPromotionError: the alias holder names a twin version that does not hold the alias too (a
+            promotion was interrupted between its two alias writes; the next promotion completes it).
+    """
+    from tasks import tracking
+
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    name, alias = model_uri.removeprefix("models:/").rsplit("@", 1)
+    holder = tracking.alias_holder(name, alias)
+    if holder is None:
+        return model_uri  # the loader reports the missing alias
+    version, tags = holder
+    twin_name, twin_version = tags.get(TWIN_NAME_TAG), tags.get(TWIN_VERSION_TAG)
+    if twin_name is not None:
+        twin = tracking.alias_holder(twin_name, alias)
+        if twin is None or twin[0] != twin_version:
+            raise HalfPromotionError(
+                f"{model_uri}: half-applied promotion: {name} version {version} holds '{alias}' but its twin "
+                f"{twin_name} version {twin_version} does not ({twin_name}@{alias} is "
+                f"{'unset' if twin is None else 'version ' + twin[0]}); refusing to serve a model whose "
+                f"reference/edge pair disagrees. Run the promote stage again: it completes the pair first.")
+    return f"models:/{name}/{version}"
+
+
+PROMOTION_LEASE_S = 60  # Prefect's shortest lease: renewed while held, and frees the lock this soon after a crash
+
+
+def promotion_lock_name(edge_name: str) -> str:
+    """Name of the Prefect global concurrency limit that serialises promotions of one registered model."""
+    return f"vitrail-promote-{edge_name}"
+
+
+def ensure_promotion_limit(name: str) -> None:
+    """Create the one-slot global concurrency limit ``name`` if missing (idempotent, safe under races).
+
+    Prefect's ``concurrency()`` silently skips a limit that does not exist (a warning, no lock), so the limit
+    must exist before acquiring; one that someone widened or deactivated is set back to one active slot.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # a concurrent promotion created it first
+            return
+        if limit.limit != 1 or not limit.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+
+
+@contextmanager
+def promotion_lock(edge_name: str, timeout_s: float | None = 600.0) -> Iterator[None]:
+    """Hold the one slot of ``vitrail-promote-<edge name>`` (a Prefect global concurrency limit).
+
+    The limit lives on the Prefect server, so it excludes promotions in other processes and on other
+    workers too. The slot is leased: Prefect renews it while held, and a holder killed mid-promotion frees
+    it when the lease expires (:data:`PROMOTION_LEASE_S`). If renewal fails, the run is cancelled rather
+    than continue without the lock.
+
+    Raises:
+        TimeoutError: the slot was not acquired within ``timeout_s`` (``None`` waits for ever).
+    """
+    from prefect.concurrency.sync import concurrency
+
+    name = promotion_lock_name(edge_name)
+    ensure_promotion_limit(name)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=PROMOTION_LEASE_S, strict=True):
+        yield
 
 
 def publish_decision(decision: Decision, record: PromotionRecord) -> None:
@@ -191,3 +338,4 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
 gather_candidate_task = task(gather_candidate, name="gather-candidate", cache_policy=NONE)
 decide_promotion_task = task(decide_promotion, name="decide-promotion", cache_policy=NONE)
 current_champion_metric_task = task(current_champion_metric, name="current-champion-metric", cache_policy=NONE)
+complete_half_promotions_task = task(complete_half_promotions, name="complete-half-promotions", cache_policy=NONE)
