@@ -165,13 +165,32 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_reference_model(model, input_example, metadata: dict) -> str:
-    """Log the merged torch model (pickle format: loads back as the original class); return its URI."""
-    import mlflow.pytorch
+# The models-from-code file MLflow copies into each reference model (see its docstring); the weights
+# and architecture travel as the pyfunc's artifacts, at these paths inside the model.
+REFERENCE_MODEL_CODE = Path(__file__).with_name("reference_model_pyfunc.py")
+REFERENCE_ARTIFACTS = {"weights": "artifacts/model.safetensors", "architecture": "artifacts/architecture.json"}
 
-    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                    input_example=input_example, metadata=metadata,
-                                    pip_requirements=MODEL_REQUIREMENTS)
+
+def log_reference_model(model, input_example, metadata: dict) -> str:
+    """Log the merged torch model as safetensors weights plus ``architecture.json``; return its URI.
+
+    The model is an MLflow pyfunc model from code (no pickled object anywhere in it), so the
+    registry, aliases, metadata and ``mlflow models serve`` work as for any MLflow model, and
+    :func:`load_reference_model` rebuilds it without unpickling anything.
+    """
+    import mlflow.pyfunc
+
+    from domains import Channel
+    from tasks.models import reference_architecture, save_reference_model
+
+    channels = tuple(Channel(**c) for c in metadata["channels"])
+    architecture = reference_architecture(model, channels, metadata.get("task", "classification"))
+    with tempfile.TemporaryDirectory(prefix="vitrail-reference-") as scratch:
+        weights, description = save_reference_model(model, architecture, Path(scratch))
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(REFERENCE_MODEL_CODE),
+                                       artifacts={"weights": str(weights), "architecture": str(description)},
+                                       input_example=input_example, metadata=metadata,
+                                       pip_requirements=[*MODEL_REQUIREMENTS, "safetensors"])
     return info.model_uri
 
 
@@ -187,24 +206,53 @@ def log_edge_model(onnx_path: Path, metadata: dict, input_example) -> str:
 
 
 def load_reference_model(model_uri: str):
-    """Load a torch model logged by :func:`log_reference_model`."""
-    import mlflow.pytorch
+    """Load a torch model logged by :func:`log_reference_model`, never unpickling anything.
 
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    The model is rebuilt by this checkout's code from the validated ``architecture.json`` and its
+    tensors are read from ``model.safetensors`` with every name and shape checked; the code file
+    stored with the model is not run. Models logged with MLflow's pytorch (pickle) flavour are
+    refused, since unpickling them would run whatever code they carry.
+    """
+    from tasks.models import load_reference_files
+
+    info = _model_info(model_uri)
+    pyfunc = info.flavors.get("python_function", {})
+    recorded = {name: entry.get("path") for name, entry in (pyfunc.get("artifacts") or {}).items()}
+    if recorded != REFERENCE_ARTIFACTS:
+        if "pytorch" in info.flavors:
+            raise ValueError(
+                f"{model_uri}: refused to load: this model was logged with MLflow's pytorch flavour, which stores "
+                "the model as a pickle, and unpickling a file runs any code it carries. Vitrail loads reference "
+                "models only from safetensors weights plus architecture.json. Re-register it: rerun the finetune "
+                "stage, or, only if you trust where the model came from, load it once with "
+                "mlflow.pytorch.load_model and log it again with tasks.tracking.log_reference_model")
+        raise ValueError(f"{model_uri}: not a Vitrail reference model (expected safetensors weights and "
+                         f"architecture.json at {sorted(REFERENCE_ARTIFACTS.values())}, found {recorded or 'none'})")
+    with tempfile.TemporaryDirectory(prefix="vitrail-reference-") as scratch:
+        folder = download_model(model_uri, Path(scratch))
+        return load_reference_files(folder / REFERENCE_ARTIFACTS["weights"], folder / REFERENCE_ARTIFACTS["architecture"])
 
 
-def model_flavor(model_uri: str) -> tuple[str, dict]:
-    """Return ('onnx' | 'pytorch', metadata) of a logged or registered model."""
+def _model_info(model_uri: str):
+    """MLflow's description of a logged or registered model (its MLmodel file), with clear errors."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
     try:
-        info = get_model_info(model_uri)
+        return get_model_info(model_uri)
     except MlflowException as error:
         if "@" in model_uri and "alias" in str(error).lower():
             raise ValueError(f"{model_uri}: no model version holds this alias yet (no candidate has passed the "
                              "promotion gate); promote one first, or pass the model URI to use") from error
         raise ValueError(f"{model_uri}: cannot load this model ({error})") from error
+
+
+def model_flavor(model_uri: str) -> tuple[str, dict]:
+    """Return ('onnx' | 'pytorch', metadata) of a logged or registered model.
+
+    'pytorch' is any reference (torch) model; :func:`load_reference_model` decides whether it is safe to load.
+    """
+    info = _model_info(model_uri)
     flavor = "onnx" if "onnx" in info.flavors else "pytorch"
     return flavor, dict(info.metadata or {})
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +158,31 @@ def _fingerprint(params: TrainParams, dataset_digest: str, model_key: str) -> st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint read with ``weights_only=True``: tensors and plain Python values only.
+
+    Unpickling anything else could run code planted in the file. Such a file, or an unreadable one,
+    stops the run with an error naming it, instead of being skipped (which would silently retrain).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's first sentence names what was refused; the rest advises allowlisting it, which is not ours to offer
+        detail = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
+        raise ValueError(f"{path}: refused to load this checkpoint: it holds more than tensors and plain values "
+                         f"({detail or 'unsupported content'}) and unpickling it could run arbitrary code; delete "
+                         "or move the file to resume from an earlier checkpoint or train from the start") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path}: not a readable training checkpoint ({' '.join(str(error).split())[:200]}); "
+                         "delete or move the file to resume from an earlier checkpoint") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise ValueError(f"{path}: not a Vitrail training checkpoint (no settings fingerprint); delete or move it")
+    return state
+
+
 def _newest_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     for path in sorted(checkpoint_dir.glob("epoch-*.pt"), reverse=True):
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         if state.get("fingerprint") == fingerprint:
             return path
         log.warning("%s: checkpoint belongs to other settings; not resuming from it", path)
@@ -220,7 +243,7 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
 
     resume_path = _newest_checkpoint(checkpoint_dir, fingerprint) if params.resume else None
     if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
