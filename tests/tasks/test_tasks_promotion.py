@@ -125,3 +125,105 @@ def test_a_model_of_another_task_gets_its_own_registered_names() -> None:
     radiology = get_domain("radiology")
     assert registered_model_names(radiology, "multilabel") == registered_model_names(radiology)
     assert registered_model_names(radiology, "segmentation") == ("radiology-segmentation", "radiology-segmentation-edge")
+
+
+# --- applying decisions to a real registry: twins, half-promotions, readers ---------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """A SQLite MLflow registry of its own; versions point at a plain folder (the registry never reads it)."""
+    from tasks_support import mlflow_sandbox
+
+    from tasks import tracking
+
+    workdir = tmp_path_factory.mktemp("registry")
+    with mlflow_sandbox() as patch:
+        patch.chdir(workdir)
+        tracking.configure_tracking(workdir)
+        yield (workdir / "model").as_uri()
+
+
+def _promote(source: str, names: tuple[str, str], edge_metric: float, latency_ms: float = 5.0):
+    from tasks.promotion import apply_promotion, current_champion_metric
+
+    candidate = replace(GOOD, reference_metric=edge_metric + 0.01, edge_metric=edge_metric, edge_latency_ms=latency_ms)
+    decision = decide_promotion(candidate, GATE, current_champion_metric(names[1], "macro_f1"))
+    return apply_promotion(decision, candidate, GATE, source, source, names, {"vitrail.unit": "yes"})
+
+
+def _holder(name: str, alias: str) -> str | None:
+    from tasks import tracking
+
+    found = tracking.alias_holder(name, alias)
+    return found[0] if found else None
+
+
+def test_promoted_versions_name_each_other_as_twins(registry) -> None:
+    from tasks import tracking
+    from tasks.promotion import TWIN_NAME_TAG, TWIN_VERSION_TAG, pinned_model_uri
+
+    names = ("unit-twins", "unit-twins-edge")
+    record = _promote(registry, names, 0.9)
+    assert record.alias == "champion" and (record.reference_version, record.edge_version) == ("1", "1")
+    reference_tags = tracking.alias_holder(names[0], "champion")[1]
+    edge_tags = tracking.alias_holder(names[1], "champion")[1]
+    assert (reference_tags[TWIN_NAME_TAG], reference_tags[TWIN_VERSION_TAG]) == ("unit-twins-edge", "1")
+    assert (edge_tags[TWIN_NAME_TAG], edge_tags[TWIN_VERSION_TAG]) == ("unit-twins", "1")
+    # A failed candidate is registered as twins too, but moves no alias.
+    failed = _promote(registry, names, 0.95, latency_ms=500.0)
+    assert failed.alias is None and failed.edge_version == "2"
+    assert tracking.alias_holder(names[1], "champion")[0] == "1"
+    assert pinned_model_uri("models:/unit-twins-edge@champion") == "models:/unit-twins-edge/1"
+    assert pinned_model_uri("models:/unit-twins@champion") == "models:/unit-twins/1"
+
+
+@pytest.mark.parametrize("half_side", [0, 1], ids=["reference-moved", "edge-moved"])
+def test_a_half_promotion_is_refused_by_readers_and_completed_once(registry, half_side: int) -> None:
+    from tasks import tracking
+    from tasks.promotion import HalfPromotionError, complete_half_promotions, pinned_model_uri
+
+    names = (f"unit-half-{half_side}", f"unit-half-{half_side}-edge")
+    _promote(registry, names, 0.80)  # champion: versions 1 and 1
+    _promote(registry, names, 0.70)  # challenger: versions 2 and 2
+    _promote(registry, names, 0.90, latency_ms=500.0)  # failed gate: versions 3 and 3, no alias
+    # What a crash between the two alias writes leaves: one side's champion moved to version 3.
+    tracking.set_alias(names[half_side], "champion", "3")
+    moved, stale = names[half_side], names[1 - half_side]
+    for name in names:
+        with pytest.raises(HalfPromotionError, match=rf"half-applied promotion: {name} version \d holds 'champion'"):
+            pinned_model_uri(f"models:/{name}@champion")
+    assert pinned_model_uri(f"models:/{names[1]}@challenger") == f"models:/{names[1]}/2"  # the other pair is fine
+
+    # The reference side decides (promotions write it first): a moved reference is completed forward; an
+    # edge moved alone (only by hand) is put back to the reference champion's twin.
+    repaired = complete_half_promotions(names)
+    if half_side == 0:
+        assert repaired == [f"{stale}@champion: version 1 -> 3 (twin of {moved} version 3)"]
+        champion = "3"
+    else:
+        assert repaired == [f"{moved}@champion: version 3 -> 1 (twin of {stale} version 1)"]
+        champion = "1"
+    assert (_holder(names[0], "champion"), _holder(names[1], "champion")) == (champion, champion)
+    assert (_holder(names[0], "challenger"), _holder(names[1], "challenger")) == ("2", "2")
+    assert pinned_model_uri(f"models:/{names[1]}@champion") == f"models:/{names[1]}/{champion}"
+    assert complete_half_promotions(names) == []  # idempotent: nothing left to repair
+
+
+def test_versions_registered_outside_the_promote_stage_are_left_alone(registry) -> None:
+    from tasks import tracking
+    from tasks.promotion import complete_half_promotions, pinned_model_uri
+
+    names = ("unit-plain", "unit-plain-edge")
+    version = tracking.register_version(registry, names[1], {})
+    tracking.set_alias(names[1], "champion", version)
+    assert complete_half_promotions(names) == [] and _holder(names[0], "champion") is None
+    assert pinned_model_uri("models:/unit-plain-edge@champion") == "models:/unit-plain-edge/1"
+
+
+@pytest.mark.parametrize("uri", ["runs:/abc/model", "models:/unit-plain-edge/1", "/tmp/model.onnx",
+                                 "models:/never-registered@champion"])
+def test_other_uris_and_missing_aliases_pass_through_unpinned(registry, uri: str) -> None:
+    from tasks.promotion import pinned_model_uri
+
+    assert pinned_model_uri(uri) == uri
