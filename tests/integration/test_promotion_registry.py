@@ -26,8 +26,10 @@ from tasks.promotion import (
     TWIN_NAME_TAG,
     TWIN_VERSION_TAG,
     HalfPromotionError,
+    ensure_promotion_limit,
     pinned_model_uri,
     promotion_lock,
+    promotion_lock_name,
     registered_model_names,
 )
 
@@ -247,3 +249,30 @@ def test_a_promotion_killed_between_alias_writes_is_refused_then_completed(prefe
         assert pinned_model_uri(f"models:/{EDGE}@champion") == f"models:/{EDGE}/3"
         assert load_model(f"models:/{REFERENCE}@champion").domain == DOMAIN
         print(f"\nrecovered {recovered_s:.1f} s after the kill (includes the {60} s lease of the killed holder)")
+
+
+@pytest.mark.integration
+def test_the_promotion_limit_is_created_once_and_kept_at_one_active_slot(prefect_api: PrefectServer) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    name = promotion_lock_name("unit-limit-edge")
+    assert name == "vitrail-promote-unit-limit-edge"
+    with get_client(sync_client=True) as client:
+        ensure_promotion_limit(name)
+        created = client.read_global_concurrency_limit_by_name(name)
+        ensure_promotion_limit(name)  # idempotent: the same limit, not a second one or an error
+        again = client.read_global_concurrency_limit_by_name(name)
+        assert (created.id, created.limit, created.active) == (again.id, 1, True)
+        # Widened or switched off by hand, it would no longer exclude anything: it is set back.
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=5, active=False))
+        ensure_promotion_limit(name)
+        restored = client.read_global_concurrency_limit_by_name(name)
+        assert (restored.id, restored.limit, restored.active) == (created.id, 1, True)
+        with promotion_lock("unit-limit-edge"):
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+            # A second holder times out instead of entering.
+            with pytest.raises(TimeoutError):
+                with promotion_lock("unit-limit-edge", timeout_s=2):
+                    pass
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
