@@ -12,8 +12,10 @@ from prefect.cache_policies import NONE
 from torch import nn
 
 from domains import get_domain
+from tasks.atomic_files import atomic_path
 from tasks.dataset import DatasetInfo, load_dataset
 from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
+from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,13 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
 
 def fit_adapter(dataset_path: Path, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
                 checkpoint_dir: Path, on_epoch: EpochCallback | None = None) -> FinetuneOutcome:
-    """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model."""
+    """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model.
+
+    The seed and thread count are pinned before the backbone is built: timm's and peft's weight
+    initialisers draw from torch's global generator, so an unseeded build made every run start from
+    different weights.
+    """
+    pin_determinism(train.seed, train.threads)
     dataset = load_dataset(dataset_path)
     info = dataset.info
     if train.flip_augment and not get_domain(info.domain).train_flips:
@@ -89,7 +97,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     right.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -108,10 +108,18 @@ def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
 def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None,
               dataset: DatasetInfo | None = None, dataset_path: Path | None = None,
               extra_tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-    """Open a run for ``stage`` tagged with dataset digest, git commit and Prefect flow-run id."""
+    """Open a run for ``stage`` tagged with dataset digest, git commit and Prefect flow-run id.
+
+    Every run also carries what decides its numbers (``vitrail.repro.*`` tags: seed, threads,
+    deterministic kernels, device, CPU, Python and library versions; see :mod:`tasks.reproducibility`).
+    They are set when the run opens and again when it closes, so settings the stage pinned while it
+    ran (its seed and thread count) are the ones recorded.
+    """
+    from tasks.reproducibility import environment_record
+
     experiment_id = ensure_experiment(domain, workdir)
     tags = {"vitrail.stage": stage, "vitrail.domain": domain, "vitrail.git_commit": git_commit(),
-            **_prefect_run_tags(), **(extra_tags or {})}
+            **environment_record().as_tags(), **_prefect_run_tags(), **(extra_tags or {})}
     if dataset is not None:
         tags["vitrail.dataset_digest"] = dataset.digest
         tags["vitrail.task"] = dataset.task
@@ -124,6 +132,7 @@ def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None
         if dataset is not None:
             log_dataset_input(dataset, dataset_path, context="training" if stage == "finetune" else stage)
         yield StageRun(run_id=run.info.run_id, experiment_id=experiment_id, artifact_dir=Path(scratch))
+        mlflow.set_tags(environment_record().as_tags())
         mlflow.log_artifacts(scratch)
 
 

@@ -4,7 +4,11 @@ Task types (see ``domains.TaskType``): classification (one class per sample), mu
 0/1 findings) and segmentation (a class per pixel). Objectives: cross-entropy (binary cross-entropy
 for multilabel), focal, and distillation from a teacher's logits. The loop checkpoints every epoch and
 resumes from the newest checkpoint whose fingerprint matches the run's settings, so an interrupted
-fine-tune picks up where it stopped.
+fine-tune picks up where it stopped. Checkpoints are written under a temporary name and renamed into
+place, so a run killed mid-write leaves the previous epoch's checkpoint, never a truncated one.
+
+Reproducibility: :func:`fit` pins the seed, deterministic kernels and the thread count
+(:mod:`tasks.reproducibility`); callers that build a model first pin them before building it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn import functional as F
 
+from tasks.atomic_files import atomic_path, remove_partials
 from tasks.dataset import Dataset
 from tasks.evaluation import score_outputs
+from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,10 @@ class TrainParams(BaseModel):
     flip_augment: bool = Field(True, description="Random flips and 90-degree rotations (valid for overhead imagery "
                                                  "and slides; turned off by domains where left and right differ)")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and augmentation")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=256,
+                         description="CPU threads for training. Part of the reproducibility contract: the same "
+                                     "seed, data, threads and library versions give bitwise-identical weights; "
+                                     "another thread count rounds sums differently")
     resume: bool = Field(True, description="Resume from the newest matching checkpoint in the work folder")
 
 
@@ -152,8 +162,115 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
     return np.concatenate(outputs, axis=0)
 
 
+class TrainingMemoryError(ValueError):
+    """A training request whose estimated memory exceeds what the machine has available."""
+
+
+FLOAT_BYTES = 4
+# Backward needs the saved activations plus gradients of the same size, and allocator slack on top.
+ACTIVATION_PEAK_FACTOR = 2.0
+# Share of the currently available memory a training run may plan to use.
+MEMORY_HEADROOM = 0.8
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training step needs, and the shape that decides it."""
+
+    activations: int
+    weights_and_optimizer: int
+    batch_size: int
+    channels: int
+    tile_size: tuple[int, int]
+    tokens: int | None
+    width: int | None
+    depth: int | None
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.weights_and_optimizer
+
+    def describe(self) -> str:
+        shape = (f"batch {self.batch_size} x {self.channels} channels x {self.tile_size[0]}x{self.tile_size[1]} px")
+        if self.tokens is not None:
+            shape += f" ({self.tokens} tokens x {self.width} dims x {self.depth} blocks)"
+        return (f"{shape}: activations about {self.activations / 2**30:.2f} GiB, weights, gradients and optimizer "
+                f"state {self.weights_and_optimizer / 2**30:.2f} GiB")
+
+
+def _vit_activation_floats(model: nn.Module) -> tuple[int, int, int, int] | None:
+    """(floats saved per sample, tokens, width, depth) of the timm ViT inside ``model``, or None."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
+    if vit is None:
+        return None
+    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    width, depth = vit.embed_dim, len(vit.blocks)
+    per_block = 0
+    for block in vit.blocks:
+        heads = getattr(block.attn, "num_heads", 1)
+        hidden = getattr(getattr(block.mlp, "fc1", None), "out_features", 4 * width)
+        # Saved for backward per token: two LayerNorms (in/out), qkv (3D), attention output and
+        # projection, two residual sums (about 10 x width), fc1 output and GELU output (2 x hidden);
+        # plus the attention probabilities, heads x tokens^2 (the explicit softmax path keeps them).
+        per_block += tokens * (10 * width + 2 * hidden) + heads * tokens * tokens
+    return per_block, tokens, width, depth
+
+
+def estimate_training_memory(model: nn.Module, batch_size: int, sample_shape: tuple[int, ...]) -> MemoryEstimate:
+    """Memory one optimisation step of ``model`` on ``batch_size`` samples of ``sample_shape`` (C, H, W) needs.
+
+    Activations are estimated from the ViT's dimensions (tokens from the tile and patch size, width,
+    depth, heads, MLP width), so a request is judged before anything is allocated; a model without a
+    timm ViT inside is charged for its input and output only.
+    """
+    channels, height, width_px = (int(v) for v in sample_shape[-3:])
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Weights, plus gradient and AdamW's two moments for every trained weight.
+    static = FLOAT_BYTES * (parameters + 3 * trainable)
+    per_sample = channels * height * width_px * 2  # the input and its augmented view
+    vit = _vit_activation_floats(model)
+    tokens = dims = depth = None
+    if vit is not None:
+        floats, tokens, dims, depth = vit
+        per_sample += floats
+    activations = int(ACTIVATION_PEAK_FACTOR * FLOAT_BYTES * batch_size * per_sample)
+    return MemoryEstimate(activations=activations, weights_and_optimizer=static, batch_size=batch_size,
+                          channels=channels, tile_size=(height, width_px), tokens=tokens, width=dims, depth=depth)
+
+
+def available_memory() -> int:
+    """Bytes the machine can give this process now without swapping (psutil's ``available``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_training_memory(model: nn.Module, batch_size: int, sample_shape: tuple[int, ...], task: str = "",
+                          available: int | None = None) -> MemoryEstimate:
+    """Refuse, before anything is allocated, a training step that cannot fit in memory.
+
+    Raises:
+        TrainingMemoryError: the estimate exceeds ``MEMORY_HEADROOM`` of the available memory; the
+            message gives the numbers and what to lower.
+    """
+    estimate = estimate_training_memory(model, batch_size, sample_shape)
+    free = available_memory() if available is None else available
+    budget = int(free * MEMORY_HEADROOM)
+    if estimate.total > budget:
+        raise TrainingMemoryError(
+            f"training {task or 'this model'} needs about {estimate.total / 2**30:.2f} GiB per step "
+            f"({estimate.describe()}), but only {free / 2**30:.2f} GiB is available "
+            f"({MEMORY_HEADROOM:.0%} of it may be planned); lower batch_size, the tile size or the model size")
+    log.debug("training memory estimate %.2f GiB of %.2f GiB available", estimate.total / 2**30, free / 2**30)
+    return estimate
+
+
 def _fingerprint(params: TrainParams, dataset_digest: str, model_key: str) -> str:
-    payload = params.model_dump(exclude={"resume", "epochs"})
+    # Threads change float rounding, not what is trained: a run may resume on another thread count.
+    payload = params.model_dump(exclude={"resume", "epochs", "threads"})
     payload.update(dataset=dataset_digest, model=model_key)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -219,9 +336,11 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             got = None if teacher_logits is None else teacher_logits.shape
             raise ValueError(f"distillation needs cached teacher logits of shape ({expected_views}, {len(train)}, ...) "
                              f"for the train split, got {got}")
-    torch.manual_seed(params.seed)
+    check_training_memory(model, params.batch_size, train.images.shape[1:], task)
+    pin_determinism(params.seed, params.threads)
     generator = torch.Generator().manual_seed(params.seed)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    remove_partials(checkpoint_dir)  # a killed run's unfinished checkpoint write
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
@@ -248,6 +367,8 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        if "torch_rng" in state:  # dropout and other layers draw from torch's global generator
+            torch.set_rng_state(state["torch_rng"])
         history, best_score, best_epoch, best_state = state["history"], state["best_score"], state["best_epoch"], state["best_state"]
         start_epoch = state["epoch"]
         log.info("resuming from %s (epoch %d of %d)", resume_path.name, start_epoch, params.epochs)
@@ -291,10 +412,12 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         path = checkpoint_dir / f"epoch-{epoch:03d}.pt"
-        torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(), "history": history, "best_score": best_score,
-                    "best_epoch": best_epoch, "best_state": best_state}, path)
+        with atomic_path(path) as partial:
+            torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                        "history": history, "best_score": best_score, "best_epoch": best_epoch,
+                        "best_state": best_state}, partial)
         checkpoints.append(path)
         if on_epoch is not None:
             on_epoch(epoch, params.epochs, metrics)
