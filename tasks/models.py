@@ -241,8 +241,8 @@ class ReferenceArchitecture(BaseModel):
     task: TaskType = Field(description="classification and multilabel end in a linear head; segmentation in a "
                                        "per-token decoder")
     img_size: int = Field(ge=1, le=8192, description="Side of the square input tile in pixels")
-    patch_size: int = Field(ge=1, le=64, description="Patch side in pixels")
-    depth: int = Field(ge=1, le=128, description="Number of transformer blocks")
+    patch_size: int = Field(ge=2, le=32, description="Patch side in pixels (the bounds of BackboneParams)")
+    depth: int = Field(ge=1, le=48, description="Number of transformer blocks (the bounds of BackboneParams)")
     channels: tuple[Channel, ...] = Field(min_length=1, max_length=1024, description="Input bands, in order")
     num_classes: int = Field(ge=1, le=100_000, description="Logits per sample (or per pixel for segmentation)")
     mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input")
@@ -287,14 +287,32 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
 
 def _check_rebuilds(model: nn.Module, architecture: ReferenceArchitecture) -> None:
     """Fail at logging time, not at loading time, when the description does not rebuild ``model``."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        rebuilt = build_reference_model(architecture)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if expected != got:
-        differ = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+    differences = _shape_differences(_described_shapes(architecture), _state_shapes(model.state_dict()))
+    if differences:
         raise ValueError(f"{architecture.backbone}: the architecture description does not rebuild this model "
-                         f"({len(differ)} tensors differ, e.g. {differ[0]})")
+                         f"({differences})")
+
+
+def _state_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
+
+
+def _described_shapes(architecture: ReferenceArchitecture) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the described model, built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return _state_shapes(build_reference_model(architecture).state_dict())
+
+
+def _shape_differences(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str:
+    """'' when both hold the same tensor names and shapes, else a short account of what differs."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = [f"{k} {found[k]} instead of {expected[k]}" for k in sorted(set(expected) & set(found))
+                if expected[k] != found[k]]
+    parts = [f"{label} {len(items)} tensors, e.g. {items[0]}"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("another shape for", reshaped))
+             if items]
+    return "; ".join(parts)
 
 
 def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClassifier:
@@ -312,11 +330,13 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
 
 def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, folder: Path) -> tuple[Path, Path]:
     """Write ``model.safetensors`` and ``architecture.json`` into ``folder``; return their paths."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     weights, description = folder / REFERENCE_WEIGHTS_FILE, folder / REFERENCE_ARCHITECTURE_FILE
-    save_model(model, str(weights), metadata={"format": "pt"})
+    # Every tensor of the state dict under its own name: loading compares the names one to one.
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights),
+              metadata={"format": "pt"})
     description.write_text(architecture.model_dump_json(indent=2) + "\n")
     return weights, description
 
@@ -336,21 +356,33 @@ def load_reference_files(weights: Path, description: Path) -> NormalizedClassifi
     """Rebuild a reference model from its description and load its weights, every tensor checked.
 
     Only tensors are read (safetensors has no code path); a file of another format, such as a pickle,
-    is refused, and so is a file whose tensor names or shapes differ from the described model's.
+    is refused. Tensor names and shapes are compared with the described model's before anything is
+    allocated, so a description cannot make Vitrail build a model larger than the weights file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
 
     architecture = read_reference_architecture(description)
-    model = build_reference_model(architecture)
     if not weights.is_file():
         raise ReferenceModelError(weights, "weights file not found")
+    refused = ("not a safetensors file ({}); Vitrail reads model weights only from safetensors and never "
+               "unpickles them")
     try:
-        load_model(model, str(weights), strict=True)
+        with safe_open(str(weights), framework="pt") as handle:  # the header only
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except SafetensorError as error:
-        raise ReferenceModelError(weights, f"not a safetensors file ({error}); Vitrail reads model weights only "
-                                           "from safetensors and never unpickles them") from None
-    except RuntimeError as error:
-        raise ReferenceModelError(weights, f"weights do not match {description.name} "
-                                           f"({' '.join(str(error).split())[:400]})") from None
+        raise ReferenceModelError(weights, refused.format(error)) from None
+    try:
+        expected = _described_shapes(architecture)
+    except ValueError as error:
+        raise ReferenceModelError(description, str(error)) from None
+    differences = _shape_differences(expected, stored)
+    if differences:
+        raise ReferenceModelError(weights, f"weights do not match {description.name} ({differences})")
+    model = build_reference_model(architecture)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:
+        raise ReferenceModelError(weights, refused.format(error)) from None
+    model.load_state_dict(state, strict=True)
     return model.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -50,20 +51,20 @@ class PayloadModule(torch.nn.Module):
 # --- training checkpoints ----------------------------------------------------------------------------
 
 
-def test_a_pickle_payload_planted_in_a_checkpoint_stops_the_resume(tmp_path: Path, dataset) -> None:
-    settings = TrainParams(**{**FAST_TRAIN, "epochs": 1})
-    checkpoints = tmp_path / "checkpoints"
-    first = fit(new_model(dataset), dataset, settings, checkpoints, "tiny-vit")
-    assert read_checkpoint(first.checkpoints[0])["epoch"] == 1  # a genuine checkpoint reads with weights_only
+def test_a_pickle_payload_planted_in_a_checkpoint_stops_the_resume(tmp_path: Path, dataset, trained) -> None:
+    checkpoints = shutil.copytree(trained.checkpoints[0].parent, tmp_path / "checkpoints")  # epochs 1-3
+    assert read_checkpoint(checkpoints / "epoch-003.pt")["epoch"] == 3  # genuine checkpoints read with weights_only
     marker = tmp_path / "marker"
-    planted = checkpoints / "epoch-002.pt"  # the newest checkpoint: resume reads it first
-    torch.save({"fingerprint": "any", "epoch": 2, "model": Payload(marker)}, planted)
+    planted = checkpoints / "epoch-004.pt"  # the newest checkpoint: resume reads it first
+    torch.save({"fingerprint": "any", "epoch": 4, "model": Payload(marker)}, planted)
 
-    with pytest.raises(ValueError, match=r"epoch-002\.pt: refused to load this checkpoint: .*"
+    longer = TrainParams(**{**FAST_TRAIN, "epochs": 5})
+    with pytest.raises(ValueError, match=r"epoch-004\.pt: refused to load this checkpoint: .*"
                                          r"\(Unsupported global: GLOBAL exec was not an allowed global by default\)"):
-        fit(new_model(dataset), dataset, settings.model_copy(update={"epochs": 3}), checkpoints, "tiny-vit")
+        fit(new_model(dataset), dataset, longer, checkpoints, "tiny-vit")
     assert not marker.exists()
-    assert sorted(p.name for p in checkpoints.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]  # no retraining
+    # Refused, not skipped: nothing was retrained or overwritten.
+    assert sorted(p.name for p in checkpoints.glob("epoch-*.pt")) == [f"epoch-00{e}.pt" for e in range(1, 5)]
 
     torch.load(planted, weights_only=False)  # control: a full unpickle runs the payload
     assert marker.read_text() == "payload ran"
