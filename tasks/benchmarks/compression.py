@@ -7,8 +7,9 @@ and combined recipes, and measures them all in one process on ``threads`` thread
 interleaved rounds (every variant once per round) so machine noise hits all variants alike; ratios are
 against fp32 torch eager at batch 1. Options: ``threads`` (2), ``repeats`` (batch-1 calls per variant,
 200), ``student_depth`` (6), ``distill_epochs`` (8), ``recovery_epochs`` (4), ``throughput_batch`` (32),
-``unfused`` (1: also build the reference exports without graph fusion -- ``unfused-onnx-fp32``,
-``unfused-onnx-fp32-int8``, ``unfused-onnx-fp32-int8-dynamic`` -- so the fusion's effect is measured in the same rounds).
+``seed`` (0: student initialisation and recovery training), ``unfused`` (1: also build the reference
+exports without graph fusion -- ``unfused-onnx-fp32``, ``unfused-onnx-fp32-int8``,
+``unfused-onnx-fp32-int8-dynamic`` -- so the fusion's effect is measured in the same rounds).
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     from tasks.compression.tokens import TokenReductionParams
     from tasks.dataset import load_dataset
     from tasks.onnx_runtime import open_session, session_predictor
+    from tasks.reproducibility import pin_determinism
 
     threads = int(options.get("threads", 2))
     repeats = int(options.get("repeats", 200))
     batch = int(options.get("throughput_batch", 32))
     depth = int(options.get("student_depth", 6))
     recovery = int(options.get("recovery_epochs", 4))
-    torch.set_num_threads(threads)
+    seed = int(options.get("seed", 0))
+    pin_determinism(seed, threads)
     model_uri, dataset_path = _locate(Path(workdir), options)
     model = tracking.load_reference_model(model_uri).eval()
     metadata = tracking.logged_model_metadata(model_uri)
@@ -89,7 +92,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out, parity_images=test.images,
                                  parity_tolerance=1e-3, threads=threads, teacher=model,
-                                 flips=_domain_flips(dataset.info.domain))
+                                 flips=_domain_flips(dataset.info.domain), seed=seed)
     started = time.perf_counter()
     quant = QuantizationParams()
     start = Variant(REFERENCE_ROOT, model)

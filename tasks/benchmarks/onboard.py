@@ -44,6 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
     """The benchmark capture for ``size``/``seed`` under ``bench_dir``, generated once then reused."""
     from domains.hyperspectral.synthesis import EMIT_LIKE, make_scene, plume_labels, random_plumes, write_capture, write_mask
+    from tasks.atomic_files import write_text_atomic
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
@@ -60,7 +61,8 @@ def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
     scene = make_scene(EMIT_LIKE, shape, plumes, seed=seed)
     write_capture(paths["data"], scene, interleave="bil", strip_rows=32)
     write_mask(paths["labels"], plume_labels(scene))
-    done.write_text(json.dumps({"plumes": count, "shape": list(shape)}))
+    # The marker is the capture's commit point: written last, atomically, so a killed generation is redone.
+    write_text_atomic(done, json.dumps({"plumes": count, "shape": list(shape)}))
     return paths
 
 

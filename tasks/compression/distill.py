@@ -87,12 +87,16 @@ def _copy_teacher_blocks(teacher_vit: nn.Module, student: nn.Module, depth: int)
 
 def distill(teacher: nn.Module, params: DistillParams, context, name: str) -> tuple[nn.Module, dict]:
     """Build and train the student; return it (eval mode) and a record of the run."""
+    from tasks.reproducibility import pin_determinism
     from tasks.training import TrainParams, fit
 
+    # Seeded before the student is built: its fresh layers (and any the teacher cannot fill) draw from
+    # torch's global generator.
+    pin_determinism(context.seed, context.threads)
     student = build_student(teacher, params, context.dataset)
     train = TrainParams(epochs=params.epochs, learning_rate=params.learning_rate, objective="distillation",
                         distill_temperature=params.temperature, distill_weight=params.weight,
-                        flip_augment=context.flips, resume=False)
+                        flip_augment=context.flips, resume=False, seed=context.seed, threads=context.threads)
     result = fit(student, context.dataset, train, context.out_dir / "checkpoints" / name,
                  f"student-{params.student_backbone}-d{params.student_depth}", teacher_logits=context.teacher_logits())
     model = result.model.eval()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.atomic_files import atomic_path
 from tasks.onnx_runtime import INPUT_NAME, OUTPUT_NAME, open_session, session_predictor, write_metadata
 from tasks.training import predict_logits
 
@@ -39,9 +40,11 @@ class ParityReport:
 
 
 def export_onnx(model: nn.Module, example: np.ndarray, path: Path, metadata: dict) -> Path:
-    """Export ``model`` (eval mode) with a dynamic batch axis and embed Vitrail metadata."""
+    """Export ``model`` (eval mode) with a dynamic batch axis and embed Vitrail metadata.
+
+    The file appears at ``path`` complete or not at all (written under a temporary name, then renamed).
+    """
     model = model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Trace with a batch of 2: torch.export specialises a traced size of 1, which then conflicts with the
     # dynamic batch range in models that upsample (segmentation heads): "Invalid ranges [2:1]".
     sample = torch.from_numpy(np.ascontiguousarray(np.repeat(example[:1], 2, axis=0) if len(example) < 2
@@ -50,8 +53,9 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path, metadata: dic
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
-    program.save(str(path), external_data=False)
-    write_metadata(path, metadata)
+    with atomic_path(path) as partial:
+        program.save(str(partial), external_data=False)
+        write_metadata(partial, metadata)
     return path
 
 
@@ -100,15 +104,18 @@ class ExportOnnx:
         from tasks.compression.technique import REFERENCE_ROOT, onnx_file_name
 
         name = "onnx-fp32" if variant.name == REFERENCE_ROOT else variant.name
-        path = export_onnx(variant.model, context.parity_images, context.out_dir / onnx_file_name(name),
-                           context.metadata)
+        path = context.out_dir / onnx_file_name(name)
         record: dict = {}
-        if self.fuse:
-            from tasks.compression.fuse import optimize_for_cpu
+        # Export, fusion and the parity check all work on the temporary file: only a checked export is
+        # ever visible under the variant's name (a rerun after a crash never picks up a half-made file).
+        with atomic_path(path) as partial:
+            export_onnx(variant.model, context.parity_images, partial, context.metadata)
+            if self.fuse:
+                from tasks.compression.fuse import optimize_for_cpu
 
-            record["fusion"] = optimize_for_cpu(path, path, context.parity_images,
-                                                tolerance=context.parity_tolerance / 10, threads=context.threads)
-            write_metadata(path, context.metadata)
-        report = require_parity(check_parity(variant.model, path, context.parity_images, context.parity_tolerance,
-                                             context.threads), path)
+                record["fusion"] = optimize_for_cpu(partial, partial, context.parity_images,
+                                                    tolerance=context.parity_tolerance / 10, threads=context.threads)
+                write_metadata(partial, context.metadata)
+            report = require_parity(check_parity(variant.model, partial, context.parity_images,
+                                                 context.parity_tolerance, context.threads), path)
         return variant.then("export", name, {"parity": report.as_dict(), **record}, onnx=path)

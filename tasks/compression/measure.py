@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from tasks.atomic_files import atomic_path
 from tasks.evaluation import evaluate_predictor
 
 
@@ -73,8 +74,8 @@ def plot_pareto(rows: list[dict], title: str, path) -> object:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -110,7 +110,7 @@ def recover(model: nn.Module, context, epochs: int, learning_rate: float, distil
         parameter.requires_grad_(True)
     objective = "distillation" if distill and context.teacher is not None else "cross-entropy"
     params = TrainParams(epochs=epochs, learning_rate=learning_rate, warmup_epochs=0.0, objective=objective,
-                         flip_augment=context.flips, resume=False)
+                         flip_augment=context.flips, resume=False, seed=context.seed, threads=context.threads)
     teacher_logits = context.teacher_logits() if objective == "distillation" else None
     result = fit(model, context.dataset, params, checkpoint_dir, model_key, teacher_logits=teacher_logits)
     best = result.best_metrics

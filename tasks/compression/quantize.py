@@ -5,6 +5,11 @@ GELU outputs have long-tailed distributions (RepQ-ViT, Li et al. 2023; I-ViT, Li
 quantize only the matrix multiplications and convolutions (where the time goes), keep those
 activation-outlier ops in float, use per-channel weight scales, and calibrate activation ranges by
 percentile rather than min/max.
+
+Every file is written under a temporary name and renamed into place when complete (see
+:mod:`tasks.atomic_files`), so a compress run killed mid-quantization never leaves a truncated model.
+ONNX Runtime's quantizers are deterministic for a given input file and calibration tiles (taken in
+split order), so equal inputs give equal bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from tasks.atomic_files import atomic_path, partial_name
 from tasks.onnx_runtime import read_metadata, write_metadata
 
 
@@ -71,18 +77,22 @@ def quantize_int8_static(source: Path, calibration_images: np.ndarray, destinati
     if calibration_images is None or len(calibration_images) == 0:
         raise CalibrationError(f"{source}: no calibration tiles; the training split is empty")
     metadata = read_metadata(source)
-    prepared = _preprocess(source, destination.with_suffix(".prep.onnx"))
+    prepared = _preprocess(source, partial_name(destination))
     method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
               "minmax": CalibrationMethod.MinMax}[params.calibration_method]
     images = np.ascontiguousarray(calibration_images[:params.calibration_samples], dtype=np.float32)
-    quantize_static(str(prepared), str(destination), _TileReader("image", images), quant_format=QuantFormat.QDQ,
-                    per_channel=params.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(params.quantize_ops), calibrate_method=method,
-                    extra_options={"CalibPercentile": params.percentile, "ActivationSymmetric": False,
-                                   **({} if params.quantize_outputs else
-                                      {"OpTypesToExcludeOutputQuantization": list(params.quantize_ops)})})
-    prepared.unlink(missing_ok=True)
-    write_metadata(destination, metadata)
+    try:
+        with atomic_path(destination) as partial:
+            quantize_static(str(prepared), str(partial), _TileReader("image", images), quant_format=QuantFormat.QDQ,
+                            per_channel=params.per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(params.quantize_ops),
+                            calibrate_method=method,
+                            extra_options={"CalibPercentile": params.percentile, "ActivationSymmetric": False,
+                                           **({} if params.quantize_outputs else
+                                              {"OpTypesToExcludeOutputQuantization": list(params.quantize_ops)})})
+            write_metadata(partial, metadata)
+    finally:
+        prepared.unlink(missing_ok=True)
     return destination
 
 
@@ -93,20 +103,24 @@ def quantize_int8_dynamic(source: Path, destination: Path) -> Path:
     import onnx
 
     metadata = read_metadata(source)
-    prepared = _preprocess(source, destination.with_suffix(".prep.onnx"))
+    prepared = _preprocess(source, partial_name(destination))
     try:
-        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8, per_channel=True)
-    except onnx.shape_inference.InferenceError:
-        # Token-merged graphs can leave value_info that ONNX's re-inference contradicts (seen on ToMe exports:
-        # "Inferred shape and existing shape differ"); dynamic quantization needs no stored shapes, so drop them.
-        model = onnx.load(str(prepared))
-        del model.graph.value_info[:]
-        onnx.save(model, str(prepared))
-        # Without stored shapes some initialiser types are not re-derived; every weight here is float32.
-        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    prepared.unlink(missing_ok=True)
-    write_metadata(destination, metadata)
+        with atomic_path(destination) as partial:
+            try:
+                quantize_dynamic(str(prepared), str(partial), weight_type=QuantType.QInt8, per_channel=True)
+            except onnx.shape_inference.InferenceError:
+                # Token-merged graphs can leave value_info that ONNX's re-inference contradicts (seen on ToMe
+                # exports: "Inferred shape and existing shape differ"); dynamic quantization needs no stored
+                # shapes, so drop them.
+                model = onnx.load(str(prepared))
+                del model.graph.value_info[:]
+                onnx.save(model, str(prepared))
+                # Without stored shapes some initialiser types are not re-derived; every weight here is float32.
+                quantize_dynamic(str(prepared), str(partial), weight_type=QuantType.QInt8, per_channel=True,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            write_metadata(partial, metadata)
+    finally:
+        prepared.unlink(missing_ok=True)
     return destination
 
 
@@ -122,8 +136,9 @@ def convert_fp16(source: Path, destination: Path) -> Path:
     metadata = read_metadata(source)
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
     _unique_node_names(model.graph)
-    onnx.save(model, str(destination))
-    write_metadata(destination, metadata)
+    with atomic_path(destination) as partial:
+        onnx.save(model, str(partial))
+        write_metadata(partial, metadata)
     return destination
 
 

@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 from torch import nn
 
+from tasks.atomic_files import remove_partials, write_text_atomic
 from tasks.compression.distill import DistillParams, DistillStudent
 from tasks.compression.export import ExportOnnx, ParityError, ParityReport, check_parity, compare_logits, export_onnx
 from tasks.compression.measure import (
@@ -32,6 +33,7 @@ from tasks.compression.technique import REFERENCE_ROOT, CompressionContext, Vari
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
 from tasks.dataset import load_dataset
 from tasks.onnx_runtime import open_session, session_predictor
+from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,10 @@ class CompressParams(BaseModel):
                                                 "contrib ops (com.microsoft) after export, parity-checked. Off by "
                                                 "default: it measured no batch-1 gain on the 2-core CPU for the demo "
                                                 "ViT, and fused files only run on ONNX Runtime")
-    threads: int = Field(2, ge=1, le=256, description="CPU threads for every measured variant (target: 2-core CPU)")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=256,
+                         description="CPU threads for every measured variant (target: 2-core CPU) and for the recipe's "
+                                     "training steps; part of the reproducibility contract (see README)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the recipe's student initialisation and training")
     latency_repeats: int = Field(100, ge=5, le=10000, description="Batch-1 calls timed per variant")
     throughput_batch: int = Field(32, ge=1, le=1024, description="Batch size for the throughput measurement")
 
@@ -148,8 +153,7 @@ class CompressReport:
         }
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(self.to_json(), indent=2, default=str))
-        return path
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2, default=str))
 
 
 def _torch_size(model: nn.Module) -> int:
@@ -235,16 +239,17 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
     quantized variants' logit differences are recorded, and judged by their accuracy.
     """
     profile = get_profile(params.profile)
-    torch.set_num_threads(params.threads)
+    pin_determinism(params.seed, params.threads)
     dataset = load_dataset(dataset_path)
     test = dataset.splits.get("test")
     if test is None or len(test) == 0:
         raise ValueError(f"{dataset.path}: no test split to measure compressed variants on")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partials(out_dir)  # temporaries of a killed run that wrote here; never read as results
     model = model.eval()
     context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images,
                                  parity_tolerance=params.parity_tolerance, threads=params.threads, teacher=model,
-                                 flips=_domain_flips(dataset.info.domain))
+                                 flips=_domain_flips(dataset.info.domain), seed=params.seed)
     variants = build_variants(model, params, context)
 
     common = dict(test_images=test.images, test_labels=test.labels, class_names=dataset.info.class_names,
@@ -311,7 +316,7 @@ def record_compression(report: CompressReport, metadata: dict, workdir: Path, ar
     from tasks import tracking
 
     payload = report.write(artifact_dir / "compress_report.json")
-    (Path(workdir) / "compress_report.json").write_text(payload.read_text())
+    write_text_atomic(Path(workdir) / "compress_report.json", payload.read_text())
     for variant in report.variants:
         tracking.log_metrics({f"{variant.name}.{key}": value for key, value in variant.as_dict().items()
                               if isinstance(value, (int, float)) and not isinstance(value, bool)})

@@ -44,7 +44,11 @@ def derived_name(base: str, suffix: str) -> str:
 
 @dataclass
 class CompressionContext:
-    """What every technique may read: data, the reference (teacher) model, where to write, tolerances."""
+    """What every technique may read: data, the reference (teacher) model, where to write, tolerances.
+
+    ``seed`` and ``threads`` are the reproducibility settings every training step inside the recipe
+    (distillation, pruning recovery) runs with.
+    """
 
     dataset: Dataset
     metadata: dict
@@ -54,6 +58,7 @@ class CompressionContext:
     threads: int = 2
     teacher: nn.Module | None = None
     flips: bool = True
+    seed: int = 0
     _teacher_logits: np.ndarray | None = field(default=None, repr=False)
 
     def teacher_logits(self) -> np.ndarray:

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from tasks_support import make_samples, new_model
 
+from tasks.atomic_files import is_partial
 from tasks.compression.export import ParityError, check_parity, compare_logits
 from tasks.compression.quantize import (
     CalibrationError,
@@ -132,7 +133,7 @@ def test_int8_models_are_smaller_and_agree_with_fp32(int8_files: dict[str, Path]
     assert (reference.argmax(1) == quantized.argmax(1)).mean() >= 0.9
     assert np.abs(reference - quantized).max() < 0.5 * np.abs(reference).max()
     assert read_metadata(path) == model_metadata  # the metadata survives quantization
-    assert not list(path.parent.glob("*.prep.onnx"))  # the pre-processed intermediate is cleaned up
+    assert not [p.name for p in path.parent.iterdir() if is_partial(p)]  # intermediates are cleaned up
 
 
 def test_static_quantization_quantizes_matmuls(int8_files: dict[str, Path]) -> None:
@@ -201,7 +202,9 @@ def test_compress_model_rejects_an_export_outside_the_parity_tolerance(tmp_path:
     with pytest.raises(ParityError, match="differs from the torch model"):
         compress_model(new_model(dataset, seed=321).eval(), dataset_dir, model_metadata,
                        CompressParams(latency_repeats=5), tmp_path)
-    assert (tmp_path / "model-fp32.onnx").is_file() and not (tmp_path / "model-int8.onnx").exists()
+    # An export outside the tolerance is never published under the variant's name, nor left half-written.
+    assert not (tmp_path / "model-fp32.onnx").exists() and not (tmp_path / "model-int8.onnx").exists()
+    assert not [p.name for p in tmp_path.iterdir() if is_partial(p)]
 
 
 # --- validation of the variants ----------------------------------------------------------------------
