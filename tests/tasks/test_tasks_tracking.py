@@ -144,7 +144,8 @@ def test_reference_model_round_trips_with_its_metadata(logged_models, trained_mo
     assert flavor == "pytorch" and metadata == model_metadata
     loaded = tracking.load_reference_model(logged_models["reference"])
     images = dataset.splits["test"].images
-    np.testing.assert_allclose(predict_logits(loaded, images), predict_logits(trained_model, images), atol=1e-6)
+    # safetensors weights rebuilt into the same modules: bitwise the logits of the trained model
+    np.testing.assert_array_equal(predict_logits(loaded, images), predict_logits(trained_model, images))
 
 
 def test_edge_model_is_logged_as_onnx(logged_models, model_metadata: dict) -> None:
