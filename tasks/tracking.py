@@ -1,6 +1,7 @@
 """Everything that talks to MLflow: tracking URI, stage runs, dataset lineage, models and the registry.
 
-No other module imports mlflow. Tracking goes to ``MLFLOW_TRACKING_URI`` when it is set (a team's
+No other module imports mlflow, except :mod:`tasks.reference_model_pyfunc`, the file MLflow itself
+runs to serve a reference model. Tracking goes to ``MLFLOW_TRACKING_URI`` when it is set (a team's
 MLflow server), else to a SQLite file in the work folder with artifacts beside it.
 """
 
