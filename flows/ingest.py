@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from domains import IngestRequest
 from flows.parameters import DomainName
-from tasks.dataset import QUARANTINE_FILE, SplitParams, build_dataset_task
+from tasks.dataset import QUARANTINE_FILE, SplitParams, build_dataset_task, require_utf8_path
 
 
 class TilingParams(BaseModel):
@@ -43,6 +43,11 @@ class IngestParams(BaseModel):
     sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat8, landsat9); "
                                                                 "empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
+
+    @field_validator("source", "labels", "out", mode="before")
+    @classmethod
+    def _text_paths(cls, value: object) -> object:
+        return require_utf8_path(value)
 
 
 class IngestReceipt(BaseModel):

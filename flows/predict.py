@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from flows.parameters import DomainName, WorkdirField
+from tasks.dataset import require_utf8_path
 from tasks.prediction import predict_inputs_task
 from tasks.promotion import resolve_model_uri
 from tasks.tracking import configure_tracking
@@ -26,6 +27,11 @@ class PredictParams(BaseModel):
     stride: int | None = Field(None, ge=1, le=4096, description="Tile step in pixels; empty uses the model's tile size")
     workdir: str = WorkdirField
     threads: int = Field(2, ge=1, le=256, description="CPU threads for inference")
+
+    @field_validator("input", "output", mode="before")
+    @classmethod
+    def _text_paths(cls, value: object) -> object:
+        return require_utf8_path(value)
 
 
 class PredictReceipt(BaseModel):

@@ -252,3 +252,107 @@ def test_reading_a_folder_without_dataset_json_names_the_folder(tmp_path: Path) 
     assert str(tmp_path) in str(caught.value)
     with pytest.raises(DatasetError, match="no dataset.json"):
         load_dataset(tmp_path)
+
+
+# --- crash safety, quarantine record and output confinement -------------------------------------------------
+
+_KILLABLE_WRITER = """
+import sys, time
+sys.path[:0] = [{root!r}, {support!r}]
+import numpy as np
+from tasks_support import make_samples
+from tasks.dataset import SplitParams, write_dataset
+
+real_save = np.save
+
+def save_then_wait(*args, **kwargs):
+    # The test's stand-in for a slow disk: after the first shard lands, stay mid-write until killed.
+    real_save(*args, **kwargs)
+    print("first shard written", flush=True)
+    time.sleep(120)
+
+np.save = save_then_wait
+write_dataset(make_samples(seed={seed}), "satellite", "classification", {out!r}, SplitParams())
+"""
+
+
+def _kill_mid_write(out: Path, seed: int, tmp_path: Path) -> None:
+    """Start a real writer process, SIGKILL it once it has written its first shard, and wait for it to die."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / f"writer-{seed}.py"
+    script.write_text(_KILLABLE_WRITER.format(root=str(Path(__file__).resolve().parents[2]),
+                                              support=str(Path(__file__).resolve().parent), seed=seed, out=str(out)))
+    writer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = writer.stdout.readline()
+        assert line.strip() == "first shard written", writer.stderr.read()
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait(timeout=60)
+    assert writer.returncode == -signal.SIGKILL
+
+
+def _partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_a_write_killed_midway_leaves_no_dataset_and_a_rerun_gives_the_same_digest(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    _kill_mid_write(out, seed=0, tmp_path=tmp_path)
+    assert not out.exists()  # nothing where a later stage would look
+    [partial] = _partials(out)
+    assert list((partial / "shards").glob("*.npy")) and not (partial / "dataset.json").exists()
+    for reader in (read_dataset_info, load_dataset):
+        with pytest.raises(DatasetError, match="unfinished dataset write"):
+            reader(partial)
+        with pytest.raises(DatasetError):
+            reader(out)
+
+    rerun = write(make_samples(seed=0), out)
+    uninterrupted = write(make_samples(seed=0), tmp_path / "uninterrupted")
+    assert rerun.digest == uninterrupted.digest == load_dataset(out).info.digest
+    assert _partials(out) == []  # the dead writer's leftovers were swept
+
+
+def test_a_rewrite_killed_midway_keeps_the_previous_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    before = write(make_samples(seed=0), out)
+    _kill_mid_write(out, seed=1, tmp_path=tmp_path)
+    assert load_dataset(out).info.digest == before.digest
+    after = write(make_samples(seed=1), out)  # a complete rewrite replaces it
+    assert after.digest != before.digest and load_dataset(out).info.digest == after.digest
+    assert _partials(out) == [] and not list(tmp_path.glob(".dataset.replaced-*"))
+
+
+def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not a Vitrail dataset"):
+        write(make_samples(), out)
+    assert (out / "keep.txt").read_text() == "mine" and _partials(out) == []
+
+
+def test_quarantine_is_recorded_beside_the_dataset(tmp_path: Path) -> None:
+    import json
+
+    samples = replace(make_samples(), quarantine=[{"item": "scene/B04.tif", "reason": "unreadable", "problem": "x"}])
+    info = write(samples, tmp_path / "dataset")
+    assert info.quarantined == 1 and read_dataset_info(tmp_path / "dataset").quarantined == 1
+    assert json.loads((tmp_path / "dataset" / "quarantine.json").read_text()) == samples.quarantine
+
+
+def test_hostile_names_in_samples_stay_data(tmp_path: Path) -> None:
+    import os
+
+    hostile = "../../../etc/" + os.fsdecode(b"\xff") + "/x"
+    samples = replace(make_samples(), source=hostile,
+                      sample_ids=np.array([f"/abs/{hostile}/{i}" for i in range(len(make_samples().labels))]))
+    root = tmp_path / "root"
+    write(samples, root / "dataset")
+    written = {p.resolve() for p in tmp_path.rglob("*")}
+    assert all(root.resolve() in p.parents or p == root.resolve() for p in written)
+    assert load_dataset(root / "dataset").info.sources == ("../../../etc/\\xff/x",)
