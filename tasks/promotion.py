@@ -189,9 +189,10 @@ def complete_half_promotions(names: tuple[str, str]) -> list[str]:
     """Finish any alias pair a crashed promotion left half-applied; return what was repaired.
 
     Call it under :func:`promotion_lock`, before reading the champion. The reference side is authoritative
-    (:func:`set_alias_pair` writes it first): its holder's twin gets the alias on the edge model. An edge
-    alias whose reference twin lacks it (only possible by hand) is completed the same way. Versions
-    without twin tags (registered outside the promote stage) are left alone.
+    (:func:`set_alias_pair` writes it first): its holder's twin gets the alias on the edge model, which
+    completes an interrupted promotion, or puts back an edge alias moved alone by hand. Only when no
+    reference version with a twin holds the alias does the edge holder's twin get it on the reference.
+    Versions without twin tags (registered outside the promote stage) are left alone.
     """
     from tasks import tracking
 
