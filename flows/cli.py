@@ -214,8 +214,6 @@ Look at it:
 
 
 def run(args: argparse.Namespace) -> int:
-    for key, value in DEFAULT_ENV.items():
-        os.environ.setdefault(key, value)
     if args.verb == "domains":
         from domains import registry
 
@@ -298,14 +296,18 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pydantic import ValidationError
+    # Before Prefect is imported: it reads its settings once, at import.
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    from flows.error_reporting import INPUT_ERRORS, describe_error, install_quiet_input_errors
 
-    from domains import DomainInputError
-
+    install_quiet_input_errors()
     try:
         return run(args)
-    except (DomainInputError, ValidationError, FileNotFoundError, KeyError, ValueError) as error:
-        print(f"vitrail {args.verb}: error: {error}", file=sys.stderr)
+    except INPUT_ERRORS as error:
+        # Bad input or an impossible request: one sentence, no traceback. Anything else is a bug in
+        # Vitrail and propagates with its traceback.
+        print(f"vitrail {args.verb}: error: {describe_error(error)}", file=sys.stderr)
         return 2
 
 

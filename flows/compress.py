@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.compression.recipe import CompressParams, compress_model_task, record_compression_task
@@ -38,6 +39,7 @@ class CompressReceipt(BaseModel):
 
 
 @flow(name="compress-model", flow_run_name="compress-{params.domain}", log_prints=True)
+@report_input_errors
 def compress(params: CompressFlowParams) -> CompressReceipt:
     """Export to ONNX with a parity check, quantize, run the compression recipe, and measure every variant."""
     info = read_dataset_info(params.dataset)

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from flows.pipeline import PipelineParams, PipelineReceipt, pipeline
 from tasks.demo import prepare_demo_inputs_task
@@ -23,6 +24,7 @@ class DemoParams(BaseModel):
 
 
 @flow(name="demo", flow_run_name="demo-{params.domain}", log_prints=True)
+@report_input_errors
 def demo(params: DemoParams) -> PipelineReceipt:
     """Prepare the domain's demo data and labels, then run the full pipeline on them."""
     inputs = prepare_demo_inputs_task(params.domain, Path(params.workdir) / "demo-data")

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.dataset import read_dataset_info
@@ -37,6 +38,7 @@ class FinetuneReceipt(BaseModel):
 
 
 @flow(name="finetune-backbone", flow_run_name="finetune-{params.domain}", log_prints=True)
+@report_input_errors
 def finetune_backbone(params: FinetuneParams) -> FinetuneReceipt:
     """Train a LoRA adapter and head for the chosen domain and log the merged model to MLflow."""
     info = read_dataset_info(params.dataset)

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import BaseModel, Field, field_validator
 
 from domains import IngestRequest
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName
 from tasks.dataset import QUARANTINE_FILE, SplitParams, build_dataset_task, require_utf8_path
 
@@ -62,6 +63,7 @@ class IngestReceipt(BaseModel):
 
 
 @flow(name="ingest-dataset", flow_run_name="ingest-{params.domain}", log_prints=True)
+@report_input_errors
 def ingest_dataset(params: IngestParams) -> IngestReceipt:
     """Read a source with its domain's reader, tile it, split by leakage group and write a dataset."""
     request = IngestRequest(

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.compress import CompressFlowParams, CompressReceipt, compress
+from flows.error_reporting import report_input_errors
 from flows.finetune import FinetuneParams, FinetuneReceipt, finetune_backbone
 from flows.ingest import IngestParams, IngestReceipt, TilingParams, ingest_dataset
 from flows.parameters import DomainName, WorkdirField
@@ -57,6 +58,7 @@ class PipelineReceipt(BaseModel):
 
 
 @flow(name="pipeline", flow_run_name="pipeline-{params.domain}", log_prints=True)
+@report_input_errors
 def pipeline(params: PipelineParams) -> PipelineReceipt:
     """Run every stage in order; each stage is also runnable on its own."""
     workdir = Path(params.workdir)

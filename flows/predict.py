@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field, field_validator
 
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks.dataset import require_utf8_path
 from tasks.prediction import predict_inputs_task
@@ -43,6 +44,7 @@ class PredictReceipt(BaseModel):
 
 
 @flow(name="predict", flow_run_name="predict-{params.domain}", log_prints=True)
+@report_input_errors
 def predict(params: PredictParams) -> PredictReceipt:
     """Predict with the promoted edge model by default; bad inputs are reported, the rest still run."""
     configure_tracking(Path(params.workdir))

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from domains import get_domain
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.promotion import (
@@ -48,6 +49,7 @@ class PromoteReceipt(BaseModel):
 
 
 @flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)
+@report_input_errors
 def promote(params: PromoteParams) -> PromoteReceipt:
     """Apply the gate, compare with the current champion, register versions and set aliases.
 

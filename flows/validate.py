@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.dataset import read_dataset_info
@@ -33,6 +34,7 @@ class ValidateReceipt(BaseModel):
 
 
 @flow(name="validate-model", flow_run_name="validate-{params.domain}", log_prints=True)
+@report_input_errors
 def validate(params: ValidateParams) -> ValidateReceipt:
     """Score the reference model and every compressed variant on the test split, with the task's metrics and plots."""
     info = read_dataset_info(params.dataset)
