@@ -167,3 +167,144 @@ def test_distillation_without_matching_teacher_logits_is_refused(tmp_path: Path,
     wrong = np.zeros((1, len(dataset.splits["train"]), 3), dtype=np.float32)  # flips on needs 8 views
     with pytest.raises(ValueError, match="cached teacher logits"):
         fit(new_model(dataset), dataset, params(objective="distillation"), tmp_path, "student", teacher_logits=wrong)
+
+
+# --- crash safety: a real kill -9 in the middle of writing a checkpoint ------------------------------
+
+KILLED_TRAINER = """
+import io, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {support!r})
+from tasks_support import FAST_TRAIN, new_model
+from tasks.dataset import load_dataset
+from tasks.training import TrainParams, fit
+
+real_save = torch.save
+
+
+def slow_disk_save(obj, path, *args, **kwargs):
+    # A slow disk: epoch 3's checkpoint stops half-way, so the parent's kill -9 lands mid-write.
+    if ".epoch-003.pt" not in str(path):
+        return real_save(obj, path, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        time.sleep(120)
+        handle.write(data[len(data) // 2:])
+
+
+torch.save = slow_disk_save
+dataset = load_dataset(Path(sys.argv[1]))
+fit(new_model(dataset), dataset, TrainParams(**{{**FAST_TRAIN, "epochs": 4}}), Path(sys.argv[2]), "tiny-vit")
+"""
+
+
+def wait_for(condition, process, timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"child exited early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, "child did not reach the kill point in time"
+        time.sleep(0.05)
+
+
+def start_child(script: Path, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(Path(__file__).parent)]), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_hard(process) -> None:
+    import os
+    import signal
+
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_kill_9_mid_checkpoint_then_rerun_resumes_and_ends_bitwise_equal(tmp_path: Path, dataset_dir: Path,
+                                                                         dataset) -> None:
+    from tasks.atomic_files import is_partial
+
+    checkpoints = tmp_path / "checkpoints"
+    script = tmp_path / "trainer.py"
+    script.write_text(KILLED_TRAINER.format(support=str(Path(__file__).parent)))
+    child = start_child(script, str(dataset_dir), str(checkpoints))
+
+    def half_written() -> list[Path]:
+        found = [p for p in checkpoints.iterdir() if is_partial(p)] if checkpoints.is_dir() else []
+        return [p for p in found if p.stat().st_size > 0]
+
+    wait_for(lambda: bool(half_written()) and (checkpoints / "epoch-002.pt").is_file(), child)
+    kill_hard(child)
+
+    [partial] = half_written()
+    names = sorted(p.name for p in checkpoints.iterdir() if not is_partial(p))
+    assert names == ["epoch-001.pt", "epoch-002.pt"]  # epoch 3 never became visible under its name
+    with pytest.raises(Exception):  # what the killed writer left is not a loadable checkpoint
+        torch.load(partial, map_location="cpu", weights_only=True)
+
+    settings = params(epochs=4)
+    resumed = fit(new_model(dataset, seed=9), dataset, settings, checkpoints, "tiny-vit")
+    assert resumed.resumed_from_epoch == 2
+    assert not partial.exists() and not [p for p in checkpoints.iterdir() if is_partial(p)]
+    straight = fit(new_model(dataset), dataset, settings, tmp_path / "straight", "tiny-vit")
+    scores = [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in resumed.history]
+    assert scores == [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in straight.history]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name  # bitwise: the reproducibility contract holds across the crash
+
+
+# --- resource guard --------------------------------------------------------------------------------------
+
+
+def big_tile_model(tile: int) -> torch.nn.Module:
+    from tasks_support import CHANNELS, tiny_backbone
+
+    from tasks.models import build_backbone
+
+    return build_backbone(tiny_backbone(), CHANNELS, 3, tile)
+
+
+def test_an_absurd_training_request_is_refused_up_front_with_the_numbers() -> None:
+    from tasks.training import TrainingMemoryError, check_training_memory
+
+    model = big_tile_model(1024)  # 4 px patches: 65,537 tokens, so one sample's attention is about 50 GB
+    with pytest.raises(TrainingMemoryError) as refused:
+        check_training_memory(model, batch_size=64, sample_shape=(3, 1024, 1024), task="classification")
+    message = str(refused.value)
+    assert "batch 64 x 3 channels x 1024x1024 px" in message and "65537 tokens x 192 dims x 1 blocks" in message
+    assert "GiB is available" in message and "lower batch_size" in message
+
+
+def test_a_small_request_passes_the_guard_and_scales_with_the_batch(dataset) -> None:
+    from tasks.training import available_memory, check_training_memory, estimate_training_memory
+
+    model = new_model(dataset)
+    estimate = check_training_memory(model, batch_size=16, sample_shape=(3, 16, 16))
+    assert 0 < estimate.total < available_memory()
+    assert estimate.tokens == 17 and estimate.depth == 1
+    double = estimate_training_memory(model, batch_size=32, sample_shape=(3, 16, 16))
+    assert double.activations == 2 * estimate.activations
+    assert double.weights_and_optimizer == estimate.weights_and_optimizer
+
+
+def test_fit_refuses_before_any_step_or_checkpoint(tmp_path: Path, dataset) -> None:
+    from tasks.training import TrainingMemoryError
+
+    with pytest.raises(TrainingMemoryError, match="needs about"):
+        fit(big_tile_model(1024), dataset, params(epochs=1), tmp_path, "big")
+    assert not list(tmp_path.iterdir())
