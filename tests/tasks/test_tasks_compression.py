@@ -305,3 +305,85 @@ def test_compress_model_rejects_an_unknown_edge_variant_name(tmp_path: Path, tra
                             quantization=QuantizationParams(calibration_samples=8))
     with pytest.raises(ValueError, match="needs at least one enabled recipe step"):
         compress_model(trained_model, dataset_dir, model_metadata, params, tmp_path)
+
+
+# --- crash safety: kill -9 in the middle of a compress run, then rerun --------------------------------
+
+KILLED_COMPRESSOR = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {support!r})
+from tasks_support import new_model
+from tasks.compression.quantize import QuantizationParams
+from tasks.compression.recipe import CompressParams, compress_model
+from tasks.dataset import load_dataset
+
+real_replace = os.replace
+
+
+def stalled_rename(source, target):
+    # Stall just before the static int8 file is renamed into place: the parent's kill -9 lands here.
+    if Path(target).name == "model-int8.onnx":
+        time.sleep(120)
+    real_replace(source, target)
+
+
+os.replace = stalled_rename
+dataset_dir, weights, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+model = new_model(load_dataset(dataset_dir))
+model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+params = CompressParams(latency_repeats=5, throughput_batch=4, threads=2,
+                        quantization=QuantizationParams(calibration_samples=16))
+compress_model(model.eval(), dataset_dir, json.loads(sys.argv[4]), params, out)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_compress_then_rerun_completes_without_using_partial_files(
+        tmp_path: Path, trained_model, dataset_dir: Path, model_metadata: dict, compress_report) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from tasks.atomic_files import is_partial
+
+    weights = tmp_path / "reference.pt"
+    torch.save(trained_model.state_dict(), weights)
+    out = tmp_path / "compress"
+    script = tmp_path / "compressor.py"
+    script.write_text(KILLED_COMPRESSOR.format(support=str(Path(__file__).parent)))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(Path(__file__).parent)]), "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, str(script), str(dataset_dir), str(weights), str(out),
+                              json.dumps(model_metadata)], env=env, cwd=repo, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+
+    def partials() -> list[Path]:
+        return [p for p in out.iterdir() if is_partial(p)] if out.is_dir() else []
+
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(".model-int8.onnx") for p in partials()):
+        assert child.poll() is None, f"compress child exited early: {child.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "compress child did not reach the kill point in time"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+
+    assert (out / "model-fp32.onnx").is_file() and not (out / "model-int8.onnx").exists()
+    assert partials()  # the killed run's temporary int8 file is still there, under a name nothing reads
+    onnx_logits(out / "model-fp32.onnx", np.zeros((1, 3, 16, 16), np.float32))  # finished files are whole
+
+    params = CompressParams(latency_repeats=5, throughput_batch=4, threads=2,
+                            quantization=QuantizationParams(calibration_samples=16))
+    rerun = compress_model(trained_model, dataset_dir, model_metadata, params, out)
+    assert not partials()
+    assert set(rerun.files) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic"}
+    for name, path in rerun.files.items():
+        # Byte-identical to an uninterrupted run elsewhere: nothing of the killed run leaked into the rerun.
+        assert path.read_bytes() == compress_report.files[name].read_bytes(), name
