@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.confinement import confined_path
 from domains.radiology.geometry import series_grid, write_grid_mask
 from domains.radiology.intensity import unfit_from_square
 from domains.radiology.nifti_reader import is_nifti
@@ -103,8 +104,9 @@ def predict_segmentation(request: PredictionRequest) -> PredictionSummary:
         entry = {"series": series.series, "modality": series.modality, "images": len(item.images),
                  "volume": series.is_volume, "mask": None, "shape": None, "voxel_volume_mm3": None}
         if grid is not None:
-            mask_name = f"{stem}{MASK_SUFFIX}" if with_grid == 1 else f"{stem}_{series.series}{MASK_SUFFIX}"
-            shape, affine = write_grid_mask(classes, grid, output.parent / mask_name)
+            mask_path = confined_path(output.parent, stem if with_grid == 1 else f"{stem}_{series.series}", MASK_SUFFIX)
+            mask_name = mask_path.name
+            shape, affine = write_grid_mask(classes, grid, mask_path)
             voxel = grid.voxel_volume_mm3
             entry.update(mask=mask_name, shape=list(shape), affine=np.round(affine, 6).tolist(), voxel_volume_mm3=round(voxel, 6))
             volumes = counts * voxel
