@@ -45,7 +45,7 @@ class PromoteReceipt(BaseModel):
     reference_model: str
     edge_model: str
     repaired: list[str] = Field(default_factory=list,
-                                description="Alias pairs a crashed earlier promotion left half-applied, completed first")
+                                description="Alias pairs a crashed promotion left half-applied, completed first")
 
 
 @flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from contextlib import contextmanager
@@ -130,6 +131,8 @@ class PromotionRecord:
     alias: str | None
 
 
+log = logging.getLogger(__name__)
+
 # Each registered version names its twin (the reference <-> edge version registered with it), so a reader of
 # an alias can check that both registered models agree, and a later promotion can finish a half-applied one.
 TWIN_NAME_TAG = "vitrail.twin_name"
@@ -208,6 +211,7 @@ def complete_half_promotions(names: tuple[str, str]) -> list[str]:
                 tracking.set_alias(names[other], alias, twin_version)
                 repaired.append(f"{names[other]}@{alias}: version {current[0] if current else 'none'} -> "
                                 f"{twin_version} (twin of {names[side]} version {holder[0]})")
+                log.warning("completed a half-applied promotion: %s", repaired[-1])
             break  # the reference side decided; the edge side is only read when the reference has no twin
     return repaired
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Callable, Iterator
 
 import pytest
-from integration_support import PrefectServer, find_free_port, running_prefect_server
+from integration_support import PrefectServer, find_free_port, running_prefect_server, stop_process_group
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -32,3 +33,12 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         yield prefect_server
+
+
+@pytest.fixture()
+def spawned() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts (each in its own group); any still running at teardown are stopped, group and all."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        stop_process_group(process, grace_s=5)

@@ -51,6 +51,25 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None
     process.wait(timeout=grace_s)
 
 
+def run_in_group(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group and wait; past ``timeout`` the whole group is killed, children too."""
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_group(process, grace_s=5)
+        out, err = process.communicate()
+        raise AssertionError(f"{' '.join(args[:4])} ... did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        # A command that exited may have left children behind in its group (a worker's flow process).
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
 def client_environment(home: Path, api_url: str) -> dict[str, str]:
     """The caller's environment pointed at a private Prefect home and server, with nothing phoning home."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
@@ -76,11 +95,12 @@ class PrefectServer:
     env: dict[str, str]
 
     def cli(self, *args: str, cwd: Path = REPO_ROOT, extra_env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run ``prefect <args>`` against this server; fail with its output if it fails."""
-        result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env={**self.env, **(extra_env or {})},
-                                capture_output=True, text=True, timeout=timeout, start_new_session=True)
-        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+            timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``prefect <args>`` against this server; with ``check``, fail with its output if it fails."""
+        result = run_in_group([str(VENV_BIN / "prefect"), *args], cwd=cwd, env={**self.env, **(extra_env or {})},
+                              timeout=timeout)
+        assert not check or result.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
     def log_tail(self, chars: int = 4000) -> str:

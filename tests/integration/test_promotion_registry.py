@@ -111,7 +111,8 @@ def store(tmp_path: Path) -> Store:
     return Store(workdir, reference_uri, edge_uri, candidates)
 
 
-def _start_promotion(server: PrefectServer, store: Store, label: str, crash_at: str | None = None) -> subprocess.Popen:
+def _start_promotion(server: PrefectServer, store: Store, label: str, spawned: list[subprocess.Popen],
+                     crash_at: str | None = None) -> subprocess.Popen:
     candidate = store.candidates[label]
     params = {"domain": DOMAIN, "model_uri": store.reference_uri, "edge_model_uri": store.edge_uri,
               "compress_run_id": candidate.compress_run_id, "validate_run_id": candidate.validate_run_id,
@@ -120,8 +121,10 @@ def _start_promotion(server: PrefectServer, store: Store, label: str, crash_at: 
     env.pop(CRASH_POINT_ENV, None)
     if crash_at:
         env[CRASH_POINT_ENV] = crash_at
-    return subprocess.Popen([sys.executable, "-c", RUN_PROMOTE, json.dumps(params)], cwd=store.workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-c", RUN_PROMOTE, json.dumps(params)], cwd=store.workdir, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    spawned.append(process)
+    return process
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, dict | None, str]:
@@ -166,18 +169,19 @@ def _versions_of(name: str) -> list:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_concurrent_promotions_cannot_both_win_champion(prefect_api: PrefectServer, store: Store) -> None:
+def test_two_concurrent_promotions_cannot_both_win_champion(prefect_api: PrefectServer, store: Store,
+                                                            spawned: list[subprocess.Popen]) -> None:
     from tasks.prediction import load_model
 
     with mlflow_store(store.workdir):
         # The test holds the model's promotion slot while both promotions start, so both reach the lock
         # together; neither may touch the registry until the slot is free.
         with promotion_lock(EDGE):
-            processes = {label: _start_promotion(prefect_api, store, label) for label in ("better", "worse")}
+            processes = {label: _start_promotion(prefect_api, store, label, spawned) for label in ("better", "worse")}
             deadline = time.monotonic() + PROMOTE_TIMEOUT_S
             while len(_client().search_runs([_experiment_id()], "tags.`vitrail.stage` = 'promote'")) < 2:
                 early = {label: p.poll() for label, p in processes.items() if p.poll() is not None}
-                assert not early, f"promotion exited before the lock: {early} {_finish(next(iter(processes.values())))}"
+                assert not early, f"promotion exited before the lock: {early}: {[_finish(processes[k]) for k in early]}"
                 assert time.monotonic() < deadline, "promotions did not start"
                 time.sleep(0.5)
             time.sleep(5)  # ample time to register and set aliases, were the lock not honoured
@@ -217,18 +221,19 @@ def _experiment_id() -> str:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_promotion_killed_between_alias_writes_is_refused_then_completed(prefect_api: PrefectServer,
-                                                                           store: Store) -> None:
+def test_a_promotion_killed_between_alias_writes_is_refused_then_completed(prefect_api: PrefectServer, store: Store,
+                                                                           spawned: list[subprocess.Popen]) -> None:
     from tasks.prediction import load_model
 
     with mlflow_store(store.workdir):
-        code, receipt, output = _finish(_start_promotion(prefect_api, store, "worse"))
+        code, receipt, output = _finish(_start_promotion(prefect_api, store, "worse", spawned))
         assert code == 0 and receipt["alias"] == "champion", output
         assert _assert_twins("champion") == ("1", "1")
 
         # The better candidate's promotion dies (SIGKILL) right after moving the reference's champion alias.
         killed_at = time.monotonic()
-        code, receipt, output = _finish(_start_promotion(prefect_api, store, "better", crash_at="between-aliases"))
+        killed = _start_promotion(prefect_api, store, "better", spawned, crash_at="between-aliases")
+        code, receipt, output = _finish(killed)
         assert code == -signal.SIGKILL and receipt is None, output
         assert str(_holder(REFERENCE, "champion").version) == "2" and str(_holder(EDGE, "champion").version) == "1"
 
@@ -239,7 +244,7 @@ def test_a_promotion_killed_between_alias_writes_is_refused_then_completed(prefe
         assert pinned_model_uri(f"models:/{EDGE}/1") == f"models:/{EDGE}/1"  # explicit versions are not aliases
 
         # The next promotion waits for the dead holder's lease to expire, completes the pair, then decides.
-        code, receipt, output = _finish(_start_promotion(prefect_api, store, "better"))
+        code, receipt, output = _finish(_start_promotion(prefect_api, store, "better", spawned))
         recovered_s = time.monotonic() - killed_at
         assert code == 0, output
         assert receipt["repaired"] == [f"{EDGE}@champion: version 1 -> 2 (twin of {REFERENCE} version 2)"]

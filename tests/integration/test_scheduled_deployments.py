@@ -7,14 +7,13 @@ cycle, so the scheduled deployments never get a run and the polling below times 
 
 from __future__ import annotations
 
-import subprocess
 import time
 from datetime import timezone
 from pathlib import Path
 
 import pytest
 import yaml
-from integration_support import REPO_ROOT, VENV_BIN, PrefectServer
+from integration_support import REPO_ROOT, PrefectServer
 
 SCHEDULE_WAIT_S = 90
 RUN_WAIT_S = 300
@@ -46,7 +45,8 @@ def _scheduled_runs(client, deployment_ids: list) -> dict:
 
     runs = client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids)),
-        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
         limit=200)
     by_deployment: dict = {}
     for run in runs:
@@ -117,10 +117,8 @@ def test_deploy_schedules_runs_and_a_worker_completes_an_ingest(prefect_api: Pre
         ingest = registered["ingest-dataset/satellite-sentinel2"]
         flow_run = client.create_flow_run_from_deployment(ingest.id, parameters=parameters, work_queue_name=TEST_QUEUE)
         worker_started = time.monotonic()
-        worker = subprocess.run([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "vitrail-cpu",
-                                 "--work-queue", TEST_QUEUE, "--type", "process", "--run-once"],
-                                cwd=tmp_path, env=server.env, capture_output=True, text=True, timeout=RUN_WAIT_S,
-                                start_new_session=True)
+        worker = server.cli("worker", "start", "--pool", "vitrail-cpu", "--work-queue", TEST_QUEUE, "--type",
+                            "process", "--run-once", cwd=tmp_path, timeout=RUN_WAIT_S, check=False)
         worker_s = time.monotonic() - worker_started
         finished = client.read_flow_run(flow_run.id)
     assert finished.state is not None and finished.state.type == StateType.COMPLETED, (
