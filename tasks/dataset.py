@@ -181,6 +181,18 @@ def _class_counts(labels: np.ndarray, splits: np.ndarray, task: str, class_names
     return counts
 
 
+def require_utf8_path(value: object) -> object:
+    """Refuse a path that is not valid UTF-8 (Linux names are bytes) with a message naming it.
+
+    Flow parameters travel as JSON to the Prefect server, which cannot carry such names; the user gets
+    this sentence instead of a bare parsing error.
+    """
+    if isinstance(value, str) and printable_path(value) != value:
+        raise ValueError(f"{printable_path(value)}: the path is not valid UTF-8 and cannot be passed to a flow; "
+                         "rename it (e.g. convmv -f latin1 -t utf8)")
+    return value
+
+
 def is_partial_dataset(path: Path | str) -> bool:
     """Whether ``path`` is an unfinished (or abandoned) dataset write, never a dataset to read."""
     return PARTIAL_MARK in Path(path).name or _REPLACED_MARK in Path(path).name

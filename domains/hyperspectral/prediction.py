@@ -13,7 +13,7 @@ from domains.hyperspectral.cube import GEOTIFF_SUFFIXES, Cube, is_cube_file, ope
 from domains.hyperspectral.stack import compute_stack
 from domains.confinement import confined_path
 from domains.input_guards import check_readable, input_errors_named
-from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
 
 PREDICTION_NODATA = 255
 
@@ -113,7 +113,8 @@ def write_mask_raster(path: Path, cube: Cube, classes: np.ndarray, probability: 
                                channels=",".join(s.channel.name for s in sources),
                                channel_sources=",".join(f"{s.channel.name}<-{s.band if s.band >= 0 else s.product}"
                                                         for s in sources),
-                               tile_size=str(request.tile_size), stride=str(request.stride), source=str(request.input))
+                               tile_size=str(request.tile_size), stride=str(request.stride),
+                               source=printable_path(request.input))  # tags are UTF-8: escape non-UTF-8 names
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -187,14 +188,15 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
     write_mask_raster(output, cube, classes, plume_prob, request, sources)
     plumes = plume_list(classes, probabilities[1], enhancement, cube)
     plume_list_path(output).write_text(json.dumps({
-        "source": str(request.input), "mask": str(output), "crs": cube.crs, "plume_count": len(plumes),
+        "source": printable_path(request.input), "mask": printable_path(output), "crs": cube.crs,
+        "plume_count": len(plumes),
         "enhancement_unit": "ppm·m (Mag1c-SAS)" if enhancement is not None else None, "plumes": plumes,
     }, indent=2))
     counts = np.bincount(classes[predicted], minlength=2)
     if timings is not None:
         timings.update(read_and_products=after_read - clock, inference=after_inference - after_read,
                        write=time.perf_counter() - after_inference)
-    summary = PredictionSummary(input=str(request.input), output=str(output),
+    summary = PredictionSummary(input=printable_path(request.input), output=str(output),
                              samples=int(len(tile_starts(cube.grid[0], request.tile_size, request.stride))
                                          * len(tile_starts(cube.grid[1], request.tile_size, request.stride))),
                              class_counts={n: int(c) for n, c in zip(request.class_names, counts)})

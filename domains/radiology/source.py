@@ -113,7 +113,8 @@ def discover_files(source: Path) -> tuple[Path, list[Path]]:
         root = source
         # Dangling or looping links are kept as candidates so that they are reported, not silently skipped.
         files = [p for p in sorted(source.rglob("*"))
-                 if (p.is_file() or (p.is_symlink() and not p.exists())) and not any(part.startswith(".") for part in p.relative_to(source).parts)
+                 if (p.is_file() or (p.is_symlink() and not p.exists()))
+                 and not any(part.startswith(".") for part in p.relative_to(source).parts)
                  and p.suffix.lower() not in _SKIPPED_SUFFIXES and not _is_dicomdir(p)]
     if not files:
         raise DomainInputError(tag, "no DICOM or NIfTI files found")

@@ -11,7 +11,7 @@ from domains.confinement import confined_path
 from domains.input_guards import check_readable
 from domains.satellite.scene import Scene, read_scene
 from domains.satellite.sensors import is_band_folder
-from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
 
 # Value of unpredicted pixels in both output bands; class ids and percentages stay below it.
 PREDICTION_NODATA = 255
@@ -118,7 +118,7 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     write_prediction_raster(output_path, scene, classes, confidence, class_names, request)
     counts = np.bincount(classes[predicted], minlength=len(class_names))
     return PredictionSummary(
-        input=str(request.input),
+        input=printable_path(request.input),
         output=str(output_path),
         samples=len(positions),
         class_counts={name: int(n) for name, n in zip(class_names, counts)},
@@ -163,7 +163,7 @@ def write_prediction_raster(
                 scaling=scene.scaling,
                 tile_size=str(request.tile_size),
                 stride=str(request.stride),
-                source=str(request.input),
+                source=printable_path(request.input),  # tags are UTF-8: escape non-UTF-8 names
             )
         os.replace(partial, path)
     finally:
