@@ -299,6 +299,7 @@ def _partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
+@pytest.mark.slow  # a writer subprocess imports Prefect: about 15 s each on 2 cores
 def test_a_write_killed_midway_leaves_no_dataset_and_a_rerun_gives_the_same_digest(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     _kill_mid_write(out, seed=0, tmp_path=tmp_path)
@@ -317,6 +318,7 @@ def test_a_write_killed_midway_leaves_no_dataset_and_a_rerun_gives_the_same_dige
     assert _partials(out) == []  # the dead writer's leftovers were swept
 
 
+@pytest.mark.slow  # a writer subprocess imports Prefect: about 15 s each on 2 cores
 def test_a_rewrite_killed_midway_keeps_the_previous_dataset(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     before = write(make_samples(seed=0), out)
