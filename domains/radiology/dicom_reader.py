@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -140,6 +143,30 @@ def _to_modality_units(ds, frames: np.ndarray, multi_frame: bool, modality: str)
     return out
 
 
+class _DropTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+@contextmanager
+def _decoder_failures_without_tracebacks() -> Iterator[None]:
+    """pydicom logs a full traceback for every decoder plugin that fails before it tries the next one.
+
+    The reason a file could not be decoded is already recorded in its quarantine entry, so a folder
+    with a few undecodable files would otherwise print a stack dump per file and plugin. The one-line
+    messages stay.
+    """
+    logger = logging.getLogger("pydicom.pixels.decoders.base")  # the decoders' own logger, not its parent
+    quiet = _DropTraceback()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit, bool]:
     """Read, de-identify and decode one DICOM file.
 
@@ -192,7 +219,8 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
     except DomainInputError as exc:
         raise FileReadError(file_key, "too_large", exc.problem) from None
     try:
-        pixels = ds.pixel_array
+        with _decoder_failures_without_tracebacks():
+            pixels = ds.pixel_array
     except Exception as exc:
         from pydicom.uid import UID
 
