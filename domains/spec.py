@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Iterable, Literal, Protocol
 
 import numpy as np
 
@@ -76,6 +76,8 @@ class IngestRequest:
         channels: explicit channel list (e.g. band names of a multi-band GeoTIFF), or None to infer.
         sensor: sensor name whose band table applies, or None to infer from file names.
         class_names: names for label values 0..K-1, or None for the domain's defaults.
+        batch_samples: the most samples a streaming reader yields in one :class:`SampleSet`; with the
+            reader's own working buffers it bounds ingest memory, whatever the size of the source.
     """
 
     source: Path
@@ -87,13 +89,20 @@ class IngestRequest:
     channels: tuple[str, ...] | None = None
     sensor: str | None = None
     class_names: tuple[str, ...] | None = None
+    batch_samples: int = 256
 
 
 @dataclass
 class SampleSet:
     """Samples read from one source, ready to be split and written as a dataset.
 
-    ``images`` are already in physical units (e.g. reflectance), float32, shape (N, C, H, W).
+    ``images`` have shape (N, C, H, W). They are either already in physical units (float32, ``scaling``
+    None) or in the source's own dtype (uint8, uint16, int16, float16...) with ``scaling`` giving each
+    channel's ``(scale, offset)``: physical = raw * scale + offset (e.g. Sentinel-2 L1C: 1e-4, 0).
+    Storing the native dtype keeps datasets near the size of what they sample; :meth:`physical`
+    converts. A streaming reader yields several SampleSets for one source (see ``read_samples`` in
+    :class:`DomainSpec`): they share ``source``, ``channels``, ``class_names``, ``task`` and
+    ``scaling``; their ``dropped`` counts add up and their ``provenance`` and ``quarantine`` merge.
     ``labels`` follow the task's shape (see :data:`TaskType`), -1 marking what is unlabelled.
     ``groups`` names the leakage group of each sample (spatial block, patient, slide): samples of a
     group share a split. ``locations`` gives (row, col) of each sample's top-left corner on the
@@ -119,9 +128,22 @@ class SampleSet:
     task: TaskType | None = None
     sample_ids: np.ndarray | None = None
     quarantine: list[dict[str, str]] = field(default_factory=list)
+    scaling: tuple[tuple[float, float], ...] | None = None
+
+    def physical(self, index: slice | np.ndarray | None = None) -> np.ndarray:
+        """Images (all, or ``images[index]``) as float32 in physical units."""
+        raw = self.images if index is None else self.images[index]
+        if self.scaling is None:
+            return np.asarray(raw, dtype=np.float32)
+        scale = np.array([s for s, _ in self.scaling], dtype=np.float32).reshape(1, -1, 1, 1)
+        offset = np.array([o for _, o in self.scaling], dtype=np.float32).reshape(1, -1, 1, 1)
+        return raw.astype(np.float32) * scale + offset
 
     def __post_init__(self) -> None:
         n = len(self.images)
+        if self.scaling is not None and len(self.scaling) != len(self.channels):
+            raise ValueError(f"{self.source}: scaling has {len(self.scaling)} (scale, offset) pairs for "
+                             f"{len(self.channels)} channels")
         if self.images.ndim != 4 or self.images.shape[1] != len(self.channels):
             raise ValueError(f"{self.source}: images must be (N, {len(self.channels)}, H, W), got {self.images.shape}")
         for name in ("labels", "groups", "locations", "sample_ids"):
@@ -191,7 +213,10 @@ class DomainSpec:
         default_tile_size: sample side in pixels.
         default_block_size: side of the spatial leakage blocks in pixels when a run names none (domains
             without spatial blocks ignore it).
-        read_samples: reader turning an :class:`IngestRequest` into a :class:`SampleSet`.
+        read_samples: reader turning an :class:`IngestRequest` into samples: one :class:`SampleSet`, or
+            (the way for sources of real size) an iterator of SampleSets of at most
+            ``request.batch_samples`` samples each, read window by window so memory does not grow
+            with the source.
         predict: writes a prediction for one input (see :class:`PredictionRequest`).
         list_prediction_inputs: expands a path (one input or a drop folder) into inputs.
         write_example: writes a tiny real-format example (tests, fixtures, docs).
@@ -220,7 +245,7 @@ class DomainSpec:
     default_backbone: str
     default_peft_targets: tuple[str, ...]
     default_tile_size: int
-    read_samples: Callable[[IngestRequest], SampleSet]
+    read_samples: Callable[[IngestRequest], SampleSet | Iterable[SampleSet]]
     predict: Callable[[PredictionRequest], PredictionSummary]
     list_prediction_inputs: Callable[[Path], list[Path]]
     write_example: ExampleWriter
