@@ -8,13 +8,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from domains import get_domain
+from tasks.request_errors import RequestError
 
 
 def prepare_demo_inputs(domain_name: str, folder: Path) -> dict[str, str]:
     """Write the domain's demo inputs into ``folder``; return their paths by role (source, labels)."""
     domain = get_domain(domain_name)
     if domain.prepare_demo is None:
-        raise ValueError(f"domain {domain_name!r} has no demo")
+        raise RequestError(f"domain {domain_name!r} has no demo")
     folder.mkdir(parents=True, exist_ok=True)
     return {role: str(path) for role, path in domain.prepare_demo(folder).items()}
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from domains import Channel, TaskType
+from tasks.request_errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ REFERENCE_WEIGHTS_FILE = "model.safetensors"
 REFERENCE_ARCHITECTURE_FILE = "architecture.json"
 
 
-class ReferenceModelError(ValueError):
+class ReferenceModelError(RequestError):
     """A reference model's files that Vitrail refuses to load; the message names the file and the problem."""
 
     def __init__(self, path: Path | str, problem: str):

@@ -17,6 +17,7 @@ from domains.confinement import confined_path
 from domains.spec import printable_path
 from tasks import tracking
 from tasks.onnx_runtime import open_session, read_metadata, session_predictor
+from tasks.request_errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
 
     missing = {"channels", "class_names", "tile_size", "domain"} - set(metadata)
     if missing:
-        raise ValueError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
+        raise RequestError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
     return LoadedModel(uri=model_uri, flavor=flavor, predict_logits=predict,
                        channels=tuple(Channel(**c) for c in metadata["channels"]),
                        class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
@@ -103,7 +104,7 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     domain = get_domain(domain_name)
     model = load_model(model_uri, threads)
     if model.domain != domain.name:
-        raise ValueError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
+        raise RequestError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     batch = PredictionBatch()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from domains import DomainSpec
 from tasks.evaluation import SELECTION_METRICS
+from tasks.request_errors import RequestError
 
 GateMetric = Literal["auto", "macro_f1", "accuracy", "macro_auroc", "macro_auprc", "foreground_iou", "mean_iou",
                      "pixel_accuracy"]
@@ -143,7 +144,7 @@ ALIASES = ("champion", "challenger")
 CRASH_POINT_ENV = "VITRAIL_TEST_CRASH_AT"
 
 
-class HalfPromotionError(ValueError):
+class HalfPromotionError(RequestError):
     """An alias is held by a reference or edge version whose twin does not hold it too."""
 
 
@@ -326,12 +327,12 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
     _, compress_tags = tracking.read_run(compress_run_id)
     edge = compress_tags.get("vitrail.edge_variant")
     if edge is None:
-        raise ValueError(f"run {compress_run_id} is not a compress run (no vitrail.edge_variant tag)")
+        raise RequestError(f"run {compress_run_id} is not a compress run (no vitrail.edge_variant tag)")
     report = tracking.read_json_artifact(compress_run_id, "compress_report.json")
     keys = (f"torch-fp32.test_{metric}", f"{edge}.test_{metric}")
     missing = [k for k in keys if k not in validation]
     if missing:
-        raise ValueError(f"validate run {validate_run_id} lacks metrics {missing}")
+        raise RequestError(f"validate run {validate_run_id} lacks metrics {missing}")
     edge_row = next(v for v in report["variants"] if v["name"] == edge)
     candidate = Candidate(reference_metric=validation[keys[0]], edge_metric=validation[keys[1]],
                           edge_latency_ms=edge_row["latency_ms_p50"],

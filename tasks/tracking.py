@@ -27,6 +27,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from tasks.dataset import DatasetInfo  # noqa: E402
+from tasks.request_errors import RequestError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REQUIREMENTS = ["torch", "timm", "onnxruntime", "numpy"]
@@ -230,13 +231,13 @@ def load_reference_model(model_uri: str):
     recorded = {name: entry.get("path") for name, entry in (pyfunc.get("artifacts") or {}).items()}
     if recorded != REFERENCE_ARTIFACTS:
         if "pytorch" in info.flavors:
-            raise ValueError(
+            raise RequestError(
                 f"{model_uri}: refused to load: this model was logged with MLflow's pytorch flavour, which stores "
                 "the model as a pickle, and unpickling a file runs any code it carries. Vitrail loads reference "
                 "models only from safetensors weights plus architecture.json. Re-register it: rerun the finetune "
                 "stage, or, only if you trust where the model came from, load it once with "
                 "mlflow.pytorch.load_model and log it again with tasks.tracking.log_reference_model")
-        raise ValueError(f"{model_uri}: not a Vitrail reference model (expected safetensors weights and "
+        raise RequestError(f"{model_uri}: not a Vitrail reference model (expected safetensors weights and "
                          f"architecture.json at {sorted(REFERENCE_ARTIFACTS.values())}, found {recorded or 'none'})")
     with tempfile.TemporaryDirectory(prefix="vitrail-reference-") as scratch:
         folder = download_model(model_uri, Path(scratch))
@@ -252,9 +253,9 @@ def _model_info(model_uri: str):
         return get_model_info(model_uri)
     except MlflowException as error:
         if "@" in model_uri and "alias" in str(error).lower():
-            raise ValueError(f"{model_uri}: no model version holds this alias yet (no candidate has passed the "
+            raise RequestError(f"{model_uri}: no model version holds this alias yet (no candidate has passed the "
                              "promotion gate); promote one first, or pass the model URI to use") from error
-        raise ValueError(f"{model_uri}: cannot load this model ({error})") from error
+        raise RequestError(f"{model_uri}: cannot load this model ({error})") from error
 
 
 def model_flavor(model_uri: str) -> tuple[str, dict]:

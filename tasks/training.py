@@ -33,6 +33,7 @@ from tasks.atomic_files import atomic_path, remove_partials
 from tasks.dataset import Dataset
 from tasks.evaluation import score_outputs
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
+from tasks.request_errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
     return np.concatenate(outputs, axis=0)
 
 
-class TrainingMemoryError(ValueError):
+class TrainingMemoryError(RequestError):
     """A training request whose estimated memory exceeds what the machine has available."""
 
 
@@ -288,14 +289,14 @@ def read_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as error:
         # torch's first sentence names what was refused; the rest advises allowlisting it, which is not ours to offer
         detail = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
-        raise ValueError(f"{path}: refused to load this checkpoint: it holds more than tensors and plain values "
+        raise RequestError(f"{path}: refused to load this checkpoint: it holds more than tensors and plain values "
                          f"({detail or 'unsupported content'}) and unpickling it could run arbitrary code; delete "
                          "or move the file to resume from an earlier checkpoint or train from the start") from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable training checkpoint ({' '.join(str(error).split())[:200]}); "
+        raise RequestError(f"{path}: not a readable training checkpoint ({' '.join(str(error).split())[:200]}); "
                          "delete or move the file to resume from an earlier checkpoint") from None
     if not isinstance(state, dict) or "fingerprint" not in state:
-        raise ValueError(f"{path}: not a Vitrail training checkpoint (no settings fingerprint); delete or move it")
+        raise RequestError(f"{path}: not a Vitrail training checkpoint (no settings fingerprint); delete or move it")
     return state
 
 
@@ -327,7 +328,7 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             on the train split's images (with ``flips`` matching ``params.flip_augment``).
     """
     if "train" not in dataset.splits:
-        raise ValueError(f"{dataset.path}: dataset has no labelled training split")
+        raise RequestError(f"{dataset.path}: dataset has no labelled training split")
     train = dataset.splits["train"]
     val = dataset.splits.get("val", train)
     class_names = dataset.info.class_names

@@ -14,6 +14,7 @@ from torch import nn
 from tasks.dataset import load_dataset
 from tasks.evaluation import Report, predict_in_batches, score_outputs
 from tasks.onnx_runtime import open_session, session_predictor
+from tasks.request_errors import RequestError
 
 REFERENCE = "torch-fp32"
 
@@ -48,7 +49,7 @@ def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict
     info = dataset.info
     test = dataset.splits.get("test")
     if test is None or len(test) == 0 or (test.labels < 0).all():
-        raise ValueError(f"{dataset_path}: no labelled test split to validate on")
+        raise RequestError(f"{dataset_path}: no labelled test split to validate on")
     torch.set_num_threads(threads)
     reference = reference.eval()
 

@@ -14,6 +14,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+from tasks.request_errors import RequestError
+
 
 def benchmark_names() -> list[str]:
     """Names of the benchmark modules in this package."""
@@ -23,5 +25,5 @@ def benchmark_names() -> list[str]:
 def load_benchmark(name: str):
     """Import benchmark ``name``; raise a clear error listing the known ones."""
     if name not in benchmark_names():
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names()) or 'none'}")
+        raise RequestError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names()) or 'none'}")
     return importlib.import_module(f"tasks.benchmarks.{name}")

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.request_errors import RequestError
+
 DEFAULT_MODEL = "models:/hyperspectral-plume-segmentation-edge@champion"
 SIZES = {"emit": (1242, 1280), "small": (256, 256), "tiny": (64, 64)}
 PLUMES_PER_MPX = 12
@@ -47,7 +49,7 @@ def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
     from tasks.atomic_files import write_text_atomic
 
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+        raise RequestError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     folder = bench_dir / f"onboard-capture-{size}-seed{seed}"
     paths = {"source": folder / "capture.hdr", "data": folder / "capture.bil", "labels": folder / "truth_mask.tif"}
     done = folder / "complete"
@@ -92,7 +94,7 @@ def resolve_model(workdir: Path, options: dict[str, str], scratch: Path) -> tupl
         raise FileNotFoundError(f"{uri}: no .onnx file in the model's artifacts (is it the edge model?)")
     metadata = read_metadata(onnx_file)
     if metadata.get("domain") != "hyperspectral":
-        raise ValueError(f"{uri} was trained for domain {metadata.get('domain')!r}, not 'hyperspectral'")
+        raise RequestError(f"{uri} was trained for domain {metadata.get('domain')!r}, not 'hyperspectral'")
     return onnx_file, metadata
 
 

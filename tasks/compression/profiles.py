@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from tasks.request_errors import RequestError
+
 ProfileName = Literal["cpu-2core", "arm-a76-4core", "jetson-orin-nano"]
 
 
-class ProfileError(ValueError):
+class ProfileError(RequestError):
     """Unknown profile, or a budget no variant can meet."""
 
 

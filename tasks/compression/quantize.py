@@ -22,9 +22,10 @@ from pydantic import BaseModel, Field
 
 from tasks.atomic_files import atomic_path, partial_name
 from tasks.onnx_runtime import read_metadata, write_metadata
+from tasks.request_errors import RequestError
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RequestError):
     """Calibration data is missing or unusable."""
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from tasks.atomic_files import remove_partials, write_text_atomic
 from tasks.compression.distill import DistillParams, DistillStudent
-from tasks.compression.export import ExportOnnx, ParityError, ParityReport, check_parity, compare_logits, export_onnx
+from tasks.compression.export import ExportOnnx, ParityReport
 from tasks.compression.measure import (
     VariantMeasurement,
     count_macs,
@@ -28,12 +28,13 @@ from tasks.compression.measure import (
 )
 from tasks.compression.profiles import ProfileError, ProfileName, TargetProfile, budget_violations, get_profile
 from tasks.compression.prune import PruneParams, PruneStructured
-from tasks.compression.quantize import QuantizationParams, QuantizeOnnx, quantize_int8_dynamic, quantize_int8_static
+from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
 from tasks.compression.technique import REFERENCE_ROOT, CompressionContext, Variant, run_recipe
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
 from tasks.dataset import load_dataset
 from tasks.onnx_runtime import open_session, session_predictor
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
+from tasks.request_errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
     dataset = load_dataset(dataset_path)
     test = dataset.splits.get("test")
     if test is None or len(test) == 0:
-        raise ValueError(f"{dataset.path}: no test split to measure compressed variants on")
+        raise RequestError(f"{dataset.path}: no test split to measure compressed variants on")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partials(out_dir)  # temporaries of a killed run that wrote here; never read as results
     model = model.eval()
@@ -283,7 +284,7 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
     reasons: dict[str, list[str]] = {}
     if edge == "recipe":
         if not params.recipe_techniques():
-            raise ValueError("edge_variant 'recipe' needs at least one enabled recipe step")
+            raise RequestError("edge_variant 'recipe' needs at least one enabled recipe step")
         edge = variants[-1].name
     elif edge == "auto":
         # Chosen on the validation split, never the test split that later judges the choice.
@@ -292,7 +293,7 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
                                    dataset.info.class_names, params.max_accuracy_drop, profile, reasons,
                                    task=dataset.info.task)
     elif edge not in names:
-        raise ValueError(f"edge_variant {edge!r} was not built; built: {', '.join(names[1:])}")
+        raise RequestError(f"edge_variant {edge!r} was not built; built: {', '.join(names[1:])}")
     report = CompressReport(variants=measured, parity=parity, files=files, edge_variant=edge,
                             threads=params.threads, test_samples=len(test), profile=profile.as_dict(),
                             selection={"mode": params.edge_variant, "max_accuracy_drop": params.max_accuracy_drop,
