@@ -29,7 +29,7 @@ import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from prefect import task
@@ -243,9 +243,54 @@ def _publish(partial: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams,
+def merge_sample_batches(batches: SampleSet | Iterable[SampleSet]) -> SampleSet:
+    """One float32 SampleSet in physical units from a reader's batches (or a single SampleSet).
+
+    Batches follow the streaming contract of :class:`domains.SampleSet`: one source, the same channels,
+    classes, task and scaling; dropped counts add up, provenance and quarantine merge.
+
+    Raises:
+        DatasetError: batches that disagree on source, channels, classes, task or scaling.
+    """
+    if isinstance(batches, SampleSet):
+        batches = [batches]
+    parts = list(batches)
+    if not parts:
+        raise DatasetError("no samples were read: the reader yielded no sample batches")
+    first = parts[0]
+    for part in parts[1:]:
+        for name in ("source", "channels", "class_names", "task", "scaling"):
+            if getattr(part, name) != getattr(first, name):
+                raise DatasetError(f"{printable_path(first.source)}: sample batches disagree on {name} "
+                                   f"({getattr(first, name)!r} then {getattr(part, name)!r})")
+    dropped: dict[str, int] = {}
+    provenance: dict[str, str] = {}
+    quarantine: list[dict[str, str]] = []
+    for part in parts:
+        for reason, count in part.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + int(count)
+        provenance.update(part.provenance)
+        quarantine.extend(entry for entry in part.quarantine if entry not in quarantine)
+    with_ids = [p.sample_ids is not None for p in parts]
+    if any(with_ids) and not all(with_ids):
+        raise DatasetError(f"{printable_path(first.source)}: some sample batches name their samples and some do not")
+    return SampleSet(
+        images=np.concatenate([p.physical() for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        groups=np.concatenate([np.asarray(p.groups) for p in parts]),
+        locations=np.concatenate([np.asarray(p.locations).reshape(len(p.images), 2) for p in parts]),
+        source=first.source, channels=first.channels, class_names=first.class_names, dropped=dropped,
+        provenance=provenance, task=first.task,
+        sample_ids=np.concatenate([p.sample_ids for p in parts]) if all(with_ids) else None,
+        quarantine=quarantine)
+
+
+def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, out_dir: Path, params: SplitParams,
                   extra_files: Callable[[Path], object] | None = None) -> DatasetInfo:
     """Split ``samples`` by leakage group and write manifest, shards and metadata to ``out_dir``.
+
+    ``samples`` is one SampleSet or a reader's stream of batches (see :func:`merge_sample_batches`);
+    images in a source dtype are converted to physical units with their recorded ``scaling``.
 
     Only labelled samples are split for training; an unlabelled sample set is written entirely as
     the ``test`` split with label -1, so prediction-only datasets keep the same format. The task is
@@ -265,6 +310,7 @@ def write_dataset(samples: SampleSet, domain: str, task_type: str, out_dir: Path
     if is_partial_dataset(out_dir):
         raise DatasetError(f"{out_dir}: names the temporary folder of an unfinished write; choose another name")
     _check_replaceable(out_dir)
+    samples = merge_sample_batches(samples)
     task_type = samples.task or task_type
     _check_samples(samples, task_type)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +487,7 @@ def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path, param
     domain = get_domain(domain_name)
     if request.block_size is None:
         request = replace(request, block_size=domain.default_block_size)
-    samples = domain.read_samples(request)
+    samples = merge_sample_batches(domain.read_samples(request))
     reports = domain.write_ingest_reports
     return write_dataset(samples, domain.name, domain.task, out_dir, params,
                          extra_files=(lambda folder: reports(samples, folder)) if reports is not None else None)

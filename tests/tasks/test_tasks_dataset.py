@@ -358,3 +358,40 @@ def test_hostile_names_in_samples_stay_data(tmp_path: Path) -> None:
     written = {p.resolve() for p in tmp_path.rglob("*")}
     assert all(root.resolve() in p.parents or p == root.resolve() for p in written)
     assert load_dataset(root / "dataset").info.sources == ("../../../etc/\\xff/x",)
+
+
+# --- streamed batches in the source dtype -----------------------------------------------------------------
+
+
+def as_uint16_batches(samples, batch: int) -> list:
+    """``samples`` as a reader streaming raw uint16 counts would yield them: scaled 1e-4, in batches."""
+    counts = np.clip(np.round(samples.images / 1e-4), 0, 65535).astype(np.uint16)
+    scaling = tuple((1e-4, 0.0) for _ in samples.channels)
+    batches = []
+    for start in range(0, len(counts), batch):
+        part = slice(start, start + batch)
+        batches.append(replace(samples, images=counts[part], labels=samples.labels[part], groups=samples.groups[part],
+                               locations=samples.locations[part], scaling=scaling,
+                               dropped={"nodata": 1}, provenance={"crs": "EPSG:32618", f"batch{start}": "x"},
+                               quarantine=[{"item": f"f{start // batch % 2}", "reason": "r", "problem": "p"}]))
+    return batches
+
+
+def test_streamed_uint16_batches_write_the_same_dataset_as_their_physical_values(tmp_path: Path) -> None:
+    batches = as_uint16_batches(make_samples(), batch=20)
+    whole = replace(make_samples(), images=np.concatenate([b.physical() for b in batches]))
+    streamed = write(iter(batches), tmp_path / "streamed")
+    at_once = write(whole, tmp_path / "whole")
+    assert streamed.digest == at_once.digest
+    assert streamed.dropped == {"nodata": len(batches)}  # counts add up over batches
+    assert streamed.quarantined == 2 and set(streamed.provenance) == {"crs", *(f"batch{s}" for s in range(0, 96, 20))}
+    train = load_dataset(tmp_path / "streamed").splits["train"].images
+    assert train.dtype == np.float32 and 0.0 < float(train.max()) < 1.0  # physical reflectance, not counts
+
+
+def test_batches_that_disagree_on_channels_are_refused(tmp_path: Path) -> None:
+    batches = as_uint16_batches(make_samples(), batch=48)
+    batches[1] = replace(batches[1], scaling=tuple((2e-4, 0.0) for _ in CHANNELS))
+    with pytest.raises(DatasetError, match="disagree on scaling"):
+        write(batches, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
