@@ -75,13 +75,7 @@ class Scene:
 
         Bands scaled differently (Landsat surface temperature beside reflectance) are listed per band.
         """
-        distinct = list(dict.fromkeys(self.scales))
-        if len(distinct) == 1:
-            return distinct[0].describe()
-        return "; ".join(
-            f"{', '.join(c.name for c, s in zip(self.channels, self.scales) if s == scale)} -> {scale.describe()}"
-            for scale in distinct
-        )
+        return describe_scales(self.channels, self.scales)
 
     @property
     def scene_id(self) -> str:
@@ -105,6 +99,17 @@ class Scene:
             path=self.path,
             scales=tuple(self.scales[i] for i in index),
         )
+
+
+def describe_scales(channels: tuple[Channel, ...], scales: tuple[ReflectanceScale, ...]) -> str:
+    """One line naming the scaling of every channel (grouped when several channels share one)."""
+    distinct = list(dict.fromkeys(scales))
+    if len(distinct) == 1:
+        return distinct[0].describe()
+    return "; ".join(
+        f"{', '.join(c.name for c, s in zip(channels, scales) if s == scale)} -> {scale.describe()}"
+        for scale in distinct
+    )
 
 
 def _band_index(present: tuple[str, ...], wanted: tuple[str, ...] | list[str], path: Path) -> list[int]:
@@ -277,6 +282,80 @@ def _read_scene(
     sensor: str | None,
     scaling: str | ReflectanceScale | None,
 ) -> Scene:
+    layout = inspect_scene(path, channels, sensor, scaling)
+    scene = _read_whole_scene(layout)
+    if not scene.valid.any():
+        raise DomainInputError(path, "holds no valid pixel: every pixel is nodata in at least one band")
+    return scene
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """Where one channel of a scene is stored and how its digital numbers read.
+
+    Attributes:
+        path: the file holding the band.
+        index: 1-based band index inside ``path``.
+        name: band name as the sensor table spells it.
+        transform: the band's own grid (coarser than the scene's for 20 m/60 m bands).
+        shape: the band's own (rows, columns).
+        nodata: the file's nodata value for this band, or None.
+        dtype: data type stored in the file.
+        scale: scaling from stored values to physical units.
+    """
+
+    path: Path
+    index: int
+    name: str
+    transform: Affine
+    shape: tuple[int, int]
+    nodata: float | None
+    dtype: np.dtype
+    scale: ReflectanceScale
+
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """A checked scene whose pixels are not read yet: its bands, their files and the working grid.
+
+    Built from headers only (:func:`inspect_scene`), so it costs the same for a full Sentinel-2 tile as for
+    a demo crop; pixels are then read whole (:func:`read_scene`) or window by window
+    (:mod:`domains.satellite.strips`).
+    """
+
+    path: Path
+    sensor: Sensor
+    bands: tuple[BandSource, ...]
+    crs: CRS
+    transform: Affine
+    shape: tuple[int, int]
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        """The channels, in the order of ``bands``."""
+        return tuple(self.sensor.channel(b.name) for b in self.bands)
+
+    @property
+    def scales(self) -> tuple[ReflectanceScale, ...]:
+        """Each channel's scaling."""
+        return tuple(b.scale for b in self.bands)
+
+    def on_grid(self, band: BandSource) -> bool:
+        """Whether ``band`` is stored on the working grid itself (no resampling needed)."""
+        return band.shape == self.shape and band.transform.almost_equals(self.transform)
+
+
+def inspect_scene(
+    path: Path,
+    channels: tuple[str, ...] | list[str] | None,
+    sensor: str | None,
+    scaling: str | ReflectanceScale | None,
+) -> SceneLayout:
+    """Check a scene from its headers and say where each wanted band lies; no pixel is decoded.
+
+    Takes the arguments of :func:`read_scene` and raises the same :class:`DomainInputError`s for
+    everything the headers show (layout, band names and count, CRS, extents, data type, size guard).
+    """
     try:
         table = get_sensor(sensor) if sensor is not None else None
         if isinstance(scaling, str):
@@ -289,19 +368,13 @@ def _read_scene(
     if wanted is not None and len(set(b.upper() for b in wanted)) != len(wanted):
         raise DomainInputError(path, f"channels {', '.join(wanted)} name a band twice")
     if path.is_dir():
-        scene = _read_band_folder(path, wanted, table, scaling)
-    else:
-        scene = _read_multiband(path, wanted, table, scaling)
-    if not scene.valid.any():
-        raise DomainInputError(path, "holds no valid pixel: every pixel is nodata in at least one band")
-    return scene
+        return _inspect_band_folder(path, wanted, table, scaling)
+    return _inspect_multiband(path, wanted, table, scaling)
 
 
-def _read_band_folder(
+def _inspect_band_folder(
     folder: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
-) -> Scene:
-    from rasterio.warp import Resampling, reproject
-
+) -> SceneLayout:
     sensor, files = recognise_band_folder(folder)
     if table is not None and table.name != sensor.name:
         raise DomainInputError(folder, f"sensor {table.name} was asked for but the band files are {sensor.title}")
@@ -311,7 +384,7 @@ def _read_band_folder(
         raise DomainInputError(folder, f"lacks band(s) {', '.join(missing)}; it holds {', '.join(names)}")
     selected: list[BandFile] = [files[n] for n in (_canonical(sensor, wanted, folder) if wanted else names)]
 
-    # Read headers first so that geometry problems are reported before any pixel is decoded.
+    # Headers only: geometry problems are reported before any pixel is decoded.
     headers = []
     for band in selected:
         with open_raster(band.path) as ds:
@@ -336,33 +409,44 @@ def _read_band_folder(
                 f"extent {tuple(round(v, 3) for v in band_bounds)} differs from "
                 f"{finest[0].path.name}'s {tuple(round(v, 3) for v in bounds)}",
             )
+    bands = tuple(
+        BandSource(
+            path=band.path, index=1, name=band.band, transform=band_transform, shape=tuple(band_shape),
+            nodata=nodata, dtype=dtype, scale=_resolve_scaling(scaling, band.scaling, dtype),
+        )
+        for band, _, band_transform, band_shape, _, nodata, dtype in headers
+    )
+    return SceneLayout(path=folder, sensor=sensor, bands=bands, crs=crs, transform=transform, shape=tuple(shape))
 
-    data = np.zeros((len(selected), *shape), dtype=np.float32)
+
+def _read_whole_scene(layout: SceneLayout) -> Scene:
+    """Read every band of ``layout`` whole onto its grid, in physical units (prediction's reader)."""
+    from rasterio.warp import Resampling, reproject
+
+    shape, transform, crs = layout.shape, layout.transform, layout.crs
+    data = np.zeros((len(layout.bands), *shape), dtype=np.float32)
     valid = np.ones(shape, dtype=bool)
-    scales = []
-    for i, (band, _, band_transform, band_shape, _, nodata, dtype) in enumerate(headers):
-        scale = _resolve_scaling(scaling, band.scaling, dtype)
-        scales.append(scale)
+    for i, band in enumerate(layout.bands):
         with open_raster(band.path) as ds:
-            dn = read_band(ds, 1, band.path)
-        _reject_infinite(dn, band.path, band.band)
-        band_valid = _valid_pixels(dn, nodata, sensor.fill_dn, scale)
-        values = scale.apply(dn)
-        values[~band_valid] = np.nan
-        if band_shape == shape and band_transform.almost_equals(transform):
+            dn = read_band(ds, band.index, band.path)
+        _reject_infinite(dn, band.path, band.name)
+        band_valid = _valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
+        values = band.scale.apply(dn)
+        if layout.on_grid(band):
             data[i] = values
             valid &= band_valid
             continue
+        values[~band_valid] = np.nan
         resampled = np.full(shape, np.nan, dtype=np.float32)
         # NaN as source nodata keeps nodata out of the bilinear weights of neighbouring valid pixels.
         reproject(
-            values, resampled, src_transform=band_transform, src_crs=crs, dst_transform=transform, dst_crs=crs,
+            values, resampled, src_transform=band.transform, src_crs=crs, dst_transform=transform, dst_crs=crs,
             src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear,
         )
         mask = np.zeros(shape, dtype=np.uint8)
         # A fine pixel inside a coarse nodata pixel is nodata: nearest neighbour keeps the mask's edges sharp.
         reproject(
-            band_valid.astype(np.uint8), mask, src_transform=band_transform, src_crs=crs, dst_transform=transform,
+            band_valid.astype(np.uint8), mask, src_transform=band.transform, src_crs=crs, dst_transform=transform,
             dst_crs=crs, resampling=Resampling.nearest,
         )
         band_valid = mask.astype(bool) & np.isfinite(resampled)
@@ -372,12 +456,12 @@ def _read_band_folder(
     return Scene(
         data=data,
         valid=valid,
-        channels=tuple(sensor.channel(b.band) for b in selected),
+        channels=layout.channels,
         crs=crs,
         transform=transform,
-        sensor=sensor.name,
-        path=folder,
-        scales=tuple(scales),
+        sensor=layout.sensor.name,
+        path=layout.path,
+        scales=layout.scales,
     )
 
 
@@ -392,9 +476,9 @@ def _canonical(sensor: Sensor, wanted: tuple[str, ...], path: Path) -> tuple[str
     return tuple(out)
 
 
-def _read_multiband(
+def _inspect_multiband(
     path: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
-) -> Scene:
+) -> SceneLayout:
     with open_raster(path) as ds:
         check_raster_header(ds, path)
         _require_georeference(ds, path)
@@ -428,25 +512,15 @@ def _read_multiband(
             indexes = list(range(1, ds.count + 1))
         dtype = np.dtype(ds.dtypes[0])
         scale = _resolve_scaling(scaling, sensor.scaling, dtype)
-        data = np.zeros((len(indexes), *ds.shape), dtype=np.float32)
-        valid = np.ones(ds.shape, dtype=bool)
-        for i, index in enumerate(indexes):
-            dn = read_band(ds, index, path)
-            _reject_infinite(dn, path, names[i])
-            band_valid = _valid_pixels(dn, ds.nodatavals[index - 1], sensor.fill_dn, scale)
-            data[i] = scale.apply(dn)
-            valid &= band_valid
-        data[:, ~valid] = 0.0
-        return Scene(
-            data=data,
-            valid=valid,
-            channels=tuple(sensor.channel(n) for n in names),
-            crs=ds.crs,
-            transform=ds.transform,
-            sensor=sensor.name,
-            path=path,
-            scales=(scale,) * len(indexes),
+        bands = tuple(
+            BandSource(
+                path=path, index=index, name=name, transform=ds.transform, shape=tuple(ds.shape),
+                nodata=ds.nodatavals[index - 1], dtype=np.dtype(ds.dtypes[index - 1]), scale=scale,
+            )
+            for name, index in zip(names, indexes)
         )
+        return SceneLayout(path=path, sensor=sensor, bands=bands, crs=ds.crs, transform=ds.transform,
+                           shape=tuple(ds.shape))
 
 
 def _described_sensor(descriptions: tuple[str, ...], table: Sensor | None) -> Sensor | None:
