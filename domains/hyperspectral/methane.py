@@ -28,6 +28,7 @@ are kept out of the statistics too, so one glint cannot skew the covariance. A s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -97,6 +98,12 @@ def ch4_transmittance(wavelengths_nm: np.ndarray, fwhm_nm: np.ndarray, enhanceme
     return np.exp(unit_absorption_spectrum(wavelengths_nm, fwhm_nm) * enhancement_ppmm)
 
 
+def sas_sample(trusted: int, bands: int, fraction: float = SAS_SAMPLE_FRACTION) -> np.ndarray:
+    """Positions, among ``trusted`` pixels in reading order, that Mag1c-SAS fits its statistics on."""
+    # At least a few samples per band, or the covariance is singular on small tiles.
+    return _sample_indices(trusted, fraction, minimum=min(trusted, 8 * bands))
+
+
 def _sample_indices(n: int, fraction: float, minimum: int) -> np.ndarray:
     """Every k-th pixel so that about ``fraction`` of ``n`` (at least ``minimum``) are used."""
     count = min(n, max(minimum, int(round(fraction * n))))
@@ -104,49 +111,103 @@ def _sample_indices(n: int, fraction: float, minimum: int) -> np.ndarray:
     return np.arange(0, n, step)[:count]
 
 
-def _covariance(x: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    centred = x - mu
-    cov = centred.T @ centred / max(len(x) - 1, 1)
+def ridge_covariance(scatter: np.ndarray, count: int) -> np.ndarray:
+    """Sample covariance from a centred scatter matrix ``Σ (x-μ)(x-μ)ᵀ`` of ``count`` pixels, plus the ridge."""
+    cov = scatter / max(count - 1, 1)
     ridge = RIDGE * float(np.trace(cov)) / len(cov) + 1e-12
     cov[np.diag_indices_from(cov)] += ridge
     return cov
 
 
-def _statistics_pixels(x: np.ndarray, saturation: float | None) -> np.ndarray:
-    """Row mask of pixels trusted for statistics: not saturated, not extreme in albedo."""
-    brightness = x.mean(axis=1)
+def _covariance(x: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    centred = x - mu
+    return ridge_covariance(centred.T @ centred, len(x))
+
+
+def trusted_pixels(brightness: np.ndarray, saturated: np.ndarray | None, bands: int) -> np.ndarray:
+    """Mask of pixels trusted for statistics from their mean radiance and saturation flags.
+
+    Pixels brighter than :data:`BRIGHT_ALBEDO` times the median, or saturated, are left out, unless that
+    leaves no more pixels than bands (then all are used, or the covariance would be singular).
+    """
     median = float(np.median(brightness)) if len(brightness) else 0.0
     keep = brightness <= BRIGHT_ALBEDO * max(median, 1e-12)
-    if saturation is not None:
-        keep &= ~(x >= saturation).any(axis=1)
-    return keep if keep.sum() > x.shape[1] else np.ones(len(x), dtype=bool)
+    if saturated is not None:
+        keep &= ~saturated
+    return keep if keep.sum() > bands else np.ones(len(brightness), dtype=bool)
+
+
+def saturated_pixels(x: np.ndarray, saturation: float | None) -> np.ndarray | None:
+    """Pixels of ``x`` (N, B) with any band at the integer ceiling, or None for float data."""
+    return None if saturation is None else (x >= saturation).any(axis=1)
+
+
+def _statistics_pixels(x: np.ndarray, saturation: float | None) -> np.ndarray:
+    """Row mask of pixels trusted for statistics: not saturated, not extreme in albedo."""
+    return trusted_pixels(x.mean(axis=1), saturated_pixels(x, saturation), x.shape[1])
+
+
+@dataclass(frozen=True)
+class FilterStatistics:
+    """Background statistics of one detector window, enough to score any of its pixels.
+
+    ``mu`` is the background mean, ``cit`` is Σ⁻¹t, ``norm`` is tᵀΣ⁻¹t; ACE also keeps the Cholesky
+    factor of Σ and the target ``t``.
+    """
+
+    method: str
+    mu: np.ndarray
+    cit: np.ndarray
+    norm: float
+    chol: np.ndarray | None = None
+    target: np.ndarray | None = None
+
+
+def fit_gaussian_statistics(method: str, count: int, mean: np.ndarray, scatter: np.ndarray,
+                            absorption: np.ndarray) -> FilterStatistics:
+    """Matched-filter or ACE statistics from the mean and centred scatter of the trusted pixels."""
+    target = absorption * mean
+    cov = ridge_covariance(scatter, count)
+    if method == "ace":
+        chol = np.linalg.cholesky(cov)
+        return FilterStatistics(method, mean, np.zeros_like(mean), 0.0, chol=chol, target=target)
+    cit = np.linalg.solve(cov, target)
+    return FilterStatistics(method, mean, cit, float(target @ cit))
+
+
+def apply_statistics(x: np.ndarray, stats: FilterStatistics) -> np.ndarray:
+    """Enhancement of pixels ``x`` (N, B) float32 with a window's fitted statistics (any method)."""
+    if stats.method == "mag1c_sas":
+        return apply_sparse_filter(x, stats.mu, stats.cit, stats.norm)
+    x64 = x.astype(np.float64, copy=False)
+    if stats.method == "mf":
+        return ((x64 - stats.mu) @ stats.cit / stats.norm).astype(np.float32)
+    # Whitening with the Cholesky factor: z = L⁻¹ (x - μ), so zᵀz = (x-μ)ᵀ Σ⁻¹ (x-μ).
+    from scipy.linalg import solve_triangular
+
+    white_t = solve_triangular(stats.chol, stats.target, lower=True)
+    white_x = solve_triangular(stats.chol, (x64 - stats.mu).T, lower=True)
+    numerator = white_t @ white_x
+    denominator = np.sqrt((white_t @ white_t) * np.einsum("bn,bn->n", white_x, white_x)) + 1e-30
+    return (numerator / denominator).astype(np.float32)
+
+
+def _gaussian_filter(x: np.ndarray, absorption: np.ndarray, method: str, saturation: float | None) -> np.ndarray:
+    x64 = x.astype(np.float64, copy=False)
+    stats = x64[_statistics_pixels(x64, saturation)]
+    mu = stats.mean(axis=0)
+    centred = stats - mu
+    return apply_statistics(x, fit_gaussian_statistics(method, len(stats), mu, centred.T @ centred, absorption))
 
 
 def matched_filter(x: np.ndarray, absorption: np.ndarray, saturation: float | None = None) -> np.ndarray:
     """Classical matched filter (CEM with mean removal) of pixels ``x`` (N, B); ppm·m per pixel."""
-    x64 = x.astype(np.float64, copy=False)
-    stats = x64[_statistics_pixels(x64, saturation)]
-    mu = stats.mean(axis=0)
-    target = absorption * mu
-    cit = np.linalg.solve(_covariance(stats, mu), target)
-    return ((x64 - mu) @ cit / (target @ cit)).astype(np.float32)
+    return _gaussian_filter(x, absorption, "mf", saturation)
 
 
 def ace(x: np.ndarray, absorption: np.ndarray, saturation: float | None = None) -> np.ndarray:
     """Adaptive coherence estimator of pixels ``x`` (N, B): signed cosine to the CH4 target in whitened space."""
-    x64 = x.astype(np.float64, copy=False)
-    stats = x64[_statistics_pixels(x64, saturation)]
-    mu = stats.mean(axis=0)
-    target = absorption * mu
-    chol = np.linalg.cholesky(_covariance(stats, mu))
-    # Whitening with the Cholesky factor: z = L⁻¹ (x - μ), so zᵀz = (x-μ)ᵀ Σ⁻¹ (x-μ).
-    from scipy.linalg import solve_triangular
-
-    white_t = solve_triangular(chol, target, lower=True)
-    white_x = solve_triangular(chol, (x64 - mu).T, lower=True)
-    numerator = white_t @ white_x
-    denominator = np.sqrt((white_t @ white_t) * np.einsum("bn,bn->n", white_x, white_x)) + 1e-30
-    return (numerator / denominator).astype(np.float32)
+    return _gaussian_filter(x, absorption, "ace", saturation)
 
 
 def fit_sparse_statistics(sample: np.ndarray, absorption: np.ndarray,
@@ -192,8 +253,7 @@ def mag1c_sas(x: np.ndarray, absorption: np.ndarray, saturation: float | None = 
               sample_fraction: float = SAS_SAMPLE_FRACTION) -> np.ndarray:
     """Mag1c-SAS enhancement (ppm·m, ≥ 0) of pixels ``x`` (N, B): sampled statistics, then all pixels."""
     trusted = np.flatnonzero(_statistics_pixels(x, saturation))
-    # At least a few samples per band, or the covariance is singular on small tiles.
-    picked = trusted[_sample_indices(len(trusted), sample_fraction, minimum=min(len(trusted), 8 * x.shape[1]))]
+    picked = trusted[sas_sample(len(trusted), x.shape[1], sample_fraction)]
     mu, cit, norm = fit_sparse_statistics(x[picked], absorption)
     return apply_sparse_filter(x, mu, cit, norm)
 

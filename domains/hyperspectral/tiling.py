@@ -2,27 +2,63 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from domains.hyperspectral.bands import select_channels
 from domains.hyperspectral.cube import Cube, open_cube
-from domains.hyperspectral.stack import compute_stack
+from domains.hyperspectral.streaming import StackPlan, compute_window, fit_statistics, plan_stack
 from domains.input_guards import check_encodable_name, check_readable, input_errors_named
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("background", "plume")
 MASK_NODATA = 255
+# Side of the largest rectangle whose channels are computed at once (leakage blocks are usually smaller).
+RECTANGLE_PX = 256
 
 
-def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
-    """Read a plume mask raster (GeoTIFF or ENVI, one band) aligned with ``cube``: int16 (H, W), -1 unlabelled.
+@dataclass(frozen=True)
+class MaskRaster:
+    """A plume mask raster checked against a cube's grid, read window by window."""
 
-    Values: 0 background, 1 plume, the raster's nodata (default 255) unlabelled.
+    path: Path
+    target: Path
+    nodata: float
+
+    def read(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Labels of a window: int16 (rows, cols), 0 background, 1 plume, -1 unlabelled.
+
+        Raises:
+            DomainInputError: unreadable window, or values other than 0/1/nodata.
+        """
+        import rasterio
+        from rasterio.windows import Window
+
+        try:
+            with input_errors_named(self.path), rasterio.open(self.target) as ds:
+                r0, r1, _ = rows.indices(ds.height)
+                c0, c1, _ = cols.indices(ds.width)
+                data = ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        except rasterio.errors.RasterioIOError as error:
+            raise DomainInputError(self.path, f"cannot be read as a mask raster: {error}") from None
+        unlabelled = data == self.nodata
+        values = np.unique(data[~unlabelled])
+        if not set(values.tolist()) <= {0, 1}:
+            raise DomainInputError(self.path, f"plume mask holds values {values.tolist()[:10]}; expected 0 "
+                                              f"(background), 1 (plume) and {self.nodata:g} (unlabelled)")
+        labels = data.astype(np.int16)
+        labels[unlabelled] = -1
+        return labels
+
+
+def open_mask(path: Path | str, cube: Cube) -> MaskRaster:
+    """Check a plume mask raster (GeoTIFF or ENVI, one band) against ``cube`` from its header, reading no pixel.
 
     Raises:
-        DomainInputError: unreadable file, grid not matching the cube, or values other than 0/1/nodata.
+        DomainInputError: missing or unreadable file, more than one band, or a grid not matching the cube.
     """
     import rasterio
 
@@ -48,18 +84,21 @@ def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
                 raise DomainInputError(path, f"plume mask is not on the cube's grid: its geotransform "
                                              f"{tuple(round(v, 3) for v in tuple(ds.transform)[:6])} differs from "
                                              f"{cube.path.name}'s {tuple(round(v, 3) for v in cube.transform)}")
-            data = ds.read(1)
             nodata = ds.nodata if ds.nodata is not None else MASK_NODATA
     except rasterio.errors.RasterioIOError as error:
         raise DomainInputError(path, f"cannot be read as a mask raster: {error}") from None
-    unlabelled = data == nodata
-    values = np.unique(data[~unlabelled])
-    if not set(values.tolist()) <= {0, 1}:
-        raise DomainInputError(path, f"plume mask holds values {values.tolist()[:10]}; expected 0 (background), "
-                                     f"1 (plume) and {nodata:g} (unlabelled)")
-    labels = data.astype(np.int16)
-    labels[unlabelled] = -1
-    return labels
+    return MaskRaster(path, target, float(nodata))
+
+
+def read_mask(path: Path | str, cube: Cube) -> np.ndarray:
+    """Read a whole plume mask raster aligned with ``cube``: int16 (H, W), -1 unlabelled.
+
+    Values: 0 background, 1 plume, the raster's nodata (default 255) unlabelled.
+
+    Raises:
+        DomainInputError: unreadable file, grid not matching the cube, or values other than 0/1/nodata.
+    """
+    return open_mask(path, cube).read()
 
 
 def _same_transform(mask: tuple[float, ...], cube: tuple[float, ...]) -> bool:
@@ -81,7 +120,7 @@ def check_geometry(request: IngestRequest, grid: tuple[int, int], path: Path) ->
         raise DomainInputError(path, f"max_nodata_fraction {request.max_nodata_fraction} must be within [0, 1]")
 
 
-def read_samples(request: IngestRequest) -> SampleSet:
+def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
     """Read a capture (channels per ``request.channels``, default RGB + Mag1c-SAS) and cut it into tiles.
 
     Tiles of ``tile_size`` start every ``stride`` px; a tile is dropped (and counted) when it straddles two
@@ -89,72 +128,130 @@ def read_samples(request: IngestRequest) -> SampleSet:
     ``max_nodata_fraction`` of it is invalid, or, with a mask, when none of its pixels is labelled. Labels
     are per pixel: 0 background, 1 plume, -1 for unlabelled or invalid pixels.
 
+    The capture is streamed: this call opens it, checks the request and reads it once to fit the methane
+    statistics (so a bad file fails here); the returned iterator then computes the channels one leakage
+    block at a time (at most :data:`RECTANGLE_PX` square) and yields float32 batches of at most
+    ``request.batch_samples`` tiles, in block order. The first batch carries the provenance; each batch
+    carries the ``dropped`` counts since the one before (the last may hold no tile, only counts). Memory is one rectangle of bands plus one batch, whatever the capture's size.
+
     Raises:
         DomainInputError: a bad cube, mask or geometry (no other exception escapes for a bad file).
     """
     # One capture per ingest: whatever fails on a bad file becomes one error naming the source.
     with input_errors_named(request.source):
-        return _read_samples(request)
+        plan, mask, facts = _prepare(request)
+    return _stream_tiles(request, plan, mask, facts)
 
 
-def _read_samples(request: IngestRequest) -> SampleSet:
+def _prepare(request: IngestRequest) -> tuple[StackPlan, MaskRaster | None, dict]:
     cube = open_cube(request.source)
     class_names = tuple(request.class_names) if request.class_names else DEFAULT_CLASS_NAMES
     if len(class_names) != 2:
         raise DomainInputError(cube.path, f"plume segmentation has two classes (background, plume), got {class_names}")
     check_geometry(request, cube.grid, cube.path)
+    if request.batch_samples < 1:
+        raise DomainInputError(cube.path, f"batch_samples {request.batch_samples} must be at least 1")
     sources = select_channels(cube, request.channels)
-    labels = read_mask(request.labels, cube) if request.labels is not None else None
-    with input_errors_named(cube.path):  # GeoTIFF tiles are decoded here: a truncated file fails now
-        stack, invalid = compute_stack(cube, sources)
-    if labels is not None:
-        labels[invalid] = -1
+    mask = open_mask(request.labels, cube) if request.labels is not None else None
+    plumes = [0]
 
+    def count_plumes(rows: slice, cols: slice, invalid: np.ndarray) -> None:
+        labels = mask.read(rows, cols)  # also checks the mask's values, before anything is yielded
+        plumes[0] += int(((labels == 1) & ~invalid).sum())
+
+    with input_errors_named(cube.path):  # GeoTIFF tiles are decoded here: a truncated file fails now
+        plan = fit_statistics(plan_stack(cube, sources), count_plumes if mask is not None else None)
+    pixels = cube.grid[0] * cube.grid[1]
+    return plan, mask, {"class_names": class_names, "valid_fraction": 1 - plan.invalid_pixels / pixels,
+                        "plume_fraction": plumes[0] / pixels}
+
+
+def tile_starts(length: int, size: int, stride: int, block: int) -> tuple[int, list[list[int]]]:
+    """Tile start positions along one axis: how many there are, and the ones inside a block, grouped.
+
+    Groups hold starts of one block whose tiles span at most :data:`RECTANGLE_PX` (or one tile), so a
+    group's pixels can be computed at once.
+    """
+    starts = list(range(0, length - size + 1, stride))
+    groups: list[list[int]] = []
+    for start in starts:
+        if start // block != (start + size - 1) // block:
+            continue
+        last = groups[-1] if groups else None
+        if last and last[0] // block == start // block and start + size - last[0] <= max(RECTANGLE_PX, size):
+            last.append(start)
+        else:
+            groups.append([start])
+    return len(starts), groups
+
+
+def _stream_tiles(request: IngestRequest, plan: StackPlan, mask: MaskRaster | None, facts: dict) -> Iterator[SampleSet]:
+    cube = plan.cube
     size, stride, block = request.tile_size, request.stride, request.block_size
     height, width = cube.grid
-    dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
-    kept: list[tuple[int, int]] = []
-    for row in range(0, height - size + 1, stride):
-        for col in range(0, width - size + 1, stride):
-            if row // block != (row + size - 1) // block or col // block != (col + size - 1) // block:
-                dropped["straddles_block"] += 1
-            elif invalid[row : row + size, col : col + size].mean() > request.max_nodata_fraction:
-                dropped["nodata"] += 1
-            elif labels is not None and not (labels[row : row + size, col : col + size] >= 0).any():
-                dropped["unlabelled"] += 1
-            else:
-                kept.append((row, col))
-    images = np.stack([stack[:, r : r + size, c : c + size] for r, c in kept]) if kept else \
-        np.zeros((0, len(sources), size, size), np.float32)
-    if labels is None:
-        tile_labels = np.full((len(kept), size, size), -1, dtype=np.int16)
-    else:
-        tile_labels = np.stack([labels[r : r + size, c : c + size] for r, c in kept]) if kept else \
-            np.zeros((0, size, size), np.int16)
-    groups = np.array([f"{cube.cube_id}:block-{r // block}-{c // block}" for r, c in kept], dtype=str)
+    all_rows, row_groups = tile_starts(height, size, stride, block)
+    all_cols, col_groups = tile_starts(width, size, stride, block)
+    kept_positions = sum(map(len, row_groups)) * sum(map(len, col_groups))
+    # Counts since the last batch: each batch carries its own, so they add up however batches are consumed.
+    dropped = {"straddles_block": all_rows * all_cols - kept_positions, "nodata": 0, "unlabelled": 0}
     centres = cube.wavelengths_nm
-    return SampleSet(
-        images=images.astype(np.float32, copy=False),
-        labels=tile_labels.astype(np.int16, copy=False),
-        groups=groups,
-        locations=np.array(kept, dtype=np.int64).reshape(-1, 2),
-        source=str(cube.path),
-        channels=tuple(s.channel for s in sources),
-        class_names=class_names,
-        dropped=dropped,
-        provenance={
-            "format": cube.kind,
-            "grid_shape": f"{height}x{width}",
-            "bands": str(cube.bands),
-            "wavelength_range_nm": f"{min(centres):.1f}-{max(centres):.1f}" if centres else "",
-            "channel_sources": ",".join(f"{s.channel.name}<-{'band ' + str(s.band) if s.band >= 0 else s.product}"
-                                        for s in sources),
-            "crs": cube.crs or "",
-            "transform": ", ".join(repr(v) for v in cube.transform) if cube.transform else "",
-            "valid_fraction": f"{1 - invalid.mean():.4f}",
-            "plume_fraction": f"{(labels == 1).mean():.5f}" if labels is not None else "",
-            "tile_size": str(size), "stride": str(stride), "block_size": str(block),
-            "labels": str(request.labels or ""),
-        },
-        task="segmentation",
-    )
+    provenance = {
+        "format": cube.kind,
+        "grid_shape": f"{height}x{width}",
+        "bands": str(cube.bands),
+        "wavelength_range_nm": f"{min(centres):.1f}-{max(centres):.1f}" if centres else "",
+        "channel_sources": ",".join(f"{s.channel.name}<-{'band ' + str(s.band) if s.band >= 0 else s.product}"
+                                    for s in plan.sources),
+        "crs": cube.crs or "",
+        "transform": ", ".join(repr(v) for v in cube.transform) if cube.transform else "",
+        "valid_fraction": f"{facts['valid_fraction']:.4f}",
+        "plume_fraction": f"{facts['plume_fraction']:.5f}" if mask is not None else "",
+        "tile_size": str(size), "stride": str(stride), "block_size": str(block),
+        "labels": str(request.labels or ""),
+    }
+    channels = tuple(s.channel for s in plan.sources)
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    kept: list[tuple[int, int]] = []
+    first = True
+
+    def batch() -> SampleSet:
+        nonlocal first
+        out = SampleSet(
+            images=np.stack(images) if images else np.zeros((0, len(channels), size, size), np.float32),
+            labels=np.stack(labels) if labels else np.zeros((0, size, size), np.int16),
+            groups=np.array([f"{cube.cube_id}:block-{r // block}-{c // block}" for r, c in kept], dtype=str),
+            locations=np.array(kept, dtype=np.int64).reshape(-1, 2),
+            source=str(cube.path), channels=channels, class_names=facts["class_names"],
+            dropped=dict(dropped), provenance=provenance if first else {}, task="segmentation")
+        first = False
+        dropped.update({"straddles_block": 0, "nodata": 0, "unlabelled": 0})
+        images.clear(), labels.clear(), kept.clear()
+        return out
+
+    with input_errors_named(cube.path):
+        for rows in row_groups:
+            for cols in col_groups:
+                r0, r1, c0, c1 = rows[0], rows[-1] + size, cols[0], cols[-1] + size
+                stack, invalid = compute_window(plan, (r0, r1), (c0, c1))
+                window_labels = mask.read(slice(r0, r1), slice(c0, c1)) if mask is not None else None
+                if window_labels is not None:
+                    window_labels[invalid] = -1
+                for row in rows:
+                    for col in cols:
+                        tile = (slice(row - r0, row - r0 + size), slice(col - c0, col - c0 + size))
+                        if invalid[tile].mean() > request.max_nodata_fraction:
+                            dropped["nodata"] += 1
+                        elif window_labels is not None and not (window_labels[tile] >= 0).any():
+                            dropped["unlabelled"] += 1
+                        else:
+                            # Copies, so a batch does not keep every rectangle it drew from alive.
+                            images.append(stack[(slice(None), *tile)].copy())
+                            labels.append(window_labels[tile].copy() if window_labels is not None
+                                          else np.full((size, size), -1, dtype=np.int16))
+                            kept.append((row, col))
+                            if len(kept) == request.batch_samples:
+                                yield batch()
+                del stack, invalid, window_labels
+        if kept or first or any(dropped.values()):
+            yield batch()

@@ -14,9 +14,9 @@ from domains.hyperspectral.cube import open_cube
 from domains.spec import DomainInputError, IngestRequest, PredictionRequest
 
 
-def test_samples_are_segmentation_tiles_with_block_groups(example):
-    samples = SPEC.read_samples(IngestRequest(source=example["source"], labels=example["labels"],
-                                              tile_size=16, stride=8, block_size=24))
+def test_samples_are_segmentation_tiles_with_block_groups(example, collect):
+    samples = collect(SPEC.read_samples(IngestRequest(source=example["source"], labels=example["labels"],
+                                                      tile_size=16, stride=8, block_size=24)))
     assert samples.task == "segmentation" and samples.labels.dtype == np.int16
     assert [c.name for c in samples.channels] == ["red", "green", "blue", "ch4_mag1c"]
     assert samples.channels[3].wavelength_nm is None
@@ -28,9 +28,9 @@ def test_samples_are_segmentation_tiles_with_block_groups(example):
     assert product[samples.labels == 1].mean() > 5 * product[samples.labels == 0].mean()
 
 
-def test_channel_request_changes_the_stack(example):
-    samples = SPEC.read_samples(IngestRequest(source=example["source"], tile_size=16, stride=16, block_size=16,
-                                              channels=("evenly-spaced:5", "ch4_ace")))
+def test_channel_request_changes_the_stack(example, collect):
+    samples = collect(SPEC.read_samples(IngestRequest(source=example["source"], tile_size=16, stride=16,
+                                                      block_size=16, channels=("evenly-spaced:5", "ch4_ace"))))
     assert len(samples.channels) == 6 and samples.images.shape[1] == 6
     assert (samples.labels == -1).all()
 
