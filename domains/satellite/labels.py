@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from domains.input_guards import check_source_size, input_errors_named
 from domains.satellite.scene import Scene, open_raster, read_band
+from domains.satellite.strips import WINDOW_MARGIN, shifted_transform
 from domains.spec import DomainInputError
 
 # uint8 label rasters keep 255 free for "unlabelled", as land-cover products such as ESA WorldCover do.
@@ -32,13 +35,55 @@ def read_label_raster(path: Path | str, scene: Scene) -> np.ndarray:
         DomainInputError: the file is missing, unreadable, not single-band, not integer, has no CRS, or
             does not overlap the scene.
     """
-    from rasterio.transform import array_bounds
-    from rasterio.warp import Resampling, reproject, transform_bounds
+    with LabelWindows(path, scene.crs, scene.transform, scene.shape, scene.path.name) as labels:
+        return labels.read_rows(0, scene.shape[0])
 
-    path = Path(path)
-    if not path.is_file() and not path.is_symlink():
-        raise DomainInputError(path, "label raster does not exist")
-    with input_errors_named(path), open_raster(path) as ds:
+
+class LabelWindows:
+    """A class raster opened once and read onto rows of a scene's grid, strip by strip.
+
+    Opening checks the header (single band, integer, georeferenced, overlapping the scene) before any pixel
+    is read. :meth:`read_rows` reprojects (nearest neighbour) only the part of the raster under the rows
+    asked for, so a label raster as large as a Sentinel-2 tile costs a strip of memory, not a tile.
+
+    Args:
+        path: a single-band integer GeoTIFF of class ids.
+        crs: the scene's CRS.
+        transform: the scene grid's transform.
+        shape: the scene grid's (rows, columns).
+        scene_name: the scene's name, for error messages.
+    """
+
+    def __init__(self, path: Path | str, crs: Any, transform: Any, shape: tuple[int, int], scene_name: str):
+        self.path = Path(path)
+        self.crs, self.transform, self.shape, self.scene_name = crs, transform, tuple(shape), scene_name
+        self._stack = ExitStack()
+        self._dataset: Any = None
+        self._nodata: int | None = None
+
+    def __enter__(self) -> LabelWindows:
+        path = self.path
+        if not path.is_file() and not path.is_symlink():
+            raise DomainInputError(path, "label raster does not exist")
+        self._stack.__enter__()
+        try:
+            self._stack.enter_context(input_errors_named(path))
+            self._dataset = self._stack.enter_context(open_raster(path))
+            self._check_header()
+        except BaseException as error:
+            self._stack.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._dataset = None
+        self._stack.__exit__(*exc)
+
+    def _check_header(self) -> None:
+        from rasterio.transform import array_bounds
+        from rasterio.warp import transform_bounds
+
+        ds, path = self._dataset, self.path
         check_source_size(path, (ds.height, ds.width, ds.count), "rows x columns x bands")
         if ds.crs is None or ds.transform.is_identity:
             raise DomainInputError(path, "label raster has no CRS: it cannot be aligned with the scene")
@@ -47,9 +92,9 @@ def read_label_raster(path: Path | str, scene: Scene) -> np.ndarray:
         dtype = np.dtype(ds.dtypes[0])
         if not np.issubdtype(dtype, np.integer):
             raise DomainInputError(path, f"label raster must hold integer class ids, not {dtype}")
-        west, south, east, north = array_bounds(*scene.shape, scene.transform)
+        west, south, east, north = array_bounds(*self.shape, self.transform)
         scene_box = (min(west, east), min(south, north), max(west, east), max(south, north))
-        label_box = transform_bounds(ds.crs, scene.crs, *ds.bounds, densify_pts=21)
+        label_box = transform_bounds(ds.crs, self.crs, *ds.bounds, densify_pts=21)
         overlaps = (
             label_box[0] < scene_box[2]
             and label_box[2] > scene_box[0]
@@ -59,22 +104,48 @@ def read_label_raster(path: Path | str, scene: Scene) -> np.ndarray:
         if not overlaps:
             raise DomainInputError(
                 path,
-                f"label raster does not overlap the scene {scene.path.name}: its extent in "
-                f"{scene.crs.to_string()} is {tuple(round(v, 1) for v in label_box)}, "
+                f"label raster does not overlap the scene {self.scene_name}: its extent in "
+                f"{self.crs.to_string()} is {tuple(round(v, 1) for v in label_box)}, "
                 f"the scene's is {tuple(round(v, 1) for v in scene_box)}",
             )
-        source = read_band(ds, 1, path).astype(np.int32)
         nodata = ds.nodata
-        source_nodata = int(nodata) if nodata is not None and not np.isnan(nodata) else None
-        if source_nodata is not None:
-            source[source == source_nodata] = -1
+        self._nodata = int(nodata) if nodata is not None and not np.isnan(nodata) else None
+
+    def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        """Class ids on rows ``top:bottom`` of the scene grid: int64 (rows, W), -1 where unlabelled."""
+        from rasterio.transform import array_bounds
+        from rasterio.warp import Resampling, reproject, transform_bounds
+        from rasterio.windows import Window
+
+        ds, path = self._dataset, self.path
+        height, width = bottom - top, self.shape[1]
+        strip_transform = shifted_transform(self.transform, 0, top)
+        target = np.full((height, width), -1, dtype=np.int32)
+        # The strip's extent in the label raster's pixels, widened so nearest neighbour near the edges
+        # picks the pixels a whole-raster reprojection would pick.
+        west, south, east, north = array_bounds(height, width, strip_transform)
+        box = transform_bounds(self.crs, ds.crs, min(west, east), min(south, north), max(west, east),
+                               max(south, north), densify_pts=21)
+        inverse = ~ds.transform
+        corners = [inverse @ (x, y) for x in (box[0], box[2]) for y in (box[1], box[3])]
+        cols, rows = [c for c, _ in corners], [r for _, r in corners]
+        row_start = max(0, int(np.floor(min(rows))) - WINDOW_MARGIN)
+        col_start = max(0, int(np.floor(min(cols))) - WINDOW_MARGIN)
+        row_stop = min(ds.height, int(np.ceil(max(rows))) + WINDOW_MARGIN)
+        col_stop = min(ds.width, int(np.ceil(max(cols))) + WINDOW_MARGIN)
+        if row_stop <= row_start or col_stop <= col_start:
+            return target.astype(np.int64)
+        read_window = Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
+        source = read_band(ds, 1, path, read_window).astype(np.int32)
+        if self._nodata is not None:
+            source[source == self._nodata] = -1
         source[source < 0] = -1
-        target = np.full(scene.shape, -1, dtype=np.int32)
         reproject(
-            source, target, src_transform=ds.transform, src_crs=ds.crs, dst_transform=scene.transform,
-            dst_crs=scene.crs, src_nodata=-1, dst_nodata=-1, resampling=Resampling.nearest,
+            source, target, src_transform=shifted_transform(ds.transform, col_start, row_start), src_crs=ds.crs,
+            dst_transform=strip_transform, dst_crs=self.crs, src_nodata=-1, dst_nodata=-1,
+            resampling=Resampling.nearest,
         )
-    return target.astype(np.int64)
+        return target.astype(np.int64)
 
 
 def write_label_raster(labels: np.ndarray, scene: Scene, path: Path | str) -> Path:

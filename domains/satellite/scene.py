@@ -175,12 +175,15 @@ def open_raster(path: Path) -> Iterator[Any]:
         yield dataset
 
 
-def read_band(dataset: Any, index: int, path: Path) -> np.ndarray:
-    """Read band ``index`` (1-based) of an open dataset; read failures become :class:`DomainInputError`."""
+def read_band(dataset: Any, index: int, path: Path, window: Any = None) -> np.ndarray:
+    """Read band ``index`` (1-based) of an open dataset, whole or a rasterio ``window`` of it.
+
+    Read failures become :class:`DomainInputError`.
+    """
     from rasterio.errors import RasterioError
 
     try:
-        return dataset.read(index)
+        return dataset.read(index, window=window)
     except RasterioError as error:
         # Truncated files usually open (the header is intact) and fail here, on the missing tiles.
         raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {error}") from None
@@ -195,7 +198,8 @@ def check_raster_header(dataset: Any, path: Path) -> None:
                                      "must hold real numbers (integer digital numbers or floating-point reflectance)")
 
 
-def _reject_infinite(values: np.ndarray, path: Path, band: str) -> None:
+def reject_infinite(values: np.ndarray, path: Path, band: str) -> None:
+    """Refuse a band (or a window of it) holding infinite values, naming the file and the band."""
     # NaN is a common nodata marker in float rasters; infinity is not, it is a broken value.
     if np.issubdtype(values.dtype, np.floating):
         infinite = int(np.isinf(values).sum())
@@ -222,7 +226,8 @@ def _resolve_scaling(
     return IDENTITY if np.issubdtype(dtype, np.floating) else default
 
 
-def _valid_pixels(dn: np.ndarray, nodata: float | None, fill_dn: int | None, scale: ReflectanceScale) -> np.ndarray:
+def valid_pixels(dn: np.ndarray, nodata: float | None, fill_dn: int | None, scale: ReflectanceScale) -> np.ndarray:
+    """Boolean mask of the pixels of ``dn`` holding data (not the file's nodata, NaN or the sensor's fill DN)."""
     valid = np.ones(dn.shape, dtype=bool)
     if nodata is not None and not np.isnan(nodata):
         valid &= dn != nodata
@@ -429,8 +434,8 @@ def _read_whole_scene(layout: SceneLayout) -> Scene:
     for i, band in enumerate(layout.bands):
         with open_raster(band.path) as ds:
             dn = read_band(ds, band.index, band.path)
-        _reject_infinite(dn, band.path, band.name)
-        band_valid = _valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
+        reject_infinite(dn, band.path, band.name)
+        band_valid = valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
         values = band.scale.apply(dn)
         if layout.on_grid(band):
             data[i] = values

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
-from domains.input_guards import input_errors_named
-from domains.satellite.labels import read_label_raster
-from domains.satellite.scene import Scene, read_scene
+from domains.input_guards import check_readable, input_errors_named
+from domains.satellite.labels import LabelWindows
+from domains.satellite.scene import Scene, SceneLayout, describe_scales, inspect_scene
+from domains.satellite.strips import StripReader
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("water", "vegetation", "bare_or_built")
+# Stored values held by one strip of the scene (all channels, full width); a strip is at least one row of
+# tiles whatever this says, so memory follows the scene's width, never its height.
+STRIP_BYTES = 128 * 2**20
 
 
 def check_tiling(request: IngestRequest, shape: tuple[int, int], path: Path) -> None:
@@ -38,20 +44,11 @@ def check_tiling(request: IngestRequest, shape: tuple[int, int], path: Path) -> 
 
 
 def tile_scene(scene: Scene, labels: np.ndarray | None, request: IngestRequest) -> SampleSet:
-    """Cut a scene into square tiles labelled by majority class and grouped by spatial block.
+    """Cut a scene already in memory into square tiles labelled by majority class and grouped by spatial block.
 
-    Tiles of ``request.tile_size`` start every ``request.stride`` pixels from the top-left corner. A tile is
-    dropped, and counted under one reason in ``dropped``, when:
-
-    * ``straddles_block``: it covers pixels of two spatial blocks of ``request.block_size`` pixels. Keeping
-      every tile inside one block means no pixel is shared by two groups, so overlapping tiles
-      (``stride < tile_size``) cannot leak across a train/validation split;
-    * ``nodata``: more than ``request.max_nodata_fraction`` of its pixels are invalid in the scene;
-    * ``unlabelled``: a label raster was given but fewer than half of the tile's pixels carry a label.
-
-    Without a label raster every tile is kept with label -1. With one, a tile's label is the most
-    frequent class among its labelled pixels (ties go to the lower class id). Invalid pixels inside a
-    kept tile are filled with 0, and their labels are ignored.
+    Ingest reads scenes strip by strip instead (:func:`read_samples`); this whole-scene form is the
+    reference the streaming reader is tested against, and applies the same rules (see
+    :func:`select_tiles`). Invalid pixels inside a kept tile are filled with 0, and their labels are ignored.
 
     Args:
         scene: the scene, from :func:`~domains.satellite.scene.read_scene`.
@@ -59,107 +56,247 @@ def tile_scene(scene: Scene, labels: np.ndarray | None, request: IngestRequest) 
         request: tile geometry and class names.
 
     Returns:
-        The kept tiles with group ids ``"<scene_id>:block-<by>-<bx>"`` and provenance of the grid.
+        The kept tiles (float32, physical units) with group ids ``"<scene_id>:block-<by>-<bx>"`` and
+        provenance of the grid.
 
     Raises:
         DomainInputError: the geometry does not fit the scene, or a label is outside the class names.
     """
     class_names = tuple(request.class_names) if request.class_names else DEFAULT_CLASS_NAMES
     check_tiling(request, scene.shape, scene.path)
+    label_path = request.labels if request.labels is not None else scene.path
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64)
-        label_path = request.labels if request.labels is not None else scene.path
         if labels.shape != scene.shape:
             raise DomainInputError(label_path, f"labels have shape {labels.shape}, the scene grid is {scene.shape}")
-        top = int(labels.max()) if labels.size else -1
-        if top >= len(class_names):
-            raise DomainInputError(
-                label_path,
-                f"label value {top} is outside 0..{len(class_names) - 1} for classes {', '.join(class_names)}",
-            )
-        # Labels under invalid pixels describe pixels the model never sees.
-        labels = np.where(scene.valid, labels, -1)
-
-    size, stride, block = request.tile_size, request.stride, request.block_size
+        labels = checked_labels(labels, scene.valid, class_names, label_path)
+    size, stride = request.tile_size, request.stride
     height, width = scene.shape
-    pixels = size * size
-    scene_id = scene.scene_id
     dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
+    kept = select_tiles(scene.valid, labels, 0, list(range(0, height - size + 1, stride)), width, request,
+                        len(class_names), dropped)
+    images = np.zeros((len(kept), len(scene.channels), size, size), dtype=np.float32)
+    for i, (row, col, _) in enumerate(kept):
+        # scene.data is already 0 on invalid pixels, so a copy fills them.
+        images[i] = scene.data[:, row : row + size, col : col + size]
+    return SampleSet(
+        images=images,
+        labels=np.array([lab for _, _, lab in kept], dtype=np.int64),
+        groups=tile_groups(scene.scene_id, kept, request.block_size),
+        locations=np.array([(r, c) for r, c, _ in kept], dtype=np.int64).reshape(-1, 2),
+        source=str(scene.path),
+        channels=scene.channels,
+        class_names=class_names,
+        dropped=dropped,
+        provenance=scene_provenance(scene) | tiling_provenance(request, labels is not None),
+    )
+
+
+def checked_labels(labels: np.ndarray, valid: np.ndarray, class_names: tuple[str, ...], path: Path) -> np.ndarray:
+    """Labels with -1 under invalid pixels; a class id beyond ``class_names`` is refused, naming ``path``."""
+    top = int(labels.max()) if labels.size else -1
+    if top >= len(class_names):
+        raise DomainInputError(
+            path, f"label value {top} is outside 0..{len(class_names) - 1} for classes {', '.join(class_names)}"
+        )
+    # Labels under invalid pixels describe pixels the model never sees.
+    return np.where(valid, labels, -1)
+
+
+def select_tiles(
+    valid: np.ndarray,
+    labels: np.ndarray | None,
+    top: int,
+    rows: list[int],
+    width: int,
+    request: IngestRequest,
+    num_classes: int,
+    dropped: dict[str, int],
+) -> list[tuple[int, int, int]]:
+    """Decide which tiles starting on ``rows`` are kept, and their labels.
+
+    ``valid`` and ``labels`` cover grid rows ``top:`` (a strip, or the whole scene with ``top`` 0).
+    Tiles of ``request.tile_size`` start every ``request.stride`` pixels. A tile is dropped, and counted
+    in ``dropped`` under one reason, when:
+
+    * ``straddles_block``: it covers pixels of two spatial blocks of ``request.block_size`` pixels. Keeping
+      every tile inside one block means no pixel is shared by two groups, so overlapping tiles
+      (``stride < tile_size``) cannot leak across a train/validation split;
+    * ``nodata``: more than ``request.max_nodata_fraction`` of its pixels are invalid;
+    * ``unlabelled``: labels were given but fewer than half of the tile's pixels carry one.
+
+    Without labels every kept tile has label -1; with them, the most frequent class among its labelled
+    pixels (ties go to the lower class id).
+
+    Returns:
+        ``(row, col, label)`` of each kept tile on the scene grid, row by row.
+    """
+    size, stride, block = request.tile_size, request.stride, request.block_size
+    pixels = size * size
     kept: list[tuple[int, int, int]] = []
-    for row in range(0, height - size + 1, stride):
+    for row in rows:
+        local = row - top
         for col in range(0, width - size + 1, stride):
             if row // block != (row + size - 1) // block or col // block != (col + size - 1) // block:
                 dropped["straddles_block"] += 1
                 continue
-            invalid = pixels - int(np.count_nonzero(scene.valid[row : row + size, col : col + size]))
+            invalid = pixels - int(np.count_nonzero(valid[local : local + size, col : col + size]))
             if invalid / pixels > request.max_nodata_fraction:
                 dropped["nodata"] += 1
                 continue
             label = -1
             if labels is not None:
-                window = labels[row : row + size, col : col + size]
+                window = labels[local : local + size, col : col + size]
                 labelled = window[window >= 0]
                 if 2 * labelled.size < pixels:
                     dropped["unlabelled"] += 1
                     continue
-                label = int(np.bincount(labelled, minlength=len(class_names)).argmax())
+                label = int(np.bincount(labelled, minlength=num_classes).argmax())
             kept.append((row, col, label))
-
-    images = np.zeros((len(kept), len(scene.channels), size, size), dtype=np.float32)
-    for i, (row, col, _) in enumerate(kept):
-        # scene.data is already 0 on invalid pixels, so a copy fills them.
-        images[i] = scene.data[:, row : row + size, col : col + size]
-    locations = np.array([(r, c) for r, c, _ in kept], dtype=np.int64).reshape(-1, 2)
-    groups = np.array([f"{scene_id}:block-{r // block}-{c // block}" for r, c, _ in kept], dtype=str)
-    return SampleSet(
-        images=images,
-        labels=np.array([lab for _, _, lab in kept], dtype=np.int64),
-        groups=groups,
-        locations=locations,
-        source=str(scene.path),
-        channels=scene.channels,
-        class_names=class_names,
-        dropped=dropped,
-        provenance=scene_provenance(scene) | {
-            "tile_size": str(size),
-            "stride": str(stride),
-            "block_size": str(block),
-            "labels": str(request.labels) if labels is not None and request.labels is not None else "",
-        },
-    )
+    return kept
 
 
-def scene_provenance(scene: Scene) -> dict[str, str]:
-    """Small string facts about a scene's grid and units, stored with every dataset cut from it."""
-    epsg = scene.crs.to_epsg()
-    t = scene.transform
-    xres, yres = scene.resolution
+def tile_groups(scene_id: str, kept: list[tuple[int, int, int]], block: int) -> np.ndarray:
+    """Leakage group of each tile: the spatial block holding it, ``"<scene_id>:block-<by>-<bx>"``."""
+    return np.array([f"{scene_id}:block-{r // block}-{c // block}" for r, c, _ in kept], dtype=str)
+
+
+def tiling_provenance(request: IngestRequest, labelled: bool) -> dict[str, str]:
+    """The tile geometry and label file, stored with the dataset."""
     return {
-        "crs": f"EPSG:{epsg}" if epsg else scene.crs.to_wkt(),
-        "transform": ", ".join(f"{v!r}" for v in (t.a, t.b, t.c, t.d, t.e, t.f)),
-        "sensor": scene.sensor,
-        "scaling": scene.scaling,
-        "grid_shape": f"{scene.shape[0]}x{scene.shape[1]}",
-        "resolution": f"{xres:g}x{yres:g}",
-        "channels": ",".join(scene.band_names),
-        "valid_fraction": f"{scene.valid.mean():.4f}",
+        "tile_size": str(request.tile_size),
+        "stride": str(request.stride),
+        "block_size": str(request.block_size),
+        "labels": str(request.labels) if labelled and request.labels is not None else "",
     }
 
 
-def read_samples(request: IngestRequest) -> SampleSet:
-    """Read a scene and its optional label raster, then tile it (the domain's ingest reader).
+def grid_provenance(crs: Any, transform: Any, shape: tuple[int, int], sensor: str, scaling: str,
+                    channels: tuple[str, ...], valid_fraction: float) -> dict[str, str]:
+    """Small string facts about a scene's grid and units, stored with every dataset cut from it."""
+    epsg = crs.to_epsg()
+    t = transform
+    return {
+        "crs": f"EPSG:{epsg}" if epsg else crs.to_wkt(),
+        "transform": ", ".join(f"{v!r}" for v in (t.a, t.b, t.c, t.d, t.e, t.f)),
+        "sensor": sensor,
+        "scaling": scaling,
+        "grid_shape": f"{shape[0]}x{shape[1]}",
+        "resolution": f"{abs(t.a):g}x{abs(t.e):g}",
+        "channels": ",".join(channels),
+        "valid_fraction": f"{valid_fraction:.4f}",
+    }
+
+
+def scene_provenance(scene: Scene) -> dict[str, str]:
+    """Provenance of a scene read whole (see :func:`grid_provenance`)."""
+    return grid_provenance(scene.crs, scene.transform, scene.shape, scene.sensor, scene.scaling, scene.band_names,
+                           float(scene.valid.mean()))
+
+
+def strip_rows(request: IngestRequest, shape: tuple[int, int], channels: int, itemsize: int) -> list[list[int]]:
+    """Tile start rows grouped into strips that keep every tile whole.
+
+    A strip holds whole rows of tiles: ``k`` tile rows span ``(k - 1) * stride + tile_size`` grid rows
+    (overlapping tiles re-read ``tile_size - stride`` rows of the previous strip). ``k`` is the most that
+    fits :data:`STRIP_BYTES` of stored values, at least one, so memory follows the scene's width only.
+    """
+    height, width = shape
+    size, stride = request.tile_size, request.stride
+    starts = list(range(0, height - size + 1, stride))
+    budget_rows = STRIP_BYTES // max(1, channels * width * itemsize)
+    per_strip = max(1, (budget_rows - size) // stride + 1)
+    return [starts[i : i + per_strip] for i in range(0, len(starts), per_strip)]
+
+
+def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
+    """Read a scene and its optional label raster strip by strip and yield its tiles in bounded batches.
+
+    The scene and label headers are checked before this returns (so a bad file fails at once, naming
+    it); pixels are then read one strip at a time (:class:`~domains.satellite.strips.StripReader`), and
+    tiles are yielded as SampleSets of at most ``request.batch_samples`` tiles in the source's dtype with
+    each channel's ``scaling`` to physical units. Tiles, labels, groups and drop rules are those of
+    :func:`tile_scene`; every batch carries the drops counted since the previous one, and the last batch
+    (possibly empty) carries the scene's valid fraction.
 
     Args:
-        request: source scene, optional label raster, tile geometry, channels and sensor.
+        request: source scene, optional label raster, tile geometry, channels, sensor and batch size.
 
     Returns:
-        The tiles of the scene, see :func:`tile_scene`.
+        An iterator of SampleSets.
 
     Raises:
-        DomainInputError: the scene or label raster is bad, or the geometry does not fit.
+        DomainInputError: the scene or label raster is bad, or the geometry does not fit (raised by the
+            call for what headers show, by the iteration for what only pixels show).
     """
-    # One scene per ingest: whatever fails on a bad file becomes one error naming the source.
-    with input_errors_named(request.source):
-        scene = read_scene(request.source, channels=request.channels, sensor=request.sensor)
-        labels = read_label_raster(request.labels, scene) if request.labels is not None else None
-        return tile_scene(scene, labels, request)
+    source = check_readable(request.source, "any")
+    with input_errors_named(source):
+        layout = inspect_scene(source, request.channels, request.sensor, None)
+        check_tiling(request, layout.shape, layout.path)
+        if request.labels is not None:
+            # Opened here once only for its header checks: a bad label file fails before any pixel is read.
+            with LabelWindows(request.labels, layout.crs, layout.transform, layout.shape, layout.path.name):
+                pass
+    return _stream_tiles(layout, request)
+
+
+def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[SampleSet]:
+    class_names = tuple(request.class_names) if request.class_names else DEFAULT_CLASS_NAMES
+    size = request.tile_size
+    height, width = layout.shape
+    scene_id = layout.path.name if layout.path.is_dir() else layout.path.stem
+    channels = layout.channels
+    base_provenance = tiling_provenance(request, request.labels is not None)
+    with ExitStack() as stack:
+        stack.enter_context(input_errors_named(layout.path))
+        reader = stack.enter_context(StripReader(layout))
+        labels = (stack.enter_context(LabelWindows(request.labels, layout.crs, layout.transform, layout.shape,
+                                                   layout.path.name))
+                  if request.labels is not None else None)
+        strips = strip_rows(request, layout.shape, len(channels), reader.dtype.itemsize)
+        capacity = max(1, request.batch_samples)
+
+        def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str]) -> SampleSet:
+            return SampleSet(
+                images=images,
+                labels=np.array([lab for _, _, lab in kept], dtype=np.int64),
+                groups=tile_groups(scene_id, kept, request.block_size),
+                locations=np.array([(r, c) for r, c, _ in kept], dtype=np.int64).reshape(-1, 2),
+                source=str(layout.path), channels=channels, class_names=class_names, dropped=dropped,
+                provenance=provenance, scaling=reader.scaling,
+            )
+
+        images = np.empty((capacity, len(channels), size, size), dtype=reader.dtype)
+        kept: list[tuple[int, int, int]] = []
+        dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
+        valid_pixels_seen = 0
+        for index, rows in enumerate(strips):
+            top = rows[0]
+            last = index == len(strips) - 1
+            # The last strip runs to the bottom edge so that the valid fraction covers the whole grid.
+            bottom = height if last else rows[-1] + size
+            raw, valid = reader.read_rows(top, bottom)
+            counted_until = bottom if last else strips[index + 1][0]
+            valid_pixels_seen += int(np.count_nonzero(valid[: counted_until - top]))
+            strip_labels = None
+            if labels is not None:
+                label_path = request.labels if request.labels is not None else layout.path
+                strip_labels = checked_labels(labels.read_rows(top, bottom), valid, class_names, label_path)
+            for row, col, label in select_tiles(valid, strip_labels, top, rows, width, request, len(class_names),
+                                                dropped):
+                images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
+                kept.append((row, col, label))
+                if len(kept) == capacity:
+                    yield batch(images, kept, dropped, base_provenance)
+                    images = np.empty_like(images)
+                    kept = []
+                    dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
+            del raw, valid, strip_labels
+        if valid_pixels_seen == 0:
+            raise DomainInputError(layout.path, "holds no valid pixel: every pixel is nodata in at least one band")
+        provenance = grid_provenance(
+            layout.crs, layout.transform, layout.shape, layout.sensor.name,
+            describe_scales(channels, layout.scales), tuple(c.name for c in channels),
+            valid_pixels_seen / (height * width),
+        ) | base_provenance
+        yield batch(images[: len(kept)].copy(), kept, dropped, provenance)

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from domains import LABEL_RANKS, DomainSpec, IngestRequest, PredictionRequest, domain_names, get_domain, labelled_samples, registry
+from domains import (LABEL_RANKS, DomainSpec, IngestRequest, PredictionRequest, SampleSet, domain_names, get_domain,
+                     labelled_samples, registry)
 
 DOMAINS = domain_names()
 
@@ -42,13 +43,19 @@ def test_spec_is_complete(name):
 def test_example_reads_into_a_valid_labelled_sample_set(name, tmp_path):
     spec = get_domain(name)
     example = spec.write_example(tmp_path)
-    samples = spec.read_samples(IngestRequest(source=example["source"], labels=example.get("labels"),
-                                              tile_size=8, stride=8, block_size=16))
-    assert samples.images.dtype == np.float32 and samples.images.shape[1] == len(samples.channels)
-    assert np.isfinite(samples.images).all()
-    assert labelled_samples(samples.labels).all() and samples.labels.max() < len(samples.class_names)
-    assert samples.labels.ndim == LABEL_RANKS[samples.task or spec.task]
-    assert len(set(samples.groups.tolist())) >= 3
+    read = spec.read_samples(IngestRequest(source=example["source"], labels=example.get("labels"),
+                                           tile_size=8, stride=8, block_size=16))
+    # A reader returns one SampleSet or streams bounded batches (possibly in the source dtype).
+    batches = [read] if isinstance(read, SampleSet) else list(read)
+    samples = batches[0]
+    images = np.concatenate([b.physical() for b in batches])
+    labels = np.concatenate([b.labels for b in batches])
+    groups = np.concatenate([np.asarray(b.groups) for b in batches])
+    assert images.shape[1] == len(samples.channels)
+    assert np.isfinite(images).all()
+    assert labelled_samples(labels).all() and labels.max() < len(samples.class_names)
+    assert labels.ndim == LABEL_RANKS[samples.task or spec.task]
+    assert len(set(groups.tolist())) >= 3
 
 
 @pytest.mark.parametrize("name", DOMAINS)
