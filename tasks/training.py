@@ -7,21 +7,39 @@ resumes from the newest checkpoint whose fingerprint matches the run's settings,
 fine-tune picks up where it stopped. Checkpoints are written under a temporary name and renamed into
 place, so a run killed mid-write leaves the previous epoch's checkpoint, never a truncated one.
 
+Data is read lazily: a torch ``Dataset`` reads one sample of a split at a time and a ``DataLoader``
+(optional worker processes) batches them, so no split is ever held in memory whole. Every random draw
+of the data path (the epoch's order, class-balanced draws, each sample's flip/rotation) is made in the
+main process from a generator seeded by (seed, epoch): the numbers do not depend on the worker count,
+and a resumed run draws what the uninterrupted one drew.
+
+Devices, mixed precision and multi-process (DDP) training come from Lightning Fabric. Fabric rather
+than HF Accelerate because it leaves this loop as it is (we keep our own steps, checkpoints and
+resume logic instead of handing them to a trainer), names devices, precision and strategy as explicit
+objects that map one-to-one onto :class:`TrainParams`, launches DDP by spawning processes from a
+function (so a library call or a test can train on several processes without a launcher script), and
+runs gloo DDP on CPU, which the two-process test uses. ``lightning-fabric`` alone is installed, not
+the whole Lightning trainer.
+
 Reproducibility: :func:`fit` pins the seed, deterministic kernels and the thread count
-(:mod:`tasks.reproducibility`); callers that build a model first pin them before building it.
+(:mod:`tasks.reproducibility`); callers that build a model first pin them before building it. The
+bitwise guarantee holds on CPU in one process; several processes or a GPU round sums differently.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import pickle
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tasks.atomic_files import atomic_path, remove_partials
-from tasks.dataset import Dataset
+from tasks.dataset import Dataset, Split
 from tasks.evaluation import score_outputs
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
 from tasks.request_errors import RequestError
@@ -63,6 +81,24 @@ class TrainParams(BaseModel):
                                      "seed, data, threads and library versions give bitwise-identical weights; "
                                      "another thread count rounds sums differently")
     resume: bool = Field(True, description="Resume from the newest matching checkpoint in the work folder")
+    balance_classes: bool = Field(False, description="Draw training samples so rare classes are seen as often as "
+                                                     "common ones (with replacement; classification by inverse class "
+                                                     "frequency, multilabel by the sample's rarest finding; not "
+                                                     "offered for segmentation)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train: auto picks a CUDA GPU, then Apple's MPS, then the CPU")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="Arithmetic: 32-bit floats (reproducible), or bfloat16/float16 autocast (faster on "
+                          "recent GPUs and CPUs with bf16 support; float16 needs a CUDA GPU)")
+    grad_accumulation: int = Field(1, ge=1, le=256, description="Split each optimisation step into this many "
+                                                                "micro-batches to save memory; the step still "
+                                                                "sees batch_size samples")
+    num_workers: int = Field(0, ge=0, le=64, description="Worker processes reading samples in the background "
+                                                         "(0 reads in the training process); results do not "
+                                                         "depend on it")
+    processes: int = Field(1, ge=1, le=64, description="Training processes (distributed data parallel); 1 trains "
+                                                       "in this process. On CPU they share the machine's cores, "
+                                                       "on CUDA each takes one GPU")
 
 
 @dataclass
@@ -74,6 +110,8 @@ class FitResult:
     best_epoch: int
     resumed_from_epoch: int = 0
     checkpoints: list[Path] = field(default_factory=list)
+    rank_digests: list[str] = field(default_factory=list)
+    """SHA-256 of the final parameters on every training process (one entry when not distributed)."""
 
     @property
     def best_metrics(self) -> dict[str, float]:
@@ -136,8 +174,13 @@ def _dihedral(batch: torch.Tensor, index: int) -> torch.Tensor:
     return torch.rot90(batch, turns, dims=(-2, -1)) if turns else batch
 
 
+def _read_batch(images: Sequence, start: int, size: int) -> torch.Tensor:
+    """Rows ``start:start+size`` of an array or lazy array, as a float32 tensor of their own."""
+    return torch.from_numpy(np.array(images[start:start + size], dtype=np.float32, copy=True))
+
+
 @torch.inference_mode()
-def cache_teacher_logits(teacher: nn.Module, images: np.ndarray, flips: bool = True, batch_size: int = 128) -> np.ndarray:
+def cache_teacher_logits(teacher: nn.Module, images: Sequence, flips: bool = True, batch_size: int = 128) -> np.ndarray:
     """Teacher logits computed once for every augmented view (TinyViT-style cached distillation).
 
     Returns (8, N, ...) for the 8 flip/rotation views the training loop draws from, or (1, N, ...)
@@ -145,19 +188,18 @@ def cache_teacher_logits(teacher: nn.Module, images: np.ndarray, flips: bool = T
     """
     teacher = teacher.eval()
     views = range(DIHEDRAL_TRANSFORMS if flips else 1)
-    tensor = torch.from_numpy(images)
     return np.stack([
-        np.concatenate([teacher(_dihedral(tensor[i:i + batch_size], view)).float().numpy()
+        np.concatenate([teacher(_dihedral(_read_batch(images, i, batch_size), view)).float().numpy()
                         for i in range(0, len(images), batch_size)])
         for view in views])
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Logits of ``model`` on ``images`` (N, C, H, W), in eval mode."""
+def predict_logits(model: nn.Module, images: Sequence, batch_size: int = 128) -> np.ndarray:
+    """Logits of ``model`` on ``images`` (N, C, H, W; an array or a lazy split array read in batches), in eval mode."""
     was_training = model.training
     model.eval()
-    outputs = [model(torch.from_numpy(images[i:i + batch_size])).float().numpy()
+    outputs = [model(_read_batch(images, i, batch_size)).float().numpy()
                for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return np.concatenate(outputs, axis=0)
@@ -272,8 +314,10 @@ def check_training_memory(model: nn.Module, batch_size: int, sample_shape: tuple
 
 
 def _fingerprint(params: TrainParams, dataset_digest: str, model_key: str) -> str:
-    # Threads change float rounding, not what is trained: a run may resume on another thread count.
-    payload = params.model_dump(exclude={"resume", "epochs", "threads"})
+    # Threads, processes, accumulation and the device change float rounding, not what is trained, and
+    # workers change nothing: a run may resume with other values of these.
+    payload = params.model_dump(exclude={"resume", "epochs", "threads", "num_workers", "device", "processes",
+                                         "grad_accumulation"})
     payload.update(dataset=dataset_digest, model=model_key)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -309,12 +353,207 @@ def _newest_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     return None
 
 
+
+
+# --- the data path --------------------------------------------------------------------------------------
+
+
+class SplitSamples(torch.utils.data.Dataset):
+    """One split's samples, read one at a time: the key ``(index, view)`` gives the sample under one of
+    the 8 flips/rotations, with its label (transformed alike for segmentation) and, when distilling,
+    the teacher's cached logits for that very view."""
+
+    def __init__(self, split: Split, task: str, teacher_logits: np.ndarray | None = None):
+        self.split = split
+        self.task = task
+        self.teacher_logits = teacher_logits
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        index, view = key if isinstance(key, tuple) else (key, 0)
+        # A copy of its own: the split may be a read-only memory map, and collation stacks it anyway.
+        image = torch.from_numpy(np.array(self.split.images[index], dtype=np.float32, copy=True))
+        label = torch.as_tensor(np.array(self.split.labels[index], copy=True))
+        if view:
+            image = _dihedral(image, view)
+            if self.task == "segmentation":
+                label = _dihedral(label, view)
+        if self.teacher_logits is None:
+            return image, label
+        return image, label, torch.from_numpy(np.array(self.teacher_logits[view, index], copy=True))
+
+
+BALANCEABLE_TASKS = ("classification", "multilabel")
+
+
+def balanced_sample_weights(labels: np.ndarray, task: str) -> np.ndarray:
+    """Per-sample drawing weights that give every class (or finding) about the same share of draws.
+
+    Classification: inverse class frequency. Multilabel: the inverse frequency of the sample's rarest
+    positive finding, samples without any finding counting as one more group. Segmentation is refused:
+    a tile holds several classes, so balancing tiles does not balance pixels (use the focal objective).
+
+    Raises:
+        RequestError: the task is segmentation.
+    """
+    labels = np.asarray(labels)
+    if task == "classification":
+        counts = np.bincount(labels.clip(min=0), minlength=int(labels.max()) + 1)
+        return (1.0 / counts[labels.clip(min=0)]).astype(np.float64)
+    if task == "multilabel":
+        positive = labels > 0
+        finding_counts = positive.sum(axis=0)
+        none_count = max(int((~positive.any(axis=1)).sum()), 1)
+        inverse = np.where(positive, 1.0 / np.maximum(finding_counts, 1)[None, :], 0.0)
+        return np.where(positive.any(axis=1), inverse.max(axis=1), 1.0 / none_count)
+    raise RequestError(f"balance_classes is not offered for {task} (a tile holds several classes, so balancing "
+                       "tiles does not balance pixels); turn it off or use the focal objective")
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The micro-batches of ``(index, view)`` keys one process trains on in one epoch.
+
+    Each optimisation step takes ``batch_size`` keys of the epoch's order and splits them into
+    ``processes x accumulation`` near-equal parts; this process gets its ``accumulation`` parts. The order
+    (a permutation, or weighted draws with replacement) and the views come from a generator seeded by
+    (seed, epoch), so every process and every resumed run sees the same plan.
+    """
+
+    def __init__(self, size: int, batch_size: int, accumulation: int, rank: int, processes: int, seed: int,
+                 flips: bool, weights: np.ndarray | None = None):
+        self.size, self.batch_size, self.accumulation = size, batch_size, accumulation
+        self.rank, self.processes, self.seed, self.flips = rank, processes, seed, flips
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps * self.accumulation
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            drawn = torch.utils.data.WeightedRandomSampler(self.weights, self.size, replacement=True,
+                                                           generator=generator)
+            order = torch.tensor(list(drawn), dtype=torch.int64)
+        views = (torch.randint(0, DIHEDRAL_TRANSFORMS, (self.size,), generator=generator) if self.flips
+                 else torch.zeros(self.size, dtype=torch.int64))
+        parts_per_step = self.processes * self.accumulation
+        mine = slice(self.rank * self.accumulation, (self.rank + 1) * self.accumulation)
+        for step in range(self.steps):
+            window = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            keys = list(zip(order[window].tolist(), views[window].tolist()))
+            if len(keys) < parts_per_step:
+                # A short last step: repeat keys so every process runs the same number of backward passes.
+                keys = [keys[i % len(keys)] for i in range(parts_per_step)]
+            for chunk in np.array_split(np.arange(len(keys)), parts_per_step)[mine]:
+                yield [keys[i] for i in chunk]
+
+
+def _seed_worker(worker_id: int, seed: int) -> None:
+    """Worker processes draw nothing the numbers depend on; seed them anyway and keep them to one thread
+    each, so readers do not compete with the training threads for cores."""
+    random.seed(seed + worker_id)
+    np.random.seed((seed + worker_id) % 2**32)
+    torch.set_num_threads(1)
+
+
+def _loader(samples: SplitSamples, params: TrainParams, pin_memory: bool,
+            batch_sampler: EpochBatches | None = None, batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    workers = params.num_workers
+    options: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
+                                   generator=torch.Generator().manual_seed(params.seed))
+    if workers > 0:
+        options.update(persistent_workers=True, worker_init_fn=functools.partial(_seed_worker, seed=params.seed))
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(samples, batch_sampler=batch_sampler, **options)
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, **options)
+
+
+# --- devices and processes ------------------------------------------------------------------------------
+
+
+FABRIC_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+def select_device(requested: str) -> str:
+    """The device to train on: ``auto`` picks CUDA, then MPS, then the CPU; an explicit choice is checked.
+
+    Raises:
+        RequestError: the requested device is not usable on this machine.
+    """
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested == "cuda" and not cuda:
+        raise RequestError("device 'cuda' was requested but this machine has no usable CUDA GPU "
+                           f"(torch {torch.__version__} sees none); choose device 'auto' or 'cpu'")
+    if requested == "mps" and not mps:
+        raise RequestError("device 'mps' was requested but Apple's Metal backend is not available here; "
+                           "choose device 'auto' or 'cpu'")
+    return requested
+
+
+def build_fabric(params: TrainParams):
+    """A Lightning Fabric for the requested device, precision and number of processes.
+
+    Raises:
+        RequestError: a combination this machine cannot run (float16 autocast without CUDA, more
+            processes than GPUs, DDP on MPS).
+    """
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    device = select_device(params.device)
+    if params.precision == "16-mixed" and device != "cuda":
+        # Fabric would silently switch to bf16; say so instead, the user asked for float16.
+        raise RequestError(f"precision '16-mixed' needs a CUDA GPU (training on {device}); use 'bf16-mixed' or '32'")
+    if params.processes > 1 and device == "mps":
+        raise RequestError("several training processes are not supported on MPS; set processes to 1")
+    if device == "cuda" and params.processes > torch.cuda.device_count():
+        raise RequestError(f"processes={params.processes} needs as many GPUs, but {torch.cuda.device_count()} "
+                           "are visible; lower processes")
+    if params.processes == 1:
+        strategy: Any = "auto"
+    else:
+        # spawn, not fork: safe with CUDA and with the threads a Prefect worker runs; gloo is the CPU backend.
+        strategy = DDPStrategy(start_method="spawn", process_group_backend="nccl" if device == "cuda" else "gloo")
+    return Fabric(accelerator=device, devices=params.processes, strategy=strategy,
+                  precision=FABRIC_PRECISION[params.precision])
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers, by name: equal digests mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
 def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path, model_key: str,
         on_epoch: EpochCallback | None = None, teacher_logits: np.ndarray | None = None) -> FitResult:
     """Train ``model`` on the dataset's train split, validate each epoch, keep the best weights.
 
     The dataset's task decides the loss and the validation score that picks the best epoch (macro-F1
-    for classification, macro AUROC for multilabel, foreground IoU for segmentation).
+    for classification, macro AUROC for multilabel, foreground IoU for segmentation). With
+    ``params.processes > 1`` the work runs in that many spawned DDP processes; only the first writes
+    checkpoints and calls ``on_epoch`` (which must then be picklable), and ``model`` receives the
+    trained weights, checked equal on every process.
 
     Args:
         model: a module mapping (N, C, H, W) physical-unit images to logits ((N, K), or (N, K, H, W)
@@ -326,24 +565,63 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
         on_epoch: called as ``on_epoch(epoch, total_epochs, metrics)`` after every epoch.
         teacher_logits: for ``objective="distillation"``, the output of :func:`cache_teacher_logits`
             on the train split's images (with ``flips`` matching ``params.flip_augment``).
+
+    Raises:
+        RequestError: no training split, a device or precision this machine lacks, a batch that
+            cannot be split over the processes and accumulation steps, or a step that cannot fit in memory.
     """
     if "train" not in dataset.splits:
         raise RequestError(f"{dataset.path}: dataset has no labelled training split")
     train = dataset.splits["train"]
-    val = dataset.splits.get("val", train)
-    class_names = dataset.info.class_names
-    task = dataset.info.task
     if params.objective == "distillation":
         expected_views = DIHEDRAL_TRANSFORMS if params.flip_augment else 1
         if teacher_logits is None or teacher_logits.shape[:2] != (expected_views, len(train)):
             got = None if teacher_logits is None else teacher_logits.shape
             raise ValueError(f"distillation needs cached teacher logits of shape ({expected_views}, {len(train)}, ...) "
                              f"for the train split, got {got}")
-    check_training_memory(model, params.batch_size, train.images.shape[1:], task)
-    pin_determinism(params.seed, params.threads)
-    generator = torch.Generator().manual_seed(params.seed)
+    parts = params.processes * params.grad_accumulation
+    if params.batch_size < parts:
+        raise RequestError(f"batch_size {params.batch_size} cannot be split over {params.processes} processes x "
+                           f"{params.grad_accumulation} accumulation steps; raise batch_size or lower those")
+    if params.balance_classes and dataset.info.task not in BALANCEABLE_TASKS:
+        balanced_sample_weights(np.zeros(0), dataset.info.task)  # refuses with the reason, before any work
+    # The guard judges one micro-batch: that is what a forward/backward pass holds at once.
+    check_training_memory(model, math.ceil(params.batch_size / parts), tuple(train.images.shape[1:]), dataset.info.task)
+    fabric = build_fabric(params)
+    if fabric.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    remove_partials(checkpoint_dir)  # a killed run's unfinished checkpoint write
+    outcome = fabric.launch(_train_process, model, dataset, params, checkpoint_dir, model_key, on_epoch,
+                            teacher_logits)
+    if len(set(outcome["rank_digests"])) != 1:
+        raise RuntimeError(f"training processes ended with different weights: {outcome['rank_digests']}")
+    model.to("cpu")
+    model.load_state_dict(outcome["state"])
+    model.eval()
+    return FitResult(model=model, history=outcome["history"], best_epoch=outcome["best_epoch"],
+                     resumed_from_epoch=outcome["start_epoch"], checkpoints=outcome["checkpoints"],
+                     rank_digests=outcome["rank_digests"])
+
+
+def _gather_digests(fabric, model: nn.Module) -> list[str]:
+    """Every process's weight digest, in rank order (the SHA-256 travels as four int64 words)."""
+    own = torch.from_numpy(np.frombuffer(bytes.fromhex(state_digest(model)), dtype=np.int64).copy())
+    gathered = fabric.all_gather(fabric.to_device(own)).cpu()
+    rows = gathered.reshape(-1, own.numel())
+    return [row.numpy().tobytes().hex() for row in rows]
+
+
+def _train_process(fabric, model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path,
+                   model_key: str, on_epoch: EpochCallback | None, teacher_logits: np.ndarray | None) -> dict:
+    """The loop itself, run once per process; returns (from rank 0) what :func:`fit` needs."""
+    train = dataset.splits["train"]
+    val = dataset.splits.get("val", train)
+    class_names = dataset.info.class_names
+    task = dataset.info.task
+    pin_determinism(params.seed, params.threads)
+    if fabric.is_global_zero:
+        remove_partials(checkpoint_dir)  # a killed run's unfinished checkpoint write
+    fabric.barrier()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
@@ -369,39 +647,48 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
         if "torch_rng" in state:  # dropout and other layers draw from torch's global generator
             torch.set_rng_state(state["torch_rng"])
         history, best_score, best_epoch, best_state = state["history"], state["best_score"], state["best_epoch"], state["best_state"]
         start_epoch = state["epoch"]
         log.info("resuming from %s (epoch %d of %d)", resume_path.name, start_epoch, params.epochs)
 
-    labels_all = torch.from_numpy(train.labels)
-    images_all = torch.from_numpy(train.images)
-    teacher_all = torch.from_numpy(teacher_logits) if params.objective == "distillation" else None
+    weights = balanced_sample_weights(np.asarray(train.labels[:]), task) if params.balance_classes else None
+    batches = EpochBatches(len(train), params.batch_size, params.grad_accumulation, fabric.global_rank,
+                           fabric.world_size, params.seed, params.flip_augment, weights)
+    pin_memory = fabric.device.type == "cuda"
+    distilling = params.objective == "distillation"
+    train_loader = _loader(SplitSamples(train, task, teacher_logits if distilling else None), params, pin_memory,
+                           batch_sampler=batches)
+    micro_size = math.ceil(params.batch_size / (fabric.world_size * params.grad_accumulation))
+    val_loader = _loader(SplitSamples(val, task), params, pin_memory, batch_size=max(micro_size, 64))
+    fabric_model, fabric_optimizer = fabric.setup(model, optimizer)
+
     for epoch in range(start_epoch + 1, params.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train), generator=generator)
+        fabric_model.train()
+        batches.set_epoch(epoch)
         running_loss, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            index = order[step * params.batch_size:(step + 1) * params.batch_size]
-            batch, labels = images_all[index], labels_all[index]
-            view = int(torch.randint(0, DIHEDRAL_TRANSFORMS, (1,), generator=generator).item()) if params.flip_augment else 0
-            batch = _dihedral(batch, view)
-            if task == "segmentation":
-                labels = _dihedral(labels, view)
-            teacher = teacher_all[view][index] if teacher_all is not None else None
-            loss = _loss(params, task, model(batch), labels, teacher)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        micro_batches = iter(train_loader)
+        for _ in range(steps_per_epoch):
+            parts = [fabric.to_device(next(micro_batches)) for _ in range(params.grad_accumulation)]
+            step_samples = sum(len(part[1]) for part in parts)
+            fabric_optimizer.zero_grad(set_to_none=True)
+            for k, part in enumerate(parts):
+                images, labels = part[0], part[1]
+                teacher = part[2] if distilling else None
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                with fabric.no_backward_sync(fabric_model, enabled=k < len(parts) - 1):
+                    loss = _loss(params, task, fabric_model(images), labels, teacher)
+                    # Weighted by its share of the step, the sum of micro-batch gradients is the step's mean.
+                    fabric.backward(loss * (len(labels) / step_samples))
+                running_loss += float(loss.detach()) * len(labels)
+                seen += len(labels)
+            fabric_optimizer.step()
             scheduler.step()
-            running_loss += float(loss.detach()) * len(index)
-            seen += len(index)
-        val_logits = predict_logits(model, val.images)
-        val_report = score_outputs(task, val.labels, val_logits, class_names)
-        val_loss = float(_task_loss(task, "cross-entropy", torch.from_numpy(val_logits), torch.from_numpy(val.labels), 0.0))
+        val_logits, val_labels = _predict_split(fabric, fabric_model, val_loader)
+        val_report = score_outputs(task, val_labels, val_logits, class_names)
+        val_loss = float(_task_loss(task, "cross-entropy", torch.from_numpy(val_logits), torch.from_numpy(val_labels), 0.0))
         metrics = {
             "train_loss": running_loss / max(seen, 1),
             "val_loss": val_loss,
@@ -413,20 +700,36 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
         score = val_report.selection if math.isfinite(val_report.selection) else -1.0
         if score > best_score or best_state is None:
             best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         path = checkpoint_dir / f"epoch-{epoch:03d}.pt"
-        with atomic_path(path) as partial:
-            torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                        "history": history, "best_score": best_score, "best_epoch": best_epoch,
-                        "best_state": best_state}, partial)
+        if fabric.is_global_zero:
+            with atomic_path(path) as partial:
+                torch.save({"fingerprint": fingerprint, "epoch": epoch,
+                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "sampler_seed": params.seed, "torch_rng": torch.get_rng_state(),
+                            "history": history, "best_score": best_score, "best_epoch": best_epoch,
+                            "best_state": best_state}, partial)
+            if on_epoch is not None:
+                on_epoch(epoch, params.epochs, metrics)
         checkpoints.append(path)
-        if on_epoch is not None:
-            on_epoch(epoch, params.epochs, metrics)
+        fabric.barrier()
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
+            "best_epoch": best_epoch, "start_epoch": start_epoch, "checkpoints": checkpoints,
+            "rank_digests": _gather_digests(fabric, model)}
+
+
+@torch.inference_mode()
+def _predict_split(fabric, model: nn.Module, loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of a whole split, read batch by batch (every process scores the whole split, so
+    all of them pick the same best epoch)."""
     model.eval()
-    return FitResult(model=model, history=history, best_epoch=best_epoch, resumed_from_epoch=start_epoch,
-                     checkpoints=checkpoints)
+    logits, labels = [], []
+    for images, batch_labels in loader:
+        logits.append(model(fabric.to_device(images)).float().cpu().numpy())
+        labels.append(batch_labels.numpy())
+    model.train()
+    return np.concatenate(logits), np.concatenate(labels)

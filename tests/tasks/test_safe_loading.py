@@ -87,7 +87,7 @@ def test_checkpoints_of_every_task_type_read_with_weights_only(tmp_path: Path, m
     result = fit(new_model(data), data, TrainParams(**{**FAST_TRAIN, "epochs": 1}), tmp_path / "ck", "tiny-vit")
     state = read_checkpoint(result.checkpoints[0])
     assert state["history"] == result.history and state["best_epoch"] == 1
-    assert {"model", "optimizer", "scheduler", "generator", "best_state"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "torch_rng", "best_state"} <= set(state)
 
 
 # --- registered reference models ---------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_a_registered_reference_model_round_trips_bitwise(reference_uri: str, tr
     tracking.set_alias("safe-reference", "champion", version)
     uri = "models:/safe-reference@champion"
     assert tracking.model_flavor(uri) == ("pytorch", model_metadata)
-    images = dataset.splits["test"].images
+    images = dataset.splits["test"].images[:]  # a small split, read whole
     expected = predict_logits(trained_model, images)
     np.testing.assert_array_equal(predict_logits(tracking.load_reference_model(uri), images), expected)
     # Still a working MLflow model for serving outside Vitrail (this runs the stored code file: ours).

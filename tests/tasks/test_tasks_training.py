@@ -41,7 +41,7 @@ def test_fit_writes_one_checkpoint_per_epoch(trained) -> None:
     assert all(p.is_file() for p in trained.checkpoints)
     state = torch.load(trained.checkpoints[-1], map_location="cpu", weights_only=True)  # plain tensors and values
     assert state["epoch"] == FAST_TRAIN["epochs"] and len(state["history"]) == FAST_TRAIN["epochs"]
-    assert {"model", "optimizer", "scheduler", "generator", "fingerprint"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "torch_rng", "fingerprint"} <= set(state)
 
 
 def test_on_epoch_is_called_after_every_epoch(tmp_path: Path, dataset) -> None:
