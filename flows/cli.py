@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p)
     p.add_argument("--epochs", type=int, help="training epochs")
     _overrides_arg(p)
+    p = verbs.add_parser("dataset", help="inspect a dataset (verify every chunk against its digest)",
+                         description="Work on a written dataset, at a local folder or an fsspec URL (s3://...).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("verify", help="check the manifest and every chunk against the dataset digest",
+                               description="Read every chunk and the manifest of a dataset and check them against "
+                                           "their digests; print one line, or exit 2 naming the first problem.")
+    check.add_argument("location", metavar="DIR_OR_URL", help="dataset folder or URL (e.g. s3://bucket/prefix)")
+
     p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
                          description="Benchmarks measure variants side by side in one run on this machine and "
                                      "print ratios; they are not tests. Known: compression, onboard.")
@@ -277,6 +285,11 @@ def run(args: argparse.Namespace) -> int:
             payload["train"] = {"epochs": args.epochs}
         receipt = pipeline(PipelineParams(**_apply_overrides(payload, overrides)))
         _print_receipt(receipt)
+        return 0
+    if args.verb == "dataset":
+        from tasks.dataset import verify_dataset
+
+        print(verify_dataset(args.location).line())
         return 0
     if args.verb == "bench":
         from tasks.benchmarks import load_benchmark

@@ -1,23 +1,38 @@
-"""Versioned, leakage-free datasets: a manifest plus content-addressed shards, with one digest.
+"""Versioned, leakage-free datasets: a manifest plus content-addressed chunks, with one digest.
 
-On disk a dataset is a folder::
+A dataset lives in a folder or under an fsspec URL prefix (``s3://bucket/prefix``)::
 
-    dataset.json       metadata: digest, domain, task, channels, classes, geometry, normalisation, counts
+    dataset.json       metadata: digest, domain, task, channels, classes, geometry, normalisation, counts,
+                       stored dtype, per-channel scaling and the SHA-256 of every chunk (written last)
     quarantine.json    files or series of the source left out, each with its reason (may be empty)
-    manifest.parquet   one row per sample: id, shard, index in shard, label shard, source, row, col,
-                       label, group, split
-    shards/<sha>.npy   float32 (n, C, H, W) image stacks, named by the SHA-256 of their bytes; for
-                       multilabel (n, K) int8 and segmentation (n, H, W) int16 tasks, label stacks too
+    manifest.parquet   one row per sample: sample_id, index (into the arrays), source, row, col, label,
+                       group, split
+    zarr.json, images/ a zarr v3 group; ``images`` is (N, C, H, W) in the source's dtype (uint8, uint16,
+                       int16, ...; float32 when the reader gives physical values), chunked along N and
+                       compressed (see :mod:`tasks.dataset_store` for why zarr)
+    labels/            (N, K) int8 for multilabel, (N, H, W) int16 for segmentation tasks
 
-For classification the manifest's ``label`` column is the class id; for the other tasks it is 1 for a
-labelled sample and -1 for an unlabelled one, and the labels themselves live in the label shards.
+Pixels are stored as the source holds them and turned into physical units (``raw * scale + offset``
+per channel) when read. For classification the manifest's ``label`` column is the class id; for the
+other tasks it is 1 for a labelled sample and -1 for an unlabelled one, and the labels live in ``labels``.
 
-Splits are assigned per leakage group (spatial block, patient, slide), never per sample, and the
-"no group in two splits" invariant is asserted both when writing and when loading.
+The writer takes a reader's stream of batches and appends them chunk by chunk: its memory is one batch
+plus one chunk buffer, whatever the size of the source. Per-group channel sums are kept as it goes,
+so the training split's normalisation statistics come out at the end without rereading any pixels.
+Splits are assigned per leakage group (spatial block, patient, slide), never per sample, once every
+group is known; the "no group in two splits" invariant is asserted both when writing and when loading.
 
-A dataset is written into a hidden sibling folder (``.<name>.partial-<pid>-<token>``) and renamed into
-place only once complete, so a killed ingest never leaves a half-written dataset where a later stage
-would read it; the next write sweeps the leftovers of writers that are no longer running.
+Reading is lazy (:func:`load_dataset`): a split's images are a :class:`tasks.dataset_store.LazySamples`
+that decodes chunks on demand and checks each chunk's digest the first time it is read;
+:func:`verify_dataset` (``vitrail dataset verify``) checks everything at once.
+
+Crash safety: a local dataset is written into a hidden sibling folder (``.<name>.partial-<pid>-<token>``)
+and renamed into place only once complete, so a killed ingest never leaves a half-written dataset where
+a later stage would read it; the next write sweeps the leftovers of writers that are no longer running.
+Object stores cannot rename a prefix atomically, so there the writer marks the prefix as being written,
+writes ``dataset.json`` last, and a prefix without ``dataset.json`` is never read as a dataset.
+
+Datasets of format 2 (float32 ``.npy`` shards) are not read: re-ingest the source (the message says so).
 """
 
 from __future__ import annotations
@@ -27,30 +42,49 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, model_validator
 
-from domains import LABEL_RANKS, Channel, IngestRequest, SampleSet, get_domain, labelled_samples
+from domains import (
+    LABEL_RANKS,
+    Channel,
+    IngestRequest,
+    SampleSet,
+    get_domain,
+    labelled_samples,
+)
 from domains.confinement import ensure_inside
 from domains.spec import printable_path
+from tasks.dataset_store import (
+    ChunkedArrayWriter,
+    ChunkSource,
+    DatasetError,
+    DatasetFiles,
+    LazySamples,
+    chunk_samples_for,
+    is_url,
+)
 
 SPLITS = ("train", "val", "test")
-SHARD_SAMPLES = 2048
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LABEL_DTYPES = {"multilabel": np.int8, "segmentation": np.int16}
 QUARANTINE_FILE = "quarantine.json"
 PARTIAL_MARK = ".partial-"
 _REPLACED_MARK = ".replaced-"
-
-
-class DatasetError(ValueError):
-    """A dataset on disk is missing, corrupt or violates an invariant."""
+# On an object store: present while a writer fills the prefix (a rename there is not atomic).
+WRITING_MARK = ".vitrail-writing"
+MANIFEST_COLUMNS = ("sample_id", "index", "source", "row", "col", "label", "group", "split")
+# Dtypes a reader may store samples in when it records their scaling (float16 only if the loss is known).
+STORED_DTYPES = ("uint8", "uint16", "int16", "int8", "uint32", "int32", "float16", "float32")
+# Samples turned into physical units at once while statistics are summed (bounds the float64 scratch).
+_STATS_SCRATCH_BYTES = 32 * 2**20
 
 
 class SplitParams(BaseModel):
@@ -61,7 +95,7 @@ class SplitParams(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the group shuffle (same seed, same split)")
 
     @model_validator(mode="after")
-    def _leave_training_data(self) -> "SplitParams":
+    def _leave_training_data(self) -> SplitParams:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of groups for training")
         return self
@@ -87,26 +121,44 @@ class DatasetInfo:
     format_version: int = FORMAT_VERSION
     quarantined: int = 0
     """Files or series of the source left out (listed with their reasons in ``quarantine.json``)."""
+    stored_dtype: str = "float32"
+    """dtype of the stored ``images`` array (the source's own)."""
+    scaling: tuple[tuple[float, float], ...] | None = None
+    """Per channel ``(scale, offset)``: physical = stored * scale + offset; None when stored physical."""
+    chunk_samples: int = 0
+    """Samples per chunk of the stored arrays."""
+    chunks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """SHA-256 of every chunk of each stored array (``images``, ``labels``), in order."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @classmethod
-    def from_json(cls, payload: dict) -> "DatasetInfo":
+    def from_json(cls, payload: dict) -> DatasetInfo:
         payload = dict(payload)
         payload["channels"] = tuple(Channel(**c) for c in payload["channels"])
         for key in ("class_names", "sources", "channel_mean", "channel_std"):
             payload[key] = tuple(payload[key])
-        return cls(**payload)
+        if payload.get("scaling") is not None:
+            payload["scaling"] = tuple((float(s), float(o)) for s, o in payload["scaling"])
+        payload["chunks"] = {name: tuple(digests) for name, digests in payload.get("chunks", {}).items()}
+        known = set(cls.__dataclass_fields__)
+        return cls(**{key: value for key, value in payload.items() if key in known})
 
 
 @dataclass(frozen=True)
 class Split:
-    """The images and labels of one split, in memory."""
+    """The samples of one split.
 
-    images: np.ndarray
-    labels: np.ndarray
+    ``images`` is a lazy, chunk-backed array (:class:`tasks.dataset_store.LazySamples`): index it
+    (``images[i]``, ``images[a:b]``, ``images[indices]``) to get float32 physical values; nothing is
+    read until then. ``labels`` is an int64 NumPy array, except for segmentation where it is lazy too.
+    ``groups`` is the leakage group of each sample.
+    """
+
+    images: LazySamples | np.ndarray
+    labels: LazySamples | np.ndarray
     groups: np.ndarray
 
     def __len__(self) -> int:
@@ -115,9 +167,9 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset loaded from disk, verified against its digest."""
+    """A dataset opened from a folder or URL; its manifest is verified against the digest."""
 
-    path: Path
+    path: Path | str
     info: DatasetInfo
     splits: dict[str, Split]
 
@@ -150,35 +202,20 @@ def check_no_group_leak(groups: np.ndarray, splits: np.ndarray, where: str) -> N
             raise DatasetError(f"{where}: group {group!r} appears in both {seen[group]!r} and {split!r} splits")
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _dataset_digest(rows: dict[str, list], channels: tuple[Channel, ...], class_names: tuple[str, ...],
-                    shards: list[str]) -> str:
-    """One digest over every manifest row, the band list, the classes and the shard contents."""
-    payload = {"rows": rows, "channels": [asdict(c) for c in channels], "classes": list(class_names), "shards": shards}
-    return _sha256(json.dumps(payload, sort_keys=True).encode())
-
-
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    # Per-channel statistics from the training split only, so test pixels never shape normalisation.
-    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = images.std(axis=(0, 2, 3), dtype=np.float64)
-    std = np.where(std < 1e-6, 1.0, std)
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def _class_counts(labels: np.ndarray, splits: np.ndarray, task: str, class_names: tuple[str, ...]) -> dict:
-    """Per split: samples per class (classification), positives per finding (multilabel), pixels per class (segmentation)."""
-    counts = {}
-    for split in SPLITS:
-        members = labels[splits == split]
-        if task == "multilabel":
-            counts[split] = {name: int((members[:, k] == 1).sum()) for k, name in enumerate(class_names)}
-        else:
-            counts[split] = {name: int((members == k).sum()) for k, name in enumerate(class_names)}
-    return counts
+                    scaling, stored_dtype: str, chunks: dict[str, list[str]] | dict[str, tuple[str, ...]]) -> str:
+    """One digest over every manifest row, the channels, classes, scaling, dtype and every chunk's digest."""
+    digest = hashlib.sha256()
+    header = {"format_version": FORMAT_VERSION, "channels": [asdict(c) for c in channels],
+              "classes": list(class_names), "scaling": [list(pair) for pair in scaling] if scaling else None,
+              "dtype": stored_dtype, "chunks": {name: list(values) for name, values in chunks.items()}}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for column in MANIFEST_COLUMNS:
+        digest.update(column.encode())
+        digest.update(json.dumps(rows[column]).encode())
+    return digest.hexdigest()
 
 
 def require_utf8_path(value: object) -> object:
@@ -243,84 +280,309 @@ def _publish(partial: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def merge_sample_batches(batches: SampleSet | Iterable[SampleSet]) -> SampleSet:
-    """One float32 SampleSet in physical units from a reader's batches (or a single SampleSet).
 
-    Batches follow the streaming contract of :class:`domains.SampleSet`: one source, the same channels,
-    classes, task and scaling; dropped counts add up, provenance and quarantine merge.
+class _GroupTotals:
+    """Running sums of one leakage group: pixels and channel sums (physical, float64), class counts."""
+
+    def __init__(self, channels: int, classes: int):
+        self.pixels = 0
+        self.sums = np.zeros(channels, dtype=np.float64)
+        self.squares = np.zeros(channels, dtype=np.float64)
+        self.classes = np.zeros(classes, dtype=np.int64)
+
+    def add_pixels(self, physical: np.ndarray) -> None:
+        self.pixels += physical.shape[0] * physical.shape[2] * physical.shape[3]
+        self.sums += physical.sum(axis=(0, 2, 3), dtype=np.float64)
+        self.squares += np.square(physical, dtype=np.float64).sum(axis=(0, 2, 3))
+
+    def merge(self, other: _GroupTotals) -> None:
+        self.pixels += other.pixels
+        self.sums += other.sums
+        self.squares += other.squares
+        self.classes += other.classes
+
+
+class _StreamingWriter:
+    """Appends a reader's batches to the stored arrays and keeps what the end of the write needs."""
+
+    _CONSISTENT = ("source", "channels", "class_names", "task", "scaling")
+
+    def __init__(self, files: DatasetFiles, task_type: str):
+        self.files = files
+        self.default_task = task_type
+        self.first: SampleSet | None = None
+        self.images: ChunkedArrayWriter | None = None
+        self.labels: ChunkedArrayWriter | None = None
+        self.group = None
+        self.rows: dict[str, list] = {column: [] for column in MANIFEST_COLUMNS if column != "split"}
+        self.labelled: list[bool] = []
+        self.dropped: dict[str, int] = {}
+        self.provenance: dict[str, str] = {}
+        self.quarantine: list[dict[str, str]] = []
+        self.labelled_totals: dict[str, _GroupTotals] = {}
+        self.all_totals: _GroupTotals | None = None
+
+    @property
+    def task(self) -> str:
+        return (self.first.task if self.first is not None else None) or self.default_task
+
+    def add(self, batch: SampleSet) -> None:
+        self._check_batch(batch)
+        for reason, count in batch.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
+        self.provenance.update({key: printable_path(value) for key, value in batch.provenance.items()})
+        for entry in batch.quarantine:
+            entry = {key: printable_path(value) for key, value in entry.items()}
+            if entry not in self.quarantine:
+                self.quarantine.append(entry)
+        if len(batch.images) == 0:
+            return
+        if self.images is None:
+            self._create_arrays(batch)
+        self.images.append(self._stored_images(batch))
+        if self.labels is not None:
+            self.labels.append(np.asarray(batch.labels, dtype=LABEL_DTYPES[self.task]))
+        self._add_rows(batch)
+        self._add_totals(batch)
+
+    def _check_batch(self, batch: SampleSet) -> None:
+        if self.first is None:
+            self.first = batch
+            if LABEL_RANKS.get(self.task) != batch.labels.ndim:
+                raise DatasetError(f"{printable_path(batch.source)}: labels of shape {batch.labels.shape} do not fit "
+                                   f"task {self.task!r}")
+            return
+        for name in self._CONSISTENT:
+            if getattr(batch, name) != getattr(self.first, name):
+                raise DatasetError(f"{printable_path(self.first.source)}: sample batches disagree on {name} "
+                                   f"({getattr(self.first, name)!r} then {getattr(batch, name)!r})")
+        if (batch.sample_ids is None) != (self.first.sample_ids is None):
+            raise DatasetError(f"{printable_path(self.first.source)}: some sample batches name their samples "
+                               "and some do not")
+        if LABEL_RANKS.get(self.task) != batch.labels.ndim:
+            raise DatasetError(f"{printable_path(batch.source)}: labels of shape {batch.labels.shape} do not fit "
+                               f"task {self.task!r}")
+
+    def _create_arrays(self, batch: SampleSet) -> None:
+        sample_shape = tuple(batch.images.shape[1:])
+        dtype = np.dtype(np.float32) if batch.scaling is None else np.dtype(batch.images.dtype)
+        if dtype.name not in STORED_DTYPES:
+            raise DatasetError(f"{printable_path(batch.source)}: samples in {dtype} with a scaling cannot be stored; "
+                               f"use one of {', '.join(STORED_DTYPES)}")
+        chunk_samples = chunk_samples_for(int(np.prod(sample_shape)) * dtype.itemsize)
+        self.group = self.files.zarr_group("w")
+        self.images = ChunkedArrayWriter(self.group, "images", sample_shape, dtype, chunk_samples)
+        if self.task in LABEL_DTYPES:
+            self.labels = ChunkedArrayWriter(self.group, "labels", tuple(batch.labels.shape[1:]),
+                                             np.dtype(LABEL_DTYPES[self.task]), chunk_samples)
+
+    def _stored_images(self, batch: SampleSet) -> np.ndarray:
+        if tuple(batch.images.shape[1:]) != self.images.sample_shape:
+            raise DatasetError(f"{printable_path(batch.source)}: a batch of samples shaped {batch.images.shape[1:]} "
+                               f"after samples shaped {self.images.sample_shape}")
+        if batch.scaling is None:
+            return np.asarray(batch.images, dtype=np.float32)
+        if batch.images.dtype != self.images.dtype:
+            raise DatasetError(f"{printable_path(batch.source)}: a batch in {batch.images.dtype} after batches in "
+                               f"{self.images.dtype}")
+        return batch.images
+
+    def _add_rows(self, batch: SampleSet) -> None:
+        source = printable_path(batch.source)
+        labelled = labelled_samples(batch.labels)
+        start = len(self.labelled)
+        self.labelled.extend(labelled.tolist())
+        locations = np.asarray(batch.locations).reshape(len(batch.images), -1)
+        rows = [int(v) for v in locations[:, 0]]
+        cols = [int(v) for v in locations[:, 1]]
+        self.rows["index"].extend(range(start, start + len(batch.images)))
+        self.rows["source"].extend([source] * len(batch.images))
+        self.rows["row"].extend(rows)
+        self.rows["col"].extend(cols)
+        if batch.sample_ids is not None:
+            self.rows["sample_id"].extend(printable_path(s) for s in batch.sample_ids.tolist())
+        else:
+            self.rows["sample_id"].extend(f"{source}#{r},{c}" for r, c in zip(rows, cols))
+        if self.task == "classification":
+            self.rows["label"].extend(int(v) for v in batch.labels)
+        else:
+            self.rows["label"].extend(1 if v else -1 for v in labelled.tolist())
+        self.rows["group"].extend(printable_path(g) for g in np.asarray(batch.groups).tolist())
+
+    def _add_totals(self, batch: SampleSet) -> None:
+        channels, classes = len(batch.channels), len(batch.class_names)
+        if self.all_totals is None:
+            self.all_totals = _GroupTotals(channels, classes)
+        labelled = labelled_samples(batch.labels)
+        groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
+        sample_floats = int(np.prod(batch.images.shape[1:]))
+        step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
+        for start in range(0, len(batch.images), step):
+            part = slice(start, start + step)
+            physical = batch.physical(part)
+            self.all_totals.add_pixels(physical)
+            for group in dict.fromkeys(groups[part].tolist()):
+                members = (groups[part] == group) & labelled[part]
+                totals = self.labelled_totals.setdefault(group, _GroupTotals(channels, classes))
+                totals.classes += self._class_counts(batch.labels[part][groups[part] == group], classes)
+                if members.any():
+                    totals.add_pixels(physical[members])
+
+    def _class_counts(self, labels: np.ndarray, classes: int) -> np.ndarray:
+        """Samples per class (classification), positives per finding (multilabel), pixels per class (segmentation)."""
+        if self.task == "multilabel":
+            return (labels == 1).sum(axis=0).astype(np.int64)
+        values = np.asarray(labels).reshape(-1)
+        values = values[(values >= 0) & (values < classes)]
+        return np.bincount(values.astype(np.int64), minlength=classes)[:classes]
+
+    def finish(self, domain: str, params: SplitParams, where: str) -> DatasetInfo:
+        """Close the arrays, assign splits, write manifest and quarantine list; return the metadata."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.first is None:
+            raise DatasetError(f"{where}: no samples were read (the reader yielded no sample batches)")
+        if self.images is None:
+            raise DatasetError(f"{printable_path(self.first.source)}: no samples left after filtering "
+                               f"(dropped: {self.dropped})")
+        self.images.close()
+        if self.labels is not None:
+            self.labels.close()
+        groups = np.array(self.rows["group"])
+        labelled = np.array(self.labelled, dtype=bool)
+        if labelled.any():
+            split_of = assign_splits(groups[labelled], params)
+            splits = np.array([split_of.get(g, "unlabelled") for g in groups.tolist()], dtype=object)
+            splits[~labelled] = "unlabelled"
+        else:
+            split_of = {}
+            splits = np.full(len(groups), "test", dtype=object)
+        splits = splits.astype(str)
+        check_no_group_leak(groups[splits != "unlabelled"], splits[splits != "unlabelled"], where)
+        if labelled.any() and not all((splits == s).any() for s in SPLITS if s != "val" or params.val_fraction > 0):
+            raise DatasetError(f"{printable_path(self.first.source)}: a split came out empty; add data or lower "
+                               "the block size")
+        rows = {**self.rows, "split": splits.tolist()}
+        rows = {column: rows[column] for column in MANIFEST_COLUMNS}
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(rows), sink)
+        self.files.write_bytes("manifest.parquet", sink.getvalue().to_pybytes())
+
+        mean, std = self._train_statistics(split_of)
+        chunks = {"images": list(self.images.digests)}
+        if self.labels is not None:
+            chunks["labels"] = list(self.labels.digests)
+        first = self.first
+        scaling = tuple((float(s), float(o)) for s, o in first.scaling) if first.scaling is not None else None
+        info = DatasetInfo(
+            digest=_dataset_digest(rows, first.channels, first.class_names, scaling, self.images.dtype.name, chunks),
+            domain=domain, task=self.task, channels=first.channels, class_names=first.class_names,
+            tile_size=int(self.images.sample_shape[-1]), sources=(printable_path(first.source),),
+            split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
+            class_counts=self._split_class_counts(split_of), dropped=dict(self.dropped),
+            channel_mean=mean, channel_std=std, provenance=dict(self.provenance), quarantined=len(self.quarantine),
+            stored_dtype=self.images.dtype.name, scaling=scaling, chunk_samples=self.images.chunk_samples,
+            chunks={name: tuple(values) for name, values in chunks.items()})
+        self.files.write_bytes(QUARANTINE_FILE, json.dumps(self.quarantine, indent=2).encode())
+        return info
+
+    def _train_statistics(self, split_of: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        # Per-channel statistics from the training split only, so test pixels never shape normalisation.
+        train = _GroupTotals(len(self.first.channels), len(self.first.class_names))
+        for group, totals in self.labelled_totals.items():
+            if split_of.get(group) == "train":
+                train.merge(totals)
+        if train.pixels == 0:  # an unlabelled dataset: everything is test, normalise by all of it
+            train = self.all_totals
+        mean = train.sums / train.pixels
+        std = np.sqrt(np.maximum(train.squares / train.pixels - mean**2, 0.0))
+        std = np.where(std < 1e-6, 1.0, std)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def _split_class_counts(self, split_of: dict[str, str]) -> dict[str, dict[str, int]]:
+        totals = {split: np.zeros(len(self.first.class_names), dtype=np.int64) for split in SPLITS}
+        for group, group_totals in self.labelled_totals.items():
+            split = split_of.get(group, "test" if not split_of else None)
+            if split in totals:
+                totals[split] += group_totals.classes
+        return {split: {name: int(count) for name, count in zip(self.first.class_names, totals[split].tolist())}
+                for split in SPLITS}
+
+    def summary(self) -> SampleSet:
+        """A sample-free SampleSet carrying the merged metadata (for a domain's ingest reports)."""
+        first = self.first
+        shape = self.images.sample_shape if self.images is not None else first.images.shape[1:]
+        label_shape = {"multilabel": (0, len(first.class_names)), "segmentation": (0, *shape[1:])}
+        return SampleSet(images=np.zeros((0, *shape), dtype=np.float32),
+                         labels=np.zeros(label_shape.get(self.task, (0,)), dtype=np.int64),
+                         groups=np.array([], dtype=str), locations=np.zeros((0, 2), dtype=np.int64),
+                         source=first.source, channels=first.channels, class_names=first.class_names,
+                         dropped=dict(self.dropped), provenance=dict(self.provenance), task=first.task,
+                         quarantine=list(self.quarantine), scaling=first.scaling)
+
+
+def _as_batches(samples: SampleSet | Iterable[SampleSet]) -> Iterable[SampleSet]:
+    return [samples] if isinstance(samples, SampleSet) else samples
+
+
+def _write_contents(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, files: DatasetFiles,
+                    params: SplitParams, where: str,
+                    reports: Callable[[SampleSet, Path], object] | None) -> DatasetInfo:
+    """Stream the batches into ``files``, then manifest, quarantine list, reports and (last) ``dataset.json``."""
+    writer = _StreamingWriter(files, task_type)
+    for batch in _as_batches(samples):
+        writer.add(batch)
+    info = writer.finish(domain, params, where)
+    if reports is not None:
+        if files.remote:  # reports are written by domain code into a folder: upload what it wrote
+            with tempfile.TemporaryDirectory() as scratch:
+                reports(writer.summary(), Path(scratch))
+                for path in sorted(Path(scratch).rglob("*")):
+                    if path.is_file():
+                        files.write_bytes(path.relative_to(scratch).as_posix(), path.read_bytes())
+        else:
+            reports(writer.summary(), Path(files.location))
+    # dataset.json last: a folder or prefix holding it holds everything it describes.
+    files.write_bytes("dataset.json", json.dumps(asdict(info), indent=2).encode())
+    return info
+
+
+def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, out_dir: Path | str,
+                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None = None) -> DatasetInfo:
+    """Append ``samples`` (one SampleSet or a reader's stream of batches) to chunked storage at ``out_dir``.
+
+    Batches follow the streaming contract of :class:`domains.SampleSet` (one source; same channels,
+    classes, task and scaling; dropped counts add up, provenance and quarantine merge). Images given
+    with a ``scaling`` are stored in their own dtype; images without one are stored as float32.
+    Only labelled samples are split for training; an unlabelled sample set is written entirely as the
+    ``test`` split with label -1, so prediction-only datasets keep the same format. The task is the
+    samples' own when they name one, else ``task_type`` (the domain's default).
+
+    ``out_dir`` is a local folder or an fsspec URL (``s3://bucket/prefix``). A local dataset is written
+    into a hidden sibling folder and renamed into place when complete; ``reports`` (a domain's ingest
+    reports) is called with the merged metadata and that folder before the rename. An existing dataset
+    at ``out_dir`` is replaced; a non-empty folder or prefix that is not a dataset is refused.
 
     Raises:
-        DatasetError: batches that disagree on source, channels, classes, task or scaling.
+        DatasetError: nothing to write, labels that do not fit the task, batches that disagree, splits
+            that cannot be filled, or ``out_dir`` holding something other than a dataset.
     """
-    if isinstance(batches, SampleSet):
-        batches = [batches]
-    parts = list(batches)
-    if not parts:
-        raise DatasetError("no samples were read: the reader yielded no sample batches")
-    first = parts[0]
-    for part in parts[1:]:
-        for name in ("source", "channels", "class_names", "task", "scaling"):
-            if getattr(part, name) != getattr(first, name):
-                raise DatasetError(f"{printable_path(first.source)}: sample batches disagree on {name} "
-                                   f"({getattr(first, name)!r} then {getattr(part, name)!r})")
-    dropped: dict[str, int] = {}
-    provenance: dict[str, str] = {}
-    quarantine: list[dict[str, str]] = []
-    for part in parts:
-        for reason, count in part.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + int(count)
-        provenance.update(part.provenance)
-        quarantine.extend(entry for entry in part.quarantine if entry not in quarantine)
-    with_ids = [p.sample_ids is not None for p in parts]
-    if any(with_ids) and not all(with_ids):
-        raise DatasetError(f"{printable_path(first.source)}: some sample batches name their samples and some do not")
-    return SampleSet(
-        images=np.concatenate([p.physical() for p in parts]),
-        labels=np.concatenate([p.labels for p in parts]),
-        groups=np.concatenate([np.asarray(p.groups) for p in parts]),
-        locations=np.concatenate([np.asarray(p.locations).reshape(len(p.images), 2) for p in parts]),
-        source=first.source, channels=first.channels, class_names=first.class_names, dropped=dropped,
-        provenance=provenance, task=first.task,
-        sample_ids=np.concatenate([p.sample_ids for p in parts]) if all(with_ids) else None,
-        quarantine=quarantine)
-
-
-def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, out_dir: Path, params: SplitParams,
-                  extra_files: Callable[[Path], object] | None = None) -> DatasetInfo:
-    """Split ``samples`` by leakage group and write manifest, shards and metadata to ``out_dir``.
-
-    ``samples`` is one SampleSet or a reader's stream of batches (see :func:`merge_sample_batches`);
-    images in a source dtype are converted to physical units with their recorded ``scaling``.
-
-    Only labelled samples are split for training; an unlabelled sample set is written entirely as
-    the ``test`` split with label -1, so prediction-only datasets keep the same format. The task is
-    the sample set's own when it names one, else ``task_type`` (the domain's default).
-
-    Everything is written into a hidden sibling folder first; ``extra_files`` (e.g. a domain's ingest
-    reports) is called with that folder, and the folder is renamed to ``out_dir`` only when complete. An
-    existing dataset at ``out_dir`` is replaced then; a non-empty folder that is not a dataset is refused.
-
-    Raises:
-        DatasetError: nothing to write, labels that do not fit the task, splits that cannot be filled, or
-            ``out_dir`` holding something other than a dataset.
-    """
+    if is_url(out_dir):
+        return _write_remote(samples, domain, task_type, str(out_dir), params, reports)
     out_dir = Path(os.path.abspath(out_dir))
     if not out_dir.name or out_dir == out_dir.parent:
         raise DatasetError(f"{out_dir}: a dataset needs a folder of its own, not the file system root")
     if is_partial_dataset(out_dir):
         raise DatasetError(f"{out_dir}: names the temporary folder of an unfinished write; choose another name")
     _check_replaceable(out_dir)
-    samples = merge_sample_batches(samples)
-    task_type = samples.task or task_type
-    _check_samples(samples, task_type)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned(out_dir)
     partial = out_dir.with_name(f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     partial.mkdir()
+    ensure_inside(out_dir.parent, partial)
     try:
-        info = _write_contents(samples, domain, task_type, partial, params, where=out_dir)
-        if extra_files is not None:
-            extra_files(partial)
+        info = _write_contents(samples, domain, task_type, DatasetFiles(partial), params, str(out_dir), reports)
         _publish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -328,169 +590,163 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
     return info
 
 
-def _check_samples(samples: SampleSet, task_type: str) -> None:
-    if len(samples.images) == 0:
-        raise DatasetError(f"{samples.source}: no samples left after filtering (dropped: {samples.dropped})")
-    if LABEL_RANKS.get(task_type) != samples.labels.ndim:
-        raise DatasetError(f"{samples.source}: labels of shape {samples.labels.shape} do not fit task {task_type!r}")
-
-
-def _write_contents(samples: SampleSet, domain: str, task_type: str, out_dir: Path, params: SplitParams,
-                    where: Path) -> DatasetInfo:
-    """Write manifest, shards, quarantine list and (last) ``dataset.json`` into ``out_dir``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    _check_samples(samples, task_type)
-    # File names are bytes on Linux; Parquet and JSON need text, so names that are not UTF-8 are escaped.
-    source = printable_path(samples.source)
-    labelled = labelled_samples(samples.labels)
-    if labelled.any():
-        split_of = assign_splits(samples.groups[labelled], params)
-        splits = np.array([split_of.get(g, "unlabelled") for g in samples.groups.tolist()])
-        splits[~labelled] = "unlabelled"
-    else:
-        splits = np.full(len(samples.labels), "test")
-    check_no_group_leak(samples.groups[splits != "unlabelled"], splits[splits != "unlabelled"], str(where))
-    if labelled.any() and not all((splits == s).any() for s in SPLITS if s != "val" or params.val_fraction > 0):
-        raise DatasetError(f"{samples.source}: a split came out empty; add data or lower the block size")
-
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: [] for k in ("sample_id", "shard", "index", "label_shard", "source", "row", "col", "label", "group",
-                            "split")}
-    shard_digests: list[str] = []
-
-    def save_block(block: np.ndarray) -> str:
-        digest = _sha256(block.tobytes() + str(block.shape).encode())
-        np.save(ensure_inside(shard_dir, shard_dir / f"{digest}.npy"), block)
-        shard_digests.append(digest)
-        return digest
-
-    for split in (*SPLITS, "unlabelled"):
-        members = np.flatnonzero(splits == split)
-        for start in range(0, len(members), SHARD_SAMPLES):
-            chunk = members[start:start + SHARD_SAMPLES]
-            digest = save_block(np.ascontiguousarray(samples.images[chunk], dtype=np.float32))
-            label_digest = ""
-            if task_type in LABEL_DTYPES:
-                label_digest = save_block(np.ascontiguousarray(samples.labels[chunk], dtype=LABEL_DTYPES[task_type]))
-            for index, sample in enumerate(chunk):
-                row, col = int(samples.locations[sample][0]), int(samples.locations[sample][1])
-                rows["sample_id"].append(printable_path(samples.sample_ids[sample]) if samples.sample_ids is not None
-                                         else f"{source}#{row},{col}")
-                rows["shard"].append(digest)
-                rows["index"].append(index)
-                rows["label_shard"].append(label_digest)
-                rows["source"].append(source)
-                rows["row"].append(row)
-                rows["col"].append(col)
-                rows["label"].append(int(samples.labels[sample]) if task_type == "classification"
-                                     else 1 if labelled[sample] else -1)
-                rows["group"].append(printable_path(samples.groups[sample]))
-                rows["split"].append(split)
-    table = pa.table(rows)
-    pq.write_table(table, out_dir / "manifest.parquet")
-
-    train_mask = splits == "train" if (splits == "train").any() else np.ones(len(splits), bool)
-    mean, std = _channel_stats(samples.images[train_mask])
-    class_counts = _class_counts(samples.labels, splits, task_type, samples.class_names)
-    info = DatasetInfo(
-        digest=_dataset_digest(rows, samples.channels, samples.class_names, shard_digests),
-        domain=domain,
-        task=task_type,
-        channels=samples.channels,
-        class_names=samples.class_names,
-        tile_size=int(samples.images.shape[-1]),
-        sources=(source,),
-        split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
-        class_counts=class_counts,
-        dropped=dict(samples.dropped),
-        channel_mean=mean,
-        channel_std=std,
-        provenance={key: printable_path(value) for key, value in samples.provenance.items()},
-        quarantined=len(samples.quarantine),
-    )
-    quarantine = [{key: printable_path(value) for key, value in entry.items()} for entry in samples.quarantine]
-    (out_dir / QUARANTINE_FILE).write_text(json.dumps(quarantine, indent=2))
-    # dataset.json last: a folder holding it holds everything it describes.
-    (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2))
+def _write_remote(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, url: str,
+                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None) -> DatasetInfo:
+    """Write under an object-store prefix: marked while written, ``dataset.json`` last (no atomic rename there)."""
+    files = DatasetFiles(url)
+    keys = files.keys()
+    if keys and "dataset.json" not in keys and WRITING_MARK not in keys:
+        raise DatasetError(f"{url}: holds files and is not a Vitrail dataset; refusing to replace what it holds: "
+                           "choose a new or empty prefix")
+    files.remove("dataset.json")  # first of all: from here on the prefix is not read as a dataset
+    files.clear()
+    files.write_bytes(WRITING_MARK, json.dumps({"pid": os.getpid()}).encode())
+    try:
+        info = _write_contents(samples, domain, task_type, files, params, url, reports)
+    except BaseException:
+        files.clear()
+        raise
+    files.remove(WRITING_MARK)
     return info
 
 
-def _shard_order(manifest: dict[str, list]) -> list[str]:
-    """Shard digests in the order the writer saved them (each image shard, then its label shard)."""
-    order: dict[str, None] = {}
-    for image, label in zip(manifest["shard"], manifest.get("label_shard", [""] * len(manifest["shard"]))):
-        order.setdefault(image)
-        if label:
-            order.setdefault(label)
-    return list(order)
-
-
-def read_dataset_info(path: Path | str) -> DatasetInfo:
-    """Read only the metadata of the dataset at ``path`` (cheap; no shards are touched)."""
+def _dataset_files(path: Path | str) -> DatasetFiles:
     if is_partial_dataset(path):
         raise DatasetError(f"{path}: an unfinished dataset write (the ingest was interrupted); rerun the ingest "
                            "and use the folder it names")
-    meta = Path(path) / "dataset.json"
-    if not meta.is_file():
+    return DatasetFiles(path)
+
+
+def read_dataset_info(path: Path | str) -> DatasetInfo:
+    """Read only the metadata of the dataset at ``path`` (a folder or URL; cheap: no chunks are touched)."""
+    files = _dataset_files(path)
+    if not files.exists("dataset.json"):
+        if files.remote and files.exists(WRITING_MARK):
+            raise DatasetError(f"{path}: an unfinished dataset write (the ingest was interrupted or is running); "
+                               "rerun the ingest")
         raise DatasetError(f"{path}: not a Vitrail dataset (no dataset.json); run the ingest flow first")
-    return DatasetInfo.from_json(json.loads(meta.read_text()))
+    try:
+        return DatasetInfo.from_json(json.loads(files.read_bytes("dataset.json")))
+    except (ValueError, TypeError, KeyError) as error:
+        raise DatasetError(f"{files.describe('dataset.json')}: unreadable dataset metadata ({error})") from error
 
 
-def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
-    """Load a dataset, checking shard digests and the no-leak invariant."""
+def _read_manifest(files: DatasetFiles, info: DatasetInfo, verify: bool) -> dict[str, list]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    info = read_dataset_info(path)
-    manifest = pq.read_table(path / "manifest.parquet").to_pydict()
+    try:
+        manifest = pq.read_table(pa.BufferReader(files.read_bytes("manifest.parquet"))).to_pydict()
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise DatasetError(f"{files.describe('manifest.parquet')}: missing or unreadable manifest ({error})") from error
+    missing = [column for column in MANIFEST_COLUMNS if column not in manifest]
+    if missing:
+        raise DatasetError(f"{files.describe('manifest.parquet')}: manifest lacks columns {missing}")
     groups = np.array(manifest["group"])
     split_col = np.array(manifest["split"])
     labelled = split_col != "unlabelled"
-    check_no_group_leak(groups[labelled], split_col[labelled], str(path))
-    if verify:
-        shard_order = _shard_order(manifest)
-        if _dataset_digest(manifest, info.channels, info.class_names, shard_order) != info.digest:
-            raise DatasetError(f"{path / 'manifest.parquet'}: manifest does not match the dataset digest "
-                               "(labels, splits or rows were edited after ingest)")
-    shards: dict[str, np.ndarray] = {}
-    label_shards = manifest.get("label_shard", [""] * len(groups))
-    for digest in dict.fromkeys([*manifest["shard"], *(d for d in label_shards if d)]):
-        shard_path = path / "shards" / f"{digest}.npy"
-        if not shard_path.is_file():
-            raise DatasetError(f"{shard_path}: shard listed in the manifest is missing")
-        try:
-            block = np.load(shard_path)
-        except (ValueError, OSError, EOFError) as error:
-            raise DatasetError(f"{shard_path}: unreadable shard ({error})") from error
-        if verify and _sha256(block.tobytes() + str(block.shape).encode()) != digest:
-            raise DatasetError(f"{shard_path}: content does not match its digest (file changed or corrupt)")
-        shards[digest] = block
+    check_no_group_leak(groups[labelled], split_col[labelled], files.location)
+    if verify and _dataset_digest(manifest, info.channels, info.class_names, info.scaling, info.stored_dtype,
+                                  info.chunks) != info.digest:
+        raise DatasetError(f"{files.describe('manifest.parquet')}: manifest does not match the dataset digest "
+                           "(labels, splits or rows were edited after ingest)")
+    return manifest
+
+
+def _open_source(files: DatasetFiles, group, name: str, info: DatasetInfo, samples: int, verify: bool) -> ChunkSource:
+    try:
+        array = group[name]
+    except KeyError as error:
+        raise DatasetError(f"{files.describe(name)}: stored array missing") from error
+    if int(array.shape[0]) != samples or len(info.chunks.get(name, ())) != -(-samples // int(array.chunks[0])):
+        raise DatasetError(f"{files.describe(name)}: holds {array.shape[0]} samples in chunks of {array.chunks[0]}, "
+                           f"the manifest {samples} samples and dataset.json {len(info.chunks.get(name, ()))} chunks")
+    return ChunkSource(files, array, name, info.chunks[name], verify=verify)
+
+
+def _open(path: Path | str, verify: bool) -> tuple[DatasetFiles, DatasetInfo, dict[str, list], dict[str, ChunkSource]]:
+    info = read_dataset_info(path)
+    files = _dataset_files(path)
+    if info.format_version != FORMAT_VERSION:
+        raise DatasetError(f"{path}: dataset format {info.format_version} is not read by this version of Vitrail "
+                           f"(format {FORMAT_VERSION}: chunked, native dtype); re-ingest the source")
+    manifest = _read_manifest(files, info, verify)
+    try:
+        group = files.zarr_group("r")
+    except Exception as error:  # zarr raises several types for a missing or damaged group
+        raise DatasetError(f"{files.describe('zarr.json')}: unreadable array store ({error})") from error
+    sources = {name: _open_source(files, group, name, info, len(manifest["index"]), verify) for name in info.chunks}
+    return files, info, manifest, sources
+
+
+def _read_all(source: ChunkSource) -> np.ndarray:
+    return np.concatenate([source.chunk(i) for i in range(source.num_chunks)])
+
+
+def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
+    """Open a dataset lazily: metadata and manifest are read (and checked); pixels only when indexed.
+
+    With ``verify`` the manifest is checked against the digest now and each chunk against its own
+    digest the first time it is decoded (a mismatch raises :class:`DatasetError` naming the chunk).
+    """
+    _, info, manifest, sources = _open(path, verify)
+    groups = np.array(manifest["group"])
+    split_col = np.array(manifest["split"])
+    index = np.asarray(manifest["index"], dtype=np.int64)
+    if info.task == "multilabel":  # (N, K) int8: small, read now
+        all_labels = _read_all(sources["labels"]).astype(np.int64)
     splits: dict[str, Split] = {}
     for split in (*SPLITS, "unlabelled"):
         members = np.flatnonzero(split_col == split)
         if len(members) == 0:
             continue
-        images = np.stack([shards[manifest["shard"][i]][manifest["index"][i]] for i in members])
-        if info.task in LABEL_DTYPES:
-            labels = np.stack([shards[label_shards[i]][manifest["index"][i]] for i in members]).astype(np.int64)
+        images = LazySamples(sources["images"], index[members], info.scaling, np.float32)
+        if info.task == "segmentation":
+            labels = LazySamples(sources["labels"], index[members], None, np.int64)
+        elif info.task == "multilabel":
+            labels = all_labels[index[members]]
         else:
-            labels = np.array([manifest["label"][i] for i in members], dtype=np.int64)
+            labels = np.asarray(manifest["label"], dtype=np.int64)[members]
         splits[split] = Split(images=images, labels=labels, groups=groups[members])
-    return Dataset(path=path, info=info, splits=splits)
+    return Dataset(path=path if is_url(path) else Path(path), info=info, splits=splits)
 
 
-def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path, params: SplitParams) -> DatasetInfo:
+@dataclass(frozen=True)
+class VerificationReport:
+    """What ``vitrail dataset verify`` checked."""
+
+    location: str
+    digest: str
+    samples: int
+    chunks: int
+    stored_bytes: int
+
+    def line(self) -> str:
+        return (f"{self.location}: ok, {self.samples} samples, {self.chunks} chunks and the manifest match digest "
+                f"{self.digest[:12]} ({self.stored_bytes / 2**20:.1f} MiB stored)")
+
+
+def verify_dataset(path: Path | str) -> VerificationReport:
+    """Check the manifest and every chunk of a dataset against their digests.
+
+    Raises:
+        DatasetError: naming the first file or chunk that is missing, damaged or edited.
+    """
+    files, info, manifest, sources = _open(path, verify=True)
+    chunks = 0
+    for source in sources.values():
+        chunks += source.verify_all()
+    return VerificationReport(location=files.location, digest=info.digest, samples=len(manifest["index"]),
+                              chunks=chunks, stored_bytes=files.total_bytes())
+
+
+def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path | str, params: SplitParams) -> DatasetInfo:
     """Read a source with its domain's reader and write it as a dataset (the ingest stage's work)."""
     domain = get_domain(domain_name)
     if request.block_size is None:
         request = replace(request, block_size=domain.default_block_size)
-    samples = merge_sample_batches(domain.read_samples(request))
-    reports = domain.write_ingest_reports
-    return write_dataset(samples, domain.name, domain.task, out_dir, params,
-                         extra_files=(lambda folder: reports(samples, folder)) if reports is not None else None)
+    return write_dataset(domain.read_samples(request), domain.name, domain.task, out_dir, params,
+                         reports=domain.write_ingest_reports)
 
 
 build_dataset_task = task(build_dataset, name="build-dataset", cache_policy=NONE)

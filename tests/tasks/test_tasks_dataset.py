@@ -46,7 +46,7 @@ def test_round_trip_returns_every_sample_with_its_label_and_group(samples, datas
     assert set(dataset.splits) == set(SPLITS)
     for split in dataset.splits.values():
         assert split.images.dtype == np.float32 and split.images.shape[1:] == (3, 16, 16)
-        for image, label, group in zip(split.images, split.labels, split.groups):
+        for image, label, group in zip(split.images, split.labels, split.groups, strict=True):
             i = sample_index(samples, image)
             assert label == samples.labels[i] and group == samples.groups[i]
 
@@ -63,10 +63,10 @@ def test_written_info_matches_what_is_read_back(tmp_path: Path, samples) -> None
 
 
 def test_normalisation_statistics_come_from_the_training_split_only(dataset) -> None:
-    train = dataset.splits["train"].images
+    train = np.asarray(dataset.splits["train"].images)
     np.testing.assert_allclose(dataset.info.channel_mean, train.mean(axis=(0, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(dataset.info.channel_std, train.std(axis=(0, 2, 3)), rtol=1e-4)
-    everything = np.concatenate([s.images for s in dataset.splits.values()])
+    everything = np.concatenate([s.images[:] for s in dataset.splits.values()])
     assert not np.allclose(dataset.info.channel_mean, everything.mean(axis=(0, 2, 3)), rtol=1e-6, atol=0)
 
 
@@ -74,8 +74,7 @@ def test_digest_is_stable_for_the_same_input_in_two_folders(tmp_path: Path, samp
     first = write(samples, tmp_path / "a")
     second = write(make_samples(), tmp_path / "b")
     assert first.digest == second.digest and len(first.digest) == 64
-    assert sorted(p.name for p in (tmp_path / "a" / "shards").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "b" / "shards").iterdir())
+    assert first.chunks == second.chunks and len(first.chunks["images"]) >= 1
 
 
 def test_digest_changes_when_one_pixel_changes(tmp_path: Path, samples) -> None:
@@ -130,7 +129,7 @@ def test_build_dataset_reads_a_real_geotiff_scene(tmp_path: Path) -> None:
     assert info.class_names == ("water", "vegetation", "bare_or_built")
     assert all(len(loaded.splits[s]) > 0 for s in SPLITS)
     assert loaded.splits["train"].images.shape[1:] == (13, 12, 12)
-    assert 0.0 < loaded.splits["train"].images.max() < 1.0  # reflectance, not raw DN
+    assert 0.0 < loaded.splits["train"].images[:].max() < 1.0  # reflectance, not raw DN
 
 
 # --- splits ------------------------------------------------------------------------------------------
@@ -192,31 +191,48 @@ def dataset_copy(dataset_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_a_tampered_shard_is_detected_and_named(dataset_copy: Path) -> None:
-    shard = sorted((dataset_copy / "shards").glob("*.npy"))[0]
-    raw = bytearray(shard.read_bytes())
-    raw[-3] ^= 0xFF  # inside the pixel data, so the file still parses
-    shard.write_bytes(bytes(raw))
+def first_chunk(folder: Path) -> Path:
+    return folder / "images" / "c" / "0" / "0" / "0" / "0"
+
+
+def read_every_split(folder: Path, verify: bool = True) -> int:
+    return sum(len(split.images[:]) for split in load_dataset(folder, verify=verify).splits.values())
+
+
+def test_a_tampered_chunk_is_detected_on_first_read_and_named(dataset_copy: Path) -> None:
+    import zarr
+
+    images = zarr.open_group(zarr.storage.LocalStore(dataset_copy), mode="r+")["images"]
+    images[0, 0, 0, 0] = images[0, 0, 0, 0] + 1.0  # re-encoded: a valid chunk whose pixels differ
+    loaded = load_dataset(dataset_copy)  # opening is lazy: nothing read yet
     with pytest.raises(DatasetError, match="does not match its digest") as caught:
-        load_dataset(dataset_copy)
-    assert str(shard) in str(caught.value)
-    assert sum(len(s) for s in load_dataset(dataset_copy, verify=False).splits.values()) > 0
+        loaded.splits["train"].images[0]
+    assert str(first_chunk(dataset_copy).relative_to(dataset_copy.parent)) in str(caught.value)
+    assert read_every_split(dataset_copy, verify=False) > 0
 
 
-def test_a_missing_shard_is_named(dataset_copy: Path) -> None:
-    shard = sorted((dataset_copy / "shards").glob("*.npy"))[0]
-    shard.unlink()
-    with pytest.raises(DatasetError, match="missing") as caught:
-        load_dataset(dataset_copy)
-    assert str(shard) in str(caught.value)
+def test_a_missing_chunk_is_named(dataset_copy: Path) -> None:
+    first_chunk(dataset_copy).unlink()
+    with pytest.raises(DatasetError, match="is missing") as caught:
+        read_every_split(dataset_copy)
+    assert str(first_chunk(dataset_copy)) in str(caught.value)
 
 
-def test_a_truncated_shard_is_a_dataset_error_naming_the_file(dataset_copy: Path) -> None:
-    shard = sorted((dataset_copy / "shards").glob("*.npy"))[0]
-    shard.write_bytes(shard.read_bytes()[:200])
+def test_a_truncated_chunk_is_a_dataset_error_naming_the_file(dataset_copy: Path) -> None:
+    chunk = first_chunk(dataset_copy)
+    chunk.write_bytes(chunk.read_bytes()[:200])
     with pytest.raises(DatasetError) as caught:
+        read_every_split(dataset_copy)
+    assert str(chunk) in str(caught.value)
+
+
+def test_a_format_2_dataset_is_refused_with_a_reingest_hint(dataset_copy: Path) -> None:
+    import json
+
+    meta = json.loads((dataset_copy / "dataset.json").read_text())
+    (dataset_copy / "dataset.json").write_text(json.dumps({**meta, "format_version": 2}))
+    with pytest.raises(DatasetError, match="dataset format 2 .* re-ingest the source"):
         load_dataset(dataset_copy)
-    assert str(shard) in str(caught.value)
 
 
 def rewrite_manifest(folder: Path, change) -> None:
@@ -263,15 +279,17 @@ import numpy as np
 from tasks_support import make_samples
 from tasks.dataset import SplitParams, write_dataset
 
-real_save = np.save
+from tasks.dataset_store import ChunkedArrayWriter
 
-def save_then_wait(*args, **kwargs):
-    # The test's stand-in for a slow disk: after the first shard lands, stay mid-write until killed.
-    real_save(*args, **kwargs)
-    print("first shard written", flush=True)
+real_store = ChunkedArrayWriter._store_chunk
+
+def store_then_wait(self, block):
+    # The test's stand-in for a slow disk: after the first chunk lands, stay mid-write until killed.
+    real_store(self, block)
+    print("first chunk written", flush=True)
     time.sleep(120)
 
-np.save = save_then_wait
+ChunkedArrayWriter._store_chunk = store_then_wait
 write_dataset(make_samples(seed={seed}), "satellite", "classification", {out!r}, SplitParams())
 """
 
@@ -288,7 +306,7 @@ def _kill_mid_write(out: Path, seed: int, tmp_path: Path) -> None:
     writer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = writer.stdout.readline()
-        assert line.strip() == "first shard written", writer.stderr.read()
+        assert line.strip() == "first chunk written", writer.stderr.read()
         writer.send_signal(signal.SIGKILL)
     finally:
         writer.wait(timeout=60)
@@ -305,7 +323,7 @@ def test_a_write_killed_midway_leaves_no_dataset_and_a_rerun_gives_the_same_dige
     _kill_mid_write(out, seed=0, tmp_path=tmp_path)
     assert not out.exists()  # nothing where a later stage would look
     [partial] = _partials(out)
-    assert list((partial / "shards").glob("*.npy")) and not (partial / "dataset.json").exists()
+    assert list((partial / "images" / "c").rglob("*")) and not (partial / "dataset.json").exists()
     for reader in (read_dataset_info, load_dataset):
         with pytest.raises(DatasetError, match="unfinished dataset write"):
             reader(partial)
@@ -377,16 +395,26 @@ def as_uint16_batches(samples, batch: int) -> list:
     return batches
 
 
-def test_streamed_uint16_batches_write_the_same_dataset_as_their_physical_values(tmp_path: Path) -> None:
+def test_streamed_uint16_batches_are_stored_natively_and_read_as_their_physical_values(tmp_path: Path) -> None:
     batches = as_uint16_batches(make_samples(), batch=20)
     whole = replace(make_samples(), images=np.concatenate([b.physical() for b in batches]))
     streamed = write(iter(batches), tmp_path / "streamed")
     at_once = write(whole, tmp_path / "whole")
-    assert streamed.digest == at_once.digest
+    assert streamed.stored_dtype == "uint16" and at_once.stored_dtype == "float32"
+    assert streamed.scaling == ((1e-4, 0.0),) * 3 and streamed.digest != at_once.digest
     assert streamed.dropped == {"nodata": len(batches)}  # counts add up over batches
     assert streamed.quarantined == 2 and set(streamed.provenance) == {"crs", *(f"batch{s}" for s in range(0, 96, 20))}
-    train = load_dataset(tmp_path / "streamed").splits["train"].images
-    assert train.dtype == np.float32 and 0.0 < float(train.max()) < 1.0  # physical reflectance, not counts
+    np.testing.assert_allclose(streamed.channel_mean, at_once.channel_mean, rtol=1e-9)
+    native, physical = load_dataset(tmp_path / "streamed"), load_dataset(tmp_path / "whole")
+    for name, split in physical.splits.items():
+        assert native.splits[name].images.dtype == np.float32
+        assert np.array_equal(native.splits[name].images[:], split.images[:])  # bitwise: same arithmetic
+        assert np.array_equal(native.splits[name].labels, split.labels)
+
+
+def test_the_digest_does_not_depend_on_how_a_reader_batched_the_samples(tmp_path: Path) -> None:
+    digests = {write(as_uint16_batches(make_samples(), batch=b), tmp_path / str(b)).digest for b in (7, 20, 96)}
+    assert len(digests) == 1
 
 
 def test_batches_that_disagree_on_channels_are_refused(tmp_path: Path) -> None:

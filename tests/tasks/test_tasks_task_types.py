@@ -47,10 +47,11 @@ def test_segmentation_masks_round_trip_and_the_sample_set_task_wins(segmentation
     info = segmentation_dataset.info
     assert info.task == "segmentation"  # the writer was told "classification"; the sample set knows better
     train = segmentation_dataset.splits["train"]
-    assert train.labels.shape[1:] == (16, 16) and set(np.unique(train.labels)) == {-1, 0, 1}
-    total = sum(int((s.labels == 1).sum()) for s in segmentation_dataset.splits.values())
+    assert train.labels.shape[1:] == (16, 16) and set(np.unique(train.labels[:])) == {-1, 0, 1}
+    assert train.labels.dtype == np.int64  # masks are read lazily too, like the images
+    total = sum(int((s.labels[:] == 1).sum()) for s in segmentation_dataset.splits.values())
     assert total == int((samples.labels == 1).sum())
-    assert info.class_counts["train"]["plume"] == int((train.labels == 1).sum())
+    assert info.class_counts["train"]["plume"] == int((train.labels[:] == 1).sum())
 
 
 def test_a_changed_mask_pixel_changes_the_digest(tmp_path: Path) -> None:
@@ -61,16 +62,13 @@ def test_a_changed_mask_pixel_changes_the_digest(tmp_path: Path) -> None:
     assert first.digest != second.digest
 
 
-def test_a_tampered_label_shard_is_detected(tmp_path: Path) -> None:
-    write_dataset(make_multilabel_samples(), "radiology", "multilabel", tmp_path, SplitParams())
-    import pyarrow.parquet as pq
+def test_a_tampered_label_chunk_is_detected(tmp_path: Path) -> None:
+    import zarr
 
-    label_shard = pq.read_table(tmp_path / "manifest.parquet").column("label_shard").to_pylist()[0]
-    path = tmp_path / "shards" / f"{label_shard}.npy"
-    block = np.load(path)
-    block[0, 0] = 1 - block[0, 0]
-    np.save(path, block)
-    with pytest.raises(DatasetError, match=label_shard):
+    write_dataset(make_multilabel_samples(), "radiology", "multilabel", tmp_path, SplitParams())
+    labels = zarr.open_group(zarr.storage.LocalStore(tmp_path), mode="r+")["labels"]
+    labels[0, 0] = 1 - labels[0, 0]  # a valid chunk with other content than the digest recorded
+    with pytest.raises(DatasetError, match="labels/c/0/0: chunk 0 of labels does not match its digest"):
         load_dataset(tmp_path)
 
 
@@ -93,6 +91,6 @@ def test_segmentation_training_finds_the_squares(tmp_path: Path, segmentation_da
     result = fit(model, segmentation_dataset, TrainParams(**{**FAST_TRAIN, "epochs": 5}), tmp_path, "tiny")
     assert {"val_foreground_iou", "val_pixel_accuracy"} <= set(result.best_metrics)
     test = segmentation_dataset.splits["test"]
-    report = score_outputs("segmentation", test.labels, predict_logits(result.model, test.images),
+    report = score_outputs("segmentation", test.labels[:], predict_logits(result.model, test.images),
                            ("background", "plume"))
     assert report.foreground_iou >= 0.5

@@ -1,0 +1,360 @@
+"""Where a dataset's bytes live: chunked zarr v3 arrays and small files, at a local path or any fsspec URL.
+
+Why zarr v3 for the pixel arrays:
+
+- chunked along the sample axis and compressed per chunk (Blosc with zstd and byte shuffle, which
+  suits 16-bit imagery), so a reader decodes only the chunks it touches and a writer appends chunk by
+  chunk without knowing the final length;
+- the native dtype is kept (uint8, uint16, int16, float16, float32), so a dataset stays near the size
+  of what it samples, with the physical scaling recorded beside it;
+- a maintained, versioned, language-neutral spec (zarr v3, readable from Python, Julia, Rust, JS),
+  whose stores are fsspec-native: ``s3://``, ``gs://`` or a local folder are written and read by the
+  same code.
+
+Alternatives weighed: Parquet is made for columns of scalars, not (C, H, W) tensors (a list column of
+bytes loses the array geometry and random access by sample); HDF5 is one file with a single writer,
+poor on object stores (every read is a ranged request through a file-system shim) and not appendable
+safely from a crashing process; WebDataset tars are for sequential streaming: no random access by
+index, which the DataLoader's shuffling and the per-split views need. Parquet keeps the part it is
+good at: the manifest.
+
+Every chunk is digested (SHA-256 of its decoded native bytes, shape and dtype) when written; readers
+check a chunk's digest the first time they decode it, so a changed or damaged chunk is refused with
+its name instead of being silently trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# A chunk holds whole samples; its size is aimed at this many uncompressed bytes (see chunk_samples_for).
+CHUNK_TARGET_BYTES = 16 * 2**20
+MAX_CHUNK_SAMPLES = 256
+CACHED_CHUNKS = 4
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, corrupt or violates an invariant (a chunk that fails its digest included)."""
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether ``location`` names an fsspec URL (``s3://bucket/prefix``) rather than a local path."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def chunk_samples_for(sample_bytes: int) -> int:
+    """Samples per chunk: about 16 MiB uncompressed, at most 256 samples, at least one.
+
+    A fixed byte budget rather than a fixed sample count keeps random access cheap for large samples
+    (a shuffled DataLoader decodes a whole chunk to read one sample of it: 16 MiB, not the 83 MiB of
+    64 Sentinel-2 tiles of 224 px) while small samples still compress as long runs.
+    """
+    return int(max(1, min(MAX_CHUNK_SAMPLES, CHUNK_TARGET_BYTES // max(1, sample_bytes))))
+
+
+def chunk_digest(block: np.ndarray) -> str:
+    """SHA-256 of a chunk's samples: native little-endian bytes, shape and dtype."""
+    block = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(block.tobytes())
+    digest.update(f"{block.shape}{block.dtype.str}".encode())
+    return digest.hexdigest()
+
+
+def chunk_key(name: str, index: int, ndim: int) -> str:
+    """The store key of chunk ``index`` of array ``name`` (zarr v3 default ``c/`` encoding)."""
+    return "/".join([name, "c", str(index), *["0"] * (ndim - 1)])
+
+
+class DatasetFiles:
+    """The files of one dataset, at a local folder or under an fsspec URL prefix.
+
+    Credentials and endpoints of object stores come from the standard places (``AWS_*`` environment
+    variables, ``~/.aws``, fsspec configuration); nothing here names a host.
+    """
+
+    def __init__(self, location: str | Path):
+        import fsspec
+
+        self.location = str(location).rstrip("/") if is_url(location) else str(Path(location))
+        self.remote = is_url(location)
+        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+
+    def describe(self, key: str) -> str:
+        """Full path or URL of ``key``, for messages."""
+        return f"{self.location}/{key}"
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if not self.remote:
+            self.fs.makedirs(str(Path(self._path(key)).parent), exist_ok=True)
+        self.fs.pipe_file(self._path(key), data)
+
+    def remove(self, key: str) -> None:
+        if self.exists(key):
+            self.fs.rm(self._path(key))
+
+    def keys(self) -> list[str]:
+        """Every file below the location, relative to it."""
+        if not self.fs.exists(self.root):
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
+
+    def total_bytes(self) -> int:
+        """Bytes of every file below the location (the stored size of the dataset)."""
+        return int(sum(self.fs.sizes([self._path(k) for k in self.keys()]) or [0]))
+
+    def clear(self) -> None:
+        """Remove every file below the location."""
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def zarr_group(self, mode: str):
+        """The zarr group at the root of the location (``mode`` as in :func:`zarr.open_group`)."""
+        import zarr
+
+        read_only = mode == "r"
+        if self.remote:
+            store = zarr.storage.FsspecStore.from_url(self.location, read_only=read_only)
+        else:
+            store = zarr.storage.LocalStore(self.location, read_only=read_only)
+        return zarr.open_group(store, mode=mode)
+
+
+class ChunkedArrayWriter:
+    """Appends samples to one zarr array a whole chunk at a time, digesting each chunk.
+
+    Memory is one chunk buffer, whatever the batch sizes; chunk boundaries depend only on the chunk
+    size, so identical samples give identical chunks and digests however a reader batched them.
+    """
+
+    def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int):
+        from zarr.codecs import BloscCodec
+
+        self.dtype = np.dtype(dtype)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.chunk_samples = chunk_samples
+        self.array = group.create_array(
+            name, shape=(0, *self.sample_shape), chunks=(chunk_samples, *self.sample_shape), dtype=self.dtype,
+            compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="shuffle" if self.dtype.itemsize > 1 else "noshuffle")],
+            fill_value=0)
+        self.buffer = np.empty((chunk_samples, *self.sample_shape), dtype=self.dtype)
+        self.filled = 0
+        self.length = 0
+        self.digests: list[str] = []
+
+    def append(self, block: np.ndarray) -> None:
+        position = 0
+        while position < len(block):
+            take = min(self.chunk_samples - self.filled, len(block) - position)
+            self.buffer[self.filled:self.filled + take] = block[position:position + take]
+            self.filled += take
+            position += take
+            if self.filled == self.chunk_samples:
+                self._store_chunk(self.buffer)
+
+    def close(self) -> None:
+        """Store the last, partly filled chunk."""
+        if self.filled:
+            self._store_chunk(self.buffer[:self.filled])
+
+    def _store_chunk(self, block: np.ndarray) -> None:
+        start = self.length
+        self.array.resize((start + len(block), *self.sample_shape))
+        self.array[start:start + len(block)] = block
+        self.digests.append(chunk_digest(block))
+        self.length += len(block)
+        self.filled = 0
+
+
+class ChunkSource:
+    """Decoded chunks of one stored array, each verified against its digest on first decode.
+
+    Keeps the last few decoded chunks (an LRU of ``CACHED_CHUNKS``), shared by every split that views
+    the array. Safe to pickle into DataLoader worker processes (the cache is not carried).
+    """
+
+    def __init__(self, files: DatasetFiles, array, name: str, digests: Sequence[str], verify: bool = True):
+        self.files = files
+        self.array = array
+        self.name = name
+        self.digests = list(digests)
+        self.verify = verify
+        self.chunk_samples = int(array.chunks[0])
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_cache", "_verified", "_lock"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.digests)
+
+    def key(self, index: int) -> str:
+        return chunk_key(self.name, index, self.array.ndim)
+
+    def chunk(self, index: int) -> np.ndarray:
+        """Samples of chunk ``index`` in their stored dtype."""
+        with self._lock:
+            cached = self._cache.get(index)
+            if cached is not None:
+                self._cache.move_to_end(index)
+                return cached
+        block = self._decode(index)
+        with self._lock:
+            self._cache[index] = block
+            while len(self._cache) > CACHED_CHUNKS:
+                self._cache.popitem(last=False)
+        return block
+
+    def _decode(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.num_chunks:
+            raise IndexError(f"chunk {index} of {self.name} out of range ({self.num_chunks} chunks)")
+        start = index * self.chunk_samples
+        stop = min(start + self.chunk_samples, int(self.array.shape[0]))
+        try:
+            block = np.asarray(self.array[start:stop])
+        except Exception as error:  # any codec failure on damaged bytes: name the chunk, not the codec
+            raise DatasetError(f"{self.files.describe(self.key(index))}: chunk could not be decoded "
+                             f"({type(error).__name__}: {error})") from error
+        if self.verify and index not in self._verified:
+            self.check(index, block)
+            self._verified.add(index)
+        return block
+
+    def check(self, index: int, block: np.ndarray) -> None:
+        """Raise DatasetError naming the chunk unless ``block`` matches its recorded digest."""
+        if chunk_digest(block) == self.digests[index]:
+            return
+        key = self.key(index)
+        problem = "is missing" if not self.files.exists(key) else "does not match its digest (changed or corrupt)"
+        raise DatasetError(f"{self.files.describe(key)}: chunk {index} of {self.name} {problem}")
+
+    def verify_all(self) -> int:
+        """Decode and check every chunk once (without caching); returns the number of chunks."""
+        for index in range(self.num_chunks):
+            start = index * self.chunk_samples
+            stop = min(start + self.chunk_samples, int(self.array.shape[0]))
+            try:
+                block = np.asarray(self.array[start:stop])
+            except Exception as error:
+                raise DatasetError(f"{self.files.describe(self.key(index))}: chunk could not be decoded "
+                                 f"({type(error).__name__}: {error})") from error
+            self.check(index, block)
+        return self.num_chunks
+
+
+class LazySamples:
+    """The samples of one split, read from a :class:`ChunkSource` on demand.
+
+    Looks enough like a NumPy array for callers that index it: ``len()``, ``shape``, ``dtype``,
+    ``ndim`` and ``x[i]``, ``x[a:b]``, ``x[[i, j, ...]]`` (boolean masks too), which return NumPy
+    arrays. Images come back as float32 physical values (``raw * scale + offset`` per channel, the
+    same arithmetic as :meth:`domains.SampleSet.physical`); label arrays as int64.
+
+    Efficient access patterns: reading in index order, or in slices, decodes each chunk once (the
+    recent chunks stay cached); a torch DataLoader that shuffles samples globally decodes about one
+    chunk (about 16 MiB) per sample, which is correct but slower: shuffling chunk order and samples
+    within a window of a few chunks keeps every decode reused. ``np.asarray(x)`` reads the whole
+    split: use it only for small data.
+    """
+
+    def __init__(self, source: ChunkSource, members: np.ndarray, scaling: Sequence[Sequence[float]] | None,
+                 dtype: np.dtype):
+        self.source = source
+        self.members = np.asarray(members, dtype=np.int64)
+        self.dtype = np.dtype(dtype)
+        self.shape = (len(self.members), *(int(s) for s in source.array.shape[1:]))
+        self.ndim = len(self.shape)
+        self._scale = self._offset = None
+        if scaling is not None:
+            shape = (1, -1) + (1,) * (self.ndim - 2)
+            self._scale = np.array([s for s, _ in scaling], dtype=np.float32).reshape(shape)
+            self._offset = np.array([o for _, o in scaling], dtype=np.float32).reshape(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazySamples(shape={self.shape}, dtype={self.dtype}, array={self.source.name!r})"
+
+    def _convert(self, raw: np.ndarray) -> np.ndarray:
+        if self._scale is not None:
+            return raw.astype(np.float32) * self._scale + self._offset
+        return raw.astype(self.dtype, copy=False)
+
+    def _positions(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return np.arange(len(self))[key]
+        positions = np.asarray(key)
+        if positions.dtype == bool:
+            if positions.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {positions.shape} for {len(self)} samples")
+            return np.flatnonzero(positions)
+        if not np.issubdtype(positions.dtype, np.integer):
+            raise IndexError(f"samples are indexed by int, slice or integer array, not {positions.dtype}")
+        if positions.size and (positions.min() < -len(self) or positions.max() >= len(self)):
+            raise IndexError(f"sample index out of range for {len(self)} samples")
+        return np.where(positions < 0, positions + len(self), positions)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:]) if not isinstance(key[0], (int, np.integer)) else key[1:]]
+        if isinstance(key, (int, np.integer)):
+            if not -len(self) <= key < len(self):
+                raise IndexError(f"sample {key} out of range for {len(self)} samples")
+            index = int(self.members[key])
+            size = self.source.chunk_samples
+            return self._convert(self.source.chunk(index // size)[index % size][None])[0]
+        return self.take(self._positions(key))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Samples at ``positions`` of the split (in that order), reading each chunk they need once."""
+        wanted = self.members[positions]
+        out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
+        size = self.source.chunk_samples
+        chunks = wanted // size
+        for chunk in np.unique(chunks):
+            rows = np.flatnonzero(chunks == chunk)
+            out[rows] = self._convert(self.source.chunk(int(chunk))[wanted[rows] - chunk * size])
+        return out
+
+    def batches(self, batch_size: int):
+        """Consecutive ``(start, samples)`` blocks of at most ``batch_size`` samples, in order."""
+        for start in range(0, len(self), batch_size):
+            yield start, self[start:start + batch_size]
+
+    def __iter__(self):
+        for _, block in self.batches(max(1, self.source.chunk_samples)):
+            yield from block
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
