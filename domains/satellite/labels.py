@@ -119,6 +119,13 @@ class LabelWindows:
 
         ds, path = self._dataset, self.path
         height, width = bottom - top, self.shape[1]
+        if ds.crs == self.crs and ds.shape == self.shape and ds.transform.almost_equals(self.transform):
+            # Already on the scene's grid (as labels made from the scene are): nearest neighbour is the identity.
+            same_grid = read_band(ds, 1, path, Window(0, top, width, height)).astype(np.int64)
+            if self._nodata is not None:
+                same_grid[same_grid == self._nodata] = -1
+            same_grid[same_grid < 0] = -1
+            return same_grid
         strip_transform = shifted_transform(self.transform, 0, top)
         target = np.full((height, width), -1, dtype=np.int32)
         # The strip's extent in the label raster's pixels, widened so nearest neighbour near the edges

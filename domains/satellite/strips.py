@@ -37,6 +37,90 @@ def shifted_transform(transform: Any, col: int, row: int) -> Any:
     return transform @ Affine.translation(col, row)
 
 
+def integer_upsampling(coarse: Any, fine: Any) -> int | None:
+    """The integer factor by which grid ``coarse`` is coarser than ``fine`` when they share origin and axes.
+
+    Sentinel-2's 20 m and 60 m bands (2 and 6) and Landsat's 30 m bands beside the 15 m pan band (2) are
+    such grids; None for anything else (rotated, shifted or non-integer grids are warped by GDAL).
+    """
+    if coarse.b or coarse.d or fine.b or fine.d or not fine.a or not fine.e:
+        return None
+    ratio_x, ratio_y = coarse.a / fine.a, coarse.e / fine.e
+    factor = round(ratio_x)
+    tolerance = 1e-9 * factor
+    if factor < 2 or abs(ratio_x - factor) > tolerance or abs(ratio_y - factor) > tolerance:
+        return None
+    if abs(coarse.c - fine.c) > 1e-6 * abs(fine.a) or abs(coarse.f - fine.f) > 1e-6 * abs(fine.e):
+        return None
+    return factor
+
+
+def _bilinear_axis(first: int, stop: int, factor: int, source_start: int, source_length: int):
+    """Neighbour indices (within the source window) and weights of fine pixels ``first:stop`` along one axis.
+
+    A fine pixel's centre lies at ``(i + 0.5) / factor - 0.5`` in coarse pixel-centre coordinates, the
+    convention of GDAL's bilinear warp kernel; neighbours beyond the raster's edge fall back on the edge
+    pixel, which is what excluding them and renormalising the weights gives.
+    """
+    position = (np.arange(first, stop, dtype=np.float64) + 0.5) / factor - 0.5 - source_start
+    lower = np.floor(position)
+    weight = (position - lower).astype(np.float32)
+    lower = lower.astype(np.int64)
+    return (np.clip(lower, 0, source_length - 1), np.clip(lower + 1, 0, source_length - 1), weight)
+
+
+def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int,
+                      width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear upsampling of a coarse band window onto fine rows ``top:bottom`` by an integer ``factor``.
+
+    The same kernel as GDAL's bilinear warp with nodata left out of the weights (the whole-scene reader's
+    resampling), computed separably in numpy: for aligned grids this is several times faster than a warp.
+    ``dn`` and ``valid`` start at coarse row ``source_row`` and cover the band's full width.
+
+    Returns:
+        ``(values, valid)`` on the fine rows: float32, NaN where not valid; valid where the coarse pixel
+        under the fine pixel's centre holds data.
+    """
+    rows_low, rows_high, row_weight = _bilinear_axis(top, bottom, factor, source_row, dn.shape[0])
+    cols_low, cols_high, col_weight = _bilinear_axis(0, width, factor, 0, dn.shape[1])
+    weight = valid.astype(np.float32)
+    values = np.where(valid, dn.astype(np.float32), np.float32(0)).astype(np.float32)
+    row_weight = row_weight[:, None]
+
+    # In place: two strip-sized temporaries per axis instead of four (this is the reader's hot loop).
+    def along_rows(x: np.ndarray) -> np.ndarray:
+        out = x[rows_low]
+        out *= 1 - row_weight
+        high = x[rows_high]
+        high *= row_weight
+        out += high
+        return out
+
+    def along_cols(x: np.ndarray) -> np.ndarray:
+        out = x[:, cols_low]
+        out *= 1 - col_weight
+        high = x[:, cols_high]
+        high *= col_weight
+        out += high
+        return out
+
+    # Columns first, on the coarse rows: the gathers that widen the rows then copy whole rows, which is cheap.
+    if valid.all():
+        out = along_rows(along_cols(values)).astype(np.float32)
+    else:
+        total = along_rows(along_cols(values))
+        norm = along_rows(along_cols(weight))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(norm > 0, total / norm, np.float32(np.nan)).astype(np.float32)
+    # Nearest neighbour of the coarse mask: fine pixel i lies in coarse pixel i // factor. GDAL's warper
+    # likewise leaves a fine pixel empty when the coarse pixel under its centre is nodata.
+    nearest_rows = np.arange(top, bottom) // factor - source_row
+    nearest_cols = np.arange(width) // factor
+    mask = valid[nearest_rows][:, nearest_cols] & np.isfinite(out)
+    out[~mask] = np.nan
+    return out, mask
+
+
 def strip_dtype(layout: SceneLayout) -> np.dtype:
     """The dtype samples of ``layout`` are stored in: the bands' own, float32 for floating-point data."""
     dtypes = [band.dtype for band in layout.bands]
@@ -62,8 +146,9 @@ class StripReader:
 
     Bands on the working grid are read as they are stored. Coarser bands (Sentinel-2 20 m and 60 m) are
     read over the strip's extent plus :data:`WINDOW_MARGIN` source pixels and resampled onto the strip
-    exactly as :func:`~domains.satellite.scene.read_scene` resamples a whole scene: bilinear, nodata kept
-    out of the weights, nearest neighbour for the valid mask. Integer data is rounded back to the source
+    as :func:`~domains.satellite.scene.read_scene` resamples a whole scene: bilinear, nodata kept out of
+    the weights, nearest neighbour for the valid mask (in numpy for grids coarser by an integer factor,
+    see :func:`upsample_bilinear`; by GDAL's warper otherwise). Integer data is rounded back to the source
     dtype after resampling (at most half a digital number from the whole-scene float result).
 
     Use as a context manager: ``with StripReader(layout) as reader: raw, valid = reader.read_rows(0, 448)``.
@@ -129,7 +214,10 @@ class StripReader:
                 values = np.clip(np.rint(values, out=values), info.min, info.max, out=values)
             values[~band_valid] = 0
             raw[i] = values
-        raw[:, ~valid] = self.fill[:, None]
+        if not valid.all():
+            invalid = ~valid
+            for i, fill in enumerate(self.fill):
+                raw[i][invalid] = fill
         return raw, valid
 
     def _resample_rows(self, dataset: Any, band: BandSource, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +237,9 @@ class StripReader:
         dn = read_band(dataset, band.index, band.path, window)
         reject_infinite(dn, band.path, band.name)
         band_valid = valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
+        factor = integer_upsampling(band.transform, layout.transform)
+        if factor is not None:
+            return upsample_bilinear(dn, band_valid, factor, start, top, bottom, width)
         values = dn.astype(np.float32)
         values[~band_valid] = np.nan
         source_transform = shifted_transform(band.transform, 0, start)

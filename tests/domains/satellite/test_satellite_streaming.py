@@ -98,3 +98,30 @@ def test_scene_without_valid_pixels_is_refused(tmp_path: Path, write_tif) -> Non
     with pytest.raises(DomainInputError, match="no valid pixel") as error:
         list(batches)
     assert error.value.path == str(path)
+
+
+@pytest.mark.parametrize("band", ["B05", "B09"])
+def test_numpy_upsampling_is_gdals_bilinear_warp(example: dict[str, Path], band: str) -> None:
+    import rasterio
+    from rasterio.warp import Resampling, reproject
+
+    from domains.satellite.scene import valid_pixels
+    from domains.satellite.sensors import SENTINEL2_L1C
+    from domains.satellite.strips import integer_upsampling, upsample_bilinear
+
+    path = next(example["scene_dir"].glob(f"*_{band}.tif"))
+    with rasterio.open(path) as ds:
+        dn, coarse = ds.read(1), ds.transform
+    with rasterio.open(next(example["scene_dir"].glob("*_B04.tif"))) as ds:
+        fine, shape, crs = ds.transform, ds.shape, ds.crs
+    factor = integer_upsampling(coarse, fine)
+    assert factor == (2 if band == "B05" else 6)
+    valid = valid_pixels(dn, 0, 0, SENTINEL2_L1C)
+    values = np.where(valid, dn.astype(np.float32), np.float32(np.nan))
+    warped = np.full(shape, np.nan, dtype=np.float32)
+    reproject(values, warped, src_transform=coarse, src_crs=crs, dst_transform=fine, dst_crs=crs,
+              src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear)
+    ours, ours_valid = upsample_bilinear(dn, valid, factor, 0, 0, shape[0], shape[1])
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(warped))
+    np.testing.assert_allclose(ours, warped, rtol=1e-5, equal_nan=True)
+    assert ours_valid.sum() < ours_valid.size

@@ -1,0 +1,275 @@
+"""Ingest benchmark: peak memory and speed of satellite ingest on scenes of growing size, side by side.
+
+``vitrail bench ingest --workdir DIR [--set KEY=VALUE ...]`` builds Sentinel-2 scenes as mosaics of the
+bundled 720 x 720 demo crop (13 band GeoTIFFs at their native 10/20/60 m resolution, one consistent
+transform, a tiled label raster beside them) and, for each size, runs three measurements, each in a fresh
+subprocess so that its peak resident memory (the kernel's VmHWM) is its own:
+
+* ``decode``: a plain rasterio read of the same band files, window by window, nothing else: the physical
+  limit of any ingest of these files on this machine;
+* ``reader``: the satellite domain's streaming reader, iterating its batches and discarding them;
+* ``ingest``: the real ``build_dataset`` (reader + dataset writer) into ``DIR/bench/ingest-datasets``.
+
+Megapixels are those of the 10 m working grid (H x W), the same for all three, so the speeds compare.
+Options: ``sizes`` (comma-separated scene sides, default ``1440,2880,5760,11520``; multiples of 720),
+``tile_size`` (224), ``stride`` (tile_size), ``block_size`` (2 x tile_size), ``batch_samples`` (64),
+``modes`` (``decode,reader,ingest``), ``keep`` (0: delete each dataset once measured; 1 keeps them).
+Goals (issue 10): ingest peak RSS at most 1.5 GB at full Sentinel-2 size and within 1.3x between
+2880^2 and the largest scene; ingest at least half the raw decode speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_SIDE = 720
+DEFAULT_SIZES = "1440,2880,5760,11520"
+GOALS = {"peak_rss_mb_max": 1536.0, "rss_ratio_max": 1.3, "decode_fraction_min": 0.5}
+MODES = ("decode", "reader", "ingest")
+# Rows of the 10 m grid read per window by the plain decode, about a reader strip.
+DECODE_ROWS = 448
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MiB; unlike ru_maxrss it restarts at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("model name", "modelname"):
+            return value.strip()
+    return "unknown"
+
+
+def write_mosaic_scene(size: int, folder: Path) -> dict[str, Path]:
+    """Write a ``size`` x ``size`` (10 m pixels) Sentinel-2 scene tiling the demo crop, with its labels.
+
+    Each band keeps its native resolution and the demo's file naming; the mosaic starts at the demo's
+    origin. Files are tiled (512 px blocks), deflate-compressed GeoTIFFs written one row of copies at a
+    time, so writing a full-size scene needs little memory. Returns ``{"source", "labels"}``.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    from domains.satellite.demo import demo_scene_dir, prepare_demo
+
+    if size % DEMO_SIDE:
+        raise ValueError(f"scene size {size} must be a multiple of the demo crop's {DEMO_SIDE} px")
+    repeats = size // DEMO_SIDE
+    scene_dir = folder / "scene"
+    done = folder / ".complete"
+    if done.exists():
+        return {"source": scene_dir, "labels": folder / "labels.tif"}
+    shutil.rmtree(folder, ignore_errors=True)
+    scene_dir.mkdir(parents=True)
+    demo_labels = prepare_demo(folder / "demo")["labels"]
+    inputs = [(p, scene_dir / p.name) for p in sorted(demo_scene_dir().glob("*.tif"))]
+    inputs.append((demo_labels, folder / "labels.tif"))
+    for source, target in inputs:
+        with rasterio.open(source) as src:
+            crop = src.read(1)
+            profile = dict(src.profile)
+        height, width = crop.shape
+        t = profile["transform"]
+        profile.update(driver="GTiff", width=width * repeats, height=height * repeats, tiled=True,
+                       blockxsize=512, blockysize=512, compress="deflate", predictor=2)
+        profile.pop("photometric", None)
+        # Same origin and pixel size: the mosaic's bands stay aligned whatever their resolution.
+        profile["transform"] = t
+        row_of_copies = np.tile(crop, (1, repeats))
+        with rasterio.open(target, "w", **profile) as out:
+            for copy in range(repeats):
+                out.write(row_of_copies, 1, window=Window(0, copy * height, width * repeats, height))
+    shutil.rmtree(folder / "demo", ignore_errors=True)
+    done.touch()
+    return {"source": scene_dir, "labels": folder / "labels.tif"}
+
+
+def source_native_bytes(scene_dir: Path) -> int:
+    """Uncompressed size of the band files in their own dtype and resolution (what the scene stores)."""
+    import numpy as np
+    import rasterio
+
+    total = 0
+    for path in sorted(scene_dir.glob("*.tif")):
+        with rasterio.open(path) as ds:
+            total += ds.width * ds.height * ds.count * np.dtype(ds.dtypes[0]).itemsize
+    return total
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _child_decode(spec: dict) -> dict:
+    """Read every band window by window (about a reader strip each) and discard the pixels."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from domains.satellite.strips import GDAL_CACHE_MB
+
+    scene_dir = Path(spec["source"])
+    start = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        datasets = [rasterio.open(p) for p in sorted(scene_dir.glob("*.tif"))]
+        grid_rows = max(ds.height for ds in datasets)
+        for top in range(0, grid_rows, DECODE_ROWS):
+            for ds in datasets:
+                factor = grid_rows / ds.height
+                first = int(top / factor)
+                last = min(ds.height, int(-(-(top + DECODE_ROWS) // factor)))
+                if last > first:
+                    ds.read(1, window=Window(0, first, ds.width, last - first))
+        for ds in datasets:
+            ds.close()
+    return {"seconds": time.perf_counter() - start}
+
+
+def _request(spec: dict):
+    from domains.spec import IngestRequest
+
+    return IngestRequest(source=Path(spec["source"]), labels=Path(spec["labels"]), tile_size=spec["tile_size"],
+                         stride=spec["stride"], block_size=spec["block_size"], batch_samples=spec["batch_samples"])
+
+
+def _child_reader(spec: dict) -> dict:
+    """Iterate the streaming reader's batches and discard them."""
+    from domains.satellite.tiling import read_samples
+
+    start = time.perf_counter()
+    samples = batches = 0
+    for batch in read_samples(_request(spec)):
+        samples += len(batch.images)
+        batches += 1
+    return {"seconds": time.perf_counter() - start, "samples": samples, "batches": batches}
+
+
+def _child_ingest(spec: dict) -> dict:
+    """The real ingest: ``build_dataset`` with the satellite reader into a fresh folder."""
+    from tasks.dataset import SplitParams, build_dataset
+
+    out = Path(spec["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    info = build_dataset("satellite", _request(spec), out, SplitParams())
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "samples": sum(info.split_counts.values()), "stored_dtype": info.stored_dtype,
+            "dataset_bytes": _folder_bytes(out)}
+
+
+def _run_child(mode: str, spec: dict) -> dict:
+    command = [sys.executable, "-m", "tasks.benchmarks.ingest", mode, json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ingest benchmark child '{mode}' failed (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
+    """Write the mosaic scenes (once, kept under ``DIR/bench/ingest-scenes``) and measure every size."""
+    sizes = [int(s) for s in options.get("sizes", DEFAULT_SIZES).split(",") if s.strip()]
+    tile_size = int(options.get("tile_size", 224))
+    stride = int(options.get("stride", tile_size))
+    block_size = int(options.get("block_size", 2 * tile_size))
+    batch_samples = int(options.get("batch_samples", 64))
+    modes = [m for m in options.get("modes", ",".join(MODES)).split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; known: {', '.join(MODES)}")
+    keep = options.get("keep", "0") == "1"
+    bench = Path(workdir) / "bench"
+    rows = []
+    for size in sizes:
+        scene = write_mosaic_scene(size, bench / "ingest-scenes" / f"mosaic-{size}")
+        spec = {"source": str(scene["source"]), "labels": str(scene["labels"]), "tile_size": tile_size,
+                "stride": stride, "block_size": block_size, "batch_samples": batch_samples,
+                "out": str(bench / "ingest-datasets" / f"mosaic-{size}")}
+        megapixels = size * size / 1e6
+        native = source_native_bytes(scene["source"])
+        row: dict = {"size": size, "megapixels": megapixels, "source_native_bytes": native}
+        for mode in modes:
+            result = _run_child(mode, spec)
+            row[mode] = result | {"megapixels_per_second": megapixels / result["seconds"]}
+        if "ingest" in row:
+            ingest = row["ingest"]
+            row.update(peak_rss_mb=ingest["peak_rss_mb"], seconds=ingest["seconds"],
+                       megapixels_per_second=ingest["megapixels_per_second"],
+                       dataset_bytes=ingest["dataset_bytes"],
+                       dataset_to_source_native=ingest["dataset_bytes"] / native)
+            if not keep:
+                shutil.rmtree(spec["out"], ignore_errors=True)
+        if "decode" in row:
+            row["raw_decode_megapixels_per_second"] = row["decode"]["megapixels_per_second"]
+            if "ingest" in row:
+                row["fraction_of_raw_decode"] = row["megapixels_per_second"] / row["raw_decode_megapixels_per_second"]
+        rows.append(row)
+    return {
+        "cpu": _cpu_model(),
+        "options": {"sizes": sizes, "tile_size": tile_size, "stride": stride, "block_size": block_size,
+                    "batch_samples": batch_samples, "modes": modes},
+        "rows": rows,
+        "rss_ratio_largest_to_2880": _rss_ratio(rows, "ingest"),
+        "reader_rss_ratio_largest_to_2880": _rss_ratio(rows, "reader"),
+        "goals": GOALS,
+    }
+
+
+def _rss_ratio(rows: list[dict], mode: str) -> float | None:
+    by_size = {r["size"]: r[mode]["peak_rss_mb"] for r in rows if mode in r}
+    if 2880 not in by_size or len(by_size) < 2:
+        return None
+    return by_size[max(by_size)] / by_size[2880]
+
+
+def format_table(result: dict) -> str:
+    """The measurements as a plain-text table, with the goals and the CPU."""
+    lines = [f"CPU: {result['cpu']}", f"options: {result['options']}", ""]
+    header = (f"{'scene':>11} {'mode':>7} {'peak RSS MB':>12} {'seconds':>8} {'Mpx/s':>8} {'vs decode':>9} "
+              f"{'dataset/source':>14}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for row in result["rows"]:
+        decode = row.get("decode", {}).get("megapixels_per_second")
+        for mode in MODES:
+            if mode not in row:
+                continue
+            m = row[mode]
+            share = f"{m['megapixels_per_second'] / decode:.2f}" if decode else "-"
+            ratio = f"{row['dataset_to_source_native']:.2f}" if mode == "ingest" else ""
+            lines.append(f"{row['size']:>5}^2 px {mode:>7} {m['peak_rss_mb']:>12.0f} {m['seconds']:>8.1f} "
+                         f"{m['megapixels_per_second']:>8.1f} {share:>9} {ratio:>14}")
+    for key, label in (("rss_ratio_largest_to_2880", "ingest"), ("reader_rss_ratio_largest_to_2880", "reader")):
+        if result.get(key) is not None:
+            lines.append(f"{label} peak RSS, largest / 2880^2: {result[key]:.2f} (goal <= {GOALS['rss_ratio_max']})")
+    lines.append(f"goals: ingest peak RSS <= {GOALS['peak_rss_mb_max']:.0f} MB at full size; ingest >= "
+                 f"{GOALS['decode_fraction_min']:.0%} of raw decode speed")
+    return "\n".join(lines)
+
+
+def _child_main(mode: str, payload: str) -> None:
+    spec = json.loads(payload)
+    result = {"decode": _child_decode, "reader": _child_reader, "ingest": _child_ingest}[mode](spec)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])
