@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tasks_support import CHANNELS, make_samples
 
 from tasks.dataset import SplitParams, build_dataset, load_dataset, write_dataset
 from tasks.dataset_store import DatasetFiles
-from tasks_support import CHANNELS, make_samples
 
 
 def test_a_real_scene_ingested_as_uint16_tiles_stays_within_1_3x_their_native_size(tmp_path: Path) -> None:
