@@ -10,12 +10,15 @@ from typing import Iterator
 import numpy as np
 
 from domains.input_guards import check_source_size
-from domains.radiology.deidentify import FileAudit, burned_in_allowed, deidentify_dataset
+from domains.radiology.deidentify import DeidentifiedKeys, FileAudit, burned_in_allowed, deidentify_dataset
 from domains.radiology.intensity import RADIOGRAPH_MODALITIES
 from domains.radiology.series import Frame
 from domains.spec import DomainInputError
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Values above this size are left on disk by the header pass (pydicom's defer_size): in practice the pixels.
+HEADER_DEFER_BYTES = 4096
 
 # What to install when pydicom has no working decoder for a transfer syntax (PS3.5 Table A-1 UIDs).
 _CODEC_PACKAGES = {
@@ -167,6 +170,72 @@ def _decoder_failures_without_tracebacks() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def _parse_and_check(path: Path, file_key: str, header_only: bool):
+    """Parse one DICOM file, de-identify it at once, and apply every check its header allows.
+
+    ``header_only`` defers large values (pixel data) instead of reading them: the file's pixel data is
+    noted and then dropped from the dataset, so nothing below touches it.
+
+    Returns:
+        ``(dataset, keys, audit, transfer syntax)``.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=HEADER_DEFER_BYTES if header_only else None)
+    except InvalidDicomError:
+        raise FileReadError(file_key, "unreadable", "not a DICOM file (no DICM preamble or file meta)") from None
+    except Exception as exc:  # pydicom raises EOFError, OSError, ValueError... on damaged files
+        raise FileReadError(file_key, "unreadable", f"damaged or truncated DICOM ({type(exc).__name__})") from None
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "") or "")
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise NotAnImage("DICOMDIR")
+    modality = str(ds.get("Modality", "") or "OT").upper()
+    has_pixels = any(k in ds for k in PIXEL_KEYWORDS)
+    if header_only:
+        for keyword in PIXEL_KEYWORDS:  # deleting a deferred element does not read it
+            if keyword in ds:
+                del ds[keyword]
+    keys, audit = deidentify_dataset(ds, file_key)
+    if modality in ("SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "REG", "ECG"):
+        raise NotAnImage(modality)
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not burned_in_allowed():
+        audit.quarantined = "burned_in_annotation"
+        raise QuarantinedFile(file_key, "burned_in_annotation",
+                              "BurnedInAnnotation is YES (text in the pixels may identify the patient); "
+                              "set VITRAIL_ALLOW_BURNED_IN=1 once such images have been checked", audit)
+    if not has_pixels:
+        raise FileReadError(file_key, "no_pixel_data", "the object has no pixel data")
+    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+    check_codec(transfer_syntax, file_key)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        raise FileReadError(file_key, "unsupported", "PALETTE COLOR images are not supported")
+    declared = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                int(ds.get("SamplesPerPixel", 1) or 1))
+    try:
+        # From the header, before pixel_array allocates what it declares.
+        check_source_size(f"file {file_key}", declared, "frames x rows x columns x samples per pixel")
+    except DomainInputError as exc:
+        raise FileReadError(file_key, "too_large", exc.problem) from None
+    return ds, keys, audit, transfer_syntax
+
+
+def read_dicom_header(path: Path, file_key: str) -> tuple[DeidentifiedKeys, FileAudit]:
+    """Read one DICOM file's header without its pixels: de-identified keys and audit, after every header check.
+
+    This is the first pass of a streaming read: it groups files into series and quarantines what the
+    header already condemns, so that pixels are decoded later one series at a time.
+
+    Raises:
+        NotAnImage, QuarantinedFile, FileReadError: as :func:`read_dicom_frames`, except for failures that
+            only decoding reveals (corrupt pixel data, non-finite values).
+    """
+    _, keys, audit, _ = _parse_and_check(path, file_key, header_only=True)
+    return keys, audit
+
+
 def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit, bool]:
     """Read, de-identify and decode one DICOM file.
 
@@ -183,41 +252,8 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
         FileReadError: unreadable, truncated, no pixel data, no codec, unsupported photometric, or more
             pixels declared than the configured limit.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError:
-        raise FileReadError(file_key, "unreadable", "not a DICOM file (no DICM preamble or file meta)") from None
-    except Exception as exc:  # pydicom raises EOFError, OSError, ValueError... on damaged files
-        raise FileReadError(file_key, "unreadable", f"damaged or truncated DICOM ({type(exc).__name__})") from None
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "") or "")
-    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-        raise NotAnImage("DICOMDIR")
+    ds, keys, audit, transfer_syntax = _parse_and_check(path, file_key, header_only=False)
     modality = str(ds.get("Modality", "") or "OT").upper()
-    keys, audit = deidentify_dataset(ds, file_key)
-    if modality in ("SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "REG", "ECG"):
-        raise NotAnImage(modality)
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not burned_in_allowed():
-        audit.quarantined = "burned_in_annotation"
-        raise QuarantinedFile(file_key, "burned_in_annotation",
-                              "BurnedInAnnotation is YES (text in the pixels may identify the patient); "
-                              "set VITRAIL_ALLOW_BURNED_IN=1 once such images have been checked", audit)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise FileReadError(file_key, "no_pixel_data", "the object has no pixel data")
-    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
-    check_codec(transfer_syntax, file_key)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric == "PALETTE COLOR":
-        raise FileReadError(file_key, "unsupported", "PALETTE COLOR images are not supported")
-    declared = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
-                int(ds.get("SamplesPerPixel", 1) or 1))
-    try:
-        # From the header, before pixel_array allocates what it declares.
-        check_source_size(f"file {file_key}", declared, "frames x rows x columns x samples per pixel")
-    except DomainInputError as exc:
-        raise FileReadError(file_key, "too_large", exc.problem) from None
     try:
         with _decoder_failures_without_tracebacks():
             pixels = ds.pixel_array

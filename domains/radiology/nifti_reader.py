@@ -43,6 +43,11 @@ def nifti_patient_id(relative: PurePosixPath) -> str:
     return name
 
 
+def nifti_series_key(relative: PurePosixPath) -> str:
+    """Pseudonymous series key of a NIfTI file (one file, one series), from its path under the source root."""
+    return pseudonym("series", "nifti:" + relative.as_posix())
+
+
 def read_nifti_series(path: Path, relative: PurePosixPath, file_key: str) -> tuple[Series, dict[str, str]]:
     """Read a NIfTI volume as one series of axial slices.
 
@@ -85,7 +90,7 @@ def read_nifti_series(path: Path, relative: PurePosixPath, file_key: str) -> tup
     modality = "CT" if float(data.min()) <= CT_MINIMUM_HU else "MR"
     patient = pseudonym("patient", nifti_patient_id(relative))
     study = pseudonym("study", "nifti:" + relative.as_posix())
-    series = pseudonym("series", "nifti:" + relative.as_posix())
+    series = nifti_series_key(relative)
     # In RAS+ voxel order i grows towards the patient's right and j towards anterior. Reversing both puts
     # the patient's right in column 0 and anterior in row 0 (radiological display), as DICOM axial slices
     # are stored (row direction +x = patient left, column direction +y = posterior, PS3.3 C.7.6.2.1.1).

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from domains.radiology.deidentify import FileAudit, pseudonym, summarise_audits
-from domains.radiology.dicom_reader import FileReadError, NotAnImage, QuarantinedFile, read_dicom_frames
+from domains.radiology.dicom_reader import (FileReadError, NotAnImage, QuarantinedFile, read_dicom_frames,
+                                           read_dicom_header)
 from domains.radiology.nifti_reader import is_nifti, read_nifti_series
 from domains.radiology.series import Frame, Series, assemble_series
 from domains.spec import DomainInputError
@@ -51,6 +52,10 @@ class SourceRead:
     patients_without_id: set[str] = field(default_factory=set)
     seen_keys: set[str] = field(default_factory=set)
     """Pseudonymous keys of every patient, study, series and file met, kept or not (for label matching)."""
+    plans: list["SeriesPlan"] = field(default_factory=list)
+    """Series found by the header pass (:func:`scan_source`), to be decoded one at a time."""
+    assembled: int = 0
+    """Series decoded and assembled so far (before any was turned into samples)."""
 
     def reject(self, key: str, reason: str, problem: str, images: int = 1) -> None:
         self.quarantine.append({"item": key, "reason": reason, "problem": problem})
@@ -134,19 +139,57 @@ def _first_with_same_content(path: Path, key: str, seen: dict[tuple[int, str], s
     return earlier
 
 
-def read_source(source: Path | str) -> SourceRead:
-    """Read every DICOM and NIfTI file of ``source`` into ordered, de-identified series.
+@dataclass
+class SeriesPlan:
+    """A series found by the header pass: its pseudonymous keys and files, nothing decoded yet.
 
-    Bad files and irregular series are recorded (by pseudonymous key, reason and problem) in
-    ``quarantine`` and counted in ``dropped``; the rest is kept.
+    It answers ``file_keys`` and ``series`` like a :class:`Series`, so masks can be matched to it.
+    """
+
+    series: str
+    kind: str
+    files: list[SourceFile] = field(default_factory=list)
+
+    @property
+    def file_keys(self) -> list[str]:
+        return [f.key for f in self.files]
+
+
+def _nifti_header_plan(item: SourceFile) -> SeriesPlan:
+    """Check a NIfTI file from its header (readable, size guard) and plan it as its own series."""
+    import nibabel as nib
+
+    from domains.input_guards import check_source_size
+    from domains.radiology.nifti_reader import nifti_series_key
+
+    try:
+        image = nib.load(str(item.path))
+        shape = tuple(image.shape)
+    except Exception as exc:
+        raise FileReadError(item.key, "unreadable", f"damaged or truncated NIfTI ({type(exc).__name__})") from None
+    try:
+        check_source_size(f"file {item.key}", shape, "voxels per axis")
+    except DomainInputError as exc:
+        raise FileReadError(item.key, "too_large", exc.problem) from None
+    return SeriesPlan(nifti_series_key(item.relative), "nifti", [item])
+
+
+def scan_source(source: Path | str) -> SourceRead:
+    """First pass of a streaming read: every file's header, grouped into series plans; no pixel decoded.
+
+    DICOM headers are de-identified as they are parsed (the audits are kept); links, missing files,
+    duplicates, DICOMDIRs, non-image objects and everything a header condemns (burned-in annotation, no
+    pixel data, missing codec, size guard) are quarantined here, exactly as a full read would. Series
+    come NIfTI files first, then DICOM series in the order their first file was met.
 
     Raises:
-        DomainInputError: nothing usable was found; the message lists the problems by key.
+        DomainInputError: the source has no file, or no file that could hold an image.
     """
     source = Path(source)
     root, paths = discover_files(source)
     result = SourceRead(tag=source_tag(source))
-    by_series: dict[str, list[Frame]] = defaultdict(list)
+    dicom_plans: dict[str, SeriesPlan] = {}
+    nifti_plans: list[SeriesPlan] = []
     contents: dict[tuple[int, str], str] = {}
     for path in paths:
         try:
@@ -168,12 +211,9 @@ def read_source(source: Path | str) -> SourceRead:
                 result.reject(item.key, "duplicate_file", f"same bytes as file {duplicate_of} (read once)")
                 continue
             if is_nifti(path):
-                series, notes = read_nifti_series(path, relative, item.key)
-                result.series.append(series)
-                result.seen_keys.update((series.patient, series.study, series.series))
-                result.notes.update(notes)
+                nifti_plans.append(_nifti_header_plan(item))
                 continue
-            frames, audit, no_patient_id = read_dicom_frames(path, item.key)
+            keys, audit = read_dicom_header(path, item.key)
         except NotAnImage as kind:
             result.notes[f"skipped_{kind}"] = str(int(result.notes.get(f"skipped_{kind}", "0")) + 1)
             continue
@@ -194,21 +234,102 @@ def read_source(source: Path | str) -> SourceRead:
             result.reject(item.key, "unreadable", f"reading failed unexpectedly ({type(exc).__name__})")
             continue
         result.audits.append(audit)
-        if no_patient_id:
-            result.patients_without_id.add(frames[0].patient)
-        result.seen_keys.update((frames[0].patient, frames[0].study, frames[0].series))
-        for frame in frames:
-            by_series[frame.series].append(frame)
-    for key, frames in by_series.items():
+        dicom_plans.setdefault(keys.series, SeriesPlan(keys.series, "dicom")).files.append(item)
+    result.plans = [*nifti_plans, *dicom_plans.values()]
+    if not result.plans:
+        raise DomainInputError(result.tag, _nothing_usable(result, len(paths)))
+    return result
+
+
+def _nothing_usable(result: SourceRead, files: int) -> str:
+    problems = "; ".join(f"{q['item']}: {q['problem']}" for q in result.quarantine[:10]) or "no image objects"
+    return f"no usable images in {files} file(s): {problems}"
+
+
+def read_planned_series(result: SourceRead, plan: SeriesPlan) -> Series | None:
+    """Second pass for one series: decode its files and assemble it; None when none of it is usable.
+
+    A file that fails to decode is quarantined (and its audit withdrawn, since it contributes nothing);
+    an irregular series is quarantined whole. Keys of what was read join ``result.seen_keys``.
+    """
+    if plan.kind == "nifti":
+        item = plan.files[0]
         try:
-            result.series.append(assemble_series(frames))
-        except DomainInputError as exc:
-            result.reject(key, "inconsistent_series", exc.problem, images=len(frames))
+            series, notes = read_nifti_series(item.path, item.relative, item.key)
+        except FileReadError as exc:
+            result.reject(item.key, exc.reason, exc.problem)
+            return None
         except MemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - one odd series must not cost the others
-            result.reject(key, "inconsistent_series", f"cannot be assembled ({type(exc).__name__})", images=len(frames))
+        except Exception as exc:  # noqa: BLE001 - any failure of one file quarantines that file only
+            result.reject(item.key, "unreadable", f"reading failed unexpectedly ({type(exc).__name__})")
+            return None
+        result.seen_keys.update((series.patient, series.study, series.series))
+        result.notes.update(notes)
+        result.assembled += 1
+        return series
+    frames: list[Frame] = []
+    failed: set[str] = set()
+    for item in plan.files:
+        try:
+            file_frames, _, no_patient_id = read_dicom_frames(item.path, item.key)
+        except (NotAnImage, QuarantinedFile):  # the header pass already sorted these out; a changed file
+            failed.add(item.key)
+            result.reject(item.key, "unreadable", "the file changed between its header and its pixels being read")
+            continue
+        except FileReadError as exc:
+            failed.add(item.key)
+            result.reject(item.key, exc.reason, exc.problem)
+            continue
+        except PermissionError:
+            failed.add(item.key)
+            result.reject(item.key, "unreadable", "permission denied")
+            continue
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one file quarantines that file only
+            failed.add(item.key)
+            result.reject(item.key, "unreadable", f"reading failed unexpectedly ({type(exc).__name__})")
+            continue
+        if no_patient_id:
+            result.patients_without_id.add(file_frames[0].patient)
+        result.seen_keys.update((file_frames[0].patient, file_frames[0].study, file_frames[0].series))
+        frames.extend(file_frames)
+    if failed:
+        result.audits = [a for a in result.audits if a.file not in failed or a.quarantined]
+    if not frames:
+        return None
+    try:
+        series = assemble_series(frames)
+    except DomainInputError as exc:
+        result.reject(plan.series, "inconsistent_series", exc.problem, images=len(frames))
+        return None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one odd series must not cost the others
+        result.reject(plan.series, "inconsistent_series", f"cannot be assembled ({type(exc).__name__})",
+                      images=len(frames))
+        return None
+    result.assembled += 1
+    return series
+
+
+def read_source(source: Path | str) -> SourceRead:
+    """Read every DICOM and NIfTI file of ``source`` into ordered, de-identified series (all in memory).
+
+    The header pass (:func:`scan_source`) then every series decoded (:func:`read_planned_series`); the
+    streaming ingest does the same one series at a time instead. Bad files and irregular series are
+    recorded (by pseudonymous key, reason and problem) in ``quarantine`` and counted in ``dropped``; the
+    rest is kept.
+
+    Raises:
+        DomainInputError: nothing usable was found; the message lists the problems by key.
+    """
+    result = scan_source(source)
+    for plan in result.plans:
+        series = read_planned_series(result, plan)
+        if series is not None:
+            result.series.append(series)
     if not result.series:
-        problems = "; ".join(f"{q['item']}: {q['problem']}" for q in result.quarantine[:10]) or "no image objects"
-        raise DomainInputError(result.tag, f"no usable images in {len(paths)} file(s): {problems}")
+        raise DomainInputError(result.tag, _nothing_usable(result, len(result.files)))
     return result

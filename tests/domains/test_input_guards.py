@@ -113,7 +113,7 @@ def test_unexpected_failures_become_errors_naming_the_file_but_memory_errors_pas
             raise KeyboardInterrupt
 
 
-def test_a_radiograph_without_a_usable_field_of_view_is_quarantined_and_the_rest_kept(tmp_path):
+def test_a_radiograph_without_a_usable_field_of_view_is_quarantined_and_the_rest_kept(tmp_path, collect):
     """Issue 9, defect 2: zero pixel spacing made square_layout divide by zero and aborted the whole ingest."""
     import json
 
@@ -133,14 +133,14 @@ def test_a_radiograph_without_a_usable_field_of_view_is_quarantined_and_the_rest
     ds = pydicom.dcmread(radiograph)
     ds.ImagerPixelSpacing = [0, 0]
     ds.save_as(radiograph)
-    good = read_samples(IngestRequest(source=source, tile_size=8))
+    good = collect(read_samples(IngestRequest(source=source, tile_size=8)))
     assert good.dropped == {"degenerate_field_of_view": 1} and len(good.images) == 9
     [entry] = good.quarantine
     assert entry["reason"] == "degenerate_field_of_view" and "field of view" in entry["problem"]
     assert json.loads(good.provenance["quarantine"]) == good.quarantine
 
 
-def test_an_unexpected_failure_of_one_series_quarantines_only_that_series(tmp_path, monkeypatch):
+def test_an_unexpected_failure_of_one_series_quarantines_only_that_series(tmp_path, monkeypatch, collect):
     from domains import IngestRequest
     from domains.radiology import sampling
     from domains.radiology.examples import write_example
@@ -154,7 +154,7 @@ def test_an_unexpected_failure_of_one_series_quarantines_only_that_series(tmp_pa
         return real(series, recipes, size)
 
     monkeypatch.setattr(sampling, "series_images", fails_on_mr)
-    samples = sampling.read_samples(IngestRequest(source=source, tile_size=8))
+    samples = collect(sampling.read_samples(IngestRequest(source=source, tile_size=8)))
     assert samples.dropped == {"unusable_series": 3} and len(samples.images) == 7
     assert "RuntimeError: a decoder bug" in samples.quarantine[0]["problem"]
 

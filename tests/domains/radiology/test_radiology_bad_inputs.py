@@ -10,12 +10,13 @@ import pytest
 from domains import DomainInputError, IngestRequest
 from domains.radiology import dicom_reader
 from domains.radiology.sampling import read_samples
+from sample_batches import collect_batches  # tests/domains is on sys.path through its conftest.py
 
 GOOD_IMAGES = 10  # the example: 3 CT + 3 MR + 1 DX + 3 NIfTI slices
 
 
 def _read(source, labels=None):
-    return read_samples(IngestRequest(source=source, labels=labels, tile_size=8))
+    return collect_batches(read_samples(IngestRequest(source=source, labels=labels, tile_size=8)))
 
 
 def _quarantine(samples):

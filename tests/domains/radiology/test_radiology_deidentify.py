@@ -20,6 +20,7 @@ from domains.radiology.deidentify import (
 from domains.radiology.dicom_writer import PLANTED_BIRTH_DATE, PLANTED_PRIVATE_VALUE
 from domains.radiology.examples import EXAMPLE_PATIENTS
 from domains.radiology.sampling import read_samples
+from sample_batches import collect_batches  # tests/domains is on sys.path through its conftest.py
 
 
 def _original_uids(source) -> set[str]:
@@ -52,7 +53,7 @@ def test_no_planted_identifier_reaches_the_sample_set(example_copy):
     # Add a burned-in file and a damaged file so quarantine records are part of what is checked.
     source = example_copy["source"]
     (source / "PLANTED-ID-105_broken.dcm").write_bytes(b"PLANTED garbage")
-    samples = read_samples(IngestRequest(source=source, labels=example_copy["labels"], tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=source, labels=example_copy["labels"], tile_size=8)))
     text = _everything_returned(samples)
     for needle in _identifying_strings(source):
         assert needle not in text, needle
@@ -113,7 +114,7 @@ def test_same_series_split_over_two_folders_keeps_one_series_key(example, tmp_pa
     shutil.copy(files[0], tmp_path / "a")
     for f in files[1:]:
         shutil.copy(f, tmp_path / "b")
-    samples = read_samples(IngestRequest(source=tmp_path, tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=tmp_path, tile_size=8)))
     assert len({sid.rsplit("/", 1)[0] for sid in samples.sample_ids}) == 1 and len(samples.images) == 3
 
 
@@ -124,17 +125,17 @@ def test_burned_in_annotation_is_quarantined_unless_allowed(example_copy, monkey
     ds = pydicom.dcmread(victim)
     ds.BurnedInAnnotation = "YES"
     ds.save_as(victim)
-    samples = read_samples(IngestRequest(source=example_copy["source"], tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=example_copy["source"], tile_size=8)))
     assert samples.dropped == {"burned_in_annotation": 1}
     assert samples.provenance["deid_burned_in_quarantined"] == "1"
     assert "VITRAIL_ALLOW_BURNED_IN=1" in samples.provenance["quarantine"]
     monkeypatch.setenv("VITRAIL_ALLOW_BURNED_IN", "1")
-    allowed = read_samples(IngestRequest(source=example_copy["source"], tile_size=8))
+    allowed = collect_batches(read_samples(IngestRequest(source=example_copy["source"], tile_size=8)))
     assert allowed.dropped == {} and len(allowed.images) == len(samples.images) + 1
 
 
 def test_audit_is_written_beside_the_dataset_without_values(example, tmp_path):
-    samples = read_samples(IngestRequest(source=example["source"], tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=example["source"], tile_size=8)))
     path = write_deidentification_audit(samples.provenance, tmp_path)
     assert path == tmp_path / AUDIT_FILE_NAME
     audit = json.loads(path.read_text())
@@ -152,7 +153,7 @@ def test_missing_patient_id_falls_back_to_the_study_and_is_counted(example_copy)
         ds = pydicom.dcmread(path)
         ds.PatientID = ""
         ds.save_as(path)
-    samples = read_samples(IngestRequest(source=example_copy["source"], tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=example_copy["source"], tile_size=8)))
     assert samples.provenance["patients_without_id"] == "1"
     assert len(set(samples.groups.tolist())) == 4
 

@@ -7,12 +7,13 @@ import numpy as np
 from domains import IngestRequest
 from domains.radiology import SPEC
 from domains.radiology.demo import DEMO_FINDINGS, draw_phantom, write_demo_source
+from sample_batches import collect_batches  # tests/domains is on sys.path through its conftest.py
 
 
 def test_demo_is_read_with_study_keyed_labels_and_patient_groups(tmp_path):
     source, labels = write_demo_source(tmp_path, patients=12)
     assert "SYNTHETIC PHANTOMS" in (source / "README.txt").read_text()
-    samples = SPEC.read_samples(IngestRequest(source=source, labels=labels, tile_size=32))
+    samples = collect_batches(SPEC.read_samples(IngestRequest(source=source, labels=labels, tile_size=32)))
     assert samples.images.shape == (48, 1, 32, 32) and samples.class_names == DEMO_FINDINGS
     assert (samples.labels >= 0).all() and len(set(samples.groups.tolist())) == 12
     # MONOCHROME1 and MONOCHROME2 studies end up with the same polarity: lungs darker than the body.
@@ -25,8 +26,8 @@ def test_demo_generation_is_deterministic(tmp_path):
     a_source, a_labels = write_demo_source(tmp_path / "a", patients=4)
     b_source, b_labels = write_demo_source(tmp_path / "b", patients=4)
     assert a_labels.read_text() == b_labels.read_text()
-    a = SPEC.read_samples(IngestRequest(source=a_source, tile_size=16)).images
-    b = SPEC.read_samples(IngestRequest(source=b_source, tile_size=16)).images
+    a = collect_batches(SPEC.read_samples(IngestRequest(source=a_source, tile_size=16))).images
+    b = collect_batches(SPEC.read_samples(IngestRequest(source=b_source, tile_size=16))).images
     np.testing.assert_array_equal(a, b)
 
 

@@ -11,6 +11,7 @@ from domains import IngestRequest
 from domains.radiology.intensity import CT_WINDOWS, fit_to_square, parse_channels
 from domains.radiology.sampling import read_samples
 from domains.radiology.source import read_source
+from sample_batches import collect_batches  # tests/domains is on sys.path through its conftest.py
 
 
 def _only_series(source):
@@ -155,8 +156,8 @@ def test_monochrome1_radiograph_is_inverted(tmp_path):
 
 
 def test_ct_windows_stack_as_channels_and_slices_as_2_5d(example):
-    samples = read_samples(IngestRequest(source=example["source"], tile_size=16,
-                                         channels=("lung", "bone", "lung@-1", "lung@+1")))
+    samples = collect_batches(read_samples(IngestRequest(source=example["source"], tile_size=16,
+                                         channels=("lung", "bone", "lung@-1", "lung@+1"))))
     assert [c.name for c in samples.channels] == ["lung", "bone", "lung@-1", "lung@+1"]
     assert samples.provenance["modalities"] == "CT"  # the MR and DX series do not fit CT windows
     assert samples.dropped["channel_mismatch"] == 4  # 3 MR slices + 1 DX image
@@ -184,7 +185,7 @@ def test_resampling_keeps_the_physical_aspect_ratio():
 
 
 def test_samples_without_labels_are_unlabelled(example):
-    samples = read_samples(IngestRequest(source=example["source"], tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=example["source"], tile_size=8)))
     assert samples.task == "multilabel" and (samples.labels == -1).all()
     assert samples.labels.shape == (len(samples.images), 3)
 
@@ -199,7 +200,7 @@ def test_labels_keyed_by_file_series_and_study_take_precedence(example_copy, exa
     csv = example_copy["labels"]
     rel = first.relative_to(source).as_posix()
     csv.write_text(f"patient_id,study_uid,file,nodule,effusion\nPLANTED-ID-102,,,0,0\n,{study_uid},,1,\n,,{rel},1,1\n")
-    samples = read_samples(IngestRequest(source=source, labels=csv, tile_size=8))
+    samples = collect_batches(read_samples(IngestRequest(source=source, labels=csv, tile_size=8)))
     assert samples.class_names == ("nodule", "effusion")
     labelled = samples.labels[(samples.labels >= 0).any(axis=1)]
     # MR has 3 slices: one named by file (1,1), two by study (1,-1); other patients unlabelled.

@@ -14,6 +14,7 @@ from domains import Channel, DomainInputError, IngestRequest, PredictionRequest
 from domains.radiology import SPEC
 from domains.radiology.examples import write_segmentation_pair
 from domains.radiology.prediction import SEGMENTATION_FORMAT
+from sample_batches import collect_batches  # tests/domains is on sys.path through its conftest.py
 
 CLASSES = ("background", "lesion")
 
@@ -27,7 +28,8 @@ def _pairs(root: Path, patients=("PLANTED-ID-201", "PLANTED-ID-202"), **kwargs) 
 
 
 def _ingest(source, labels, tile_size=16, class_names=None):
-    return SPEC.read_samples(IngestRequest(source=source, labels=labels, tile_size=tile_size, class_names=class_names))
+    return collect_batches(SPEC.read_samples(IngestRequest(source=source, labels=labels, tile_size=tile_size,
+                                                           class_names=class_names)))
 
 
 def test_mask_pixels_land_on_the_structure_and_padding_is_ignored(tmp_path):
