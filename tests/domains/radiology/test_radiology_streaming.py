@@ -81,3 +81,25 @@ def test_peak_memory_is_one_series_not_the_cohort(tmp_path):
         peaks[studies] = peak
     print(json.dumps({"peak_traced_bytes": peaks}))
     assert peaks[20] <= 1.3 * peaks[5], peaks
+
+
+def test_ingest_of_small_batches_writes_the_complete_audit_and_quarantine(example_copy, tmp_path):
+    """The dataset writer gets the batches one by one; the reports still see every file and every problem."""
+    from tasks.dataset import SplitParams, build_dataset
+
+    # Cut inside the pixel data: the header pass keeps the file, decoding its series quarantines it.
+    truncated = sorted((example_copy["source"] / "PLANTED-ID-102").glob("*.dcm"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    headers = {a.file for a in scan_source(example_copy["source"]).audits}
+    [bad] = read_source(example_copy["source"]).quarantine
+    assert bad["item"] in headers and len(headers) == 7  # its header was fine: the file failed in the second pass
+    expected_audit = headers - {bad["item"]}
+    out = tmp_path / "dataset"
+    info = build_dataset("radiology", IngestRequest(source=example_copy["source"], labels=example_copy["labels"],
+                                                    tile_size=8, batch_samples=2),
+                         out, SplitParams(val_fraction=0.0, test_fraction=0.3))
+    audit = json.loads((out / "deidentification_audit.json").read_text())
+    files = {f for action in audit["actions"] for f in action["files"]}
+    assert files == expected_audit and len(files) == 6
+    assert audit["summary"]["deid_files"] == "6"
+    assert info.dropped == {"unreadable": 1}
