@@ -71,6 +71,28 @@ def test_streamed_tiles_equal_the_whole_cube_tiles(examples, interleave):
     assert all(b.images.dtype == np.float32 and b.scaling is None for b in batches)
 
 
+def test_multiband_geotiff_streams_through_rasterio_windows(example, tmp_path):
+    """The same capture as a tiled, compressed GeoTIFF (bands tagged with wavelengths): same tiles again."""
+    import rasterio
+    from affine import Affine
+
+    cube = open_cube(example["source"])
+    tif = tmp_path / "capture.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=48, height=48, count=cube.bands, dtype="float32",
+                       nodata=cube.ignore_value, tiled=True, blockxsize=16, blockysize=16, compress="deflate",
+                       crs=cube.crs, transform=Affine(*cube.transform)) as ds:
+        ds.write(cube.read())
+        for band, (wave, fwhm) in enumerate(zip(cube.wavelengths_nm, cube.fwhm_nm), start=1):
+            ds.update_tags(band, wavelength=f"{wave:.4f}", fwhm=f"{fwhm:.4f}")
+    request = IngestRequest(source=tif, labels=example["labels"], tile_size=8, stride=8, block_size=16,
+                            batch_samples=5)
+    expected = _whole_cube_tiles(request)
+    got = {tuple(loc): img for b in read_samples(request) for loc, img in zip(b.locations.tolist(), b.images)}
+    assert set(got) == set(expected) and len(got) > 10 and open_cube(tif).kind == "geotiff"
+    for key, (image, _) in expected.items():
+        np.testing.assert_allclose(got[key], image, rtol=2e-4, atol=2e-3)
+
+
 def test_demo_capture_streams_to_the_whole_cube_tiles(tmp_path):
     """The demo capture spans four detector windows of 272 px; its streamed tiles match the old path."""
     from domains.hyperspectral.demo import prepare_demo
