@@ -177,7 +177,7 @@ def _parse_and_check(path: Path, file_key: str, header_only: bool):
     noted and then dropped from the dataset, so nothing below touches it.
 
     Returns:
-        ``(dataset, keys, audit, transfer syntax)``.
+        ``(dataset, keys, audit, transfer syntax, modality)``; the modality is read before de-identification.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -219,7 +219,7 @@ def _parse_and_check(path: Path, file_key: str, header_only: bool):
         check_source_size(f"file {file_key}", declared, "frames x rows x columns x samples per pixel")
     except DomainInputError as exc:
         raise FileReadError(file_key, "too_large", exc.problem) from None
-    return ds, keys, audit, transfer_syntax
+    return ds, keys, audit, transfer_syntax, modality
 
 
 def read_dicom_header(path: Path, file_key: str) -> tuple[DeidentifiedKeys, FileAudit]:
@@ -232,7 +232,7 @@ def read_dicom_header(path: Path, file_key: str) -> tuple[DeidentifiedKeys, File
         NotAnImage, QuarantinedFile, FileReadError: as :func:`read_dicom_frames`, except for failures that
             only decoding reveals (corrupt pixel data, non-finite values).
     """
-    _, keys, audit, _ = _parse_and_check(path, file_key, header_only=True)
+    _, keys, audit, _, _ = _parse_and_check(path, file_key, header_only=True)
     return keys, audit
 
 
@@ -252,8 +252,7 @@ def read_dicom_frames(path: Path, file_key: str) -> tuple[list[Frame], FileAudit
         FileReadError: unreadable, truncated, no pixel data, no codec, unsupported photometric, or more
             pixels declared than the configured limit.
     """
-    ds, keys, audit, transfer_syntax = _parse_and_check(path, file_key, header_only=False)
-    modality = str(ds.get("Modality", "") or "OT").upper()
+    ds, keys, audit, transfer_syntax, modality = _parse_and_check(path, file_key, header_only=False)
     try:
         with _decoder_failures_without_tracebacks():
             pixels = ds.pixel_array
