@@ -1,15 +1,19 @@
-"""Sliding-window prediction over a whole scene, written as a class GeoTIFF on the scene's grid."""
+"""Sliding-window prediction over a scene, read and written strip by strip as a class GeoTIFF on its grid."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from domains.confinement import confined_path
-from domains.input_guards import check_readable
-from domains.satellite.scene import Scene, read_scene
+from domains.input_guards import check_readable, input_errors_named
+from domains.satellite.scene import SceneLayout, describe_scales, inspect_scene
+from domains.satellite.strips import StripReader
+from domains.satellite.tiling import STRIP_BYTES
 from domains.satellite.sensors import is_band_folder
 from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
 
@@ -44,16 +48,18 @@ def tile_starts(length: int, size: int, stride: int) -> list[int]:
 def predict_scene(request: PredictionRequest) -> PredictionSummary:
     """Classify every pixel of a scene by sliding the model over it, and write a class GeoTIFF.
 
-    The scene is read with the bands named in ``request.channels`` (in that order). Tiles of
-    ``request.tile_size`` move by ``request.stride`` and the last row and column of tiles sit flush with
-    the border, so every pixel is covered. Each tile's class probabilities are spread over its pixels and
-    averaged where tiles overlap. Tiles without any valid pixel are skipped; invalid pixels inside a tile
-    are filled with 0, as in training.
+    The scene is read with the bands named in ``request.channels`` (in that order), strip by strip as
+    ingest reads it (:class:`~domains.satellite.strips.StripReader`), and the output is written strip by
+    strip too, so memory follows the scene's width, not its size. Tiles of ``request.tile_size`` move by
+    ``request.stride`` and the last row and column of tiles sit flush with the border, so every pixel is
+    covered. Each tile's class probabilities are spread over its pixels and averaged where tiles overlap.
+    Tiles without any valid pixel are skipped; invalid pixels inside a tile are filled with 0, as in
+    training.
 
     The output GeoTIFF has the scene's exact CRS, transform and shape and two uint8 bands: class id (with
     a colour table) and confidence in percent (the averaged probability of the winning class). Both are
     255 where the scene is invalid. Tags record ``class_names`` (comma-joined), the channels and the tile
-    geometry.
+    geometry. It is written under a hidden name and renamed when complete.
 
     Args:
         request: input scene, output path (a file, or an existing folder to write
@@ -73,101 +79,145 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
         raise ValueError(f"class names must not contain commas (they are stored comma-joined): {class_names}")
     if request.stride < 1 or request.batch_size < 1:
         raise ValueError(f"stride ({request.stride}) and batch_size ({request.batch_size}) must be at least 1")
-    scene = read_scene(request.input, channels=tuple(c.name for c in request.channels))
-    height, width = scene.shape
+    source = check_readable(request.input, "any")
+    with input_errors_named(source):
+        layout = inspect_scene(source, tuple(c.name for c in request.channels), None, None)
+    height, width = layout.shape
     size = request.tile_size
     if size < 1 or size > min(height, width):
         raise DomainInputError(
             request.input, f"scene grid {height}x{width} is smaller than the model's tile size {size}"
         )
-
-    positions = [
-        (row, col)
-        for row in tile_starts(height, size, request.stride)
-        for col in tile_starts(width, size, request.stride)
-        if scene.valid[row : row + size, col : col + size].any()
-    ]
-    probabilities = np.zeros((len(class_names), height, width), dtype=np.float32)
-    coverage = np.zeros((height, width), dtype=np.float32)
-    for first in range(0, len(positions), request.batch_size):
-        batch_positions = positions[first : first + request.batch_size]
-        batch = np.stack([scene.data[:, r : r + size, c : c + size] for r, c in batch_positions])
-        output = np.asarray(request.infer(batch))
-        if output.shape != (len(batch_positions), len(class_names)):
-            raise ValueError(
-                f"infer returned shape {output.shape} for a batch of {len(batch_positions)}; "
-                f"expected ({len(batch_positions)}, {len(class_names)})"
-            )
-        if not np.isfinite(output).all():
-            raise ValueError(f"infer returned non-finite probabilities for {request.input}")
-        for (row, col), probs in zip(batch_positions, output.astype(np.float32)):
-            probabilities[:, row : row + size, col : col + size] += probs[:, None, None]
-            coverage[row : row + size, col : col + size] += 1.0
-
-    covered = coverage > 0
-    probabilities[:, covered] /= coverage[covered]
-    classes = probabilities.argmax(axis=0).astype(np.uint8)
-    confidence = np.rint(np.clip(probabilities.max(axis=0), 0.0, 1.0) * 100).astype(np.uint8)
-    predicted = scene.valid & covered
-    classes[~predicted] = PREDICTION_NODATA
-    confidence[~predicted] = PREDICTION_NODATA
-
     output_path = Path(request.output)
     if output_path.is_dir():
-        output_path = confined_path(output_path, scene.scene_id, "_classes.tif")
-    write_prediction_raster(output_path, scene, classes, confidence, class_names, request)
-    counts = np.bincount(classes[predicted], minlength=len(class_names))
+        output_path = confined_path(output_path, layout.path.name if layout.path.is_dir() else layout.path.stem,
+                                    "_classes.tif")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(f".{output_path.name}.partial")
+    try:
+        with input_errors_named(source), StripReader(layout) as reader, \
+                _open_prediction_raster(partial, layout, class_names, request) as out:
+            samples, counts = _predict_strips(reader, out, request, class_names)
+        os.replace(partial, output_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return PredictionSummary(
         input=printable_path(request.input),
         output=str(output_path),
-        samples=len(positions),
+        samples=samples,
         class_counts={name: int(n) for name, n in zip(class_names, counts)},
     )
 
 
-def write_prediction_raster(
-    path: Path,
-    scene: Scene,
-    classes: np.ndarray,
-    confidence: np.ndarray,
-    class_names: tuple[str, ...],
-    request: PredictionRequest,
-) -> None:
-    """Write class ids and confidence as a two-band uint8 GeoTIFF on the scene's grid.
+def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest,
+                    class_names: tuple[str, ...]) -> tuple[int, np.ndarray]:
+    """Infer tile rows strip by strip; write every output row once no later tile can touch it."""
+    from rasterio.windows import Window
 
-    The file is written beside ``path`` and renamed into place, so a reader never sees half a file.
-    """
+    layout = reader.layout
+    height, width = layout.shape
+    size, k = request.tile_size, len(class_names)
+    scale = np.array([s for s, _ in reader.scaling], dtype=np.float32)[:, None, None]
+    offset = np.array([o for _, o in reader.scaling], dtype=np.float32)[:, None, None]
+    row_starts = tile_starts(height, size, request.stride)
+    col_starts = tile_starts(width, size, request.stride)
+    per_strip = max(1, (STRIP_BYTES // max(1, len(layout.bands) * width * 4) - size) // request.stride + 1)
+    strips = [row_starts[i : i + per_strip] for i in range(0, len(row_starts), per_strip)]
+    counts = np.zeros(k, dtype=np.int64)
+    samples = valid_seen = 0
+    # Rows from `pending` down to the current strip's bottom still collect probabilities.
+    pending = 0
+    probabilities = np.zeros((k, 0, width), dtype=np.float32)
+    coverage = np.zeros((0, width), dtype=np.float32)
+    valid_rows = np.zeros((0, width), dtype=bool)
+    for index, rows in enumerate(strips):
+        top, bottom = rows[0], rows[-1] + size
+        raw, valid = reader.read_rows(top, bottom)
+        data = raw.astype(np.float32) * scale + offset
+        data[:, ~valid] = 0.0
+        del raw
+        # Grow the accumulators to the strip's bottom (strips may overlap rows already pending).
+        grow = bottom - (pending + coverage.shape[0])
+        probabilities = np.concatenate([probabilities, np.zeros((k, grow, width), dtype=np.float32)], axis=1)
+        coverage = np.concatenate([coverage, np.zeros((grow, width), dtype=np.float32)])
+        valid_rows = np.concatenate([valid_rows[: top - pending], valid])
+        positions = [(r, c) for r in rows for c in col_starts if valid[r - top : r - top + size, c : c + size].any()]
+        for first in range(0, len(positions), request.batch_size):
+            batch_positions = positions[first : first + request.batch_size]
+            batch = np.stack([data[:, r - top : r - top + size, c : c + size] for r, c in batch_positions])
+            output = np.asarray(request.infer(batch))
+            if output.shape != (len(batch_positions), k):
+                raise ValueError(
+                    f"infer returned shape {output.shape} for a batch of {len(batch_positions)}; "
+                    f"expected ({len(batch_positions)}, {k})"
+                )
+            if not np.isfinite(output).all():
+                raise ValueError(f"infer returned non-finite probabilities for {request.input}")
+            for (row, col), probs in zip(batch_positions, output.astype(np.float32)):
+                local = row - pending
+                probabilities[:, local : local + size, col : col + size] += probs[:, None, None]
+                coverage[local : local + size, col : col + size] += 1.0
+        samples += len(positions)
+        done = height if index == len(strips) - 1 else strips[index + 1][0]
+        finished = done - pending
+        classes, confidence = _classify_rows(probabilities[:, :finished], coverage[:finished],
+                                             valid_rows[:finished])
+        predicted = classes != PREDICTION_NODATA
+        counts += np.bincount(classes[predicted], minlength=k)[:k]
+        valid_seen += int(valid_rows[:finished].sum())
+        out.write(classes, 1, window=Window(0, pending, width, finished))
+        out.write(confidence, 2, window=Window(0, pending, width, finished))
+        probabilities, coverage = probabilities[:, finished:], coverage[finished:]
+        valid_rows = valid_rows[finished:]
+        pending = done
+    if valid_seen == 0:
+        raise DomainInputError(layout.path, "holds no valid pixel: every pixel is nodata in at least one band")
+    return samples, counts
+
+
+def _classify_rows(probabilities: np.ndarray, coverage: np.ndarray,
+                   valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and confidence (percent) of finished rows; 255 where invalid or not covered."""
+    covered = coverage > 0
+    probabilities = probabilities.copy()
+    probabilities[:, covered] /= coverage[covered]
+    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    confidence = np.rint(np.clip(probabilities.max(axis=0), 0.0, 1.0) * 100).astype(np.uint8)
+    predicted = valid & covered
+    classes[~predicted] = PREDICTION_NODATA
+    confidence[~predicted] = PREDICTION_NODATA
+    return classes, confidence
+
+
+@contextmanager
+def _open_prediction_raster(path: Path, layout: SceneLayout, class_names: tuple[str, ...],
+                            request: PredictionRequest) -> Iterator[Any]:
+    """Open the two-band uint8 class/confidence GeoTIFF on the scene's grid, tags and colours set."""
     import rasterio
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    height, width = layout.shape
     profile = dict(
-        driver="GTiff", width=scene.shape[1], height=scene.shape[0], count=2, dtype="uint8", crs=scene.crs,
-        transform=scene.transform, nodata=PREDICTION_NODATA, compress="deflate",
+        driver="GTiff", width=width, height=height, count=2, dtype="uint8", crs=layout.crs,
+        transform=layout.transform, nodata=PREDICTION_NODATA, compress="deflate",
     )
     colours = {
         i: (*_CLASS_COLOURS.get(name, _PALETTE[i % len(_PALETTE)]), 255) for i, name in enumerate(class_names)
     }
     colours[PREDICTION_NODATA] = (0, 0, 0, 0)
-    try:
-        with rasterio.open(partial, "w", **profile) as ds:
-            ds.write(classes, 1)
-            ds.write(confidence, 2)
-            ds.write_colormap(1, colours)
-            ds.set_band_description(1, "class")
-            ds.set_band_description(2, "confidence_percent")
-            ds.update_tags(
-                class_names=",".join(class_names),
-                channels=",".join(scene.band_names),
-                sensor=scene.sensor,
-                scaling=scene.scaling,
-                tile_size=str(request.tile_size),
-                stride=str(request.stride),
-                source=printable_path(request.input),  # tags are UTF-8: escape non-UTF-8 names
-            )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write_colormap(1, colours)
+        ds.set_band_description(1, "class")
+        ds.set_band_description(2, "confidence_percent")
+        ds.update_tags(
+            class_names=",".join(class_names),
+            channels=",".join(c.name for c in layout.channels),
+            sensor=layout.sensor.name,
+            scaling=describe_scales(layout.channels, layout.scales),
+            tile_size=str(request.tile_size),
+            stride=str(request.stride),
+            source=printable_path(request.input),  # tags are UTF-8: escape non-UTF-8 names
+        )
+        yield ds
 
 
 def _looks_like_scene(child: Path) -> bool:

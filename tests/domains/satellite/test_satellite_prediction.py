@@ -145,3 +145,22 @@ def test_list_prediction_inputs_finds_nothing(tmp_path: Path) -> None:
         list_prediction_inputs(tmp_path / "missing")
     with pytest.raises(DomainInputError, match="is not a scene"):
         list_prediction_inputs(tmp_path / "notes.txt")
+
+
+def test_prediction_strip_by_strip_equals_one_strip(example: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from domains.satellite import prediction
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        # Depends on the pixels, so a tile read from the wrong rows changes the output.
+        score = batch.reshape(len(batch), batch.shape[1], -1).mean(axis=2)[:, :3].astype(np.float32)
+        return score / score.sum(axis=1, keepdims=True)
+
+    whole = predict_scene(make_request(example["scene_dir"], tmp_path / "whole.tif", tile=20, stride=8, infer=infer))
+    # A one-byte budget: one row of tiles per strip, overlapping the previous strip's rows.
+    monkeypatch.setattr(prediction, "STRIP_BYTES", 1)
+    strips = predict_scene(make_request(example["scene_dir"], tmp_path / "strips.tif", tile=20, stride=8, infer=infer))
+    assert strips.samples == whole.samples and strips.class_counts == whole.class_counts
+    with rasterio.open(tmp_path / "whole.tif") as a, rasterio.open(tmp_path / "strips.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert len(set(a.read(1).ravel().tolist())) > 2
