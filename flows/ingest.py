@@ -10,7 +10,13 @@ from pydantic import BaseModel, Field, field_validator
 from domains import IngestRequest
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName
-from tasks.dataset import QUARANTINE_FILE, SplitParams, build_dataset_task, require_utf8_path
+from tasks.dataset import (
+    QUARANTINE_FILE,
+    SplitParams,
+    build_dataset_task,
+    dataset_location,
+    require_utf8_path,
+)
 
 
 class TilingParams(BaseModel):
@@ -35,7 +41,8 @@ class IngestParams(BaseModel):
     labels: str | None = Field(None, max_length=1000, description="Labels: class raster (satellite), findings CSV "
                                                                   "(radiology), plume mask (hyperspectral); empty "
                                                                   "for an unlabelled dataset")
-    out: str = Field(..., min_length=1, max_length=1000, description="Folder the dataset is written to")
+    out: str = Field(..., min_length=1, max_length=1000,
+                     description="Folder or fsspec URL (e.g. s3://bucket/prefix) the dataset is written to")
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
     split: SplitParams = Field(default_factory=SplitParams, description="Split fractions and seed")
     bands: list[str] | None = Field(None, max_length=512,
@@ -73,8 +80,8 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         channels=tuple(params.bands) if params.bands else None, sensor=params.sensor,
         class_names=tuple(params.class_names) if params.class_names else None,
     )
-    info = build_dataset_task(params.domain, request, Path(params.out), params.split)
-    dataset = Path(params.out).resolve()
-    return IngestReceipt(dataset=str(dataset), digest=info.digest, split_counts=info.split_counts,
+    dataset = dataset_location(params.out)
+    info = build_dataset_task(params.domain, request, dataset, params.split)
+    return IngestReceipt(dataset=dataset, digest=info.digest, split_counts=info.split_counts,
                          dropped=info.dropped, quarantined=info.quarantined,
-                         quarantine_file=str(dataset / QUARANTINE_FILE))
+                         quarantine_file=f"{dataset}/{QUARANTINE_FILE}")

@@ -68,6 +68,7 @@ from tasks.dataset_store import (
     DatasetError,
     DatasetFiles,
     LazySamples,
+    as_location,
     chunk_samples_for,
     is_url,
 )
@@ -569,7 +570,7 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
             that cannot be filled, or ``out_dir`` holding something other than a dataset.
     """
     if is_url(out_dir):
-        return _write_remote(samples, domain, task_type, str(out_dir), params, reports)
+        return _write_remote(samples, domain, task_type, as_location(out_dir), params, reports)
     out_dir = Path(os.path.abspath(out_dir))
     if not out_dir.name or out_dir == out_dir.parent:
         raise DatasetError(f"{out_dir}: a dataset needs a folder of its own, not the file system root")
@@ -608,6 +609,11 @@ def _write_remote(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
         raise
     files.remove(WRITING_MARK)
     return info
+
+
+def dataset_location(location: Path | str) -> str:
+    """A dataset location as later stages should be given it: an absolute local path, or the URL as is."""
+    return as_location(location).rstrip("/") if is_url(location) else os.path.realpath(location)
 
 
 def _dataset_files(path: Path | str) -> DatasetFiles:
@@ -708,7 +714,7 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
         else:
             labels = np.asarray(manifest["label"], dtype=np.int64)[members]
         splits[split] = Split(images=images, labels=labels, groups=groups[members])
-    return Dataset(path=path if is_url(path) else Path(path), info=info, splits=splits)
+    return Dataset(path=as_location(path) if is_url(path) else Path(path), info=info, splits=splits)
 
 
 @dataclass(frozen=True)

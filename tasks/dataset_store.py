@@ -43,9 +43,25 @@ class DatasetError(ValueError):
     """A dataset is missing, corrupt or violates an invariant (a chunk that fails its digest included)."""
 
 
+def as_location(location: str | Path) -> str:
+    """``location`` as text, with a URL that went through ``pathlib.Path`` repaired.
+
+    ``Path("s3://bucket/x")`` prints as ``s3:/bucket/x``; callers that wrap every dataset argument in
+    ``Path`` would otherwise turn an object-store URL into a local folder named ``s3:``.
+    """
+    text = str(location)
+    protocol, sep, rest = text.partition(":/")
+    if sep and not rest.startswith("/") and protocol.isalnum() and len(protocol) > 1:
+        from fsspec.registry import known_implementations
+
+        if protocol in known_implementations and protocol not in ("file", "local"):
+            return f"{protocol}://{rest}"
+    return text
+
+
 def is_url(location: str | Path) -> bool:
     """Whether ``location`` names an fsspec URL (``s3://bucket/prefix``) rather than a local path."""
-    text = str(location)
+    text = as_location(location)
     return "://" in text and not text.startswith("file://")
 
 
@@ -82,7 +98,7 @@ class DatasetFiles:
     def __init__(self, location: str | Path):
         import fsspec
 
-        self.location = str(location).rstrip("/") if is_url(location) else str(Path(location))
+        self.location = as_location(location).rstrip("/") if is_url(location) else str(Path(location))
         self.remote = is_url(location)
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
 

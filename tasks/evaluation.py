@@ -346,6 +346,33 @@ def _object_hits(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, in
     return pred_hit, n_pred, true_hit, n_true
 
 
+class SegmentationScorer:
+    """Accumulates a segmentation score batch by batch, so no split's masks or outputs are held whole."""
+
+    def __init__(self, class_names: tuple[str, ...]):
+        self.class_names = tuple(class_names)
+        self.matrix = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+        self.objects = np.zeros(4, dtype=np.int64)
+        self.samples = 0
+
+    def add(self, labels: np.ndarray, predictions: np.ndarray) -> None:
+        """Add (n, H, W) labels (-1 ignored) and predicted class maps."""
+        self.matrix += confusion_matrix(labels, predictions, len(self.class_names))
+        for truth, predicted in zip(labels, predictions, strict=True):
+            valid = truth >= 0
+            self.objects += _object_hits((truth > 0) & valid, (predicted > 0) & valid)
+        self.samples += len(labels)
+
+    def report(self) -> SegmentationReport:
+        if self.samples == 0:
+            raise ValueError("cannot score an empty split")
+        counts = self.objects
+        precision = counts[0] / counts[1] if counts[1] else 1.0
+        recall = counts[2] / counts[3] if counts[3] else 1.0
+        return SegmentationReport(confusion=self.matrix.tolist(), class_names=self.class_names, samples=self.samples,
+                                  object_precision=float(precision), object_recall=float(recall))
+
+
 def score_segmentation(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> SegmentationReport:
     """Scores from (N, H, W) label and predicted class maps; pixels labelled -1 are ignored.
 
@@ -353,17 +380,10 @@ def score_segmentation(labels: np.ndarray, predictions: np.ndarray, class_names:
     predicted object is correct when it overlaps a true one (precision), a true object is found when a
     prediction overlaps it (recall); with no objects at all both are 1.
     """
-    if len(labels) == 0:
-        raise ValueError("cannot score an empty split")
-    matrix = confusion_matrix(labels, predictions, len(class_names))
-    counts = np.zeros(4, dtype=np.int64)
-    for truth, predicted in zip(labels, predictions):
-        valid = truth >= 0
-        counts += _object_hits((truth > 0) & valid, (predicted > 0) & valid)
-    precision = counts[0] / counts[1] if counts[1] else 1.0
-    recall = counts[2] / counts[3] if counts[3] else 1.0
-    return SegmentationReport(confusion=matrix.tolist(), class_names=tuple(class_names), samples=len(labels),
-                              object_precision=float(precision), object_recall=float(recall))
+    scorer = SegmentationScorer(class_names)
+    if len(labels):
+        scorer.add(np.asarray(labels), np.asarray(predictions))
+    return scorer.report()
 
 
 def score_outputs(task: str, labels: np.ndarray, outputs: np.ndarray, class_names: tuple[str, ...],
@@ -386,16 +406,32 @@ def score_outputs(task: str, labels: np.ndarray, outputs: np.ndarray, class_name
 
 
 def predict_in_batches(predict: Predictor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``predict`` over ``images`` in batches and concatenate the outputs."""
+    """Run ``predict`` over ``images`` (an array or a lazy split) in batches and concatenate the outputs."""
     outputs = [predict(np.ascontiguousarray(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs, axis=0)
 
 
+def any_labelled(labels: np.ndarray, batch_size: int = 256) -> bool:
+    """Whether any label (or labelled pixel) is >= 0, reading lazy label arrays batch by batch."""
+    return any(bool((np.asarray(labels[i:i + batch_size]) >= 0).any()) for i in range(0, len(labels), batch_size))
+
+
 def evaluate_predictor(predict: Predictor, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
                        batch_size: int = 64, task: str = "classification", groups: np.ndarray | None = None) -> Report:
-    """Score a predictor returning logits or probabilities on a labelled split (see :func:`score_outputs`)."""
+    """Score a predictor returning logits or probabilities on a labelled split (see :func:`score_outputs`).
+
+    ``images`` and ``labels`` may be lazy split arrays: they are read ``batch_size`` samples at a time.
+    Segmentation outputs ((N, K, H, W): the largest) are scored batch by batch and never kept; the
+    (N, K) outputs of the other tasks are kept, since their metrics rank the whole split.
+    """
+    if task == "segmentation":
+        scorer = SegmentationScorer(class_names)
+        for start in range(0, len(images), batch_size):
+            outputs = predict(np.ascontiguousarray(images[start:start + batch_size]))
+            scorer.add(np.asarray(labels[start:start + batch_size]), outputs.argmax(axis=1))
+        return scorer.report()
     outputs = predict_in_batches(predict, images, batch_size)
-    return score_outputs(task, labels, outputs, class_names, groups)
+    return score_outputs(task, np.asarray(labels), outputs, class_names, groups)
 
 
 def plot_confusion_matrix(report: ClassificationReport | SegmentationReport, title: str, path: Path) -> Path:

@@ -12,7 +12,13 @@ from prefect.cache_policies import NONE
 from torch import nn
 
 from tasks.dataset import load_dataset
-from tasks.evaluation import Report, predict_in_batches, score_outputs
+from tasks.evaluation import (
+    Report,
+    any_labelled,
+    evaluate_predictor,
+    predict_in_batches,
+    score_outputs,
+)
 from tasks.onnx_runtime import open_session, session_predictor
 from tasks.request_errors import RequestError
 
@@ -48,7 +54,7 @@ def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict
     dataset = load_dataset(dataset_path)
     info = dataset.info
     test = dataset.splits.get("test")
-    if test is None or len(test) == 0 or (test.labels < 0).all():
+    if test is None or len(test) == 0 or not any_labelled(test.labels):
         raise RequestError(f"{dataset_path}: no labelled test split to validate on")
     torch.set_num_threads(threads)
     reference = reference.eval()
@@ -63,8 +69,11 @@ def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict
     result = ValidationResult(reports={}, plots={})
     plot_kind = {"classification": "confusion", "multilabel": "roc", "segmentation": "pixel-confusion"}[info.task]
     for name, predict in predictors.items():
-        outputs = predict_in_batches(predict, test.images)
-        report = score_outputs(info.task, test.labels, outputs, info.class_names)
+        if info.task == "segmentation":  # (N, K, H, W) outputs: scored batch by batch, never held whole
+            report = evaluate_predictor(predict, test.images, test.labels, info.class_names, task=info.task)
+        else:
+            outputs = predict_in_batches(predict, test.images)
+            report = score_outputs(info.task, test.labels, outputs, info.class_names)
         result.reports[name] = report
         result.plots[name] = report.plot(f"{info.domain} test split: {name}", plot_dir / f"{plot_kind}-{name}.png")
         if info.task == "multilabel":

@@ -70,7 +70,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     from tasks.compression.prune import PruneParams, PruneStructured
     from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
     from tasks.compression.recipe import BASELINE, ReduceTokens, _domain_flips, _torch_size
-    from tasks.compression.technique import REFERENCE_ROOT, CompressionContext, Variant, run_recipe
+    from tasks.compression.technique import PARITY_SAMPLES, REFERENCE_ROOT, CompressionContext, Variant, run_recipe
     from tasks.compression.tokens import TokenReductionParams
     from tasks.dataset import load_dataset
     from tasks.onnx_runtime import open_session, session_predictor
@@ -90,7 +90,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     test = dataset.splits["test"]
     out = Path(workdir) / "bench" / "compression"
     out.mkdir(parents=True, exist_ok=True)
-    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out, parity_images=test.images,
+    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out, parity_images=test.images[:PARITY_SAMPLES],
                                  parity_tolerance=1e-3, threads=threads, teacher=model,
                                  flips=_domain_flips(dataset.info.domain), seed=seed)
     started = time.perf_counter()
@@ -133,7 +133,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     for variant in built:
         before = resident_bytes()
         predict = session_predictor(open_session(variant.onnx, threads))
-        predict(np.resize(test.images, (batch, *test.images.shape[1:])))
+        predict(np.resize(test.images[:batch], (batch, *test.images.shape[1:])))
         memory = max(0, resident_bytes() - before)
         predictors[variant.name] = predict
         row = measure_variant(variant.name, "onnx", predict, variant.onnx.stat().st_size, **common)

@@ -137,7 +137,8 @@ def measure_variant(name: str, fmt: str, predict: Callable[[np.ndarray], np.ndar
     report = evaluate_predictor(predict, test_images, test_labels, class_names, task=task)
     accuracy = primary_metric(report)
     p50, p95 = time_latency(predict, test_images[:1], repeats=latency_repeats, warmup=max(3, latency_repeats // 10))
-    batch = np.resize(test_images, (throughput_batch, *test_images.shape[1:])).astype(np.float32)
+    # Repeat the split's first samples to fill the batch (reads at most one batch of a lazy split).
+    batch = np.resize(test_images[:throughput_batch], (throughput_batch, *test_images.shape[1:])).astype(np.float32)
     throughput = time_throughput(predict, batch, repeats=max(2, latency_repeats // 20))
     return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.selection,
                               latency_ms_p50=p50, latency_ms_p95=p95, throughput=throughput, size_bytes=size_bytes)

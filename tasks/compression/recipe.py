@@ -29,7 +29,7 @@ from tasks.compression.measure import (
 from tasks.compression.profiles import ProfileError, ProfileName, TargetProfile, budget_violations, get_profile
 from tasks.compression.prune import PruneParams, PruneStructured
 from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
-from tasks.compression.technique import REFERENCE_ROOT, CompressionContext, Variant, run_recipe
+from tasks.compression.technique import PARITY_SAMPLES, REFERENCE_ROOT, CompressionContext, Variant, run_recipe
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
 from tasks.dataset import load_dataset
 from tasks.onnx_runtime import open_session, session_predictor
@@ -212,7 +212,8 @@ def _domain_flips(domain: str) -> bool:
 def _measure_onnx(variant: Variant, params: CompressParams, common: dict) -> tuple[VariantMeasurement, object]:
     before = resident_bytes()
     predict = session_predictor(open_session(variant.onnx, params.threads))
-    predict(np.resize(common["test_images"], (params.throughput_batch, *common["test_images"].shape[1:])))
+    images = common["test_images"]
+    predict(np.resize(images[:params.throughput_batch], (params.throughput_batch, *images.shape[1:])))
     memory = max(0, resident_bytes() - before)
     row = measure_variant(variant.name, "onnx", predict, variant.onnx.stat().st_size, **common)
     return replace(row, memory_bytes=memory, precision=variant.precision), predict
@@ -248,7 +249,7 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partials(out_dir)  # temporaries of a killed run that wrote here; never read as results
     model = model.eval()
-    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images,
+    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images[:PARITY_SAMPLES],
                                  parity_tolerance=params.parity_tolerance, threads=params.threads, teacher=model,
                                  flips=_domain_flips(dataset.info.domain), seed=params.seed)
     variants = build_variants(model, params, context)

@@ -42,6 +42,11 @@ def derived_name(base: str, suffix: str) -> str:
     return f"{base}-{suffix}"
 
 
+# Exports are checked for parity (and fused graphs for equivalence) on this many test samples, read
+# once into memory: enough to catch a broken export, bounded whatever the size of the split.
+PARITY_SAMPLES = 256
+
+
 @dataclass
 class CompressionContext:
     """What every technique may read: data, the reference (teacher) model, where to write, tolerances.
@@ -54,6 +59,7 @@ class CompressionContext:
     metadata: dict
     out_dir: Path
     parity_images: np.ndarray
+    """Samples every export is checked on: the first ``PARITY_SAMPLES`` of the test split, read once."""
     parity_tolerance: float = 1e-3
     threads: int = 2
     teacher: nn.Module | None = None

@@ -423,3 +423,76 @@ def test_batches_that_disagree_on_channels_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="disagree on scaling"):
         write(batches, tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+
+
+# --- lazy reading ----------------------------------------------------------------------------------------
+
+
+def small_chunks(monkeypatch) -> None:
+    """Chunks of 10 samples (instead of about 16 MiB), so the tiny test datasets span several chunks."""
+    import tasks.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "chunk_samples_for", lambda sample_bytes: 10)
+
+
+def test_a_split_indexes_like_an_array_and_decodes_each_chunk_once_in_order(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    from tasks.dataset_store import ChunkSource
+
+    small_chunks(monkeypatch)
+    samples = make_samples()
+    write(samples, tmp_path / "ds")
+    train = load_dataset(tmp_path / "ds").splits["train"]
+    images = train.images
+    whole = images[:]
+    assert images.shape == whole.shape and len(images) == len(train) and images.dtype == np.float32
+    assert np.array_equal(images[3], whole[3]) and np.array_equal(images[-1], whole[-1])
+    picks = np.array([7, 0, 7, len(images) - 1])
+    assert np.array_equal(images[picks], whole[picks]) and np.array_equal(images[2:9:3], whole[2:9:3])
+    assert np.array_equal(images[whole[:, 0, 0, 0] > 0.3], whole[whole[:, 0, 0, 0] > 0.3])
+    assert np.array_equal(images[1:4, 2], whole[1:4, 2]) and np.array_equal(images[5, 1], whole[5, 1])
+    with pytest.raises(IndexError):
+        images[len(images)]
+
+    decoded: list[int] = []
+    real_decode = ChunkSource._decode
+    monkeypatch.setattr(ChunkSource, "_decode", lambda self, i: decoded.append(i) or real_decode(self, i))
+    fresh = load_dataset(tmp_path / "ds").splits["train"].images
+    assert np.array_equal(np.stack(list(fresh)), whole)  # iteration in order
+    assert decoded == sorted(set(decoded)) and len(decoded) == len(set(fresh.members // 10)) > 1
+    copy = pickle.loads(pickle.dumps(fresh))  # what a DataLoader worker with spawn receives
+    assert np.array_equal(copy[picks], whole[picks])
+
+
+def test_a_tampered_chunk_is_named_when_reached_and_not_before(tmp_path: Path, monkeypatch) -> None:
+    import zarr
+
+    small_chunks(monkeypatch)
+    write(make_samples(), tmp_path / "ds")
+    images = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ds"), mode="r+")["images"]
+    images[95, 0, 0, 0] = 5.0  # the last chunk (9) only
+    loaded = load_dataset(tmp_path / "ds")
+    split = next(s for s in loaded.splits.values() if 95 in s.images.members)
+    earlier = split.images.members < 90
+    assert len(split.images[earlier]) == int(earlier.sum()) > 0  # samples of the other chunks read fine
+    with pytest.raises(DatasetError, match=r"images/c/9/0/0/0: chunk 9 of images does not match its digest"):
+        split.images[int(np.flatnonzero(split.images.members == 95)[0])]
+
+
+def test_segmentation_masks_are_lazy_and_scored_batch_by_batch(tmp_path: Path) -> None:
+    from tasks.evaluation import evaluate_predictor, score_segmentation
+    from tasks_support import make_segmentation_samples
+
+    write_dataset(make_segmentation_samples(), "hs", "segmentation", tmp_path, SplitParams())
+    test = load_dataset(tmp_path).splits["test"]
+    assert test.labels.dtype == np.int64 and test.labels.shape == (len(test), 16, 16)
+
+    def predict(images: np.ndarray) -> np.ndarray:  # class 1 where channel 0 is bright
+        bright = images[:, 0] > 0.3
+        return np.stack([~bright, bright], axis=1).astype(np.float32)
+
+    streamed = evaluate_predictor(predict, test.images, test.labels, ("background", "plume"), batch_size=5,
+                                  task="segmentation")
+    whole = score_segmentation(test.labels[:], predict(test.images[:]).argmax(axis=1), ("background", "plume"))
+    assert streamed == whole and streamed.samples == len(test)
