@@ -247,17 +247,28 @@ def _stream_series(request: IngestRequest, read: SourceRead, recipes: tuple[Chan
     total = 0
     held: SampleSet | None = None
 
+    def take(pieces: list[np.ndarray], count: int, empty: np.ndarray) -> np.ndarray:
+        """The first ``count`` samples of ``pieces`` as one new array; the pieces keep the rest."""
+        taken, needed = [], count
+        while needed:
+            piece = pieces[0]
+            taken.append(piece[:needed])
+            if len(piece) > needed:
+                pieces[0] = piece[needed:]  # a view: the series array lives until its samples are all taken
+                needed = 0
+            else:
+                pieces.pop(0)
+                needed -= len(piece)
+        return np.concatenate(taken) if taken else empty
+
     def cut(count: int) -> SampleSet:
-        images = np.concatenate(pending.images) if pending.images else np.zeros((0, len(channels), size, size), np.float32)
-        labels = np.concatenate(pending.labels) if pending.labels else \
-            np.zeros((0, size, size) if masks is not None else (0, len(class_names)), np.int16 if masks else np.int8)
-        batch = SampleSet(images=images[:count], labels=labels[:count], groups=np.array(pending.groups[:count]),
+        label_shape = (0, size, size) if masks is not None else (0, len(class_names))
+        batch = SampleSet(images=take(pending.images, count, np.zeros((0, len(channels), size, size), np.float32)),
+                          labels=take(pending.labels, count, np.zeros(label_shape, np.int16 if masks else np.int8)),
+                          groups=np.array(pending.groups[:count]),
                           locations=np.array(pending.locations[:count], dtype=np.int64).reshape(-1, 2),
                           source=read.tag, channels=channels, class_names=class_names, task=task,
                           sample_ids=np.array(pending.ids[:count]))
-        # The rest stays pending as copies, so the series it came from can be freed.
-        pending.images[:] = [images[count:].copy()] if len(images) > count else []
-        pending.labels[:] = [labels[count:].copy()] if len(labels) > count else []
         del pending.groups[:count], pending.locations[:count], pending.ids[:count]
         return batch
 
