@@ -40,3 +40,36 @@ def test_uint16_imagery_tiles_compress_below_their_native_size(tmp_path: Path) -
     assert info.stored_dtype == "uint16" and stored <= 1.3 * counts.nbytes
     train = load_dataset(tmp_path / "ds").splits["train"]
     assert np.allclose(train.images[0], 1e-4 * counts[int(train.images.members[0])], rtol=1e-6)
+
+
+def test_the_writer_holds_one_batch_and_one_chunk_not_the_source(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from domains import Channel, SampleSet
+
+    per_batch, shape = 64, (4, 32, 32)
+
+    def stream(batches: int):
+        for b in range(batches):  # each batch is made here and dropped by the writer before the next
+            rng = np.random.default_rng(b)
+            counts = (rng.uniform(500, 4000, (per_batch, 4, 1, 1)) + rng.normal(0, 30, (per_batch, *shape)))
+            yield SampleSet(images=counts.astype(np.uint16), labels=np.arange(per_batch) % 3,
+                            groups=np.array([f"blk-{(b * per_batch + i) // 128}" for i in range(per_batch)]),
+                            locations=np.zeros((per_batch, 2), dtype=np.int64), source="big-scene",
+                            channels=(*CHANNELS, Channel("B08")), class_names=("a", "b", "c"),
+                            scaling=((1e-4, 0.0),) * 4)
+
+    def peak_of(batches: int) -> int:
+        tracemalloc.start()
+        info = write_dataset(stream(batches), "satellite", "classification", tmp_path / str(batches), SplitParams())
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert sum(info.split_counts.values()) == batches * per_batch
+        return peak
+
+    peak_of(6)  # imports (zarr codecs, pyarrow) land here, not in the measured writes
+    small, large = peak_of(12), peak_of(96)
+    large_source = 96 * per_batch * int(np.prod(shape)) * 2
+    print(f"writer peak {small / 2**20:.1f} MiB for 12 batches, {large / 2**20:.1f} MiB for 96 batches "
+          f"({large_source / 2**20:.0f} MiB of samples)")
+    assert large < 1.3 * small and large < large_source / 2  # set by batch and chunk, not by the source

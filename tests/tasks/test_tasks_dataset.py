@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
+from tasks_support import CHANNELS, CLASS_NAMES, make_samples
 
 from tasks.dataset import (
     SPLITS,
@@ -22,8 +23,6 @@ from tasks.dataset import (
     read_dataset_info,
     write_dataset,
 )
-
-from tasks_support import CHANNELS, CLASS_NAMES, make_samples
 
 
 def write(samples, out: Path, **split) -> object:
@@ -481,8 +480,9 @@ def test_a_tampered_chunk_is_named_when_reached_and_not_before(tmp_path: Path, m
 
 
 def test_segmentation_masks_are_lazy_and_scored_batch_by_batch(tmp_path: Path) -> None:
-    from tasks.evaluation import evaluate_predictor, score_segmentation
     from tasks_support import make_segmentation_samples
+
+    from tasks.evaluation import evaluate_predictor, score_segmentation
 
     write_dataset(make_segmentation_samples(), "hs", "segmentation", tmp_path, SplitParams())
     test = load_dataset(tmp_path).splits["test"]
