@@ -48,6 +48,14 @@ class Cube:
     crs: str | None = None
     transform: tuple[float, ...] | None = None
     envi: EnviHeader | None = None
+    geotiff_dtype: str | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored sample type (one for all bands; a GeoTIFF with mixed types reports float32)."""
+        if self.envi is not None:
+            return np.dtype(self.envi.dtype)
+        return np.dtype(self.geotiff_dtype or "float32")
 
     @property
     def bands(self) -> int:
@@ -180,7 +188,8 @@ def _open_geotiff(path: Path) -> Cube:
         transform = tuple(ds.transform)[:6] if ds.crs else None
         nodata = ds.nodata
         return Cube(path=path, kind="geotiff", shape=(ds.count, ds.height, ds.width), wavelengths_nm=wavelengths,
-                    fwhm_nm=fwhm, bad_bands=None, ignore_value=nodata, band_names=names, crs=crs, transform=transform)
+                    fwhm_nm=fwhm, bad_bands=None, ignore_value=nodata, band_names=names, crs=crs, transform=transform,
+                    geotiff_dtype=ds.dtypes[0] if len(set(ds.dtypes)) == 1 else None)
 
 
 def _envi_georeference(header: EnviHeader) -> tuple[str | None, tuple[float, ...] | None]:

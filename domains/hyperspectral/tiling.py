@@ -130,9 +130,11 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
 
     The capture is streamed: this call opens it, checks the request and reads it once to fit the methane
     statistics (so a bad file fails here); the returned iterator then computes the channels one leakage
-    block at a time (at most :data:`RECTANGLE_PX` square) and yields float32 batches of at most
-    ``request.batch_samples`` tiles, in block order. The first batch carries the provenance; each batch
-    carries the ``dropped`` counts since the one before (the last may hold no tile, only counts). Memory is one rectangle of bands plus one batch, whatever the capture's size.
+    block at a time (at most :data:`RECTANGLE_PX` square) and yields batches of at most
+    ``request.batch_samples`` tiles, in block order: float32, except bands alone from an 8- or 16-bit integer
+    cube, which stay in its type with unit ``scaling``. The first batch carries the provenance; each batch
+    carries the ``dropped`` counts since the one before (the last may hold no tile, only counts). Memory is
+    one rectangle of bands plus one batch, whatever the capture's size.
 
     Raises:
         DomainInputError: a bad cube, mask or geometry (no other exception escapes for a bad file).
@@ -210,6 +212,11 @@ def _stream_tiles(request: IngestRequest, plan: StackPlan, mask: MaskRaster | No
         "labels": str(request.labels or ""),
     }
     channels = tuple(s.channel for s in plan.sources)
+    # Bands alone from an integer cube are stored as read (exact: float32 holds these integers), with unit
+    # scaling; computed products make every channel float32 physical values.
+    native = cube.dtype if cube.dtype.kind in "iu" and cube.dtype.itemsize <= 2 and not plan.products else None
+    scaling = tuple((1.0, 0.0) for _ in channels) if native is not None else None
+    dtype = native if native is not None else np.dtype(np.float32)
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     kept: list[tuple[int, int]] = []
@@ -218,12 +225,12 @@ def _stream_tiles(request: IngestRequest, plan: StackPlan, mask: MaskRaster | No
     def batch() -> SampleSet:
         nonlocal first
         out = SampleSet(
-            images=np.stack(images) if images else np.zeros((0, len(channels), size, size), np.float32),
+            images=np.stack(images) if images else np.zeros((0, len(channels), size, size), dtype),
             labels=np.stack(labels) if labels else np.zeros((0, size, size), np.int16),
             groups=np.array([f"{cube.cube_id}:block-{r // block}-{c // block}" for r, c in kept], dtype=str),
             locations=np.array(kept, dtype=np.int64).reshape(-1, 2),
             source=str(cube.path), channels=channels, class_names=facts["class_names"],
-            dropped=dict(dropped), provenance=provenance if first else {}, task="segmentation")
+            dropped=dict(dropped), provenance=provenance if first else {}, task="segmentation", scaling=scaling)
         first = False
         dropped.update({"straddles_block": 0, "nodata": 0, "unlabelled": 0})
         images.clear(), labels.clear(), kept.clear()
@@ -246,7 +253,7 @@ def _stream_tiles(request: IngestRequest, plan: StackPlan, mask: MaskRaster | No
                             dropped["unlabelled"] += 1
                         else:
                             # Copies, so a batch does not keep every rectangle it drew from alive.
-                            images.append(stack[(slice(None), *tile)].copy())
+                            images.append(stack[(slice(None), *tile)].astype(dtype))
                             labels.append(window_labels[tile].copy() if window_labels is not None
                                           else np.full((size, size), -1, dtype=np.int16))
                             kept.append((row, col))

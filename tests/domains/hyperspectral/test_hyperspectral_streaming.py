@@ -147,3 +147,25 @@ def test_peak_memory_does_not_grow_with_the_capture(example, tmp_path):
         peaks[copies] = peak
     print(json.dumps({"peak_traced_bytes": peaks}))
     assert peaks[12] <= 1.3 * peaks[6], peaks
+
+
+def test_bands_of_an_integer_cube_stay_in_its_type_with_unit_scaling(example, tmp_path):
+    """uint16 counts requested as bands only are stored as read; a methane product makes the batch float32."""
+    from domains.hyperspectral.envi import read_envi_header, write_envi
+
+    cube = open_cube(example["source"])
+    counts = np.clip(np.rint(cube.read() * 10), 0, 65000).astype(np.uint16)
+    data = write_envi(tmp_path / "counts.bsq", counts, cube.wavelengths_nm, cube.fwhm_nm, interleave="bsq",
+                      bad_bands=cube.bad_bands)
+    assert read_envi_header(data.with_suffix(".hdr")).dtype == np.uint16
+    request = IngestRequest(source=data.with_suffix(".hdr"), tile_size=8, stride=8, block_size=16,
+                            channels=("evenly-spaced:4",), batch_samples=4)
+    batches = list(read_samples(request))
+    assert all(b.images.dtype == np.uint16 and b.scaling == ((1.0, 0.0),) * 4 for b in batches)
+    expected = _whole_cube_tiles(request)
+    got = {tuple(loc): img for b in batches for loc, img in zip(b.locations.tolist(), b.physical())}
+    assert set(got) == set(expected)
+    assert all(np.array_equal(got[key], image) for key, (image, _) in expected.items())
+    with_product = next(iter(read_samples(IngestRequest(source=data.with_suffix(".hdr"), tile_size=8, stride=8,
+                                                        block_size=16, batch_samples=4))))
+    assert with_product.images.dtype == np.float32 and with_product.scaling is None
