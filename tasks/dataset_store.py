@@ -362,6 +362,19 @@ class LazySamples:
             out[rows] = self._convert(self.source.chunk(int(chunk))[wanted[rows] - chunk * size])
         return out
 
+    def chunk_shuffled_order(self, rng: np.random.Generator, window_chunks: int = CACHED_CHUNKS) -> np.ndarray:
+        """A random order of the split's positions in which each chunk is decoded about once.
+
+        Chunks come in random order, and the samples of each window of ``window_chunks`` chunks (no
+        more than the decoded-chunk cache holds) are shuffled together: a sampler for a DataLoader
+        over a large split, nearly as random as a global shuffle at a fraction of the decoding.
+        """
+        chunks = self.members // self.source.chunk_samples
+        order = rng.permutation(np.unique(chunks))
+        windows = [order[i:i + window_chunks] for i in range(0, len(order), max(1, window_chunks))]
+        return np.concatenate([rng.permutation(np.flatnonzero(np.isin(chunks, window))) for window in windows]
+                              or [np.zeros(0, dtype=np.int64)])
+
     def batches(self, batch_size: int):
         """Consecutive ``(start, samples)`` blocks of at most ``batch_size`` samples, in order."""
         for start in range(0, len(self), batch_size):

@@ -496,3 +496,19 @@ def test_segmentation_masks_are_lazy_and_scored_batch_by_batch(tmp_path: Path) -
                                   task="segmentation")
     whole = score_segmentation(test.labels[:], predict(test.images[:]).argmax(axis=1), ("background", "plume"))
     assert streamed == whole and streamed.samples == len(test)
+
+
+def test_a_chunk_shuffled_order_visits_every_sample_once_decoding_each_chunk_once(tmp_path: Path, monkeypatch) -> None:
+    from tasks.dataset_store import ChunkSource
+
+    small_chunks(monkeypatch)
+    write(make_samples(), tmp_path / "ds")
+    images = load_dataset(tmp_path / "ds").splits["train"].images
+    decoded: list[int] = []
+    real_decode = ChunkSource._decode
+    monkeypatch.setattr(ChunkSource, "_decode", lambda self, i: decoded.append(i) or real_decode(self, i))
+    order = images.chunk_shuffled_order(np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(len(images))) and order.tolist() != sorted(order.tolist())
+    for position in order:  # what a DataLoader drawing one sample at a time does
+        images[int(position)]
+    assert sorted(decoded) == sorted(set(images.members // 10))  # every chunk decoded exactly once
