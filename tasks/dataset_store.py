@@ -297,8 +297,8 @@ class LazySamples:
 
     Efficient access patterns: reading in index order, or in slices, decodes each chunk once (the
     recent chunks stay cached); a torch DataLoader that shuffles samples globally decodes about one
-    chunk (about 16 MiB) per sample, which is correct but slower: shuffling chunk order and samples
-    within a window of a few chunks keeps every decode reused. ``np.asarray(x)`` reads the whole
+    chunk (about 16 MiB) per sample, which is correct but slower: :meth:`chunk_shuffled_order`
+    (chunks in random order, samples shuffled within a window of a few chunks) keeps every decode reused. ``np.asarray(x)`` reads the whole
     split: use it only for small data.
     """
 
