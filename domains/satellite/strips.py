@@ -106,7 +106,9 @@ def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row
 
     # Columns first, on the coarse rows: the gathers that widen the rows then copy whole rows, which is cheap.
     if valid.all():
-        out = along_rows(along_cols(values)).astype(np.float32)
+        # Nothing to leave out: plain weights, and every fine pixel is valid.
+        out = along_rows(along_cols(values)).astype(np.float32, copy=False)
+        return out, np.ones(out.shape, dtype=bool)
     else:
         total = along_rows(along_cols(values))
         norm = along_rows(along_cols(weight))
@@ -210,10 +212,11 @@ class StripReader:
             values, band_valid = self._resample_rows(dataset, band, top, bottom)
             valid &= band_valid
             if np.issubdtype(self.dtype, np.integer):
-                info = np.iinfo(self.dtype)
-                values = np.clip(np.rint(values, out=values), info.min, info.max, out=values)
-            values[~band_valid] = 0
-            raw[i] = values
+                # Bilinear weights are convex, so a value stays within the range of the stored dtype.
+                np.rint(values, out=values)
+            # NaN (invalid) pixels cast to an arbitrary value here; every invalid pixel gets the fill below.
+            with np.errstate(invalid="ignore"):
+                raw[i] = values
         if not valid.all():
             invalid = ~valid
             for i, fill in enumerate(self.fill):
