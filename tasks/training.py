@@ -417,15 +417,18 @@ class EpochBatches(torch.utils.data.Sampler):
 
     Each optimisation step takes ``batch_size`` keys of the epoch's order and splits them into
     ``processes x accumulation`` near-equal parts; this process gets its ``accumulation`` parts. The order
-    (a permutation, or weighted draws with replacement) and the views come from a generator seeded by
-    (seed, epoch), so every process and every resumed run sees the same plan.
+    (a permutation, the chunk-friendly order of a lazy split's ``chunk_shuffled_order``, or weighted
+    draws with replacement) and the views come from generators seeded by (seed, epoch), so every process
+    and every resumed run sees the same plan.
     """
 
     def __init__(self, size: int, batch_size: int, accumulation: int, rank: int, processes: int, seed: int,
-                 flips: bool, weights: np.ndarray | None = None):
+                 flips: bool, weights: np.ndarray | None = None,
+                 chunked_order: Callable[[np.random.Generator], np.ndarray] | None = None):
         self.size, self.batch_size, self.accumulation = size, batch_size, accumulation
         self.rank, self.processes, self.seed, self.flips = rank, processes, seed, flips
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.chunked_order = chunked_order
         self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -440,7 +443,10 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        if self.weights is None:
+        if self.weights is None and self.chunked_order is not None:
+            # A chunked store decodes a whole chunk per read: shuffle chunks, and samples within a few of them.
+            order = torch.from_numpy(self.chunked_order(np.random.default_rng([self.seed, self.epoch])))
+        elif self.weights is None:
             order = torch.randperm(self.size, generator=generator)
         else:
             drawn = torch.utils.data.WeightedRandomSampler(self.weights, self.size, replacement=True,
@@ -591,12 +597,13 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
     if fabric.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    outcome = fabric.launch(_train_process, model, dataset, params, checkpoint_dir, model_key, on_epoch,
-                            teacher_logits)
+    job = _TrainingJob(dataset, params, checkpoint_dir, model_key, on_epoch, teacher_logits)
+    outcome = fabric.launch(_train_process, model, job)
     if len(set(outcome["rank_digests"])) != 1:
         raise RuntimeError(f"training processes ended with different weights: {outcome['rank_digests']}")
     model.to("cpu")
-    model.load_state_dict(outcome["state"])
+    if params.processes > 1:  # trained in other processes; in this one the model trained in place
+        model.load_state_dict(read_checkpoint(outcome["weights_from"])["best_state"])
     model.eval()
     return FitResult(model=model, history=outcome["history"], best_epoch=outcome["best_epoch"],
                      resumed_from_epoch=outcome["start_epoch"], checkpoints=outcome["checkpoints"],
@@ -611,9 +618,23 @@ def _gather_digests(fabric, model: nn.Module) -> list[str]:
     return [row.numpy().tobytes().hex() for row in rows]
 
 
-def _train_process(fabric, model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path,
-                   model_key: str, on_epoch: EpochCallback | None, teacher_logits: np.ndarray | None) -> dict:
+class _TrainingJob:
+    """Everything a training process needs besides the model.
+
+    A plain class on purpose: Fabric's launcher rebuilds dataclasses and containers it is handed (to
+    copy the modules inside), which frozen dataclasses such as :class:`Dataset` refuse.
+    """
+
+    def __init__(self, dataset: Dataset, params: TrainParams, checkpoint_dir: Path, model_key: str,
+                 on_epoch: EpochCallback | None, teacher_logits: np.ndarray | None):
+        self.dataset, self.params, self.checkpoint_dir = dataset, params, checkpoint_dir
+        self.model_key, self.on_epoch, self.teacher_logits = model_key, on_epoch, teacher_logits
+
+
+def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     """The loop itself, run once per process; returns (from rank 0) what :func:`fit` needs."""
+    dataset, params, checkpoint_dir = job.dataset, job.params, job.checkpoint_dir
+    model_key, on_epoch, teacher_logits = job.model_key, job.on_epoch, job.teacher_logits
     train = dataset.splits["train"]
     val = dataset.splits.get("val", train)
     class_names = dataset.info.class_names
@@ -655,7 +676,8 @@ def _train_process(fabric, model: nn.Module, dataset: Dataset, params: TrainPara
 
     weights = balanced_sample_weights(np.asarray(train.labels[:]), task) if params.balance_classes else None
     batches = EpochBatches(len(train), params.batch_size, params.grad_accumulation, fabric.global_rank,
-                           fabric.world_size, params.seed, params.flip_augment, weights)
+                           fabric.world_size, params.seed, params.flip_augment, weights,
+                           chunked_order=getattr(train.images, "chunk_shuffled_order", None))
     pin_memory = fabric.device.type == "cuda"
     distilling = params.objective == "distillation"
     train_loader = _loader(SplitSamples(train, task, teacher_logits if distilling else None), params, pin_memory,
@@ -717,7 +739,10 @@ def _train_process(fabric, model: nn.Module, dataset: Dataset, params: TrainPara
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
+    # Weights do not travel back through the launcher's pipe (a spawned rank blocks writing megabytes
+    # into it while the parent waits for the ranks to end): the caller reads the best weights from the
+    # newest checkpoint, which holds them.
+    return {"weights_from": checkpoints[-1] if checkpoints else resume_path, "history": history,
             "best_epoch": best_epoch, "start_epoch": start_epoch, "checkpoints": checkpoints,
             "rank_digests": _gather_digests(fabric, model)}
 
