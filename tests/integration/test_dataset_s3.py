@@ -144,3 +144,11 @@ def test_a_damaged_chunk_on_s3_is_named_and_a_prefix_without_metadata_is_not_a_d
     with pytest.raises(DatasetError, match="not a Vitrail dataset"):
         write_dataset(make_samples(), "satellite", "classification", f"s3://{BUCKET}/datasets/notes", SplitParams())
     assert fs.cat_file(f"{BUCKET}/datasets/notes/keep.txt") == b"mine"
+
+
+def test_vitrail_dataset_verify_checks_an_s3_dataset(ingested, capsys) -> None:
+    from flows.cli import main
+
+    url, info = ingested
+    assert main(["dataset", "verify", url]) == 0
+    assert capsys.readouterr().out.startswith(f"{url}: ok, {sum(info.split_counts.values())} samples")
