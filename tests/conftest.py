@@ -1,0 +1,31 @@
+"""Session-wide test hygiene shared by every test folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+
+def _closed(stream: object) -> bool:
+    return bool(getattr(stream, "closed", False))
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_never_keep_a_closed_capture():
+    """A logging handler created (or repointed) while a test captured output keeps that test's stream.
+
+    Once the capture is closed every later log line fails inside the handler (and Prefect's console
+    handler then recurses into its own error reporting), so the failures would show up in unrelated
+    tests. After each test, handlers holding a closed stream are pointed at the current stderr.
+    """
+    yield
+    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for handler in (handler for logger in loggers for handler in logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and _closed(handler.stream):
+            handler.stream = sys.stderr  # not setStream(): it would flush the closed stream first
+        console = getattr(handler, "console", None)  # Prefect's rich console handler writes through this
+        if console is not None and _closed(getattr(console, "file", None)):
+            console.file = sys.stderr
