@@ -291,16 +291,39 @@ class _GroupTotals:
         self.squares = np.zeros(channels, dtype=np.float64)
         self.classes = np.zeros(classes, dtype=np.int64)
 
-    def add_pixels(self, physical: np.ndarray) -> None:
-        self.pixels += physical.shape[0] * physical.shape[2] * physical.shape[3]
-        self.sums += physical.sum(axis=(0, 2, 3), dtype=np.float64)
-        self.squares += np.square(physical, dtype=np.float64).sum(axis=(0, 2, 3))
+    def add_samples(self, pixels: int, sums: np.ndarray, squares: np.ndarray) -> None:
+        """Add samples of ``pixels`` pixels each, given their per-channel sums and sums of squares (n, C)."""
+        self.pixels += pixels * len(sums)
+        self.sums += sums.sum(axis=0)
+        self.squares += squares.sum(axis=0)
 
     def merge(self, other: _GroupTotals) -> None:
         self.pixels += other.pixels
         self.sums += other.sums
         self.squares += other.squares
         self.classes += other.classes
+
+
+def _physical_sample_sums(batch: SampleSet, part: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample and channel, the sum of physical values and of their squares (float64, (n, C) each).
+
+    Sums are taken over the stored values once, in float64, and the per-channel scaling is applied to
+    the sums (sum(s*x+o) = s*sum(x) + o*n, and likewise for squares): one pass over the pixels instead of
+    a float32 physical copy summed per group. For integer sources up to 16 bits the float64 sums are
+    exact, so only the final scaling rounds; per-sample sums also make the totals independent of batching.
+    """
+    raw = np.asarray(batch.images[part], dtype=np.float64)
+    raw = raw.reshape(raw.shape[0], raw.shape[1], -1)
+    sums = raw.sum(axis=2)
+    squares = np.einsum("ijk,ijk->ij", raw, raw)
+    if batch.scaling is None:
+        return sums, squares
+    # The float32 constants of SampleSet.physical (what training sees), not the float64 ones given.
+    scale = np.array([s for s, _ in batch.scaling], dtype=np.float32).astype(np.float64)
+    offset = np.array([o for _, o in batch.scaling], dtype=np.float32).astype(np.float64)
+    pixels = raw.shape[2]
+    return (scale * sums + offset * pixels,
+            scale**2 * squares + 2 * scale * offset * sums + offset**2 * pixels)
 
 
 class _StreamingWriter:
@@ -417,17 +440,18 @@ class _StreamingWriter:
         labelled = labelled_samples(batch.labels)
         groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
         sample_floats = int(np.prod(batch.images.shape[1:]))
+        pixels = sample_floats // channels
         step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
         for start in range(0, len(batch.images), step):
             part = slice(start, start + step)
-            physical = batch.physical(part)
-            self.all_totals.add_pixels(physical)
+            sums, squares = _physical_sample_sums(batch, part)
+            self.all_totals.add_samples(pixels, sums, squares)
             for group in dict.fromkeys(groups[part].tolist()):
                 members = (groups[part] == group) & labelled[part]
                 totals = self.labelled_totals.setdefault(group, _GroupTotals(channels, classes))
                 totals.classes += self._class_counts(batch.labels[part][groups[part] == group], classes)
                 if members.any():
-                    totals.add_pixels(physical[members])
+                    totals.add_samples(pixels, sums[members], squares[members])
 
     def _class_counts(self, labels: np.ndarray, classes: int) -> np.ndarray:
         """Samples per class (classification), positives per finding (multilabel), pixels per class (segmentation)."""
