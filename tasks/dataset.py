@@ -369,6 +369,12 @@ class _StreamingWriter:
         self._add_rows(batch)
         self._add_totals(batch)
 
+    def abandon(self) -> None:
+        """Stop the arrays' background stores after a failure (what is written is then discarded)."""
+        for array in (self.images, self.labels):
+            if array is not None:
+                array.abandon()
+
     def _check_batch(self, batch: SampleSet) -> None:
         if self.first is None:
             self.first = batch
@@ -556,8 +562,12 @@ def _write_contents(samples: SampleSet | Iterable[SampleSet], domain: str, task_
                     reports: Callable[[SampleSet, Path], object] | None) -> DatasetInfo:
     """Stream the batches into ``files``, then manifest, quarantine list, reports and (last) ``dataset.json``."""
     writer = _StreamingWriter(files, task_type)
-    for batch in _as_batches(samples):
-        writer.add(batch)
+    try:
+        for batch in _as_batches(samples):
+            writer.add(batch)
+    except BaseException:
+        writer.abandon()  # no background store may still write into a folder about to be removed
+        raise
     info = writer.finish(domain, params, where)
     if reports is not None:
         if files.remote:  # reports are written by domain code into a folder: upload what it wrote

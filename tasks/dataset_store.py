@@ -160,11 +160,16 @@ class DatasetFiles:
 class ChunkedArrayWriter:
     """Appends samples to one zarr array a whole chunk at a time, digesting each chunk.
 
-    Memory is one chunk buffer, whatever the batch sizes; chunk boundaries depend only on the chunk
-    size, so identical samples give identical chunks and digests however a reader batched them.
+    Chunk boundaries depend only on the chunk size, so identical samples give identical chunks and
+    digests however a reader batched them. Compressing, storing and digesting run on one background
+    thread, one batch at a time, so the caller reads its next batch meanwhile (zarr and hashlib
+    release the GIL for that work). Memory is one chunk buffer plus one batch in flight, whatever the
+    size of the source: :meth:`append` waits for the previous batch before taking the next.
     """
 
     def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         from zarr.codecs import BloscCodec
 
         self.dtype = np.dtype(dtype)
@@ -179,8 +184,40 @@ class ChunkedArrayWriter:
         self.filled = 0
         self.length = 0
         self.digests: list[str] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitrail-write-{name}")
+        self._pending = None
 
     def append(self, block: np.ndarray) -> None:
+        """Queue ``block`` (N, *sample_shape) for storing; raises what storing the previous batch raised."""
+        self.wait()
+        # A copy: the caller (a reader's batch) may reuse or change its array once this returns.
+        self._pending = self._worker.submit(self._append_now, np.array(block, dtype=self.dtype, copy=True))
+
+    def wait(self) -> None:
+        """Block until the batch in flight is stored; raise what storing it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Store everything queued and the last, partly filled chunk; stop the background thread."""
+        try:
+            self.wait()
+            if self.filled:
+                self._store_chunk(self.buffer[:self.filled])
+                self.filled = 0
+        finally:
+            self._worker.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop without storing more (after a failed write): wait for the batch in flight, drop the rest."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the write already failed; its own error is the one reported
+            pass
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _append_now(self, block: np.ndarray) -> None:
         position = 0
         if self.filled:  # complete the chunk begun by an earlier batch
             take = min(self.chunk_samples - self.filled, len(block))
@@ -200,12 +237,6 @@ class ChunkedArrayWriter:
         if rest:
             self.buffer[:rest] = block[position:]
             self.filled = rest
-
-    def close(self) -> None:
-        """Store the last, partly filled chunk."""
-        if self.filled:
-            self._store_chunk(self.buffer[:self.filled])
-            self.filled = 0
 
     def _store_chunk(self, block: np.ndarray) -> None:
         """Store ``block`` at the end of the array: one or more whole chunks, the last one possibly partial."""
