@@ -35,8 +35,9 @@ def test_truncated_band_is_one_line_in_the_terminal_and_the_flow_state(tmp_path)
     band = sorted(scene.rglob("*_B04.tif"))[0]
     band.write_bytes(band.read_bytes()[: band.stat().st_size // 3])
     out_dir = tmp_path / "dataset"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": "",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+    # Its own ephemeral server: no API URL at all (an empty one breaks Prefect's event client).
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO")
     done = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "--domain", "satellite", "--source",
                            str(scene), "--out", str(out_dir)], capture_output=True, text=True, env=env, timeout=300)
     terminal = done.stdout + done.stderr
