@@ -170,8 +170,14 @@ def _versions_of(name: str) -> list:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_concurrent_promotions_cannot_both_win_champion(prefect_api: PrefectServer, store: Store,
-                                                            spawned: list[subprocess.Popen]) -> None:
+                                                            spawned: list[subprocess.Popen], monkeypatch) -> None:
+    import tasks.promotion
     from tasks.prediction import load_model
+
+    # The test's own hold lasts as long as two fresh processes take to import and reach the lock (a minute
+    # or more on a loaded 2-core machine); a longer lease keeps a slow renewal from ending it early.
+    # The promotions themselves keep the production lease.
+    monkeypatch.setattr(tasks.promotion, "PROMOTION_LEASE_S", 300)
 
     with mlflow_store(store.workdir):
         # The test holds the model's promotion slot while both promotions start, so both reach the lock
