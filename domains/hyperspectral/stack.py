@@ -52,6 +52,18 @@ def saturation_level(cube: Cube) -> float | None:
     return None
 
 
+def plan_bands(cube: Cube, sources: list[ChannelSource], window_nm: tuple[float, float]
+               ) -> tuple[list[int], dict[int, int], np.ndarray, np.ndarray | None]:
+    """Cube bands to read for ``sources``: (band indices, position of each in the read, positions of the
+    detector bands, the unit absorption spectrum over them or None when no product needs it)."""
+    products = {s.product for s in sources if s.product}
+    filter_idx, absorption = detector_bands(cube, window_nm) if products else (np.zeros(0, int), None)
+    band_idx = sorted({s.band for s in sources if s.band >= 0} | set(filter_idx.tolist()))
+    position = {b: i for i, b in enumerate(band_idx)}
+    filter_pos = np.array([position[b] for b in filter_idx], dtype=int)
+    return band_idx, position, filter_pos, absorption
+
+
 def compute_stack(cube: Cube, sources: list[ChannelSource], tile: tuple[int | None, int | None] = DEFAULT_TILE,
                   window_nm: tuple[float, float] = DEFAULT_WINDOW_NM) -> tuple[np.ndarray, np.ndarray]:
     """Read and derive every channel of ``sources`` over the whole cube, window by window.
@@ -63,11 +75,7 @@ def compute_stack(cube: Cube, sources: list[ChannelSource], tile: tuple[int | No
         DomainInputError: NaNs without an ignore value, or nothing valid in the cube.
     """
     height, width = cube.grid
-    products = {s.product for s in sources if s.product}
-    filter_idx, absorption = detector_bands(cube, window_nm) if products else (np.zeros(0, int), None)
-    band_idx = sorted({s.band for s in sources if s.band >= 0} | set(filter_idx.tolist()))
-    position = {b: i for i, b in enumerate(band_idx)}
-    filter_pos = np.array([position[b] for b in filter_idx], dtype=int)
+    band_idx, position, filter_pos, absorption = plan_bands(cube, sources, window_nm)
     saturation = saturation_level(cube)
     stack = np.zeros((len(sources), height, width), dtype=np.float32)
     invalid = np.zeros((height, width), dtype=bool)

@@ -26,7 +26,7 @@ from domains.hyperspectral.cube import Cube
 from domains.hyperspectral.methane import (DEFAULT_WINDOW_NM, FilterStatistics, apply_statistics,
                                            fit_gaussian_statistics, fit_sparse_statistics, sas_sample,
                                            saturated_pixels, trusted_pixels)
-from domains.hyperspectral.stack import DEFAULT_TILE, _splits, detector_bands, saturation_level
+from domains.hyperspectral.stack import DEFAULT_TILE, _splits, plan_bands, saturation_level
 from domains.spec import DomainInputError
 
 # Pixels per chunk read in the statistics pass: 16k pixels x ~60 bands x 4 bytes is about 4 MB.
@@ -57,11 +57,7 @@ def plan_stack(cube: Cube, sources: list[ChannelSource], tile: tuple[int | None,
                window_nm: tuple[float, float] = DEFAULT_WINDOW_NM) -> StackPlan:
     """Bands to read and detector windows for ``sources`` (as :func:`compute_stack` chooses them)."""
     height, width = cube.grid
-    products = {s.product for s in sources if s.product}
-    filter_idx, absorption = detector_bands(cube, window_nm) if products else (np.zeros(0, int), None)
-    band_idx = sorted({s.band for s in sources if s.band >= 0} | set(filter_idx.tolist()))
-    position = {b: i for i, b in enumerate(band_idx)}
-    filter_pos = np.array([position[b] for b in filter_idx], dtype=int)
+    band_idx, position, filter_pos, absorption = plan_bands(cube, sources, window_nm)
     return StackPlan(cube, sources, band_idx, position, filter_pos, absorption,
                      _splits(height, tile[0]), _splits(width, tile[1]))
 
