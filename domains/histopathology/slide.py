@@ -1,0 +1,610 @@
+"""Whole-slide image reading at an exact resolution: the mpp contract, pyramid level choice, region reads.
+
+A slide is gigapixel: nothing here reads a whole level of a large slide. Every read is a bounded region
+rendered at a requested microns-per-pixel (mpp) from the coarsest pyramid level that is still at least
+as fine as the request, then resampled to exactly the requested size. The slide's own mpp comes from its
+metadata and is recorded with where it came from; a slide without one is refused unless the user gives
+it (``--mpp``). Objective power is never used to guess it: scanners disagree on what "40x" means
+(0.23 to 0.27 um/px), and a wrong guess silently changes the scale of every tile.
+
+Readers: OpenSlide (through the ``openslide-bin`` wheel: SVS, NDPI, MRXS, SCN, Philips TIFF, generic
+tiled TIFF, DICOM WSI) and ``tifffile`` for the TIFFs OpenSlide cannot open or opens without their
+pyramid (OME-TIFF, SubIFD pyramids). Both are imported inside functions so ``import domains`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from domains.spec import DomainInputError
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                    ".dcm", ".btf", ".tf2", ".tf8", ".qptiff")
+# Plausible scanner resolutions; a value outside is a unit mistake (e.g. a TIFF "resolution" of 1 dpi).
+MPP_RANGE = (0.02, 100.0)
+# A pyramid level this close to the requested mpp (relative) is used as is, not passed over for a finer one.
+LEVEL_MPP_TOLERANCE = 0.01
+# Largest side, in pixels of the level read, of one region read: bounds the memory of a read (4 bytes/px
+# for OpenSlide's RGBA, so about 64 MB) while grouping many neighbouring tiles into one call.
+MAX_REGION_SIDE = 4096
+# iter_tiles groups tiles into regions of about this side (level pixels) before reading.
+REGION_SIDE = 2048
+WHITE = 255
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    """Pixel geometry and resolution of a slide, with where the resolution came from.
+
+    Attributes:
+        width, height: level-0 size in pixels.
+        mpp_x, mpp_y: level-0 microns per pixel.
+        mpp_source: where mpp came from ("openslide.mpp-x/y", "tiff.XResolution (centimeter)",
+            "OME PhysicalSizeX", "user --mpp").
+        levels: (width, height, downsample) of every pyramid level, finest first.
+        bounds_x, bounds_y: level-0 offset of the scanned area (``openslide.bounds-x/y``; 0 if none).
+            QuPath's coordinates start there.
+        format: the reader and vendor, e.g. "openslide:aperio" or "tifffile:ome".
+    """
+
+    width: int
+    height: int
+    mpp_x: float
+    mpp_y: float
+    mpp_source: str
+    levels: tuple[tuple[int, int, float], ...]
+    bounds_x: int
+    bounds_y: int
+    format: str
+
+    def level_mpp(self, level: int) -> tuple[float, float]:
+        """Microns per pixel of pyramid level ``level``."""
+        downsample = self.levels[level][2]
+        return self.mpp_x * downsample, self.mpp_y * downsample
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level still at least as fine as ``mpp`` (level 0 when the slide is coarser).
+
+        Reading the coarsest sufficient level decodes the fewest pixels; never choosing a coarser one
+        means a tile is never upsampled unless the slide itself is coarser than the request.
+        """
+        best = 0
+        for index in range(len(self.levels)):
+            level_mpp = max(self.level_mpp(index))
+            if level_mpp <= mpp * (1 + LEVEL_MPP_TOLERANCE):
+                best = index if level_mpp > max(self.level_mpp(best)) else best
+        return best
+
+
+def tile_grid(geometry: SlideGeometry, size: int, mpp: float, stride: int | None = None) -> np.ndarray:
+    """Level-0 origins (n, 2) int64 (x, y) of a regular grid of ``size`` px tiles at ``mpp`` over the slide.
+
+    The grid starts at the scanned area's offset (``bounds_x``, ``bounds_y``); ``stride`` is in output
+    pixels (default ``size``: touching tiles). Only tiles whose origin lies on the slide are listed; the
+    last row/column may reach past the edge (that part reads as white).
+    """
+    _check_tile_request(size, mpp)
+    stride = size if stride is None else stride
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    step_x = stride * mpp / geometry.mpp_x
+    step_y = stride * mpp / geometry.mpp_y
+    xs = geometry.bounds_x + np.round(np.arange(0, geometry.width - geometry.bounds_x, step_x)).astype(np.int64)
+    ys = geometry.bounds_y + np.round(np.arange(0, geometry.height - geometry.bounds_y, step_y)).astype(np.int64)
+    xs = xs[xs < geometry.width]
+    ys = ys[ys < geometry.height]
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
+
+
+def _check_tile_request(size: int, mpp: float) -> None:
+    if int(size) != size or size <= 0:
+        raise ValueError(f"tile size must be a positive integer, got {size}")
+    if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        raise ValueError(f"requested mpp {mpp} is outside {MPP_RANGE[0]}..{MPP_RANGE[1]} um/px")
+
+
+class Slide:
+    """An open whole-slide image; use :func:`open_slide` (a context manager) to get one."""
+
+    def __init__(self, path: Path, backend: "_Backend", geometry: SlideGeometry, workers: int | None = None):
+        self.path = path
+        self._backend = backend
+        self.geometry = geometry
+        self._workers = workers or min(4, os.cpu_count() or 1)
+
+    # -- context manager -------------------------------------------------------------------------------
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._backend.close()
+
+    # -- metadata the de-identification gate inspects (names only; see slide_metadata.py) --------------
+    def metadata_keys(self) -> list[str]:
+        """Names of every metadata property the reader exposes (values are not returned)."""
+        return sorted(self._backend.metadata_keys())
+
+    def associated_image_names(self) -> list[str]:
+        """Names of the associated images (label, macro, thumbnail...); their pixels are never read."""
+        return sorted(self._backend.associated_names())
+
+    # -- pixels -----------------------------------------------------------------------------------------
+    def read_region(self, x: int, y: int, size: int, mpp: float) -> np.ndarray:
+        """The ``size`` x ``size`` RGB uint8 tile whose top-left is level-0 (x, y), at exactly ``mpp`` um/px.
+
+        It covers ``size * mpp`` micrometres whatever the scanner; parts outside the slide are white.
+        """
+        tiles, _ = next(self.iter_tiles([(x, y)], size, mpp, batch=1))
+        return tiles[0]
+
+    def iter_tiles(self, origins: Sequence[tuple[int, int]] | np.ndarray, size: int, mpp: float,
+                   batch: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(tiles (n, size, size, 3) uint8, origins (n, 2) int64)`` in batches of at most ``batch``.
+
+        Tiles are grouped into regions of neighbouring tiles and each region is read once from the best
+        pyramid level (a few worker threads read regions in parallel: OpenSlide and Pillow release the
+        GIL), so this is much faster than one read per tile. Tiles come out region by region, not in
+        the input order: the returned origins say which tile is which. Memory is bounded by ``batch``
+        and a few regions in flight, not by the slide.
+        """
+        _check_tile_request(size, mpp)
+        if batch <= 0:
+            raise ValueError(f"batch must be positive, got {batch}")
+        points = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        if len(points) == 0:
+            return
+        level = self.geometry.best_level(mpp)
+        groups = _group_by_region(points, self._region_span(level, size, mpp))
+        out_tiles = np.empty((min(batch, len(points)), size, size, 3), np.uint8)
+        out_origins = np.empty((len(out_tiles), 2), np.int64)
+        filled = 0
+        # At most ``workers`` regions in flight at once: memory stays bounded while reads overlap.
+        with ThreadPoolExecutor(max_workers=self._workers) as pool:
+            pending = []
+            group_iter = iter(groups)
+            for group in group_iter:
+                pending.append(pool.submit(self._render_tiles, group, size, mpp, level))
+                if len(pending) < self._workers:
+                    continue
+                tiles, group_points = pending.pop(0).result()
+                for tile, origin in zip(tiles, group_points):
+                    out_tiles[filled], out_origins[filled] = tile, origin
+                    filled += 1
+                    if filled == len(out_tiles):
+                        yield out_tiles.copy(), out_origins.copy()
+                        filled = 0
+            for future in pending:
+                tiles, group_points = future.result()
+                for tile, origin in zip(tiles, group_points):
+                    out_tiles[filled], out_origins[filled] = tile, origin
+                    filled += 1
+                    if filled == len(out_tiles):
+                        yield out_tiles.copy(), out_origins.copy()
+                        filled = 0
+        if filled:
+            yield out_tiles[:filled].copy(), out_origins[:filled].copy()
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide (from level-0 (0, 0) to its width/height) as RGB uint8 at about ``mpp`` um/px.
+
+        Read from the coarsest sufficient level in bounded blocks, so a slide without a low-resolution
+        level is still never read whole. Pixel (r, c) covers level-0 (c * mpp / mpp_x, r * mpp / mpp_y).
+        """
+        g = self.geometry
+        if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+            raise ValueError(f"thumbnail mpp {mpp} is outside {MPP_RANGE[0]}..{MPP_RANGE[1]} um/px")
+        out_w = max(1, int(round(g.width * g.mpp_x / mpp)))
+        out_h = max(1, int(round(g.height * g.mpp_y / mpp)))
+        level = g.best_level(mpp)
+        level_mpp_x, level_mpp_y = g.level_mpp(level)
+        # Output block side such that its source region stays within MAX_REGION_SIDE level pixels.
+        block = max(1, int(MAX_REGION_SIDE * min(level_mpp_x, level_mpp_y) / mpp))
+        thumb = np.empty((out_h, out_w, 3), np.uint8)
+        for top in range(0, out_h, block):
+            for left in range(0, out_w, block):
+                w, h = min(block, out_w - left), min(block, out_h - top)
+                thumb[top : top + h, left : left + w] = self._render_rect(
+                    left * mpp / g.mpp_x, top * mpp / g.mpp_y, w, h, mpp, level)
+        return thumb
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _region_span(self, level: int, size: int, mpp: float) -> float:
+        """Side, in level-0 pixels, of the region cells tiles are grouped into."""
+        downsample = self.geometry.levels[level][2]
+        tile_level_px = size * mpp / min(self.geometry.level_mpp(level))
+        # At least one tile per region; otherwise about REGION_SIDE level pixels.
+        return max(tile_level_px, REGION_SIDE - tile_level_px) * downsample
+
+    def _level_box(self, x0: float, y0: float, w_out: int, h_out: int, mpp: float, level: int):
+        """Continuous box in level-``level`` pixels covered by an output rectangle at level-0 (x0, y0)."""
+        g = self.geometry
+        downsample = g.levels[level][2]
+        span_x = w_out * mpp / g.mpp_x
+        span_y = h_out * mpp / g.mpp_y
+        return x0 / downsample, y0 / downsample, (x0 + span_x) / downsample, (y0 + span_y) / downsample
+
+    def _read_level(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """Level pixels [top, top+height) x [left, left+width) as RGB uint8; outside the level is white."""
+        level_w, level_h, _ = self.geometry.levels[level]
+        out = np.full((height, width, 3), WHITE, np.uint8)
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + width, level_w), min(top + height, level_h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - top : y1 - top, x0 - left : x1 - left] = self._backend.read(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    def _render_rect(self, x0: float, y0: float, w_out: int, h_out: int, mpp: float, level: int) -> np.ndarray:
+        """One output rectangle (h_out, w_out, 3) at ``mpp`` whose top-left is level-0 (x0, y0)."""
+        box = self._level_box(x0, y0, w_out, h_out, mpp, level)
+        left, top = math.floor(box[0]), math.floor(box[1])
+        right, bottom = math.ceil(box[2]), math.ceil(box[3])
+        pixels = self._read_level(level, left, top, right - left, bottom - top)
+        return _resample(pixels, (box[0] - left, box[1] - top, box[2] - left, box[3] - top), w_out, h_out)
+
+    def _render_tiles(self, points: np.ndarray, size: int, mpp: float, level: int):
+        """Read one region covering every tile in ``points`` once, then cut and resample each tile."""
+        boxes = [self._level_box(float(x), float(y), size, size, mpp, level) for x, y in points]
+        left = math.floor(min(b[0] for b in boxes))
+        top = math.floor(min(b[1] for b in boxes))
+        right = math.ceil(max(b[2] for b in boxes))
+        bottom = math.ceil(max(b[3] for b in boxes))
+        pixels = self._read_level(level, left, top, right - left, bottom - top)
+        from PIL import Image
+
+        image = Image.fromarray(pixels)
+        tiles = np.empty((len(points), size, size, 3), np.uint8)
+        for index, b in enumerate(boxes):
+            tiles[index] = _resample(image, (b[0] - left, b[1] - top, b[2] - left, b[3] - top), size, size)
+        return tiles, points
+
+
+def _resample(pixels, box: tuple[float, float, float, float], w_out: int, h_out: int) -> np.ndarray:
+    """Resample the continuous ``box`` of ``pixels`` (array or PIL image) to exactly (h_out, w_out).
+
+    Area averaging (BOX) when shrinking, as scanners build their pyramids; bilinear when enlarging.
+    An integer-aligned box of the output's size is copied without resampling.
+    """
+    from PIL import Image
+
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if (abs(bw - w_out) < 1e-6 and abs(bh - h_out) < 1e-6 and float(box[0]).is_integer()
+            and float(box[1]).is_integer()):
+        crop = image.crop((int(box[0]), int(box[1]), int(box[0]) + w_out, int(box[1]) + h_out))
+        return np.asarray(crop)
+    method = Image.Resampling.BOX if bw >= w_out and bh >= h_out else Image.Resampling.BILINEAR
+    return np.asarray(image.resize((w_out, h_out), method, box=box))
+
+
+def _group_by_region(points: np.ndarray, span: float) -> list[np.ndarray]:
+    """Split tile origins into cells of ``span`` level-0 pixels (row-major cells), each read as one region."""
+    cells: dict[tuple[int, int], list[int]] = defaultdict(list)
+    base = points.min(axis=0)
+    keys = ((points - base) // max(span, 1.0)).astype(np.int64)
+    for index, (cx, cy) in enumerate(keys):
+        cells[(int(cy), int(cx))].append(index)
+    return [points[cells[key]] for key in sorted(cells)]
+
+
+# -- opening and the mpp contract -------------------------------------------------------------------------
+
+def open_slide(path: Path | str, mpp: float | None = None, workers: int | None = None) -> Slide:
+    """Open a whole-slide image and settle its resolution (the mpp contract).
+
+    Args:
+        path: the slide file (SVS, NDPI, MRXS, SCN, tiled TIFF, OME-TIFF, DICOM...).
+        mpp: microns per pixel given by the user (``--mpp``). It overrides the slide's metadata and is
+            recorded as "user --mpp"; without it a slide whose metadata has no resolution is refused.
+        workers: threads reading regions in parallel in :meth:`Slide.iter_tiles` (default: up to 4).
+
+    Raises:
+        DomainInputError: zero-byte, truncated or unreadable file, an extension that is not a slide's,
+            or no resolution in the metadata and none given.
+    """
+    path = Path(path)
+    _check_file(path)
+    if mpp is not None and not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        raise DomainInputError(path, f"--mpp {mpp} is outside the plausible {MPP_RANGE[0]}..{MPP_RANGE[1]} um/px")
+    backend = _open_backend(path)
+    try:
+        metadata_mpp = backend.mpp()
+        if mpp is not None:
+            mpp_x = mpp_y = float(mpp)
+            source = "user --mpp"
+        elif metadata_mpp is not None:
+            mpp_x, mpp_y, source = metadata_mpp
+        else:
+            raise DomainInputError(path, "the slide's metadata gives no microns-per-pixel resolution; pass "
+                                         "--mpp with the scanner's value (it is never guessed from objective power)")
+        if not (MPP_RANGE[0] <= mpp_x <= MPP_RANGE[1] and MPP_RANGE[0] <= mpp_y <= MPP_RANGE[1]):
+            raise DomainInputError(path, f"resolution {mpp_x} x {mpp_y} um/px from {source} is outside the plausible "
+                                         f"{MPP_RANGE[0]}..{MPP_RANGE[1]}; pass --mpp")
+        levels = backend.levels()
+        bounds_x, bounds_y = backend.bounds()
+        geometry = SlideGeometry(width=levels[0][0], height=levels[0][1], mpp_x=mpp_x, mpp_y=mpp_y,
+                                 mpp_source=source, levels=levels, bounds_x=bounds_x, bounds_y=bounds_y,
+                                 format=backend.format)
+    except BaseException:
+        backend.close()
+        raise
+    return Slide(path, backend, geometry, workers)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DomainInputError(path, "no such slide file")
+    if path.is_dir():
+        raise DomainInputError(path, "is a folder, not a slide file (for DICOM WSI give one of its .dcm files)")
+    suffix = path.suffix.lower()
+    if suffix not in SLIDE_EXTENSIONS:
+        raise DomainInputError(path, f"extension {suffix or '(none)'!r} is not a whole-slide image format; "
+                                     f"expected one of {', '.join(SLIDE_EXTENSIONS)}")
+    if path.stat().st_size == 0:
+        raise DomainInputError(path, "empty file (0 bytes): the slide was not copied or not written")
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """Refuse a TIFF whose tiles or strips point past the end of the file (a truncated copy).
+
+    Reading the offsets costs little and catches truncation before a read deep into a run fails.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            # SubIFD pyramid levels are not in tif.pages; the series' levels list them.
+            for series in tif.series:
+                for level in series.levels:
+                    pages.extend(level.pages)
+            for page in pages:
+                if page is None:
+                    continue
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                present = counts > 0
+                if present.any() and int((offsets[present] + counts[present]).max()) > size:
+                    raise DomainInputError(path, f"truncated: image data of a {page.shape} image ends past the "
+                                                 f"end of the file ({size} bytes)")
+    except DomainInputError:
+        raise
+    except Exception as error:  # tifffile raises several types on a damaged file
+        raise DomainInputError(path, f"truncated or damaged TIFF: {error}") from error
+
+
+def _open_backend(path: Path) -> "_Backend":
+    """OpenSlide for what it reads fully; tifffile for TIFFs it cannot open or opens without their pyramid."""
+    import openslide
+
+    is_tiff = _is_tiff(path)
+    if is_tiff:
+        _check_tiff_complete(path)
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        vendor = None
+    if vendor is not None and vendor != "generic-tiff":
+        return _OpenSlideBackend(path)
+    if is_tiff:
+        tiff = _TiffBackend(path)
+        # OpenSlide's generic-tiff reader sees neither SubIFD/OME pyramids nor OME's PhysicalSizeX.
+        if vendor is None or tiff.is_ome or len(tiff.levels()) > 1 and tiff.pyramid_in_subifds:
+            return tiff
+        tiff.close()
+        return _OpenSlideBackend(path)
+    if vendor is None:
+        raise DomainInputError(path, "not a whole-slide image: neither OpenSlide nor tifffile can read it")
+    return _OpenSlideBackend(path)
+
+
+class _Backend:
+    format: str
+
+    def levels(self) -> tuple[tuple[int, int, float], ...]: ...
+    def mpp(self) -> tuple[float, float, str] | None: ...
+    def bounds(self) -> tuple[int, int]: ...
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
+    def metadata_keys(self) -> list[str]: ...
+    def associated_names(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+class _OpenSlideBackend(_Backend):
+    def __init__(self, path: Path):
+        import openslide
+
+        self.path = path
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError) as error:
+            raise DomainInputError(path, f"unreadable slide (OpenSlide: {error})") from error
+        props = self._slide.properties
+        self.format = f"openslide:{props.get('openslide.vendor', 'unknown')}"
+
+    def levels(self):
+        s = self._slide
+        return tuple((int(w), int(h), float(d)) for (w, h), d in zip(s.level_dimensions, s.level_downsamples))
+
+    def mpp(self):
+        props = self._slide.properties
+        try:
+            mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        except (KeyError, ValueError):
+            return None
+        if mpp_x <= 0 or mpp_y <= 0:
+            return None
+        unit = props.get("tiff.ResolutionUnit")
+        if props.get("openslide.vendor") == "generic-tiff" and unit:
+            return mpp_x, mpp_y, f"tiff.XResolution ({unit})"
+        return mpp_x, mpp_y, "openslide.mpp-x/y"
+
+    def bounds(self):
+        props = self._slide.properties
+        return int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0)
+
+    def read(self, level, x, y, w, h):
+        import openslide
+
+        downsample = self._slide.level_downsamples[level]
+        try:
+            image = self._slide.read_region((int(round(x * downsample)), int(round(y * downsample))), level, (w, h))
+        except openslide.OpenSlideError as error:
+            raise DomainInputError(self.path, f"unreadable region at level {level} ({x}, {y}, {w}x{h}): "
+                                              f"{error}") from error
+        rgba = np.asarray(image)
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        # OpenSlide returns transparent pixels outside the scanned area: show them as white glass.
+        if alpha.min() < 255:
+            rgb = rgb.copy()
+            rgb[alpha == 0] = WHITE
+        return rgb
+
+    def metadata_keys(self):
+        return list(self._slide.properties.keys())
+
+    def associated_names(self):
+        return list(self._slide.associated_images.keys())
+
+    def close(self):
+        self._slide.close()
+
+
+class _TiffBackend(_Backend):
+    """Tiled TIFF / OME-TIFF pyramids through tifffile (pages or SubIFDs per level), read via zarr."""
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = path
+        try:
+            self._tif = tifffile.TiffFile(path)
+            self._series = self._pick_series()
+        except DomainInputError:
+            raise
+        except Exception as error:
+            raise DomainInputError(path, f"unreadable TIFF: {error}") from error
+        self.is_ome = bool(self._tif.is_ome)
+        self.pyramid_in_subifds = bool(self._tif.pages[0].subifds)
+        self.format = "tifffile:ome" if self.is_ome else "tifffile:tiff"
+        self._arrays: dict[int, object] = {}
+
+    def _pick_series(self):
+        candidates = []
+        for series in self._tif.series:
+            shape = series.levels[0].shape
+            axes = series.levels[0].axes
+            if axes.endswith("YXS") and shape[-1] in (3, 4) and series.dtype == np.uint8:
+                candidates.append(series)
+        if not candidates:
+            raise DomainInputError(self.path, "no RGB uint8 image in this TIFF (a slide is 8-bit RGB)")
+        # The main image is the largest; others are label/macro/thumbnail images.
+        return max(candidates, key=lambda s: s.levels[0].shape[-3] * s.levels[0].shape[-2])
+
+    def _level_shape(self, level: int) -> tuple[int, int]:
+        shape = self._series.levels[level].shape
+        return int(shape[-3]), int(shape[-2])
+
+    def levels(self):
+        height0, width0 = self._level_shape(0)
+        out = []
+        for level in range(len(self._series.levels)):
+            h, w = self._level_shape(level)
+            out.append((w, h, width0 / w))
+        return tuple(out)
+
+    def mpp(self):
+        if self.is_ome:
+            found = _ome_physical_size(self._tif.ome_metadata)
+            if found is not None:
+                return found[0], found[1], "OME PhysicalSizeX"
+        page = self._series.levels[0].keyframe
+        tags = page.tags
+        unit_tag = tags.get("ResolutionUnit")
+        unit = int(unit_tag.value) if unit_tag is not None else 2
+        microns = {2: 25400.0, 3: 10000.0}.get(unit)
+        x_tag, y_tag = tags.get("XResolution"), tags.get("YResolution")
+        if microns is None or x_tag is None or y_tag is None:
+            return None
+        x_num, x_den = x_tag.value
+        y_num, y_den = y_tag.value
+        if x_num <= 0 or y_num <= 0:
+            return None
+        name = {2: "inch", 3: "centimeter"}[unit]
+        return microns * x_den / x_num, microns * y_den / y_num, f"tiff.XResolution ({name})"
+
+    def bounds(self):
+        return 0, 0
+
+    def read(self, level, x, y, w, h):
+        array = self._arrays.get(level)
+        if array is None:
+            import zarr
+
+            store = self._series.aszarr(level=level)
+            array = self._arrays[level] = zarr.open(store, mode="r")
+        try:
+            pixels = np.asarray(array[..., y : y + h, x : x + w, :])
+        except Exception as error:
+            raise DomainInputError(self.path, f"unreadable region at level {level} ({x}, {y}, {w}x{h}): "
+                                              f"{error}") from error
+        pixels = pixels.reshape(pixels.shape[-3:])
+        return pixels[..., :3]
+
+    def metadata_keys(self):
+        keys = [f"tiff.{tag.name}" for tag in self._tif.pages[0].tags.values()]
+        if self.is_ome:
+            keys.append("ome.xml")
+        return keys
+
+    def associated_names(self):
+        return [s.name or f"series {i}" for i, s in enumerate(self._tif.series) if s is not self._series]
+
+    def close(self):
+        self._tif.close()
+
+
+def _ome_physical_size(xml: str | None) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the first OME Pixels element, in micrometres (None when absent)."""
+    if not xml:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    to_um = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] != "Pixels":
+            continue
+        sizes = []
+        for axis in ("X", "Y"):
+            value = element.get(f"PhysicalSize{axis}")
+            factor = to_um.get(element.get(f"PhysicalSize{axis}Unit", "µm"))
+            if value is None or factor is None:
+                return None
+            sizes.append(float(value) * factor)
+        if min(sizes) <= 0:
+            return None
+        return sizes[0], sizes[1]
+    return None
