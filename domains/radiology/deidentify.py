@@ -8,7 +8,7 @@ everything else: names, IDs, dates, addresses, institution and physician fields,
 tags and overlays all go, which covers every X/Z/D action of the basic profile. The UIDs that remain
 are remapped (profile action U) with a keyed hash, so one input UID always gives the same output UID.
 
-Pseudonyms (patient, study, series, file keys) are HMAC-SHA256 of the original value keyed with a salt.
+Pseudonyms (patient, study, series, file keys) come from :mod:`domains.pseudonyms`: HMAC-SHA256 of the original value keyed with a salt.
 The salt is the environment variable ``VITRAIL_DEID_SALT`` when set, else a fixed project salt. The
 fixed salt makes keys stable across machines and runs (two ingests of the same study agree), but anyone
 with this code can recompute the key of a guessed patient ID (MRNs are short and guessable), so a site
@@ -22,8 +22,6 @@ kept, or has been masked).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 from collections import Counter
@@ -31,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from domains.pseudonyms import PROJECT_SALT, SALT_ENV, deidentification_salt, pseudonym  # noqa: F401 - re-exported
+from domains.pseudonyms import keyed_digest as _digest
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from pydicom.dataset import Dataset
 
-SALT_ENV = "VITRAIL_DEID_SALT"
 ALLOW_BURNED_IN_ENV = "VITRAIL_ALLOW_BURNED_IN"
-PROJECT_SALT = "vitrail-radiology-pseudonyms-v1"
 PROFILE = "DICOM PS3.15 E.1 basic confidentiality profile (allowlist form), UIDs remapped by keyed hash"
 AUDIT_FILE_NAME = "deidentification_audit.json"
 AUDIT_PROVENANCE_KEY = "deidentification_audit"
@@ -75,36 +74,9 @@ KEPT_META_KEYWORDS = frozenset({
 _UNMAPPED_UID_KEYWORDS = frozenset({"SOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID"})
 
 
-def deidentification_salt() -> tuple[bytes, str]:
-    """The pseudonym salt and its kind (``user`` from ``VITRAIL_DEID_SALT``, or ``project``)."""
-    user = os.environ.get(SALT_ENV, "")
-    if user:
-        return user.encode(), "user"
-    return PROJECT_SALT.encode(), "project"
-
-
 def burned_in_allowed() -> bool:
     """Whether the user allowed images flagged with burned-in annotation (``VITRAIL_ALLOW_BURNED_IN=1``)."""
     return os.environ.get(ALLOW_BURNED_IN_ENV, "").strip().lower() in ("1", "yes", "true")
-
-
-def _digest(kind: str, value: str) -> bytes:
-    salt, _ = deidentification_salt()
-    # surrogateescape: a file name that is not UTF-8 (Linux names are bytes) still hashes, to the same key as
-    # its raw bytes would; every valid UTF-8 value hashes exactly as before.
-    return hmac.new(salt, f"{kind}\x00{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
-
-
-def pseudonym(kind: str, value: str, length: int = 12) -> str:
-    """Keyed, non-reversible key of ``value`` for one kind (``patient``, ``study``, ``series``, ``file``).
-
-    The kind is part of the hashed message, so a patient ID and a file name that happen to be equal do not
-    share a key. The result is ``<prefix>-<hex>`` with prefix ``p``, ``st``, ``se`` or ``f``.
-    """
-    return f"{_PREFIXES.get(kind, kind[0])}-{_digest(kind, value).hex()[:length]}"
-
-
-_PREFIXES = {"patient": "p", "study": "st", "series": "se", "file": "f"}
 
 
 def remap_uid(uid: str) -> str:
