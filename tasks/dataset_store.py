@@ -29,9 +29,11 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+
+# as_location and is_url are re-exported: tasks.dataset and older callers import them from here.
+from tasks.storage import StorageFolder, as_location, is_url  # noqa: F401
 
 # A chunk holds whole samples; its size is aimed at this many uncompressed bytes (see chunk_samples_for).
 CHUNK_TARGET_BYTES = 16 * 2**20
@@ -47,28 +49,6 @@ BLOSC_SHUFFLE = "shuffle"
 
 class DatasetError(ValueError):
     """A dataset is missing, corrupt or violates an invariant (a chunk that fails its digest included)."""
-
-
-def as_location(location: str | Path) -> str:
-    """``location`` as text, with a URL that went through ``pathlib.Path`` repaired.
-
-    ``Path("s3://bucket/x")`` prints as ``s3:/bucket/x``; callers that wrap every dataset argument in
-    ``Path`` would otherwise turn an object-store URL into a local folder named ``s3:``.
-    """
-    text = str(location)
-    protocol, sep, rest = text.partition(":/")
-    if sep and not rest.startswith("/") and protocol.isalnum() and len(protocol) > 1:
-        from fsspec.registry import known_implementations
-
-        if protocol in known_implementations and protocol not in ("file", "local"):
-            return f"{protocol}://{rest}"
-    return text
-
-
-def is_url(location: str | Path) -> bool:
-    """Whether ``location`` names an fsspec URL (``s3://bucket/prefix``) rather than a local path."""
-    text = as_location(location)
-    return "://" in text and not text.startswith("file://")
 
 
 def chunk_samples_for(sample_bytes: int) -> int:
@@ -94,57 +74,8 @@ def chunk_key(name: str, index: int, ndim: int) -> str:
     return "/".join([name, "c", str(index), *["0"] * (ndim - 1)])
 
 
-class DatasetFiles:
-    """The files of one dataset, at a local folder or under an fsspec URL prefix.
-
-    Credentials and endpoints of object stores come from the standard places (``AWS_*`` environment
-    variables, ``~/.aws``, fsspec configuration); nothing here names a host.
-    """
-
-    def __init__(self, location: str | Path):
-        import fsspec
-
-        self.location = as_location(location).rstrip("/") if is_url(location) else str(Path(location))
-        self.remote = is_url(location)
-        self.fs, self.root = fsspec.core.url_to_fs(self.location)
-
-    def describe(self, key: str) -> str:
-        """Full path or URL of ``key``, for messages."""
-        return f"{self.location}/{key}"
-
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{key}"
-
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self._path(key))
-
-    def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        if not self.remote:
-            self.fs.makedirs(str(Path(self._path(key)).parent), exist_ok=True)
-        self.fs.pipe_file(self._path(key), data)
-
-    def remove(self, key: str) -> None:
-        if self.exists(key):
-            self.fs.rm(self._path(key))
-
-    def keys(self) -> list[str]:
-        """Every file below the location, relative to it."""
-        if not self.fs.exists(self.root):
-            return []
-        prefix = self.root.rstrip("/") + "/"
-        return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
-
-    def total_bytes(self) -> int:
-        """Bytes of every file below the location (the stored size of the dataset)."""
-        return int(sum(self.fs.sizes([self._path(k) for k in self.keys()]) or [0]))
-
-    def clear(self) -> None:
-        """Remove every file below the location."""
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+class DatasetFiles(StorageFolder):
+    """The files of one dataset, at a local folder or under an fsspec URL prefix (see :mod:`tasks.storage`)."""
 
     def zarr_group(self, mode: str):
         """The zarr group at the root of the location (``mode`` as in :func:`zarr.open_group`)."""
