@@ -78,6 +78,11 @@ class IngestRequest:
         class_names: names for label values 0..K-1, or None for the domain's defaults.
         batch_samples: the most samples a streaming reader yields in one :class:`SampleSet`; with the
             reader's own working buffers it bounds ingest memory, whatever the size of the source.
+        mpp: microns per pixel of the source, for sources whose metadata states none (a whole-slide image
+            without a resolution is refused otherwise); it overrides the metadata and is recorded as given
+            by the user. None: read it from the metadata. Domains without a micron scale ignore it.
+        tile_mpp: microns per pixel samples are cut at (histopathology: tiles are resampled from the best
+            pyramid level to exactly this), None for the domain's default. Other domains ignore it.
     """
 
     source: Path
@@ -90,6 +95,8 @@ class IngestRequest:
     sensor: str | None = None
     class_names: tuple[str, ...] | None = None
     batch_samples: int = 256
+    mpp: float | None = None
+    tile_mpp: float | None = None
 
 
 @dataclass
@@ -166,7 +173,9 @@ class PredictionRequest:
     samples of ``tile_size`` moved by ``stride``, and writes a result in the input's geometry.
     ``infer`` maps a float32 batch (N, C, H, W) in physical units to probabilities shaped by ``task``:
     (N, K) softmax for classification, (N, K) independent sigmoids for multilabel, (N, K, H, W)
-    per-pixel softmax for segmentation.
+    per-pixel softmax for segmentation. ``mpp`` and ``tile_mpp`` mean what they mean in
+    :class:`IngestRequest` (the slide's resolution when its metadata has none; the resolution samples are
+    cut at, None for the domain default); domains without a micron scale ignore them.
     """
 
     input: Path
@@ -178,6 +187,8 @@ class PredictionRequest:
     infer: Callable[[np.ndarray], np.ndarray]
     batch_size: int = 64
     task: TaskType = "classification"
+    mpp: float | None = None
+    tile_mpp: float | None = None
 
 
 @dataclass(frozen=True)
