@@ -284,6 +284,12 @@ def _resample(pixels, box: tuple[float, float, float, float], w_out: int, h_out:
             and float(box[1]).is_integer()):
         crop = image.crop((int(box[0]), int(box[1]), int(box[0]) + w_out, int(box[1]) + h_out))
         return np.asarray(crop)
+    factor = bw / w_out
+    if (factor >= 2 and abs(factor - round(factor)) < 1e-9 and abs(bh / h_out - round(factor)) < 1e-9
+            and float(box[0]).is_integer() and float(box[1]).is_integer()):
+        # An exact integer shrink of an aligned box: Pillow's block average (same result as BOX, faster).
+        left, top = int(box[0]), int(box[1])
+        return np.asarray(image.crop((left, top, left + int(round(bw)), top + int(round(bh)))).reduce(int(round(factor))))
     method = Image.Resampling.BOX if bw >= w_out and bh >= h_out else Image.Resampling.BILINEAR
     return np.asarray(image.resize((w_out, h_out), method, box=box))
 
@@ -392,7 +398,15 @@ def _check_tiff_complete(path: Path) -> None:
 
 
 def _open_backend(path: Path) -> "_Backend":
-    """OpenSlide for what it reads fully; tifffile for TIFFs it cannot open or opens without their pyramid."""
+    """Pick the reader: OpenSlide for metadata where it knows the format; pixels decoded tile by tile.
+
+    OpenSlide renders regions through its own compositing path (about 20 Mpx/s here) while decoding the
+    TIFF tiles directly runs at the codec's speed (about 10x faster), so for the plain tiled-TIFF formats
+    (Aperio SVS, generic tiled TIFF) whose levels tifffile finds with the same sizes, pixels are decoded
+    from the tiles and OpenSlide supplies the metadata. Vendors with quirks (overlapping BIF tiles,
+    Philips sparse tiles, NDPI strips, MRXS, DICOM) stay entirely with OpenSlide. TIFFs OpenSlide cannot
+    open, or opens without their pyramid (OME-TIFF, SubIFD pyramids), are read by tifffile alone.
+    """
     import openslide
 
     is_tiff = _is_tiff(path)
@@ -402,18 +416,28 @@ def _open_backend(path: Path) -> "_Backend":
         vendor = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         vendor = None
-    if vendor is not None and vendor != "generic-tiff":
-        return _OpenSlideBackend(path)
-    if is_tiff:
-        tiff = _TiffBackend(path)
-        # OpenSlide's generic-tiff reader sees neither SubIFD/OME pyramids nor OME's PhysicalSizeX.
-        if vendor is None or tiff.is_ome or len(tiff.levels()) > 1 and tiff.pyramid_in_subifds:
-            return tiff
-        tiff.close()
-        return _OpenSlideBackend(path)
-    if vendor is None:
+    if vendor is None and not is_tiff:
         raise DomainInputError(path, "not a whole-slide image: neither OpenSlide nor tifffile can read it")
-    return _OpenSlideBackend(path)
+    if not is_tiff:
+        return _OpenSlideBackend(path)
+    tiff = _TiffBackend(path)
+    if vendor is None or tiff.is_ome or (vendor == "generic-tiff" and tiff.pyramid_in_subifds):
+        # OpenSlide's generic-tiff reader sees neither SubIFD/OME pyramids nor OME's PhysicalSizeX.
+        return tiff
+    backend = _OpenSlideBackend(path)
+    if vendor in FAST_TIFF_VENDORS:
+        pages = tiff.pages_matching(backend.levels())
+        if pages is not None:
+            backend.use_tiles(_TiffTiles(path, pages, tiff))
+            return backend
+    tiff.close()
+    return backend
+
+
+# OpenSlide vendors whose levels are plain tiled TIFF pages that decode the same without OpenSlide.
+FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
+# Decoded tiles kept for neighbouring region reads (tiles straddling two regions are decoded once).
+TILE_CACHE_BYTES = 96 * 2**20
 
 
 class _Backend:
@@ -428,17 +452,83 @@ class _Backend:
     def close(self) -> None: ...
 
 
+class _TiffTiles:
+    """Decodes the tiles (or strips) of one TIFF page per pyramid level; thread-safe, GIL-free I/O.
+
+    Each region read decodes only the segments it touches (``os.pread`` on a private descriptor, the
+    page's own codec through tifffile), keeps recently decoded segments in a small LRU cache, and
+    shows sparse (zero-length) segments as white.
+    """
+
+    def __init__(self, path: Path, pages: list, owner: "_TiffBackend"):
+        import functools
+
+        self.path = path
+        self._pages = pages
+        self._owner = owner  # keeps the TiffFile (and its pages) alive
+        self._fd = os.open(path, os.O_RDONLY)
+        first = pages[0]
+        segment_bytes = max(1, int(np.prod(first.chunks)))
+        self._decode = functools.lru_cache(maxsize=max(8, TILE_CACHE_BYTES // segment_bytes))(self._decode_segment)
+
+    @staticmethod
+    def supports(page) -> bool:
+        return (page.dtype == np.uint8 and page.planarconfig == 1 and page.samplesperpixel in (3, 4)
+                and page.shaped[0] == 1 and page.shaped[1] == 1 and len(page.chunked) == 3)
+
+    def _decode_segment(self, level: int, index: int) -> np.ndarray | None:
+        page = self._pages[level]
+        count = int(page.databytecounts[index])
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, int(page.dataoffsets[index]))
+        try:
+            segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as error:
+            raise DomainInputError(self.path, f"cannot decode tile {index} of level {level}: {error}") from error
+        return segment.reshape(shape[-3:])[..., :3]
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self._pages[level]
+        seg_h, seg_w = page.chunks[0], page.chunks[1]
+        rows, cols = page.chunked[0], page.chunked[1]
+        out = np.empty((h, w, 3), np.uint8)
+        for row in range(y // seg_h, min(rows, (y + h - 1) // seg_h + 1)):
+            for col in range(x // seg_w, min(cols, (x + w - 1) // seg_w + 1)):
+                top, left = row * seg_h, col * seg_w
+                y0, y1 = max(y, top), min(y + h, top + seg_h)
+                x0, x1 = max(x, left), min(x + w, left + seg_w)
+                segment = self._decode(level, row * cols + col)
+                if segment is None:
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = WHITE
+                    continue
+                # The last strip of a stripped page may be shorter than the others.
+                part = segment[y0 - top : y1 - top, x0 - left : x1 - left]
+                out[y0 - y : y0 - y + part.shape[0], x0 - x : x0 - x + part.shape[1]] = part
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self._owner.close()
+
+
 class _OpenSlideBackend(_Backend):
     def __init__(self, path: Path):
         import openslide
 
         self.path = path
+        self._tiles: _TiffTiles | None = None
         try:
             self._slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError) as error:
             raise DomainInputError(path, f"unreadable slide (OpenSlide: {error})") from error
         props = self._slide.properties
         self.format = f"openslide:{props.get('openslide.vendor', 'unknown')}"
+
+    def use_tiles(self, tiles: _TiffTiles) -> None:
+        """Decode pixels from the TIFF tiles instead of through OpenSlide (same pixels, much faster)."""
+        self._tiles = tiles
+        self.format += " (tiles decoded by tifffile)"
 
     def levels(self):
         s = self._slide
@@ -464,6 +554,8 @@ class _OpenSlideBackend(_Backend):
     def read(self, level, x, y, w, h):
         import openslide
 
+        if self._tiles is not None:
+            return self._tiles.read(level, x, y, w, h)
         downsample = self._slide.level_downsamples[level]
         try:
             image = self._slide.read_region((int(round(x * downsample)), int(round(y * downsample))), level, (w, h))
@@ -487,10 +579,12 @@ class _OpenSlideBackend(_Backend):
 
     def close(self):
         self._slide.close()
+        if self._tiles is not None:
+            self._tiles.close()
 
 
 class _TiffBackend(_Backend):
-    """Tiled TIFF / OME-TIFF pyramids through tifffile (pages or SubIFDs per level), read via zarr."""
+    """Tiled or stripped TIFF / OME-TIFF pyramids through tifffile (pages or SubIFDs per level)."""
 
     def __init__(self, path: Path):
         import tifffile
@@ -506,47 +600,53 @@ class _TiffBackend(_Backend):
         self.is_ome = bool(self._tif.is_ome)
         self.pyramid_in_subifds = bool(self._tif.pages[0].subifds)
         self.format = "tifffile:ome" if self.is_ome else "tifffile:tiff"
-        self._arrays: dict[int, object] = {}
+        self._tiles: _TiffTiles | None = None
+        self._closed = False
 
     def _pick_series(self):
-        candidates = []
-        for series in self._tif.series:
-            shape = series.levels[0].shape
-            axes = series.levels[0].axes
-            if axes.endswith("YXS") and shape[-1] in (3, 4) and series.dtype == np.uint8:
-                candidates.append(series)
+        candidates = [s for s in self._tif.series
+                      if s.levels[0].axes.endswith("YXS") and s.levels[0].shape[-1] in (3, 4) and s.dtype == np.uint8]
         if not candidates:
-            raise DomainInputError(self.path, "no RGB uint8 image in this TIFF (a slide is 8-bit RGB)")
-        # The main image is the largest; others are label/macro/thumbnail images.
+            raise DomainInputError(self.path, "no 8-bit RGB image in this TIFF (a bright-field slide is 8-bit RGB)")
+        # The main image is the largest; the others are label/macro/thumbnail images.
         return max(candidates, key=lambda s: s.levels[0].shape[-3] * s.levels[0].shape[-2])
 
-    def _level_shape(self, level: int) -> tuple[int, int]:
-        shape = self._series.levels[level].shape
-        return int(shape[-3]), int(shape[-2])
+    def pages_matching(self, levels) -> list | None:
+        """One tiled page per level of ``levels`` with exactly its size, or None if any is missing."""
+        pages = list(self._tif.pages)
+        for series in self._tif.series:
+            for level in series.levels:
+                pages.extend(level.pages)
+        found = []
+        for width, height, _ in levels:
+            match = [p for p in pages if p is not None and p.is_tiled and p.shape[:2] == (height, width)
+                     and _TiffTiles.supports(p)]
+            if not match:
+                return None
+            found.append(match[0])
+        return found
+
+    def _level_pages(self) -> list:
+        return [level.pages[0] for level in self._series.levels]
 
     def levels(self):
-        height0, width0 = self._level_shape(0)
-        out = []
-        for level in range(len(self._series.levels)):
-            h, w = self._level_shape(level)
-            out.append((w, h, width0 / w))
-        return tuple(out)
+        pages = self._level_pages()
+        height0, width0 = pages[0].shape[:2]
+        return tuple((int(p.shape[1]), int(p.shape[0]), width0 / p.shape[1]) for p in pages)
 
     def mpp(self):
         if self.is_ome:
             found = _ome_physical_size(self._tif.ome_metadata)
             if found is not None:
                 return found[0], found[1], "OME PhysicalSizeX"
-        page = self._series.levels[0].keyframe
-        tags = page.tags
+        tags = self._level_pages()[0].tags
         unit_tag = tags.get("ResolutionUnit")
-        unit = int(unit_tag.value) if unit_tag is not None else 2
+        unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF 6.0: inch when the tag is absent
         microns = {2: 25400.0, 3: 10000.0}.get(unit)
         x_tag, y_tag = tags.get("XResolution"), tags.get("YResolution")
         if microns is None or x_tag is None or y_tag is None:
             return None
-        x_num, x_den = x_tag.value
-        y_num, y_den = y_tag.value
+        (x_num, x_den), (y_num, y_den) = x_tag.value, y_tag.value
         if x_num <= 0 or y_num <= 0:
             return None
         name = {2: "inch", 3: "centimeter"}[unit]
@@ -556,19 +656,14 @@ class _TiffBackend(_Backend):
         return 0, 0
 
     def read(self, level, x, y, w, h):
-        array = self._arrays.get(level)
-        if array is None:
-            import zarr
-
-            store = self._series.aszarr(level=level)
-            array = self._arrays[level] = zarr.open(store, mode="r")
-        try:
-            pixels = np.asarray(array[..., y : y + h, x : x + w, :])
-        except Exception as error:
-            raise DomainInputError(self.path, f"unreadable region at level {level} ({x}, {y}, {w}x{h}): "
-                                              f"{error}") from error
-        pixels = pixels.reshape(pixels.shape[-3:])
-        return pixels[..., :3]
+        if self._tiles is None:
+            pages = self._level_pages()
+            unsupported = [p.shape for p in pages if not _TiffTiles.supports(p)]
+            if unsupported:
+                raise DomainInputError(self.path, f"levels {unsupported} are not 8-bit interleaved RGB; "
+                                                  "convert the slide to a tiled RGB TIFF")
+            self._tiles = _TiffTiles(self.path, pages, self)
+        return self._tiles.read(level, x, y, w, h)
 
     def metadata_keys(self):
         keys = [f"tiff.{tag.name}" for tag in self._tif.pages[0].tags.values()]
@@ -580,6 +675,12 @@ class _TiffBackend(_Backend):
         return [s.name or f"series {i}" for i, s in enumerate(self._tif.series) if s is not self._series]
 
     def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        if self._tiles is not None:
+            tiles, self._tiles = self._tiles, None
+            os.close(tiles._fd)
         self._tif.close()
 
 
