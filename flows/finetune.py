@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -14,6 +12,7 @@ from tasks.dataset import read_dataset_info
 from tasks.finetune import fit_adapter_task, record_finetune_task
 from tasks.models import BackboneParams, LoraParams
 from tasks.progress import EpochReporter
+from tasks.storage import join_location
 from tasks.training import TrainParams
 
 
@@ -21,7 +20,8 @@ class FinetuneParams(BaseModel):
     """Fine-tune a foundation model on a dataset written by the ingest flow."""
 
     domain: DomainName = "satellite"
-    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset folder written by the ingest flow")
+    dataset: str = Field(..., min_length=1, max_length=1000,
+                         description="Dataset folder or URL (s3://bucket/prefix) written by the ingest flow")
     workdir: str = WorkdirField
     backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapter settings")
@@ -42,11 +42,10 @@ class FinetuneReceipt(BaseModel):
 def finetune_backbone(params: FinetuneParams) -> FinetuneReceipt:
     """Train a LoRA adapter and head for the chosen domain and log the merged model to MLflow."""
     info = read_dataset_info(params.dataset)
-    workdir = Path(params.workdir)
-    with tracking.stage_run(params.domain, "finetune", workdir, params.model_dump(mode="json"), info,
-                            Path(params.dataset), {"vitrail.backbone": params.backbone.name, "vitrail.peft": "lora"}) as run:
-        outcome = fit_adapter_task(Path(params.dataset), params.backbone, params.lora, params.train,
-                                   workdir / "checkpoints" / info.digest[:12],
+    with tracking.stage_run(params.domain, "finetune", params.workdir, params.model_dump(mode="json"), info,
+                            params.dataset, {"vitrail.backbone": params.backbone.name, "vitrail.peft": "lora"}) as run:
+        outcome = fit_adapter_task(params.dataset, params.backbone, params.lora, params.train,
+                                   join_location(params.workdir, "checkpoints", info.digest[:12]),
                                    EpochReporter(run.run_id, f"finetune {params.backbone.name}"))
         model_uri = record_finetune_task(outcome, run.artifact_dir)
     return FinetuneReceipt(run_id=run.run_id, model_uri=model_uri, best_epoch=outcome.fit.best_epoch,

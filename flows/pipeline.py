@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -19,6 +17,7 @@ from tasks.compression.recipe import CompressParams
 from tasks.dataset import SplitParams
 from tasks.models import BackboneParams, LoraParams
 from tasks.promotion import GateThresholds
+from tasks.storage import join_location
 from tasks.training import TrainParams
 
 
@@ -32,6 +31,9 @@ class PipelineParams(BaseModel):
     labels: str = Field(..., min_length=1, max_length=1000,
                         description="Labels: class raster (satellite), findings CSV (radiology), plume mask (hyperspectral)")
     workdir: str = WorkdirField
+    dataset: str | None = Field(None, min_length=1, max_length=1000,
+                                description="Where the dataset is written: a folder or URL (s3://bucket/prefix); "
+                                            "empty writes it to <workdir>/dataset")
     bands: list[str] | None = Field(None, max_length=512,
                                     description="Input channels: band names (satellite multi-band file), CT window "
                                                 "presets (radiology), band selection (hyperspectral)")
@@ -44,6 +46,10 @@ class PipelineParams(BaseModel):
     train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
     compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+
+    def dataset_location(self) -> str:
+        """The dataset folder or URL: ``dataset`` when given, else ``<workdir>/dataset``."""
+        return self.dataset or join_location(self.workdir, "dataset")
 
 
 class PipelineReceipt(BaseModel):
@@ -61,10 +67,9 @@ class PipelineReceipt(BaseModel):
 @report_input_errors
 def pipeline(params: PipelineParams) -> PipelineReceipt:
     """Run every stage in order; each stage is also runnable on its own."""
-    workdir = Path(params.workdir)
     common = dict(domain=params.domain, workdir=params.workdir)
     ingested = ingest_dataset(IngestParams(
-        domain=params.domain, source=params.source, labels=params.labels, out=str(workdir / "dataset"),
+        domain=params.domain, source=params.source, labels=params.labels, out=params.dataset_location(),
         tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
         class_names=params.class_names))
     tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
@@ -78,6 +83,7 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
                                      gate=params.gate))
     # Predict with the candidate's own edge model, so a run whose gate failed still shows its map.
     predicted = predict(PredictParams(**common, input=params.source, model_uri=compressed.edge_model_uri,
-                                      output=str(workdir / "predictions"), threads=params.compression.threads))
+                                      output=join_location(params.workdir, "predictions"),
+                                      threads=params.compression.threads))
     return PipelineReceipt(ingest=ingested, finetune=tuned, compress=compressed, validation=validated,
                            promote=promoted, predict=predicted)

@@ -22,7 +22,8 @@ class PredictParams(BaseModel):
     input: str = Field(..., min_length=1, max_length=1000, description="One scene (folder of bands or multi-band "
                                                                       "GeoTIFF) or a drop folder of scenes")
     output: str = Field(..., min_length=1, max_length=1000,
-                        description="Output GeoTIFF for one scene, or a folder for a drop folder")
+                        description="Output GeoTIFF for one scene, or a folder for a drop folder; a local path or "
+                                    "a URL (s3://bucket/prefix)")
     model_uri: str | None = Field(None, max_length=1000,
                                   description="MLflow model URI; empty uses the domain's edge champion")
     stride: int | None = Field(None, ge=1, le=4096, description="Tile step in pixels; empty uses the model's tile size")
@@ -47,8 +48,8 @@ class PredictReceipt(BaseModel):
 @report_input_errors
 def predict(params: PredictParams) -> PredictReceipt:
     """Predict with the promoted edge model by default; bad inputs are reported, the rest still run."""
-    configure_tracking(Path(params.workdir))
+    configure_tracking(params.workdir)
     model_uri = resolve_model_uri(params.domain, params.model_uri)
-    batch = predict_inputs_task(params.domain, model_uri, Path(params.input), Path(params.output), params.stride,
+    batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
                                 params.threads)
     return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -56,7 +54,7 @@ def promote(params: PromoteParams) -> PromoteReceipt:
     One promotion of a registered model at a time: read champion, decide, register and set aliases all
     happen under a Prefect global concurrency limit named after the model, across processes and workers.
     """
-    with tracking.stage_run(params.domain, "promote", Path(params.workdir), params.model_dump(mode="json")) as run:
+    with tracking.stage_run(params.domain, "promote", params.workdir, params.model_dump(mode="json")) as run:
         candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
         names = registered_model_names(get_domain(params.domain), candidate.task)
         lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,

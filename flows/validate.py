@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -19,7 +17,8 @@ class ValidateParams(BaseModel):
     """Score a fine-tuned model and its compressed variants on the held-out test split."""
 
     domain: DomainName = "satellite"
-    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset folder written by the ingest flow")
+    dataset: str = Field(..., min_length=1, max_length=1000,
+                         description="Dataset folder or URL (s3://bucket/prefix) written by the ingest flow")
     model_uri: str = Field(..., min_length=1, max_length=1000, description="Reference model URI from the finetune flow")
     compress_run_id: str = Field(..., min_length=1, max_length=64, description="MLflow run id of the compress flow")
     workdir: str = WorkdirField
@@ -38,11 +37,10 @@ class ValidateReceipt(BaseModel):
 def validate(params: ValidateParams) -> ValidateReceipt:
     """Score the reference model and every compressed variant on the test split, with the task's metrics and plots."""
     info = read_dataset_info(params.dataset)
-    workdir = Path(params.workdir)
-    with tracking.stage_run(params.domain, "validate", workdir, params.model_dump(mode="json"), info,
-                            Path(params.dataset), {"vitrail.compress_run_id": params.compress_run_id}) as run:
+    with tracking.stage_run(params.domain, "validate", params.workdir, params.model_dump(mode="json"), info,
+                            params.dataset, {"vitrail.compress_run_id": params.compress_run_id}) as run:
         reference = load_reference_model_task(params.model_uri)
         variants = fetch_onnx_variants_task(params.compress_run_id, run.artifact_dir.parent / f"{run.run_id}-onnx")
-        result = validate_variants_task(Path(params.dataset), reference, variants, run.artifact_dir, params.threads)
+        result = validate_variants_task(params.dataset, reference, variants, run.artifact_dir, params.threads)
         metrics = record_validation_task(result)
     return ValidateReceipt(run_id=run.run_id, metrics=metrics)

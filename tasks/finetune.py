@@ -50,9 +50,12 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
     }
 
 
-def fit_adapter(dataset_path: Path, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
-                checkpoint_dir: Path, on_epoch: EpochCallback | None = None) -> FinetuneOutcome:
+def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
+                checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None) -> FinetuneOutcome:
     """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model.
+
+    ``dataset_path`` and ``checkpoint_dir`` are local folders or fsspec URLs (``s3://bucket/prefix``);
+    a run resumes from the newest matching checkpoint there, whichever machine wrote it.
 
     The seed and thread count are pinned before the backbone is built: timm's and peft's weight
     initialisers draw from torch's global generator, so an unseeded build made every run start from

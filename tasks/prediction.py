@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from domains.spec import printable_path
 from tasks import tracking
 from tasks.onnx_runtime import open_session, read_metadata, session_predictor
 from tasks.request_errors import RequestError
+from tasks.storage import is_url, location_name, parent_location, staged_folder, staged_reference
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
                        domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")))
 
 
-def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path, stride: int | None = None,
+def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path | str, stride: int | None = None,
                    threads: int = 2) -> PredictionBatch:
     """Predict one input or every input of a drop folder.
 
@@ -100,6 +101,10 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     ``<input name><suffix>`` per input (the domain's prediction suffix: ``.tif`` rasters, ``.json``
     study reports; names made safe by :func:`prediction_target`). An input that fails, for any reason, is
     recorded with its error and skipped; the others are still predicted.
+
+    ``output`` may be a URL (``s3://bucket/prefix/predictions``): the domain's writers (GDAL among them)
+    need real files, so predictions are written to a local staging folder and uploaded, each file whole,
+    once every input is done; the receipt names the URLs.
     """
     domain = get_domain(domain_name)
     model = load_model(model_uri, threads)
@@ -107,6 +112,18 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
         raise RequestError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
+    if not is_url(output):
+        return _predict_each(domain, model, inputs, single, Path(output), stride)
+    parent = parent_location(output)
+    with staged_folder(parent) as staging:
+        batch = _predict_each(domain, model, inputs, single, staging / location_name(output), stride)
+        batch.written = [replace(summary, output=staged_reference(Path(summary.output), staging, parent))
+                         for summary in batch.written]
+    return batch
+
+
+def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], single: bool, output: Path,
+                  stride: int | None) -> PredictionBatch:
     batch = PredictionBatch()
     for item in inputs:
         try:

@@ -253,5 +253,8 @@ def staged_reference(local: Path, scratch: Path, location: str | Path) -> str:
     """Where a file written under ``scratch`` by :func:`staged_folder` (for ``location``) ends up."""
     if not is_url(location):
         return str(local)
-    return f"{as_location(location).rstrip('/')}/{Path(local).relative_to(scratch).as_posix()}"
+    local, scratch = Path(local), Path(scratch)
+    if not local.is_relative_to(scratch):  # a writer that resolved its path (e.g. /tmp behind a symlink)
+        local, scratch = local.resolve(), scratch.resolve()
+    return f"{as_location(location).rstrip('/')}/{local.relative_to(scratch).as_posix()}"
 

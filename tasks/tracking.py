@@ -3,6 +3,12 @@
 No other module imports mlflow, except :mod:`tasks.reference_model_pyfunc`, the file MLflow itself
 runs to serve a reference model. Tracking goes to ``MLFLOW_TRACKING_URI`` when it is set (a team's
 MLflow server), else to a SQLite file in the work folder with artifacts beside it.
+
+A work folder on object storage (``s3://bucket/prefix``) needs ``MLFLOW_TRACKING_URI``: SQLite needs
+a real local file with working locks, which an object store cannot provide, and a database kept in a
+local cache instead would hide the runs from every other worker that shares the work folder, which is
+the reason to put it on object storage. So that combination is refused with what to set; with a server,
+artifacts go where the server's experiment says (``--artifacts-destination s3://...`` for instance).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from tasks.dataset import DatasetInfo  # noqa: E402
-from tasks.request_errors import RequestError
+from tasks.request_errors import RequestError  # noqa: E402
+from tasks.storage import as_location, is_url  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REQUIREMENTS = ["torch", "timm", "onnxruntime", "numpy"]
@@ -53,15 +60,28 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _EXPORTED_URIS else None
 
 
-def resolve_tracking_uri(workdir: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when the user set it, else ``sqlite:///<workdir>/mlflow.db``."""
-    return user_tracking_uri() or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+def resolve_tracking_uri(workdir: Path | str) -> str:
+    """``MLFLOW_TRACKING_URI`` when the user set it, else ``sqlite:///<workdir>/mlflow.db`` (local workdir only).
+
+    Raises:
+        RequestError: the work folder is a URL and no tracking server is set (see the module docstring).
+    """
+    user = user_tracking_uri()
+    if user:
+        return user
+    if is_url(workdir):
+        raise RequestError(
+            f"{as_location(workdir)}: a work folder on object storage needs an MLflow tracking server: set "
+            "MLFLOW_TRACKING_URI (e.g. http://mlflow:5000, whose artifacts may live on the same object store); "
+            "the default SQLite store is a local file and cannot live there, or use a local work folder")
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def configure_tracking(workdir: Path) -> str:
+def configure_tracking(workdir: Path | str) -> str:
     """Point MLflow (tracking and registry) at the resolved URI and return it."""
-    Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(workdir)
+    if not is_url(workdir):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     if user_tracking_uri() is None:
         _EXPORTED_URIS.add(uri)
     mlflow.set_tracking_uri(uri)
@@ -69,7 +89,7 @@ def configure_tracking(workdir: Path) -> str:
     return uri
 
 
-def ensure_experiment(domain: str, workdir: Path) -> str:
+def ensure_experiment(domain: str, workdir: Path | str) -> str:
     """Experiment per domain; with the local SQLite default, artifacts live in ``<workdir>/mlartifacts``."""
     configure_tracking(workdir)
     client = MlflowClient()
@@ -107,8 +127,8 @@ def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
 
 
 @contextmanager
-def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None,
-              dataset: DatasetInfo | None = None, dataset_path: Path | None = None,
+def stage_run(domain: str, stage: str, workdir: Path | str, params: dict | None = None,
+              dataset: DatasetInfo | None = None, dataset_path: Path | str | None = None,
               extra_tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """Open a run for ``stage`` tagged with dataset digest, git commit and Prefect flow-run id.
 
@@ -138,7 +158,7 @@ def stage_run(domain: str, stage: str, workdir: Path, params: dict | None = None
         mlflow.log_artifacts(scratch)
 
 
-def log_dataset_input(dataset: DatasetInfo, path: Path | None, context: str) -> None:
+def log_dataset_input(dataset: DatasetInfo, path: Path | str | None, context: str) -> None:
     """Record the dataset (by digest) as an input of the active run: the lineage of every model."""
     import warnings
 
@@ -148,7 +168,11 @@ def log_dataset_input(dataset: DatasetInfo, path: Path | None, context: str) -> 
     with warnings.catch_warnings():
         # A local path matches two equivalent "local artifact" source types; either is right.
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(path).resolve()) if path else dataset.sources[0])
+        if path and is_url(path):
+            where = as_location(path)
+        else:
+            where = str(Path(path).resolve()) if path else dataset.sources[0]
+        source = resolve_dataset_source(where)
     meta = MetaDataset(source=source, name=f"{dataset.domain}-{dataset.digest[:12]}", digest=dataset.digest[:36])
     mlflow.log_input(meta, context=context)
 

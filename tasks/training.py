@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.atomic_files import atomic_path, remove_partials
+from tasks.storage import StorageFolder, is_url, open_location
 from tasks.dataset import Dataset, Split
 from tasks.evaluation import score_outputs
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
@@ -109,7 +109,8 @@ class FitResult:
     history: list[dict[str, float]]
     best_epoch: int
     resumed_from_epoch: int = 0
-    checkpoints: list[Path] = field(default_factory=list)
+    checkpoints: list[Path | str] = field(default_factory=list)
+    """Checkpoints this run wrote: local paths, or URLs when the checkpoint folder is on object storage."""
     rank_digests: list[str] = field(default_factory=list)
     """SHA-256 of the final parameters on every training process (one entry when not distributed)."""
 
@@ -322,14 +323,18 @@ def _fingerprint(params: TrainParams, dataset_digest: str, model_key: str) -> st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A training checkpoint read with ``weights_only=True``: tensors and plain Python values only.
+def read_checkpoint(path: Path | str) -> dict:
+    """A training checkpoint (a local path or a URL) read with ``weights_only=True``: tensors and plain values only.
 
     Unpickling anything else could run code planted in the file. Such a file, or an unreadable one,
     stops the run with an error naming it, instead of being skipped (which would silently retrain).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if is_url(path):  # streamed from the object store (torch reads a seekable file object)
+            with open_location(path) as handle:
+                state = torch.load(handle, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's first sentence names what was refused; the rest advises allowlisting it, which is not ours to offer
         detail = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
@@ -344,8 +349,9 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def _newest_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
-    for path in sorted(checkpoint_dir.glob("epoch-*.pt"), reverse=True):
+def _newest_checkpoint(checkpoint_dir: StorageFolder, fingerprint: str) -> Path | str | None:
+    for name in reversed(checkpoint_dir.glob("epoch-*.pt")):
+        path = checkpoint_dir.reference(name)
         state = read_checkpoint(path)
         if state.get("fingerprint") == fingerprint:
             return path
@@ -551,7 +557,7 @@ def state_digest(model: nn.Module) -> str:
 # --- the loop -------------------------------------------------------------------------------------------
 
 
-def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path, model_key: str,
+def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir: Path | str, model_key: str,
         on_epoch: EpochCallback | None = None, teacher_logits: np.ndarray | None = None) -> FitResult:
     """Train ``model`` on the dataset's train split, validate each epoch, keep the best weights.
 
@@ -566,7 +572,8 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
             for segmentation); only parameters with ``requires_grad`` are optimised (adapters, head).
         dataset: a loaded dataset with ``train`` and ``val`` splits.
         params: training knobs.
-        checkpoint_dir: where ``epoch-NNN.pt`` files are written every epoch.
+        checkpoint_dir: where ``epoch-NNN.pt`` files are written every epoch: a local folder or an
+            fsspec URL (``s3://bucket/prefix``), from which a later run on any machine resumes.
         model_key: describes the architecture/adapter, so checkpoints of another model are not resumed.
         on_epoch: called as ``on_epoch(epoch, total_epochs, metrics)`` after every epoch.
         teacher_logits: for ``objective="distillation"``, the output of :func:`cache_teacher_logits`
@@ -596,8 +603,9 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
     fabric = build_fabric(params)
     if fabric.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    job = _TrainingJob(dataset, params, checkpoint_dir, model_key, on_epoch, teacher_logits)
+    checkpoint_folder = StorageFolder(checkpoint_dir)
+    checkpoint_folder.makedirs()
+    job = _TrainingJob(dataset, params, checkpoint_folder, model_key, on_epoch, teacher_logits)
     outcome = fabric.launch(_train_process, model, job)
     if len(set(outcome["rank_digests"])) != 1:
         raise RuntimeError(f"training processes ended with different weights: {outcome['rank_digests']}")
@@ -625,7 +633,7 @@ class _TrainingJob:
     copy the modules inside), which frozen dataclasses such as :class:`Dataset` refuse.
     """
 
-    def __init__(self, dataset: Dataset, params: TrainParams, checkpoint_dir: Path, model_key: str,
+    def __init__(self, dataset: Dataset, params: TrainParams, checkpoint_dir: StorageFolder, model_key: str,
                  on_epoch: EpochCallback | None, teacher_logits: np.ndarray | None):
         self.dataset, self.params, self.checkpoint_dir = dataset, params, checkpoint_dir
         self.model_key, self.on_epoch, self.teacher_logits = model_key, on_epoch, teacher_logits
@@ -641,7 +649,7 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     task = dataset.info.task
     pin_determinism(params.seed, params.threads)
     if fabric.is_global_zero:
-        remove_partials(checkpoint_dir)  # a killed run's unfinished checkpoint write
+        checkpoint_dir.remove_partials()  # a killed run's unfinished checkpoint write
     fabric.barrier()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -660,7 +668,7 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     fingerprint = _fingerprint(params, dataset.info.digest, model_key)
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state, start_epoch = -1.0, 0, None, 0
-    checkpoints: list[Path] = []
+    checkpoints: list[Path | str] = []
 
     resume_path = _newest_checkpoint(checkpoint_dir, fingerprint) if params.resume else None
     if resume_path is not None:
@@ -723,9 +731,10 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
         if score > best_score or best_state is None:
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        path = checkpoint_dir / f"epoch-{epoch:03d}.pt"
+        name = f"epoch-{epoch:03d}.pt"
         if fabric.is_global_zero:
-            with atomic_path(path) as partial:
+            # Published whole: renamed into place locally, uploaded to its final key on an object store.
+            with checkpoint_dir.writing(name) as partial:
                 torch.save({"fingerprint": fingerprint, "epoch": epoch,
                             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -734,7 +743,7 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
                             "best_state": best_state}, partial)
             if on_epoch is not None:
                 on_epoch(epoch, params.epochs, metrics)
-        checkpoints.append(path)
+        checkpoints.append(checkpoint_dir.reference(name))
         fabric.barrier()
 
     if best_state is not None:

@@ -48,7 +48,7 @@ class ValidationResult:
         return metrics
 
 
-def validate_variants(dataset_path: Path, reference: nn.Module, onnx_files: dict[str, Path], plot_dir: Path,
+def validate_variants(dataset_path: Path | str, reference: nn.Module, onnx_files: dict[str, Path], plot_dir: Path,
                       threads: int = 2) -> ValidationResult:
     """Score the torch reference and each ONNX variant on the test split; plot confusion matrices."""
     dataset = load_dataset(dataset_path)

@@ -233,7 +233,7 @@ def build_variants(model: nn.Module, params: CompressParams, context: Compressio
     return variants
 
 
-def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params: CompressParams,
+def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, params: CompressParams,
                    out_dir: Path) -> CompressReport:
     """Export ``model`` to ONNX, quantize it, run the recipe, and measure all variants on the test split.
 
@@ -313,12 +313,16 @@ def compress_model(model: nn.Module, dataset_path: Path, metadata: dict, params:
 compress_model_task = task(compress_model, name="compress-model", cache_policy=NONE)
 
 
-def record_compression(report: CompressReport, metadata: dict, workdir: Path, artifact_dir: Path) -> str:
-    """Write ``compress_report.json`` (workdir and MLflow), log every ONNX file, and the edge model; return its URI."""
+def record_compression(report: CompressReport, metadata: dict, workdir: Path | str, artifact_dir: Path) -> str:
+    """Write ``compress_report.json`` (workdir and MLflow), log every ONNX file, and the edge model; return its URI.
+
+    ``workdir`` is a local folder or a URL (``s3://bucket/prefix``); the report is published there whole.
+    """
     from tasks import tracking
+    from tasks.storage import StorageFolder
 
     payload = report.write(artifact_dir / "compress_report.json")
-    write_text_atomic(Path(workdir) / "compress_report.json", payload.read_text())
+    StorageFolder(workdir).write_text("compress_report.json", payload.read_text())
     for variant in report.variants:
         tracking.log_metrics({f"{variant.name}.{key}": value for key, value in variant.as_dict().items()
                               if isinstance(value, (int, float)) and not isinstance(value, bool)})
