@@ -680,7 +680,7 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
             torch.set_rng_state(state["torch_rng"])
         history, best_score, best_epoch, best_state = state["history"], state["best_score"], state["best_epoch"], state["best_state"]
         start_epoch = state["epoch"]
-        log.info("resuming from %s (epoch %d of %d)", resume_path.name, start_epoch, params.epochs)
+        log.info("resuming from %s (epoch %d of %d)", resume_path, start_epoch, params.epochs)
 
     weights = balanced_sample_weights(np.asarray(train.labels[:]), task) if params.balance_classes else None
     batches = EpochBatches(len(train), params.batch_size, params.grad_accumulation, fabric.global_rank,
