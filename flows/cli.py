@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.presets import PRESETS, apply_preset
+
 DEFAULT_ENV = {
     # No network here and nothing to report: keep Prefect and MLflow from phoning home.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -90,6 +92,28 @@ def _source_payload(args: argparse.Namespace) -> dict:
     return payload
 
 
+def _preset_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default=default, metavar="NAME",
+                        help=f"named parameter set: {', '.join(PRESETS)} (`vitrail presets` describes them); "
+                             "explicit flags and --set override its values (default: "
+                             f"{default or 'none, every parameter keeps its default'})")
+
+
+def _ingest_sources_payload(args: argparse.Namespace) -> dict:
+    """``source``/``labels`` for one source; ``sources`` with shared ``labels`` or per-source ``source_labels``."""
+    sources = [*args.source, *args.sources]
+    if not sources:
+        raise SystemExit("error: vitrail ingest needs --source (repeatable) or --sources")
+    if len(sources) == 1 or len(args.labels) > 1:
+        if len(args.labels) > 1 and len(args.labels) != len(sources):
+            raise SystemExit(f"error: {len(args.labels)} --labels for {len(sources)} sources: give one shared "
+                             "file or one per source")
+        if len(sources) == 1:
+            return {"source": sources[0], "labels": args.labels[0] if args.labels else None}
+        return {"sources": sources, "source_labels": args.labels}
+    return {"sources": sources, "labels": args.labels[0] if args.labels else None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitrail", description="Validated, compressed specialist ViTs for "
                                      "Earth observation and medical imaging, as Prefect flows tracked in MLflow.")
@@ -99,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Build the demo dataset, fine-tune, compress, validate, promote and predict.")
     _domain_arg(p)
     _workdir_arg(p, "vitrail-demo")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's; 12 for the demo preset)")
+    _preset_arg(p, "demo")
+
+    p = verbs.add_parser("presets", help="list the named pipeline presets, or print one's parameters",
+                         description="List the presets `vitrail pipeline --preset NAME` and `vitrail demo --preset "
+                                     "NAME` accept; with a NAME, print that preset's parameters as JSON.")
+    p.add_argument("name", nargs="?", choices=list(PRESETS), metavar="NAME", help="preset to print")
 
     verbs.add_parser("domains", help="list the registered imaging domains",
                      description="List the registered imaging domains with their task and intended use.")
@@ -107,9 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ingest", help="turn a source and labels into a dataset",
                          description="Read a scene, tile it, split by spatial block and write a versioned dataset.")
     _domain_arg(p)
-    p.add_argument("--source", required=True, help=SOURCE_HELP)
-    p.add_argument("--labels", help=LABELS_HELP + "; omit for an unlabelled dataset")
+    p.add_argument("--source", action="append", default=[], help=SOURCE_HELP + "; repeat it for several sources "
+                   "(each read on its own and checkpointed, so a rerun after a crash reads only the unfinished ones)")
+    p.add_argument("--sources", nargs="+", default=[], metavar="SOURCE", help="several sources at once (e.g. a "
+                   "shell glob), added to any --source")
+    p.add_argument("--labels", action="append", default=[], help=LABELS_HELP + "; omit for an unlabelled dataset. "
+                   "With several sources: once for a file shared by all (a findings CSV), or once per source in "
+                   "the same order")
     p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--task-runner", choices=("local", "dask"), default="local",
+                   help="where the sources are read: threads here (local) or a Dask cluster (default: %(default)s)")
+    p.add_argument("--dask-address", default="", help="Dask scheduler address (tcp://host:8786); omit to start a "
+                   "temporary Dask cluster on this machine")
     _source_args(p)
     _overrides_arg(p)
 
@@ -163,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p)
     _source_args(p)
     p.add_argument("--epochs", type=int, help="training epochs")
+    _preset_arg(p, None)
     _overrides_arg(p)
     p = verbs.add_parser("dataset", help="inspect a dataset (verify every chunk against its digest)",
                          description="Work on a written dataset, at a local folder or an fsspec URL (s3://...).")
@@ -221,6 +261,15 @@ Look at it:
 """
 
 
+def pipeline_payload(args: argparse.Namespace) -> dict:
+    """The pipeline's parameters from a parsed command line: the preset, then explicit flags, then --set."""
+    payload = {"domain": args.domain, "source": args.source, "labels": args.labels, "workdir": args.workdir,
+               **_source_payload(args)}
+    if args.epochs is not None:
+        payload["train"] = {"epochs": args.epochs}
+    return _apply_overrides(apply_preset(args.preset, payload), args.set)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.verb == "domains":
         from domains import registry
@@ -228,19 +277,36 @@ def run(args: argparse.Namespace) -> int:
         for name, spec in registry().items():
             print(f"{name:<14} {spec.task:<15} {spec.title}\n{'':<14} {spec.intended_use}")
         return 0
+    if args.verb == "presets":
+        if args.name:
+            print(json.dumps(PRESETS[args.name].params, indent=2))
+        else:
+            for preset in PRESETS.values():
+                print(f"{preset.name:<14} {preset.description}")
+        return 0
     overrides = getattr(args, "set", [])
     if args.verb == "demo":
         from flows.demo import DemoParams, demo
 
         workdir = Path(args.workdir)
-        receipt = demo(DemoParams(domain=args.domain, workdir=str(workdir), epochs=args.epochs))
+        epochs = {} if args.epochs is None else {"epochs": args.epochs}
+        if args.preset == "demo":
+            receipt = demo(DemoParams(domain=args.domain, workdir=str(workdir), **epochs))
+        else:
+            # Another preset on the same demo inputs: the pipeline flow with that preset's parameters.
+            from flows.pipeline import PipelineParams, pipeline
+            from tasks.demo import prepare_demo_inputs
+
+            inputs = prepare_demo_inputs(args.domain, workdir / "demo-data")
+            payload = {"domain": args.domain, **inputs, "workdir": str(workdir), "train": epochs}
+            receipt = pipeline(PipelineParams(**apply_preset(args.preset, payload)))
         print(_demo_summary(receipt, workdir))
         return 0 if receipt.promote.alias == "champion" or receipt.promote.passed else 1
     if args.verb == "ingest":
         from flows.ingest import IngestParams, ingest_dataset
 
-        payload = {"domain": args.domain, "source": args.source, "labels": args.labels, "out": args.out,
-                   **_source_payload(args)}
+        payload = {"domain": args.domain, "out": args.out, **_ingest_sources_payload(args), **_source_payload(args),
+                   "runner": {"kind": args.task_runner, "address": args.dask_address}}
         _print_receipt(ingest_dataset(IngestParams(**_apply_overrides(payload, overrides))))
         return 0
     if args.verb == "finetune":
@@ -279,11 +345,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "pipeline":
         from flows.pipeline import PipelineParams, pipeline
 
-        payload = {"domain": args.domain, "source": args.source, "labels": args.labels, "workdir": args.workdir,
-                   **_source_payload(args)}
-        if args.epochs is not None:
-            payload["train"] = {"epochs": args.epochs}
-        receipt = pipeline(PipelineParams(**_apply_overrides(payload, overrides)))
+        receipt = pipeline(PipelineParams(**pipeline_payload(args)))
         _print_receipt(receipt)
         return 0
     if args.verb == "dataset":

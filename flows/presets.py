@@ -1,0 +1,102 @@
+"""Named pipeline presets: the run knobs of one model size, read by the CLI and copied into deploy/prefect.yaml.
+
+A preset is a partial :class:`~flows.pipeline.PipelineParams` payload without the domain and the
+paths (source, labels, workdir), which belong to each run. The CLI lays explicit flags over it
+(``vitrail pipeline --preset NAME --epochs 1``); each ``pipeline/<domain>-<preset>`` deployment in
+``deploy/prefect.yaml`` holds the same values, and ``tests/flows/test_presets.py`` fails when the two
+differ. This module imports nothing heavy, so ``vitrail --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named set of pipeline parameters."""
+
+    name: str
+    description: str
+    params: dict[str, Any] = field(default_factory=dict)
+    """Partial PipelineParams payload: only what differs from the defaults or must not follow them."""
+
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset(
+        "demo",
+        "The demo's tiny model: ViT-Tiny cut to 4 px patches on 32 px tiles, random init; about a minute on 2 cores.",
+        {
+            "tiling": {"tile_size": 32, "stride": 32},
+            "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4},
+            "train": {"epochs": 12},
+        },
+    ),
+    Preset(
+        "vit-s16-224",
+        "ViT-S/16 at 224 px (22M parameters, the size of published Sentinel-2 foundation models) with LoRA on qkv; "
+        "runs on a 2-core CPU for a small scene, uses a GPU when there is one.",
+        {
+            # Published Sentinel-2 ViT-S/16 models (SSL4EO-S12, SatMAE-style) take 224 px inputs. Blocks of
+            # 2 x 2 tiles (4.5 km at 10 m) keep neighbouring tiles in one split; a 720 px scene still gives
+            # the 4 blocks train/val/test need.
+            "tiling": {"tile_size": 224, "stride": 224, "block_size": 448, "max_nodata_fraction": 0.5},
+            # Random init keeps the preset runnable offline. For real work load a foundation checkpoint:
+            # weights=file with a 13-band SSL4EO-S12 ViT-S/16 loads as is; weights=hub adapts ImageNet RGB
+            # weights by wavelength.
+            "backbone": {"name": "vit_small_patch16_224", "weights": "none", "patch_size": 16},
+            "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["qkv"], "train_patch_embed": True},
+            # 32 samples per step in two micro-batches of 16: about 2 GB of activations on a CPU, small
+            # for a GPU. 32-bit floats keep the reproducibility contract on every device; bf16-mixed is an
+            # override for GPUs (and CPUs with AVX512-BF16/AMX). Two reader processes keep a GPU fed; on 2
+            # CPU cores they mostly sleep (each holds one thread, see tasks/training.py).
+            "train": {"epochs": 10, "batch_size": 32, "grad_accumulation": 2, "learning_rate": 0.001,
+                      "precision": "32", "device": "auto", "threads": 2, "num_workers": 2},
+            # ONNX int8 named outright: a ViT-S/16 at 224 px misses cpu-2core's 50 ms batch-1 budget even as
+            # int8, so 'auto' would refuse every variant. Few timing repeats and a small throughput batch keep
+            # the measurement to seconds on a CPU (each batch-1 call is tens of milliseconds).
+            "compression": {"edge_variant": "onnx-int8", "threads": 2, "latency_repeats": 20,
+                            "throughput_batch": 8, "quantization": {"calibration_samples": 64}},
+            "gate": {"latency_budget_ms": 250.0},
+        },
+    ),
+)}
+
+
+def preset_names() -> list[str]:
+    """Names of the known presets, in the order they are listed."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        KeyError: unknown name; the message lists the known presets.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def apply_preset(name: str | None, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` laid over the preset ``name`` (None: ``payload`` unchanged).
+
+    Nested sections merge key by key, so ``{"train": {"epochs": 1}}`` keeps the preset's batch size;
+    any other value in ``payload`` replaces the preset's. Neither argument is modified.
+    """
+    if name is None:
+        return copy.deepcopy(payload)
+    return _merged(get_preset(name).params, payload)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
