@@ -15,7 +15,7 @@ import numpy as np
 
 EXAMPLE_PATIENTS = ("CASE-A", "CASE-B", "CASE-C")
 EXAMPLE_MPP = 0.5
-EXAMPLE_SIZE = 192
+EXAMPLE_SIZE = 384
 EXAMPLE_CLASSES = ("normal", "tumor")
 
 
@@ -103,7 +103,7 @@ def write_example(directory: Path, seed: int = 0) -> dict[str, Path]:
     slides = directory / "slides"
     slides.mkdir(parents=True, exist_ok=True)
     rows = []
-    size, margin = EXAMPLE_SIZE, 24
+    size, margin = EXAMPLE_SIZE, 32
     plan = [(EXAMPLE_PATIENTS[0], "A1"), (EXAMPLE_PATIENTS[1], "B1"), (EXAMPLE_PATIENTS[1], "B2"),
             (EXAMPLE_PATIENTS[2], "C1")]
     for index, (patient, name) in enumerate(plan):
