@@ -1,22 +1,23 @@
-"""Ingest: a source (scene, study, slide) and its labels become a versioned, leakage-free dataset."""
+"""Ingest: sources (scenes, studies, slides) and their labels become one versioned, leakage-free dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from domains import IngestRequest
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName
-from tasks.dataset import (
-    QUARANTINE_FILE,
-    SplitParams,
-    build_dataset_task,
-    dataset_location,
-    require_utf8_path,
-)
+from tasks.dataset import QUARANTINE_FILE, SplitParams, dataset_location, require_utf8_path
+from tasks.ingest_sources import assemble_dataset_task, ingest_source_task, plan_ingest_task
+from tasks.task_runners import TaskRunnerParams, open_task_runner
+
+MAX_SOURCES = 10000
+SourcePath = Annotated[str, Field(min_length=1, max_length=1000)]
+LabelPath = Annotated[str, Field(max_length=1000)]
 
 
 class TilingParams(BaseModel):
@@ -32,15 +33,32 @@ class TilingParams(BaseModel):
 
 
 class IngestParams(BaseModel):
-    """Turn a source and its labels into a dataset (manifest + shards + digest)."""
+    """Turn one or several sources and their labels into one dataset (manifest + shards + digest).
+
+    Give ``source`` for one source, or ``sources`` for several: each is then read by its own task
+    (in parallel, on this machine or a Dask cluster), checkpointed, and a rerun after a crash reads only
+    the sources not finished yet. A source that cannot be read is listed in the dataset's quarantine
+    file and the others are kept.
+    """
 
     domain: DomainName = "satellite"
-    source: str = Field(..., min_length=1, max_length=1000,
-                        description="The domain's input: scene folder or multi-band GeoTIFF (satellite), folder of "
-                                    "DICOM/NIfTI studies (radiology), ENVI cube (hyperspectral)")
+    source: str | None = Field(None, min_length=1, max_length=1000,
+                               description="One source, the domain's input: scene folder or multi-band GeoTIFF "
+                                           "(satellite), folder of DICOM/NIfTI studies (radiology), ENVI cube "
+                                           "(hyperspectral). Leave empty when using 'sources'")
+    sources: list[SourcePath] = Field(default_factory=list, max_length=MAX_SOURCES,
+                                      description="Several sources (scenes, study folders, cubes) that become one "
+                                                  "dataset; each is read and checkpointed on its own. Leave empty "
+                                                  "when using 'source'")
     labels: str | None = Field(None, max_length=1000, description="Labels: class raster (satellite), findings CSV "
-                                                                  "(radiology), plume mask (hyperspectral); empty "
+                                                                  "(radiology), plume mask (hyperspectral) for "
+                                                                  "'source', or one file shared by all 'sources' "
+                                                                  "(e.g. a findings CSV keyed by patient); empty "
                                                                   "for an unlabelled dataset")
+    source_labels: list[LabelPath] = Field(default_factory=list, max_length=MAX_SOURCES,
+                                           description="One label file per entry of 'sources', in the same order "
+                                                       "(e.g. a class raster per scene); an empty entry leaves "
+                                                       "that source unlabelled")
     out: str = Field(..., min_length=1, max_length=1000,
                      description="Folder or fsspec URL (e.g. s3://bucket/prefix) the dataset is written to")
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
@@ -51,15 +69,44 @@ class IngestParams(BaseModel):
     sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat8, landsat9); "
                                                                 "empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
+    runner: TaskRunnerParams = Field(default_factory=TaskRunnerParams,
+                                     description="Where the sources are read: threads here, or a Dask cluster")
+    keep_parts: bool = Field(False, description="Keep each source's checkpoint after the dataset is written, so a "
+                                                "later ingest that adds sources reads only the new ones (they take "
+                                                "as much space as the dataset)")
 
     @field_validator("source", "labels", "out", mode="before")
     @classmethod
     def _text_paths(cls, value: object) -> object:
         return require_utf8_path(value)
 
+    @field_validator("sources", "source_labels", mode="before")
+    @classmethod
+    def _text_path_lists(cls, value: object) -> object:
+        return [require_utf8_path(item) for item in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self) -> IngestParams:
+        if (self.source is None) == (not self.sources):
+            raise ValueError("give either 'source' (one) or 'sources' (several)")
+        if self.source_labels and (len(self.source_labels) != len(self.sources) or self.labels):
+            raise ValueError(f"'source_labels' needs one entry per source ({len(self.sources)}) and no 'labels'; "
+                             f"got {len(self.source_labels)}")
+        return self
+
+    def source_paths(self) -> list[str]:
+        """Every source, in order."""
+        return [self.source] if self.source is not None else list(self.sources)
+
+    def label_paths(self) -> list[str | None]:
+        """The label file of each source (None: unlabelled), aligned with :meth:`source_paths`."""
+        if self.source_labels:
+            return [label or None for label in self.source_labels]
+        return [self.labels or None] * len(self.source_paths())
+
 
 class IngestReceipt(BaseModel):
-    """Where the dataset is, what it holds, and how many input files or series were left out (quarantined)."""
+    """Where the dataset is, what it holds, and how many input files, series or sources were left out."""
 
     dataset: str
     digest: str
@@ -67,21 +114,27 @@ class IngestReceipt(BaseModel):
     dropped: dict[str, int]
     quarantined: int = 0
     quarantine_file: str | None = None
+    sources: int = 1
+    resumed: int = 0
+    """Sources whose checkpoint an earlier, interrupted run had already finished."""
 
 
 @flow(name="ingest-dataset", flow_run_name="ingest-{params.domain}", log_prints=True)
 @report_input_errors
 def ingest_dataset(params: IngestParams) -> IngestReceipt:
-    """Read a source with its domain's reader, tile it, split by leakage group and write a dataset."""
+    """Read each source with its domain's reader, tile it, split by leakage group and write one dataset."""
     request = IngestRequest(
-        source=Path(params.source), labels=Path(params.labels) if params.labels else None,
-        tile_size=params.tiling.tile_size, stride=params.tiling.stride, block_size=params.tiling.block_size,
-        max_nodata_fraction=params.tiling.max_nodata_fraction,
+        source=Path(params.source_paths()[0]), tile_size=params.tiling.tile_size, stride=params.tiling.stride,
+        block_size=params.tiling.block_size, max_nodata_fraction=params.tiling.max_nodata_fraction,
         channels=tuple(params.bands) if params.bands else None, sensor=params.sensor,
         class_names=tuple(params.class_names) if params.class_names else None,
     )
     dataset = dataset_location(params.out)
-    info = build_dataset_task(params.domain, request, dataset, params.split)
+    plan = plan_ingest_task(params.domain, request, params.source_paths(), params.label_paths(), dataset)
+    with open_task_runner(params.runner) as runner:
+        parts = runner.map(ingest_source_task, {"job": plan.jobs})
+        info = assemble_dataset_task(plan, parts, params.split, params.keep_parts)
     return IngestReceipt(dataset=dataset, digest=info.digest, split_counts=info.split_counts,
                          dropped=info.dropped, quarantined=info.quarantined,
-                         quarantine_file=f"{dataset}/{QUARANTINE_FILE}")
+                         quarantine_file=f"{dataset}/{QUARANTINE_FILE}", sources=len(info.sources),
+                         resumed=plan.resumed)

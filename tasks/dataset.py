@@ -43,7 +43,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -326,14 +326,47 @@ def _physical_sample_sums(batch: SampleSet, part: slice) -> tuple[np.ndarray, np
             scale**2 * squares + 2 * scale * offset * sums + offset**2 * pixels)
 
 
+@dataclass(frozen=True)
+class UnsplitWrite:
+    """Samples of one source as stored before any split (see :meth:`_StreamingWriter.finish_unsplit`).
+
+    ``rows`` holds the manifest columns except ``split``; ``channels`` is empty, and ``stored_dtype``
+    None, when the source yielded no batch or no sample at all.
+    """
+
+    rows: dict[str, list]
+    task: str
+    channels: tuple[Channel, ...]
+    class_names: tuple[str, ...]
+    scaling: tuple[tuple[float, float], ...] | None
+    stored_dtype: str | None
+    sample_shape: tuple[int, ...] | None
+    chunk_samples: int
+    chunks: dict[str, tuple[str, ...]]
+    named_samples: bool
+    dropped: dict[str, int]
+    provenance: dict[str, str]
+    quarantine: list[dict[str, str]]
+
+
 class _StreamingWriter:
-    """Appends a reader's batches to the stored arrays and keeps what the end of the write needs."""
+    """Appends a reader's batches to the stored arrays and keeps what the end of the write needs.
+
+    One source by default (a reader's stream). With ``several_sources`` the batches may come from
+    several sources one after another (the combine step of a many-source ingest); everything else must
+    still agree, and a disagreement names both sources. Without ``statistics`` the per-group sums are
+    not kept (a per-source part is split and normalised only once combined).
+    """
 
     _CONSISTENT = ("source", "channels", "class_names", "task", "scaling")
 
-    def __init__(self, files: DatasetFiles, task_type: str):
+    def __init__(self, files: DatasetFiles, task_type: str, several_sources: bool = False, statistics: bool = True):
         self.files = files
         self.default_task = task_type
+        self.several_sources = several_sources
+        self.statistics = statistics
+        self.sources: dict[str, dict[str, str]] = {}
+        """Each source (printable) in order of arrival, with its own provenance."""
         self.first: SampleSet | None = None
         self.images: ChunkedArrayWriter | None = None
         self.labels: ChunkedArrayWriter | None = None
@@ -341,7 +374,6 @@ class _StreamingWriter:
         self.rows: dict[str, list] = {column: [] for column in MANIFEST_COLUMNS if column != "split"}
         self.labelled: list[bool] = []
         self.dropped: dict[str, int] = {}
-        self.provenance: dict[str, str] = {}
         self.quarantine: list[dict[str, str]] = []
         self.labelled_totals: dict[str, _GroupTotals] = {}
         self.all_totals: _GroupTotals | None = None
@@ -354,7 +386,8 @@ class _StreamingWriter:
         self._check_batch(batch)
         for reason, count in batch.dropped.items():
             self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
-        self.provenance.update({key: printable_path(value) for key, value in batch.provenance.items()})
+        self.sources.setdefault(printable_path(batch.source), {}).update(
+            {key: printable_path(value) for key, value in batch.provenance.items()})
         for entry in batch.quarantine:
             entry = {key: printable_path(value) for key, value in entry.items()}
             if entry not in self.quarantine:
@@ -367,7 +400,21 @@ class _StreamingWriter:
         if self.labels is not None:
             self.labels.append(np.asarray(batch.labels, dtype=LABEL_DTYPES[self.task]))
         self._add_rows(batch)
-        self._add_totals(batch)
+        if self.statistics:
+            self._add_totals(batch)
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """Facts about the sources: as read for one source; for several, a fact on which they differ is a
+        JSON object by source (nothing of one source is lost or passed off as another's)."""
+        if len(self.sources) <= 1:
+            return dict(next(iter(self.sources.values()), {}))
+        merged: dict[str, str] = {}
+        for key in dict.fromkeys(key for facts in self.sources.values() for key in facts):
+            values = {source: facts[key] for source, facts in self.sources.items() if key in facts}
+            same = len(values) == len(self.sources) and len(set(values.values())) == 1
+            merged[key] = next(iter(values.values())) if same else json.dumps(values, sort_keys=True)
+        return merged
 
     def abandon(self) -> None:
         """Stop the arrays' background stores after a failure (what is written is then discarded)."""
@@ -383,9 +430,15 @@ class _StreamingWriter:
                                    f"task {self.task!r}")
             return
         for name in self._CONSISTENT:
-            if getattr(batch, name) != getattr(self.first, name):
-                raise DatasetError(f"{printable_path(self.first.source)}: sample batches disagree on {name} "
-                                   f"({getattr(self.first, name)!r} then {getattr(batch, name)!r})")
+            if getattr(batch, name) == getattr(self.first, name) or (name == "source" and self.several_sources):
+                continue
+            if batch.source != self.first.source:
+                raise DatasetError(f"sources {printable_path(self.first.source)} and {printable_path(batch.source)} "
+                                   f"disagree on {name} ({getattr(self.first, name)!r} against "
+                                   f"{getattr(batch, name)!r}); ingest them as separate datasets, or give both the "
+                                   "same channels and classes")
+            raise DatasetError(f"{printable_path(self.first.source)}: sample batches disagree on {name} "
+                               f"({getattr(self.first, name)!r} then {getattr(batch, name)!r})")
         if (batch.sample_ids is None) != (self.first.sample_ids is None):
             raise DatasetError(f"{printable_path(self.first.source)}: some sample batches name their samples "
                                "and some do not")
@@ -467,6 +520,26 @@ class _StreamingWriter:
         values = values[(values >= 0) & (values < classes)]
         return np.bincount(values.astype(np.int64), minlength=classes)[:classes]
 
+    def finish_unsplit(self) -> UnsplitWrite:
+        """Close the arrays and return what was written, without splits or statistics (a per-source part)."""
+        for array in (self.images, self.labels):
+            if array is not None:
+                array.close()
+        first = self.first
+        return UnsplitWrite(
+            rows={column: list(values) for column, values in self.rows.items()}, task=self.task,
+            channels=first.channels if first is not None else (),
+            class_names=first.class_names if first is not None else (),
+            scaling=tuple((float(s), float(o)) for s, o in first.scaling) if first is not None and first.scaling
+            else None,
+            stored_dtype=self.images.dtype.name if self.images is not None else None,
+            sample_shape=self.images.sample_shape if self.images is not None else None,
+            chunk_samples=self.images.chunk_samples if self.images is not None else 0,
+            chunks={name: tuple(array.digests) for name, array in (("images", self.images), ("labels", self.labels))
+                    if array is not None},
+            named_samples=first is not None and first.sample_ids is not None,
+            dropped=dict(self.dropped), provenance=self.provenance, quarantine=list(self.quarantine))
+
     def finish(self, domain: str, params: SplitParams, where: str) -> DatasetInfo:
         """Close the arrays, assign splits, write manifest and quarantine list; return the metadata."""
         import pyarrow as pa
@@ -509,7 +582,7 @@ class _StreamingWriter:
         info = DatasetInfo(
             digest=_dataset_digest(rows, first.channels, first.class_names, scaling, self.images.dtype.name, chunks),
             domain=domain, task=self.task, channels=first.channels, class_names=first.class_names,
-            tile_size=int(self.images.sample_shape[-1]), sources=(printable_path(first.source),),
+            tile_size=int(self.images.sample_shape[-1]), sources=tuple(self.sources),
             split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
             class_counts=self._split_class_counts(split_of), dropped=dict(self.dropped),
             channel_mean=mean, channel_std=std, provenance=dict(self.provenance), quarantined=len(self.quarantine),
@@ -540,16 +613,21 @@ class _StreamingWriter:
         return {split: {name: int(count) for name, count in zip(self.first.class_names, totals[split].tolist())}
                 for split in SPLITS}
 
-    def summary(self) -> SampleSet:
-        """A sample-free SampleSet carrying the merged metadata (for a domain's ingest reports)."""
+    def summary(self, source: str | None = None) -> SampleSet:
+        """A sample-free SampleSet carrying the merged metadata (for a domain's ingest reports).
+
+        With ``source`` (one of :attr:`sources`) it carries that source's own provenance instead.
+        """
         first = self.first
+        provenance = self.provenance if source is None else dict(self.sources[source])
         shape = self.images.sample_shape if self.images is not None else first.images.shape[1:]
         label_shape = {"multilabel": (0, len(first.class_names)), "segmentation": (0, *shape[1:])}
         return SampleSet(images=np.zeros((0, *shape), dtype=np.float32),
                          labels=np.zeros(label_shape.get(self.task, (0,)), dtype=np.int64),
                          groups=np.array([], dtype=str), locations=np.zeros((0, 2), dtype=np.int64),
-                         source=first.source, channels=first.channels, class_names=first.class_names,
-                         dropped=dict(self.dropped), provenance=dict(self.provenance), task=first.task,
+                         source=first.source if source is None else source, channels=first.channels,
+                         class_names=first.class_names, dropped=dict(self.dropped), provenance=provenance,
+                         task=first.task,
                          quarantine=list(self.quarantine), scaling=first.scaling)
 
 
@@ -559,9 +637,11 @@ def _as_batches(samples: SampleSet | Iterable[SampleSet]) -> Iterable[SampleSet]
 
 def _write_contents(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, files: DatasetFiles,
                     params: SplitParams, where: str,
-                    reports: Callable[[SampleSet, Path], object] | None) -> DatasetInfo:
+                    reports: Callable[[SampleSet, Path], object] | None,
+                    several_sources: bool = False, quarantine: Sequence[dict[str, str]] = ()) -> DatasetInfo:
     """Stream the batches into ``files``, then manifest, quarantine list, reports and (last) ``dataset.json``."""
-    writer = _StreamingWriter(files, task_type)
+    writer = _StreamingWriter(files, task_type, several_sources=several_sources)
+    writer.quarantine.extend(dict(entry) for entry in quarantine)
     try:
         for batch in _as_batches(samples):
             writer.add(batch)
@@ -570,21 +650,27 @@ def _write_contents(samples: SampleSet | Iterable[SampleSet], domain: str, task_
         raise
     info = writer.finish(domain, params, where)
     if reports is not None:
-        if files.remote:  # reports are written by domain code into a folder: upload what it wrote
-            with tempfile.TemporaryDirectory() as scratch:
-                reports(writer.summary(), Path(scratch))
-                for path in sorted(Path(scratch).rglob("*")):
-                    if path.is_file():
-                        files.write_bytes(path.relative_to(scratch).as_posix(), path.read_bytes())
-        else:
-            reports(writer.summary(), Path(files.location))
+        # One source: its reports beside dataset.json. Several: each source's own under sources/<i>/, i its
+        # position in DatasetInfo.sources (a report such as a de-identification audit is per source).
+        summaries = ([(writer.summary(), "")] if len(writer.sources) <= 1 else
+                     [(writer.summary(source), f"sources/{i:03d}/") for i, source in enumerate(writer.sources)])
+        for summary, prefix in summaries:
+            if files.remote or prefix:  # domain code writes into a folder: copy what it wrote
+                with tempfile.TemporaryDirectory() as scratch:
+                    reports(summary, Path(scratch))
+                    for path in sorted(Path(scratch).rglob("*")):
+                        if path.is_file():
+                            files.write_bytes(prefix + path.relative_to(scratch).as_posix(), path.read_bytes())
+            else:
+                reports(summary, Path(files.location))
     # dataset.json last: a folder or prefix holding it holds everything it describes.
     files.write_bytes("dataset.json", json.dumps(asdict(info), indent=2).encode())
     return info
 
 
 def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, out_dir: Path | str,
-                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None = None) -> DatasetInfo:
+                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None = None, *,
+                  several_sources: bool = False, quarantine: Sequence[dict[str, str]] = ()) -> DatasetInfo:
     """Append ``samples`` (one SampleSet or a reader's stream of batches) to chunked storage at ``out_dir``.
 
     Batches follow the streaming contract of :class:`domains.SampleSet` (one source; same channels,
@@ -593,6 +679,11 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
     Only labelled samples are split for training; an unlabelled sample set is written entirely as the
     ``test`` split with label -1, so prediction-only datasets keep the same format. The task is the
     samples' own when they name one, else ``task_type`` (the domain's default).
+
+    With ``several_sources`` the batches may come from several sources in turn (a many-source ingest's
+    combine step): channels, classes, task and scaling must still agree, splits are assigned over the
+    groups of all of them, ``DatasetInfo.sources`` lists each, and ``reports`` runs once per source.
+    ``quarantine`` adds entries for what was left out before the write (e.g. a whole unreadable source).
 
     ``out_dir`` is a local folder or an fsspec URL (``s3://bucket/prefix``). A local dataset is written
     into a hidden sibling folder and renamed into place when complete; ``reports`` (a domain's ingest
@@ -604,7 +695,8 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
             that cannot be filled, or ``out_dir`` holding something other than a dataset.
     """
     if is_url(out_dir):
-        return _write_remote(samples, domain, task_type, as_location(out_dir), params, reports)
+        return _write_remote(samples, domain, task_type, as_location(out_dir), params, reports, several_sources,
+                             quarantine)
     out_dir = Path(os.path.abspath(out_dir))
     if not out_dir.name or out_dir == out_dir.parent:
         raise DatasetError(f"{out_dir}: a dataset needs a folder of its own, not the file system root")
@@ -617,7 +709,8 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
     partial.mkdir()
     ensure_inside(out_dir.parent, partial)
     try:
-        info = _write_contents(samples, domain, task_type, DatasetFiles(partial), params, str(out_dir), reports)
+        info = _write_contents(samples, domain, task_type, DatasetFiles(partial), params, str(out_dir), reports,
+                               several_sources, quarantine)
         _publish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -626,7 +719,8 @@ def write_dataset(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
 
 
 def _write_remote(samples: SampleSet | Iterable[SampleSet], domain: str, task_type: str, url: str,
-                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None) -> DatasetInfo:
+                  params: SplitParams, reports: Callable[[SampleSet, Path], object] | None,
+                  several_sources: bool = False, quarantine: Sequence[dict[str, str]] = ()) -> DatasetInfo:
     """Write under an object-store prefix: marked while written, ``dataset.json`` last (no atomic rename there)."""
     files = DatasetFiles(url)
     keys = files.keys()
@@ -637,7 +731,7 @@ def _write_remote(samples: SampleSet | Iterable[SampleSet], domain: str, task_ty
     files.clear()
     files.write_bytes(WRITING_MARK, json.dumps({"pid": os.getpid()}).encode())
     try:
-        info = _write_contents(samples, domain, task_type, files, params, url, reports)
+        info = _write_contents(samples, domain, task_type, files, params, url, reports, several_sources, quarantine)
     except BaseException:
         files.clear()
         raise
