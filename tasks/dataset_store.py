@@ -45,6 +45,8 @@ CACHED_CHUNKS = 4
 # level 5 made compression most of an ingest's time. Bit shuffle was no smaller on resampled bands.
 BLOSC_LEVEL = 2
 BLOSC_SHUFFLE = "shuffle"
+# Threads that encode, digest and store the chunks of one batch at once (each releases the GIL).
+STORE_THREADS = 2
 
 
 class DatasetError(ValueError):
@@ -64,7 +66,8 @@ def chunk_samples_for(sample_bytes: int) -> int:
 def chunk_digest(block: np.ndarray) -> str:
     """SHA-256 of a chunk's samples: native little-endian bytes, shape and dtype."""
     block = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
-    digest = hashlib.sha256(block.tobytes())
+    # Hashed in place (no bytes copy); hashlib releases the GIL on large buffers.
+    digest = hashlib.sha256(memoryview(block).cast("B"))
     digest.update(f"{block.shape}{block.dtype.str}".encode())
     return digest.hexdigest()
 
@@ -89,41 +92,72 @@ class DatasetFiles(StorageFolder):
         return zarr.open_group(store, mode=mode)
 
 
+def _files_of(group) -> DatasetFiles:
+    """The :class:`DatasetFiles` under a zarr group opened on a local folder (other stores must be named)."""
+    import zarr
+
+    store = group.store
+    if isinstance(store, zarr.storage.LocalStore):
+        return DatasetFiles(Path(store.root) / group.path if group.path else store.root)
+    raise DatasetError(f"a chunk writer on a {type(store).__name__} needs the dataset's files named (files=...)")
+
+
 class ChunkedArrayWriter:
     """Appends samples to one zarr array a whole chunk at a time, digesting each chunk.
 
     Chunk boundaries depend only on the chunk size, so identical samples give identical chunks and
-    digests however a reader batched them. Compressing, storing and digesting run on one background
-    thread, one batch at a time, so the caller reads its next batch meanwhile (zarr and hashlib
-    release the GIL for that work). Memory is one chunk buffer plus one batch in flight, whatever the
-    size of the source: :meth:`append` waits for the previous batch before taking the next.
+    digests however a reader batched them. The array's metadata is written by zarr; the chunks are
+    encoded here with the array's own codec settings (Blosc, the same bytes zarr writes) and stored
+    under zarr's chunk keys: zarr's write path costs about as much CPU again as the compression itself
+    (its codec pipeline copies and schedules each chunk). The array's length is recorded when the
+    writer closes.
+
+    Encoding, digesting and storing run off the caller's thread, one batch at a time, the chunks of a
+    batch on :data:`STORE_THREADS` threads (Blosc, hashlib and file writes release the GIL), so the
+    caller reads its next batch meanwhile. Memory is one chunk buffer plus one batch in flight, whatever
+    the size of the source: :meth:`append` waits for the previous batch before taking the next.
     """
 
-    def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int):
+    def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int,
+                 files: DatasetFiles | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
+        from numcodecs import Blosc
         from zarr.codecs import BloscCodec
 
         self.dtype = np.dtype(dtype)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.chunk_samples = chunk_samples
+        self.name = name
+        shuffle = BLOSC_SHUFFLE if self.dtype.itemsize > 1 else "noshuffle"
         self.array = group.create_array(
             name, shape=(0, *self.sample_shape), chunks=(chunk_samples, *self.sample_shape), dtype=self.dtype,
-            compressors=[BloscCodec(cname="zstd", clevel=BLOSC_LEVEL,
-                                    shuffle=BLOSC_SHUFFLE if self.dtype.itemsize > 1 else "noshuffle")],
-            fill_value=0)
+            compressors=[BloscCodec(cname="zstd", clevel=BLOSC_LEVEL, shuffle=shuffle)], fill_value=0)
+        self.files = files if files is not None else _files_of(group)
+        # The array's stored dtype is little-endian (zarr's bytes codec); Blosc's typesize is the item size.
+        self._stored_dtype = self.dtype.newbyteorder("<")
+        self._codec = Blosc(cname="zstd", clevel=BLOSC_LEVEL, shuffle={"noshuffle": 0, "shuffle": 1}[shuffle],
+                            blocksize=0, typesize=self.dtype.itemsize)
         self.buffer = np.empty((chunk_samples, *self.sample_shape), dtype=self.dtype)
         self.filled = 0
         self.length = 0
         self.digests: list[str] = []
+        self._staging: np.ndarray | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitrail-write-{name}")
+        self._chunk_pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix=f"vitrail-chunk-{name}")
         self._pending = None
 
     def append(self, block: np.ndarray) -> None:
         """Queue ``block`` (N, *sample_shape) for storing; raises what storing the previous batch raised."""
         self.wait()
-        # A copy: the caller (a reader's batch) may reuse or change its array once this returns.
-        self._pending = self._worker.submit(self._append_now, np.array(block, dtype=self.dtype, copy=True))
+        # A copy: the caller (a reader's batch) may reuse or change its array once this returns. The
+        # staging buffer is reused batch after batch (free once the previous batch is stored): a fresh
+        # batch-sized array would cost page faults on every batch.
+        if self._staging is None or len(self._staging) < len(block):
+            self._staging = np.empty((len(block), *self.sample_shape), dtype=self.dtype)
+        staging = self._staging[:len(block)]
+        staging[...] = block
+        self._pending = self._worker.submit(self._append_now, staging)
 
     def wait(self) -> None:
         """Block until the batch in flight is stored; raise what storing it raised."""
@@ -132,14 +166,16 @@ class ChunkedArrayWriter:
             pending.result()
 
     def close(self) -> None:
-        """Store everything queued and the last, partly filled chunk; stop the background thread."""
+        """Store everything queued and the last, partly filled chunk, record the array's length; stop the threads."""
         try:
             self.wait()
             if self.filled:
                 self._store_chunk(self.buffer[:self.filled])
                 self.filled = 0
+            self.array.resize((self.length, *self.sample_shape))
         finally:
             self._worker.shutdown(wait=True)
+            self._chunk_pool.shutdown(wait=True)
 
     def abandon(self) -> None:
         """Stop without storing more (after a failed write): wait for the batch in flight, drop the rest."""
@@ -148,6 +184,7 @@ class ChunkedArrayWriter:
         except Exception:  # noqa: BLE001 - the write already failed; its own error is the one reported
             pass
         self._worker.shutdown(wait=True, cancel_futures=True)
+        self._chunk_pool.shutdown(wait=True, cancel_futures=True)
 
     def _append_now(self, block: np.ndarray) -> None:
         position = 0
@@ -159,8 +196,7 @@ class ChunkedArrayWriter:
             if self.filled == self.chunk_samples:
                 self._store_chunk(self.buffer)
                 self.filled = 0
-        # Every whole chunk left in the batch goes to zarr in one call, straight from the batch: one
-        # resize (one metadata write) per batch, and zarr compresses those chunks concurrently.
+        # Every whole chunk left in the batch is stored straight from the batch, its chunks concurrently.
         whole = (len(block) - position) // self.chunk_samples * self.chunk_samples
         if whole:
             self._store_chunk(block[position:position + whole])
@@ -172,12 +208,26 @@ class ChunkedArrayWriter:
 
     def _store_chunk(self, block: np.ndarray) -> None:
         """Store ``block`` at the end of the array: one or more whole chunks, the last one possibly partial."""
-        start = self.length
-        self.array.resize((start + len(block), *self.sample_shape))
-        self.array[start:start + len(block)] = block
-        for offset in range(0, len(block), self.chunk_samples):
-            self.digests.append(chunk_digest(block[offset:offset + self.chunk_samples]))
+        first = self.length // self.chunk_samples
+        parts = [block[offset:offset + self.chunk_samples] for offset in range(0, len(block), self.chunk_samples)]
+        jobs = [self._chunk_pool.submit(self._store_one, first + i, part) for i, part in enumerate(parts)]
+        digests = [job.result() for job in jobs]  # in chunk order, and the first error raised
+        self.digests.extend(digests)
         self.length += len(block)
+
+    def _store_one(self, index: int, samples: np.ndarray) -> str:
+        """Encode, digest and write chunk ``index``; returns its digest (of the samples it holds)."""
+        samples = np.ascontiguousarray(samples, dtype=self._stored_dtype)
+        if len(samples) < self.chunk_samples:
+            # zarr stores an edge chunk at the full chunk shape, the rows past the array's end at fill value 0.
+            padded = np.zeros((self.chunk_samples, *self.sample_shape), dtype=self._stored_dtype)
+            padded[:len(samples)] = samples
+            encoded = self._codec.encode(padded)
+        else:
+            encoded = self._codec.encode(samples)
+        digest = chunk_digest(samples)
+        self.files.write_bytes(chunk_key(self.name, index, 1 + len(self.sample_shape)), encoded)
+        return digest
 
 
 class ChunkSource:

@@ -55,18 +55,77 @@ def integer_upsampling(coarse: Any, fine: Any) -> int | None:
     return factor
 
 
-def _bilinear_axis(first: int, stop: int, factor: int, source_start: int, source_length: int):
-    """Neighbour indices (within the source window) and weights of fine pixels ``first:stop`` along one axis.
+def _phase_weights(factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per phase ``j`` of fine pixel ``factor * k + j``: its lower coarse neighbour's offset from ``k`` and the weights.
 
     A fine pixel's centre lies at ``(i + 0.5) / factor - 0.5`` in coarse pixel-centre coordinates, the
-    convention of GDAL's bilinear warp kernel; neighbours beyond the raster's edge fall back on the edge
-    pixel, which is what excluding them and renormalising the weights gives.
+    convention of GDAL's bilinear warp kernel; for an integer factor the fraction depends only on the phase.
+    Returns ``(offset, weight of the upper neighbour, weight of the lower one)``, the weights in float32.
     """
-    position = (np.arange(first, stop, dtype=np.float64) + 0.5) / factor - 0.5 - source_start
+    position = (np.arange(factor, dtype=np.float64) + 0.5) / factor - 0.5
     lower = np.floor(position)
     weight = (position - lower).astype(np.float32)
-    lower = lower.astype(np.int64)
-    return (np.clip(lower, 0, source_length - 1), np.clip(lower + 1, 0, source_length - 1), weight)
+    return lower.astype(np.int64), weight, (np.float32(1) - weight).astype(np.float32)
+
+
+# Fine rows resampled per pass of :func:`upsample_into`: the pass's float32 scratch stays in a core's cache,
+# so each output pixel costs one write to memory instead of a chain of whole-strip temporaries.
+RESAMPLE_BLOCK_BYTES = 2 * 2**20
+
+
+def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: int, top: int,
+                  round_values: bool) -> None:
+    """Bilinear upsampling of ``coarse`` by an integer ``factor`` onto fine rows ``top:top + len(out)``, into ``out``.
+
+    ``coarse`` is a window of a band starting at coarse row ``source_row`` and column 0 (any real dtype,
+    no NaN); ``out`` covers fine columns ``0:out.shape[1]`` and may have any real dtype (the float32
+    result is rounded to whole numbers first when ``round_values``). Neighbours beyond the window's edge
+    fall back on the edge pixel (the whole scene's edge when the window has margins elsewhere).
+
+    The arithmetic is that of a separable float32 resampling, columns first, ``lower * (1 - w) +
+    upper * w`` per axis, bit for bit; it runs phase by phase (fine pixels ``j``, ``j + factor``, ...
+    share their weights) over cache-sized blocks of rows, so no index gathers and no strip-sized
+    temporaries are made.
+    """
+    rows_in, cols_in = coarse.shape
+    rows_out, width = out.shape
+    if rows_out == 0:
+        return
+    offset, weight, keep = _phase_weights(factor)
+    per_phase = [len(range(j, width, factor)) for j in range(factor)]
+    # Coarse columns -1 .. per_phase[0] with the edge repeated: every phase's neighbours are plain slices.
+    columns = np.clip(np.arange(-1, per_phase[0] + 1), 0, cols_in - 1)
+    block = max(1, RESAMPLE_BLOCK_BYTES // (4 * width * factor))
+    first, last = top // factor, (top + rows_out - 1) // factor
+    fine = np.empty((block * factor, width), dtype=np.float32)
+    widened = np.empty((block + 2, width), dtype=np.float32)
+    scratch_cols = np.empty((block + 2, per_phase[0]), dtype=np.float32)
+    scratch_rows = np.empty((block, width), dtype=np.float32)
+    for start in range(first, last + 1, block):
+        stop = min(start + block, last + 1)
+        count = stop - start
+        rows = np.clip(np.arange(start - 1, stop + 1) - source_row, 0, rows_in - 1)
+        source = coarse[rows][:, columns].astype(np.float32, copy=False)
+        wide = widened[:count + 2]
+        for j in range(factor):
+            lo, n = 1 + offset[j], per_phase[j]
+            target = wide[:, j::factor]
+            np.multiply(source[:, lo:lo + n], keep[j], out=target)
+            upper = scratch_cols[:count + 2, :n]
+            np.multiply(source[:, lo + 1:lo + 1 + n], weight[j], out=upper)
+            np.add(target, upper, out=target)
+        block_out = fine[:count * factor]
+        upper = scratch_rows[:count]
+        for j in range(factor):
+            lo = 1 + offset[j]
+            target = block_out[j::factor]
+            np.multiply(wide[lo:lo + count], keep[j], out=target)
+            np.multiply(wide[lo + 1:lo + 1 + count], weight[j], out=upper)
+            np.add(target, upper, out=target)
+        if round_values:
+            np.rint(block_out, out=block_out)
+        begin, end = max(top, start * factor), min(top + rows_out, stop * factor)
+        out[begin - top:end - top] = block_out[begin - start * factor:end - start * factor]
 
 
 def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int,
@@ -74,50 +133,30 @@ def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row
     """Bilinear upsampling of a coarse band window onto fine rows ``top:bottom`` by an integer ``factor``.
 
     The same kernel as GDAL's bilinear warp with nodata left out of the weights (the whole-scene reader's
-    resampling), computed separably in numpy: for aligned grids this is several times faster than a warp.
-    ``dn`` and ``valid`` start at coarse row ``source_row`` and cover the band's full width.
+    resampling), computed separably in numpy (:func:`upsample_into`): for aligned grids this is many
+    times faster than a warp. ``dn`` and ``valid`` start at coarse row ``source_row`` and cover the
+    band's full width.
 
     Returns:
         ``(values, valid)`` on the fine rows: float32, NaN where not valid; valid where the coarse pixel
         under the fine pixel's centre holds data.
     """
-    rows_low, rows_high, row_weight = _bilinear_axis(top, bottom, factor, source_row, dn.shape[0])
-    cols_low, cols_high, col_weight = _bilinear_axis(0, width, factor, 0, dn.shape[1])
-    weight = valid.astype(np.float32)
-    values = np.where(valid, dn.astype(np.float32), np.float32(0)).astype(np.float32)
-    row_weight = row_weight[:, None]
-
-    # In place: two strip-sized temporaries per axis instead of four (this is the reader's hot loop).
-    def along_rows(x: np.ndarray) -> np.ndarray:
-        out = x[rows_low]
-        out *= 1 - row_weight
-        high = x[rows_high]
-        high *= row_weight
-        out += high
-        return out
-
-    def along_cols(x: np.ndarray) -> np.ndarray:
-        out = x[:, cols_low]
-        out *= 1 - col_weight
-        high = x[:, cols_high]
-        high *= col_weight
-        out += high
-        return out
-
-    # Columns first, on the coarse rows: the gathers that widen the rows then copy whole rows, which is cheap.
+    shape = (bottom - top, width)
     if valid.all():
         # Nothing to leave out: plain weights, and every fine pixel is valid.
-        out = along_rows(along_cols(values)).astype(np.float32, copy=False)
-        return out, np.ones(out.shape, dtype=bool)
-    else:
-        total = along_rows(along_cols(values))
-        norm = along_rows(along_cols(weight))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(norm > 0, total / norm, np.float32(np.nan)).astype(np.float32)
+        out = np.empty(shape, dtype=np.float32)
+        upsample_into(out, dn, factor, source_row, top, round_values=False)
+        return out, np.ones(shape, dtype=bool)
+    total = np.empty(shape, dtype=np.float32)
+    upsample_into(total, np.where(valid, dn.astype(np.float32), np.float32(0)), factor, source_row, top, False)
+    norm = np.empty(shape, dtype=np.float32)
+    upsample_into(norm, valid.astype(np.float32), factor, source_row, top, False)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(norm > 0, total / norm, np.float32(np.nan)).astype(np.float32)
     # Nearest neighbour of the coarse mask: fine pixel i lies in coarse pixel i // factor. GDAL's warper
     # likewise leaves a fine pixel empty when the coarse pixel under its centre is nodata.
-    nearest_rows = np.arange(top, bottom) // factor - source_row
-    nearest_cols = np.arange(width) // factor
+    nearest_rows = np.clip(np.arange(top, bottom) // factor - source_row, 0, valid.shape[0] - 1)
+    nearest_cols = np.clip(np.arange(width) // factor, 0, valid.shape[1] - 1)
     mask = valid[nearest_rows][:, nearest_cols] & np.isfinite(out)
     out[~mask] = np.nan
     return out, mask
@@ -206,26 +245,25 @@ class StripReader:
             if self.layout.on_grid(band):
                 dn = read_band(dataset, band.index, band.path, Window(0, top, width, height))
                 reject_infinite(dn, band.path, band.name)
-                valid &= valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale)
+                band_valid = valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale)
                 raw[i] = dn
-                continue
-            values, band_valid = self._resample_rows(dataset, band, top, bottom)
-            valid &= band_valid
-            if np.issubdtype(self.dtype, np.integer):
-                # Bilinear weights are convex, so a value stays within the range of the stored dtype.
-                np.rint(values, out=values)
-            # NaN (invalid) pixels cast to an arbitrary value here; every invalid pixel gets the fill below.
-            with np.errstate(invalid="ignore"):
-                raw[i] = values
+            else:
+                band_valid = self._resample_into(raw[i], dataset, band, top, bottom)
+            if band_valid is not None and not band_valid.all():
+                valid &= band_valid
         if not valid.all():
             invalid = ~valid
             for i, fill in enumerate(self.fill):
                 raw[i][invalid] = fill
         return raw, valid
 
-    def _resample_rows(self, dataset: Any, band: BandSource, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored values of a coarse band resampled onto rows ``top:bottom`` (float32, NaN where invalid)."""
-        from rasterio.warp import Resampling, reproject
+    def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int,
+                       bottom: int) -> np.ndarray | None:
+        """Resample a coarse band onto rows ``top:bottom`` into ``out`` (the strip's dtype, rounded if integer).
+
+        Returns the band's valid mask on those rows, or None when every pixel is valid. Invalid pixels of
+        ``out`` hold an arbitrary value (the caller fills them).
+        """
         from rasterio.windows import Window
 
         layout = self.layout
@@ -241,8 +279,29 @@ class StripReader:
         reject_infinite(dn, band.path, band.name)
         band_valid = valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
         factor = integer_upsampling(band.transform, layout.transform)
+        # Bilinear weights are convex, so a rounded value stays within the range of the stored dtype.
+        round_values = bool(np.issubdtype(out.dtype, np.integer))
+        if factor is not None and band_valid.all():
+            upsample_into(out, dn, factor, start, top, round_values)
+            return None
         if factor is not None:
-            return upsample_bilinear(dn, band_valid, factor, start, top, bottom, width)
+            values, fine_valid = upsample_bilinear(dn, band_valid, factor, start, top, bottom, width)
+        else:
+            values, fine_valid = self._warp_rows(dn, band_valid, band, start, top, bottom)
+        if round_values:
+            np.rint(values, out=values)
+        # NaN (invalid) pixels cast to an arbitrary value here; the caller fills every invalid pixel.
+        with np.errstate(invalid="ignore"):
+            out[...] = values
+        return fine_valid
+
+    def _warp_rows(self, dn: np.ndarray, band_valid: np.ndarray, band: BandSource, start: int, top: int,
+                   bottom: int) -> tuple[np.ndarray, np.ndarray]:
+        """GDAL's bilinear warp of a coarse window (from band row ``start``) onto rows ``top:bottom`` (any grid)."""
+        from rasterio.warp import Resampling, reproject
+
+        layout = self.layout
+        width = layout.shape[1]
         values = dn.astype(np.float32)
         values[~band_valid] = np.nan
         source_transform = shifted_transform(band.transform, 0, start)
