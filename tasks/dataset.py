@@ -454,10 +454,10 @@ class _StreamingWriter:
                                f"use one of {', '.join(STORED_DTYPES)}")
         chunk_samples = chunk_samples_for(int(np.prod(sample_shape)) * dtype.itemsize)
         self.group = self.files.zarr_group("w")
-        self.images = ChunkedArrayWriter(self.group, "images", sample_shape, dtype, chunk_samples)
+        self.images = ChunkedArrayWriter(self.group, "images", sample_shape, dtype, chunk_samples, files=self.files)
         if self.task in LABEL_DTYPES:
             self.labels = ChunkedArrayWriter(self.group, "labels", tuple(batch.labels.shape[1:]),
-                                             np.dtype(LABEL_DTYPES[self.task]), chunk_samples)
+                                             np.dtype(LABEL_DTYPES[self.task]), chunk_samples, files=self.files)
 
     def _stored_images(self, batch: SampleSet) -> np.ndarray:
         if tuple(batch.images.shape[1:]) != self.images.sample_shape:
