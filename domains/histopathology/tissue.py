@@ -149,9 +149,11 @@ def tissue_mask(thumb: np.ndarray, thumb_mpp: float, params: TissueParams = Tiss
     pen = _drop_small(pen, params.min_pen_um2 / (thumb_mpp * thumb_mpp))
     if pen.any() and params.pen_margin_um > 0:
         pen = _dilate(pen, params.pen_margin_um / thumb_mpp)
-    candidates = ~(glass | black | pen)
-    threshold = max(params.min_saturation, otsu_threshold(saturation[candidates]) if candidates.any() else 1.0)
-    mask = candidates & (saturation > threshold)
+    # Otsu separates glass from tissue, so glass must be in the histogram it splits (without it, Otsu
+    # would split pale eosin from hematoxylin instead).
+    measured = ~(black | pen)
+    threshold = max(params.min_saturation, otsu_threshold(saturation[measured]) if measured.any() else 1.0)
+    mask = measured & ~glass & (saturation > threshold)
     if params.closing_um > 0:
         radius = params.closing_um / thumb_mpp
         mask = _erode(_dilate(mask, radius), radius) & ~(pen | black)
