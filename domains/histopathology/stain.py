@@ -36,8 +36,10 @@ MAX_BLACK = 0.5
 MAX_PEN = 0.3
 # The weaker stain's robust maximum under this share of the stronger: a single-stain tile.
 MIN_STAIN_RATIO = 0.25
-# Fitted stain vectors further than this (degrees) from the reference's are not H and E.
-MAX_VECTOR_ANGLE = 35.0
+# H and E vectors of a reference closer than this (degrees) are one stain seen twice.
+MIN_STAIN_ANGLE = 10.0
+# A tile's fitted stain vector further than this (degrees) from the reference's is not that stain.
+MAX_VECTOR_ANGLE = 60.0
 # Ruifrok & Johnston's H and E optical-density directions: the single-stain screen before a reference exists.
 RUIFROK_HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
 RUIFROK_HE = RUIFROK_HE / np.linalg.norm(RUIFROK_HE, axis=1, keepdims=True)
@@ -201,13 +203,25 @@ def _angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
+def _plausible_pair(vectors: np.ndarray, target: np.ndarray) -> bool:
+    """Whether a tile's fitted vectors are two distinct stains, each within reach of the reference's.
+
+    Labs and scanners move the stain vectors by tens of degrees (and Macenko's per-tile estimate of H
+    leans towards E where nuclei are scarce), so the test catches degenerate fits, not variation: one
+    stain seen twice, ink, noise.
+    """
+    if not np.isfinite(vectors).all() or _angle_degrees(vectors[0], vectors[1]) < MIN_STAIN_ANGLE:
+        return False
+    return all(_angle_degrees(v, t) <= MAX_VECTOR_ANGLE for v, t in zip(vectors, target))
+
+
 def _macenko_tile(rgb: np.ndarray, reference: StainReference) -> np.ndarray | None:
     shape = rgb.shape
     density = optical_density(rgb.reshape(-1, 3)).astype(np.float64)
     stained = density[_stained(density)]
     vectors = _macenko_vectors(stained)
     target = np.asarray(reference.stain_matrix)
-    if not np.isfinite(vectors).all() or any(_angle_degrees(v, t) > MAX_VECTOR_ANGLE for v, t in zip(vectors, target)):
+    if not _plausible_pair(vectors, target):
         return None
     source_max = np.percentile(_concentrations(stained, vectors), 100 - ALPHA, axis=0)
     if not np.isfinite(source_max).all() or (source_max <= 1e-6).any():
@@ -253,10 +267,13 @@ def fit_stain_reference(tiles: np.ndarray, method: StainMethod, seed: int = 0) -
     if method not in METHODS:
         raise ValueError(f"unknown stain normalisation method {method!r}; known: {', '.join(METHODS)}")
     tiles = _as_batch(tiles)
-    usable = [tile for tile in tiles if screen_tile(tile) is None]
+    # Single-stain tiles are real tissue and are pooled; whether the pool holds both stains is checked
+    # on the fitted vectors below (Ruifrok's generic vectors misjudge some scanners' tiles).
+    usable = [tile for tile in tiles if screen_tile(tile) in (None, "single stain")]
+    problem = (f"none of the {len(tiles)} tiles has both H and E stained tissue to fit a {method} stain reference "
+               "on (glass, black, ink or single-stain tiles only)")
     if not usable:
-        raise ValueError(f"none of the {len(tiles)} tiles has both H and E stained tissue to fit a {method} "
-                         "stain reference on (glass, black, ink or single-stain tiles only)")
+        raise ValueError(problem)
     pixels = np.concatenate([tile.reshape(-1, 3) for tile in usable])
     pixels = pixels[_stained(optical_density(pixels))]
     if len(pixels) > FIT_PIXELS:
@@ -264,6 +281,9 @@ def fit_stain_reference(tiles: np.ndarray, method: StainMethod, seed: int = 0) -
     density = optical_density(pixels).astype(np.float64)
     vectors = _macenko_vectors(density)
     max_c = np.percentile(_concentrations(density, vectors), 100 - ALPHA, axis=0)
+    if (not np.isfinite(vectors).all() or _angle_degrees(vectors[0], vectors[1]) < MIN_STAIN_ANGLE
+            or min(max_c) <= MIN_STAIN_RATIO * max(max_c)):
+        raise ValueError(problem)
     fitted = dict(method=method, stain_matrix=tuple(tuple(map(float, v)) for v in vectors),
                   max_concentrations=tuple(map(float, max_c)), tiles=len(usable))
     if method == "reinhard":
