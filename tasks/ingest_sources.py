@@ -155,7 +155,8 @@ def plan_ingest(domain_name: str, request: IngestRequest, sources: list[str], la
                 dataset: str) -> IngestPlan:
     """One job per source (``request`` with that source and its labels), noting which parts are finished.
 
-    ``labels[i]`` belongs to ``sources[i]``. One source is written straight into the dataset (no part).
+    ``labels[i]`` belongs to ``sources[i]``. One source is written straight into the dataset (no part);
+    several are given absolute paths (so the dataset names them so too) for workers started elsewhere.
 
     Raises:
         RequestError: no source, labels not aligned with the sources, or a source listed twice.
@@ -180,6 +181,9 @@ def plan_ingest(domain_name: str, request: IngestRequest, sources: list[str], la
         seen[resolved] = source
     jobs = []
     for item in requests:
+        # Absolute paths: a Dask worker may run in another folder (the files must be where it looks, too).
+        item = replace(item, source=Path(os.path.abspath(item.source)),
+                       labels=Path(os.path.abspath(item.labels)) if item.labels is not None else None)
         key = part_key(domain.name, item)
         jobs.append(SourceJob(domain=domain.name, request=item, key=key, part=f"{root}/{key}"))
     resumed = sum(read_part_info(job.part) is not None for job in jobs)

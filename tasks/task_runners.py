@@ -54,5 +54,21 @@ def _dask_runner(params: TaskRunnerParams):
     if params.address:
         return DaskTaskRunner(address=params.address)
     # One thread per worker process: a reader holds the GIL between its decode calls, processes do not share it.
+    # The workers report their task runs to the flow's own Prefect API: without it, in ephemeral mode each
+    # worker process would start a throwaway server of its own and the runs would not show in this flow.
+    api = _flow_api_url()
     return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
-                                          "host": "127.0.0.1", "dashboard_address": None})
+                                          "host": "127.0.0.1", "dashboard_address": None,
+                                          "env": {"PREFECT_API_URL": api} if api else {}})
+
+
+def _flow_api_url() -> str:
+    """The Prefect API this process talks to: the configured one, or the ephemeral server it started."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one ephemeral server, if a flow run started it
+    return server.api_url if server.server_process is not None else ""
