@@ -8,6 +8,7 @@ where it is, and the tumour itself (see :func:`plant_tumour`).
 from __future__ import annotations
 
 import csv
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import numpy as np
 from domains.histopathology.examples import region_feature, write_geojson, write_pyramid_tiff
 from domains.spec import DomainInputError
 
-DEMO_SEED = 20261126
+# With the project's pseudonym salt, this seed's tumour patients fall in every split of the default patient
+# split (seed 0: 2 of 3 test patients, 1 of 2 validation patients), so every split has both classes.
+DEMO_SEED = 3
 DEMO_PATIENTS = 14
 DEMO_SECOND_SLIDE = 4
 """The first this-many patients get a second slide (so a patient's slides must share a split)."""
@@ -44,20 +47,23 @@ def demo_slide_path() -> Path:
                                     "CMU-1-Small-Region test slide) into domains/histopathology/demo_data/")
 
 
+@cache
 def read_demo_tissue() -> tuple[np.ndarray, float]:
-    """The bundled slide's pixels at its own resolution (2967 x 2220 x 3 uint8) and its mpp."""
+    """The bundled slide's pixels at its own resolution (2967 x 2220 x 3 uint8, read-only) and its mpp."""
     from domains.histopathology.slide import open_slide
 
     with open_slide(demo_slide_path()) as slide:
         mpp = slide.geometry.mpp_x
-        return slide.thumbnail(mpp), mpp
+        pixels = slide.thumbnail(mpp)
+    pixels.setflags(write=False)  # cached and shared: nobody may paint on it
+    return pixels, mpp
 
 
 def tissue_indicator(rgb: np.ndarray) -> np.ndarray:
     """Rough tissue pixels for placing crops and tumours: coloured and not glass (the reader uses its own mask)."""
-    rgbf = rgb.astype(np.float32)
-    saturation = rgbf.max(axis=2) - rgbf.min(axis=2)
-    return (saturation > 25) & (rgbf.mean(axis=2) < 225)
+    r, g, b = (rgb[..., c].astype(np.int16) for c in range(3))  # per-channel planes: fast elementwise ops
+    saturation = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return (saturation > 25) & (r + g + b < 3 * 225)
 
 
 def _crop(rng: np.random.Generator, image: np.ndarray, tissue: np.ndarray, side: int) -> np.ndarray:
@@ -86,11 +92,12 @@ def _blob(rng: np.random.Generator, centre: tuple[float, float], radius: float, 
 
 
 def _inside(ring: np.ndarray, side: int) -> np.ndarray:
-    from domains.histopathology.manifest import points_in_ring
+    """Pixels of a ``side`` square whose area the polygon ``ring`` (x, y) covers (rasterised by Pillow)."""
+    from PIL import Image, ImageDraw
 
-    yy, xx = np.mgrid[0:side, 0:side]
-    points = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], 1)
-    return points_in_ring(points, ring).reshape(side, side)
+    canvas = Image.new("1", (side, side), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in ring.tolist()], fill=1)
+    return np.asarray(canvas, dtype=bool)
 
 
 def plant_tumour(base: np.ndarray, donor: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -141,10 +148,10 @@ def write_demo_cohort(folder: Path, patients: int = DEMO_PATIENTS, side: int = D
             features = [region_feature("normal", [[0, 0], [side, 0], [side, side], [0, side], [0, 0]])]
             if has_tumour:
                 donor = _crop(rng, image, tissue, side)
-                for _ in range(int(rng.integers(1, 4))):
+                for _ in range(int(rng.integers(2, 5))):
                     ys, xs = np.nonzero(tissue_indicator(base))
                     pick = int(rng.integers(len(ys)))
-                    ring = _blob(rng, (float(xs[pick]), float(ys[pick])), float(rng.uniform(0.12, 0.22) * side))
+                    ring = _blob(rng, (float(xs[pick]), float(ys[pick])), float(rng.uniform(0.14, 0.24) * side))
                     base = plant_tumour(base, donor, _inside(ring, side))
                     features.append(region_feature("tumor", ring.round(1).tolist()))
             write_pyramid_tiff(slides / f"{name}.tif", base, mpp, tile=128, min_level_side=64)
@@ -173,7 +180,7 @@ DEMO_NOTES = (
     f"bundled): {DEMO_PATIENTS} made-up patients ({DEMO_SECOND_SLIDE} with two slides), each slide a random, "
     f"rotated {DEMO_SLIDE_SIDE} x {DEMO_SLIDE_SIDE} px crop of the real tissue written as a pyramidal tiled TIFF "
     "(JPEG, resolution tags at the source's 0.499 um/px). About "
-    f"{int(DEMO_TUMOUR_RATE * 100)} % of patients are 'tumor' patients: their slides get one to three lumpy "
+    f"{int(DEMO_TUMOUR_RATE * 100)} % of patients are 'tumor' patients: their slides get two to four lumpy "
     "regions where the tissue is replaced by a denser (half-scale, tiled) and hyperchromatic (+35 % haematoxylin "
     "optical density) copy of other tissue from the same slide. QuPath GeoJSON annotations outline each "
     "slide ('normal') and each planted region ('tumor'); the manifest's slide label says whether a slide has "

@@ -412,11 +412,20 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
         "slide_labels": json.dumps(slide_labels, sort_keys=True),
         "annotation_features_skipped": json.dumps(dict(skipped_regions), sort_keys=True),
         MASKS_PROVENANCE_KEY: json.dumps(masks, sort_keys=True),
-        AUDIT_PROVENANCE_KEY: json.dumps(audits, sort_keys=True),
+        AUDIT_PROVENANCE_KEY: json.dumps(_grouped_audits(audits), sort_keys=True, separators=(",", ":")),
     }
     last.dropped = {k: int(v) for k, v in dropped.items() if v}
     last.quarantine = quarantine
     yield last
+
+
+def _grouped_audits(audits: dict[str, dict]) -> list[dict]:
+    """Slides whose metadata audit is the same, listed together (a cohort from one scanner is one entry)."""
+    groups: dict[str, dict] = {}
+    for name, audit in sorted(audits.items()):
+        signature = json.dumps(audit, sort_keys=True)
+        groups.setdefault(signature, {**audit, "slides": []})["slides"].append(name)
+    return list(groups.values())
 
 
 def write_ingest_reports(samples: SampleSet, out_dir: Path) -> list[Path]:
@@ -435,7 +444,7 @@ def write_ingest_reports(samples: SampleSet, out_dir: Path) -> list[Path]:
         path.write_bytes(base64.b64decode(encoded))
         written.append(path)
     audit = {"gate": "only tile pixels and resolution facts cross; names of what was left behind are listed",
-             "slides": json.loads(samples.provenance.get(AUDIT_PROVENANCE_KEY, "{}"))}
+             "slide_groups": json.loads(samples.provenance.get(AUDIT_PROVENANCE_KEY, "[]"))}
     path = out_dir / AUDIT_FILE_NAME
     path.write_text(json.dumps(audit, indent=2, sort_keys=True))
     written.append(path)
