@@ -180,6 +180,47 @@ def _class_names(found: set[str], requested: tuple[str, ...] | None, where: Path
     return names
 
 
+FINGERPRINT_BLOCK = 1 << 16
+
+
+def slide_fingerprint(path: Path) -> str | None:
+    """A cheap content key: the size and three 64 KiB blocks (start, middle, end); None if unreadable.
+
+    Hashing a whole slide would read gigabytes; two different scans differ in their first block already
+    (TIFF directories and the scanner's description), while a copied file matches in all of them.
+    """
+    import hashlib
+
+    try:
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as handle:
+            for offset in (0, max(0, size // 2 - FINGERPRINT_BLOCK // 2), max(0, size - FINGERPRINT_BLOCK)):
+                handle.seek(offset)
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+    except OSError:
+        return None  # the reader names the problem when it opens the slide
+    return digest.hexdigest() if size else None
+
+
+def without_duplicates(slides: list, quarantine: list[dict[str, str]]) -> list:
+    """The slides minus later copies of an earlier one (a copy under another name or patient leaks across
+    splits); each copy is quarantined as ``duplicate_slide``."""
+    seen: dict[str, str] = {}
+    kept = []
+    for item in slides:
+        path, key = item[0], item[1]
+        fingerprint = slide_fingerprint(path)
+        if fingerprint is not None and fingerprint in seen:
+            quarantine.append({"item": slide_pseudonym(key), "reason": "duplicate_slide",
+                               "problem": f"same content as slide {seen[fingerprint]}; read once"})
+            continue
+        if fingerprint is not None:
+            seen[fingerprint] = slide_pseudonym(key)
+        kept.append(item)
+    return kept
+
+
 def plan_read(request: IngestRequest) -> _Plan:
     """Check the request and the manifest, list the slides and fix the classes (no pixels are read)."""
     source = Path(request.source)
@@ -196,6 +237,7 @@ def plan_read(request: IngestRequest) -> _Plan:
         slides = [(p, slide_key(p, root), None) for p in found]
         if not slides:
             raise DomainInputError(source, "no slide files here (looked for " + ", ".join(_extensions()) + ")")
+        slides = without_duplicates(slides, quarantine)
         return _Plan(slides, "none", tuple(request.class_names or DEFAULT_CLASS_NAMES), {}, quarantine, None)
     manifest = read_manifest(request.labels, source)
     listed = {e.key for e in manifest.entries}
@@ -204,7 +246,7 @@ def plan_read(request: IngestRequest) -> _Plan:
         if key not in listed:
             quarantine.append({"item": slide_pseudonym(key), "reason": "not_in_manifest",
                                "problem": "a slide file in the source that the manifest does not list; not read"})
-    slides = [(e.path, e.key, e) for e in manifest.entries]
+    slides = without_duplicates([(e.path, e.key, e) for e in manifest.entries], quarantine)
     regions: dict[str, Annotations] = {}
     if manifest.has_annotations:
         kind = "regions"

@@ -114,7 +114,7 @@ def test_no_readable_slide_at_all_is_an_error_naming_the_source(tmp_path):
 
 
 def _plain_slide(path, description=None, resolution=True, side=384):
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(sum(path.name.encode()))  # another slide, other pixels (copies are duplicates)
     image = np.ones((side, side, 3), np.float32)
     image[32:352, 32:352] = tissue_texture(rng, 320, 320)
     pixels = (image * 255).astype(np.uint8)
@@ -185,3 +185,15 @@ def test_ingest_reports_write_one_mask_per_slide_and_the_audit(tmp_path):
     assert locations.max() < 352 + 32  # no tile from the glass
     audit = json.loads((tmp_path / "reports" / "deidentification_audit.json").read_text())
     assert {s for g in audit["slide_groups"] for s in g["slides"]} == {p.stem for p in masks}
+
+
+def test_a_copied_slide_is_read_once(example, tmp_path):
+    import shutil
+
+    source = tmp_path / "slides"
+    shutil.copytree(example["source"], source)
+    shutil.copy2(source / "A1.tif", source / "A1-copy.tif")
+    batches = _read(source, tile_size=32, stride=32)
+    [entry] = batches[-1].quarantine
+    assert entry["reason"] == "duplicate_slide" and "A1" not in json.dumps(entry)
+    assert batches[-1].provenance["slides_read"] == "4"
