@@ -46,7 +46,7 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NONE
 
-from domains import DomainInputError, IngestRequest, get_domain
+from domains import DomainInputError, DomainSpec, IngestRequest, get_domain
 from domains.spec import printable_path
 from tasks.dataset import FORMAT_VERSION, SplitParams, DatasetInfo, build_dataset, write_dataset
 from tasks.dataset_parts import PART_FORMAT, PartInfo, part_batches, read_part_info, write_part
@@ -191,6 +191,11 @@ def plan_ingest(domain_name: str, request: IngestRequest, sources: list[str], la
     return IngestPlan(domain=domain.name, dataset=dataset, parts_root=root, jobs=tuple(jobs), resumed=resumed)
 
 
+def _source_name(domain: DomainSpec, path: Path) -> str:
+    """How reports name a source: its path, or the domain's pseudonym where names may identify people."""
+    return domain.name_prediction(path) if domain.name_prediction is not None else printable_path(path)
+
+
 def ingest_source(job: SourceJob) -> SourceOutcome:
     """Read one source into its part, unless a finished part is already there; a bad source is reported.
 
@@ -198,18 +203,18 @@ def ingest_source(job: SourceJob) -> SourceOutcome:
     come back as a ``failed`` outcome with the one-line reason; anything else (a full disk, a bug)
     raises and fails the run.
     """
-    source = printable_path(job.request.source)
+    domain = get_domain(job.domain)
+    source = _source_name(domain, job.request.source)
     finished = read_part_info(job.part)
     if finished is not None:
         return SourceOutcome(source=source, key=job.key, part=job.part, status="resumed", samples=finished.samples)
-    domain = get_domain(job.domain)
     try:
         info = write_part(domain.read_samples(job.request), domain.task, job.part, job.key, source)
     except SOURCE_ERRORS as error:
         DatasetFiles(job.part).clear()
-        _run_logger().warning("source left out: %s", error)
-        return SourceOutcome(source=source, key=job.key, part=job.part, status="failed",
-                             problem=printable_path(str(error)))
+        problem = printable_path(str(error)).replace(printable_path(job.request.source), source)
+        _run_logger().warning("source left out: %s", problem)
+        return SourceOutcome(source=source, key=job.key, part=job.part, status="failed", problem=problem)
     _run_logger().info("ingested %s: %d samples", source, info.samples)
     return SourceOutcome(source=source, key=job.key, part=job.part, status="written", samples=info.samples)
 

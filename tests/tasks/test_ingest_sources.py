@@ -187,3 +187,42 @@ def test_facts_on_which_sources_differ_are_kept_per_source(tmp_path: Path) -> No
     assert info.provenance["crs"] == "EPSG:32618"
     assert json.loads(info.provenance["date"]) == {"scene-one": "2024-05-01", "scene-two": "2024-06-01"}
     assert info.sources == ("scene-one", "scene-two")
+
+
+def test_radiology_patients_seen_in_two_sources_stay_one_group_and_each_source_keeps_its_audit(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from domains.radiology.examples import write_example
+
+    first, second = write_example(tmp_path / "export-1", seed=0), write_example(tmp_path / "export-2", seed=1)
+    sources = [str(first["source"]), str(second["source"])]
+    plan = plan_ingest("radiology", IngestRequest(source=first["source"]), sources, [str(first["labels"])] * 2,
+                       str(tmp_path / "ds"))
+    outcomes = [ingest_source(job) for job in plan.jobs]
+    info = assemble_dataset(plan, outcomes, SplitParams(seed=0))
+    assert [o.status for o in outcomes] == ["written", "written"] and len(info.sources) == 2
+    assert all(source.startswith("radiology:") for source in info.sources)  # folders may be named after patients
+    manifest = pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pydict()
+    sources_of, splits_of = {}, {}
+    for group, source, split in zip(manifest["group"], manifest["source"], manifest["split"]):
+        sources_of.setdefault(group, set()).add(source)
+        splits_of.setdefault(group, set()).add(split)
+    # The same (pseudonymous) patients are in both exports: one group each, whole in one split.
+    assert all(len(s) == 2 for s in sources_of.values()) and all(len(s) == 1 for s in splits_of.values())
+    audits = sorted((tmp_path / "ds" / "sources").glob("*/deidentification_audit.json"))
+    assert [a.parent.name for a in audits] == ["000", "001"]
+    assert not (tmp_path / "ds" / "deidentification_audit.json").exists()
+
+
+def test_a_radiology_source_left_out_is_named_by_its_pseudonym(tmp_path: Path) -> None:
+    from domains.radiology.examples import write_example
+
+    good = write_example(tmp_path / "export", seed=0)
+    named = tmp_path / "DOE^JANE"  # an export folder named after the patient, that cannot be read
+    sources = [str(good["source"]), str(named)]
+    plan = plan_ingest("radiology", IngestRequest(source=good["source"]), sources, [str(good["labels"])] * 2,
+                       str(tmp_path / "ds"))
+    outcomes = [ingest_source(job) for job in plan.jobs]
+    assemble_dataset(plan, outcomes, SplitParams(seed=0))
+    quarantine = (tmp_path / "ds" / "quarantine.json").read_text()
+    assert outcomes[1].status == "failed" and "DOE" not in quarantine and outcomes[1].source in quarantine
