@@ -119,7 +119,7 @@ class Slide:
         self.path = path
         self._backend = backend
         self.geometry = geometry
-        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._workers = workers or min(4, _usable_cpus())
 
     # -- context manager -------------------------------------------------------------------------------
     def __enter__(self) -> "Slide":
@@ -221,9 +221,20 @@ class Slide:
 
     # -- internals --------------------------------------------------------------------------------------
     def _region_span(self, level: int, size: int, mpp: float) -> float:
-        """Side, in level-0 pixels, of the region cells tiles are grouped into."""
+        """Side, in level-0 pixels, of the cells that tiles are grouped into (one read per cell).
+
+        When the tiles' footprint on the level is a whole number of pixels, the cell is a multiple of
+        both that footprint and the file's tile size, so a grid of touching tiles starting on a file-tile
+        boundary never straddles two cells: no file tile is decoded twice. Otherwise about REGION_SIDE.
+        """
         downsample = self.geometry.levels[level][2]
         tile_level_px = size * mpp / min(self.geometry.level_mpp(level))
+        segment = self._backend.segment_size(level)
+        footprint = int(round(tile_level_px))
+        if segment and abs(tile_level_px - footprint) < 1e-6 and footprint > 0:
+            period = int(np.lcm(footprint, segment))
+            if period <= MAX_REGION_SIDE:
+                return period * max(1, REGION_SIDE // period) * downsample
         # At least one tile per region; otherwise about REGION_SIDE level pixels.
         return max(tile_level_px, REGION_SIDE - tile_level_px) * downsample
 
@@ -238,9 +249,11 @@ class Slide:
     def _read_level(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         """Level pixels [top, top+height) x [left, left+width) as RGB uint8; outside the level is white."""
         level_w, level_h, _ = self.geometry.levels[level]
-        out = np.full((height, width, 3), WHITE, np.uint8)
         x0, y0 = max(left, 0), max(top, 0)
         x1, y1 = min(left + width, level_w), min(top + height, level_h)
+        if (x0, y0, x1, y1) == (left, top, left + width, top + height):
+            return self._backend.read(level, left, top, width, height)
+        out = np.full((height, width, 3), WHITE, np.uint8)
         if x1 > x0 and y1 > y0:
             out[y0 - top : y1 - top, x0 - left : x1 - left] = self._backend.read(level, x0, y0, x1 - x0, y1 - y0)
         return out
@@ -263,11 +276,41 @@ class Slide:
         pixels = self._read_level(level, left, top, right - left, bottom - top)
         from PIL import Image
 
-        image = Image.fromarray(pixels)
         tiles = np.empty((len(points), size, size, 3), np.uint8)
+        factor = _common_integer_factor(boxes, left, top, size)
+        if factor is not None:
+            # Every tile is an aligned integer shrink: shrink the region once and cut the tiles out.
+            shrunk = pixels if factor == 1 else np.asarray(Image.fromarray(pixels).reduce(factor))
+            for index, b in enumerate(boxes):
+                row, col = int(b[1] - top) // factor, int(b[0] - left) // factor
+                tiles[index] = shrunk[row : row + size, col : col + size]
+            return tiles, points
+        image = Image.fromarray(pixels)
         for index, b in enumerate(boxes):
             tiles[index] = _resample(image, (b[0] - left, b[1] - top, b[2] - left, b[3] - top), size, size)
         return tiles, points
+
+
+def _common_integer_factor(boxes, left: int, top: int, size: int) -> int | None:
+    """The integer k if every box is exactly k*size wide and high and starts on the k-grid of (left, top)."""
+    width = boxes[0][2] - boxes[0][0]
+    factor = int(round(width / size))
+    if factor < 1 or abs(width - factor * size) > 1e-6:
+        return None
+    for b in boxes:
+        if (abs(b[2] - b[0] - factor * size) > 1e-6 or abs(b[3] - b[1] - factor * size) > 1e-6
+                or not float(b[0]).is_integer() or not float(b[1]).is_integer()
+                or (int(b[0]) - left) % factor or (int(b[1]) - top) % factor):
+            return None
+    return factor
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _resample(pixels, box: tuple[float, float, float, float], w_out: int, h_out: int) -> np.ndarray:
@@ -297,8 +340,8 @@ def _resample(pixels, box: tuple[float, float, float, float], w_out: int, h_out:
 def _group_by_region(points: np.ndarray, span: float) -> list[np.ndarray]:
     """Split tile origins into cells of ``span`` level-0 pixels (row-major cells), each read as one region."""
     cells: dict[tuple[int, int], list[int]] = defaultdict(list)
-    base = points.min(axis=0)
-    keys = ((points - base) // max(span, 1.0)).astype(np.int64)
+    # Cells start at 0, as the file's tiles do (see Slide._region_span).
+    keys = np.floor(points / max(span, 1.0)).astype(np.int64)
     for index, (cx, cy) in enumerate(keys):
         cells[(int(cy), int(cx))].append(index)
     return [points[cells[key]] for key in sorted(cells)]
@@ -437,7 +480,7 @@ def _open_backend(path: Path) -> "_Backend":
 # OpenSlide vendors whose levels are plain tiled TIFF pages that decode the same without OpenSlide.
 FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
 # Decoded tiles kept for neighbouring region reads (tiles straddling two regions are decoded once).
-TILE_CACHE_BYTES = 96 * 2**20
+TILE_CACHE_BYTES = 128 * 2**20
 
 
 class _Backend:
@@ -447,6 +490,11 @@ class _Backend:
     def mpp(self) -> tuple[float, float, str] | None: ...
     def bounds(self) -> tuple[int, int]: ...
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
+
+    def segment_size(self, level: int) -> int | None:
+        """Side of the file's square tiles at ``level`` when pixels are decoded tile by tile, else None."""
+        return None
+
     def metadata_keys(self) -> list[str]: ...
     def associated_names(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -507,6 +555,10 @@ class _TiffTiles:
                 out[y0 - y : y0 - y + part.shape[0], x0 - x : x0 - x + part.shape[1]] = part
         return out
 
+    def segment_size(self, level: int) -> int | None:
+        page = self._pages[level]
+        return int(page.chunks[0]) if page.is_tiled and page.chunks[0] == page.chunks[1] else None
+
     def close(self) -> None:
         os.close(self._fd)
         self._owner.close()
@@ -524,6 +576,9 @@ class _OpenSlideBackend(_Backend):
             raise DomainInputError(path, f"unreadable slide (OpenSlide: {error})") from error
         props = self._slide.properties
         self.format = f"openslide:{props.get('openslide.vendor', 'unknown')}"
+
+    def segment_size(self, level):
+        return self._tiles.segment_size(level) if self._tiles is not None else None
 
     def use_tiles(self, tiles: _TiffTiles) -> None:
         """Decode pixels from the TIFF tiles instead of through OpenSlide (same pixels, much faster)."""
@@ -664,6 +719,10 @@ class _TiffBackend(_Backend):
                                                   "convert the slide to a tiled RGB TIFF")
             self._tiles = _TiffTiles(self.path, pages, self)
         return self._tiles.read(level, x, y, w, h)
+
+    def segment_size(self, level):
+        page = self._level_pages()[level]
+        return int(page.chunks[0]) if page.is_tiled and page.chunks[0] == page.chunks[1] else None
 
     def metadata_keys(self):
         keys = [f"tiff.{tag.name}" for tag in self._tif.pages[0].tags.values()]
