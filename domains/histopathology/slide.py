@@ -64,6 +64,8 @@ class SlideGeometry:
     bounds_x: int
     bounds_y: int
     format: str
+    bounds_width: int | None = None
+    bounds_height: int | None = None
 
     def level_mpp(self, level: int) -> tuple[float, float]:
         """Microns per pixel of pyramid level ``level``."""
@@ -87,9 +89,10 @@ class SlideGeometry:
 def tile_grid(geometry: SlideGeometry, size: int, mpp: float, stride: int | None = None) -> np.ndarray:
     """Level-0 origins (n, 2) int64 (x, y) of a regular grid of ``size`` px tiles at ``mpp`` over the slide.
 
-    The grid starts at the scanned area's offset (``bounds_x``, ``bounds_y``); ``stride`` is in output
-    pixels (default ``size``: touching tiles). Only tiles whose origin lies on the slide are listed; the
-    last row/column may reach past the edge (that part reads as white).
+    The grid covers the scanned area: from its offset (``bounds_x``, ``bounds_y``) over ``bounds_width`` x
+    ``bounds_height`` when the reader knows them (MRXS, Leica SCN scan only part of the glass), else to the
+    slide's edge. ``stride`` is in output pixels (default ``size``: touching tiles). Only tiles whose
+    origin lies in the area are listed; the last row/column may reach past it (outside the slide: white).
     """
     _check_tile_request(size, mpp)
     stride = size if stride is None else stride
@@ -97,10 +100,12 @@ def tile_grid(geometry: SlideGeometry, size: int, mpp: float, stride: int | None
         raise ValueError(f"stride must be positive, got {stride}")
     step_x = stride * mpp / geometry.mpp_x
     step_y = stride * mpp / geometry.mpp_y
-    xs = geometry.bounds_x + np.round(np.arange(0, geometry.width - geometry.bounds_x, step_x)).astype(np.int64)
-    ys = geometry.bounds_y + np.round(np.arange(0, geometry.height - geometry.bounds_y, step_y)).astype(np.int64)
-    xs = xs[xs < geometry.width]
-    ys = ys[ys < geometry.height]
+    right = geometry.bounds_x + (geometry.bounds_width or geometry.width - geometry.bounds_x)
+    bottom = geometry.bounds_y + (geometry.bounds_height or geometry.height - geometry.bounds_y)
+    xs = geometry.bounds_x + np.round(np.arange(0, right - geometry.bounds_x, step_x)).astype(np.int64)
+    ys = geometry.bounds_y + np.round(np.arange(0, bottom - geometry.bounds_y, step_y)).astype(np.int64)
+    xs = xs[xs < min(right, geometry.width)]
+    ys = ys[ys < min(bottom, geometry.height)]
     grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
 
@@ -381,9 +386,10 @@ def open_slide(path: Path | str, mpp: float | None = None, workers: int | None =
             raise DomainInputError(path, f"resolution {mpp_x} x {mpp_y} um/px from {source} is outside the plausible "
                                          f"{MPP_RANGE[0]}..{MPP_RANGE[1]}; pass --mpp")
         levels = backend.levels()
-        bounds_x, bounds_y = backend.bounds()
+        bounds_x, bounds_y, bounds_width, bounds_height = backend.bounds()
         geometry = SlideGeometry(width=levels[0][0], height=levels[0][1], mpp_x=mpp_x, mpp_y=mpp_y,
                                  mpp_source=source, levels=levels, bounds_x=bounds_x, bounds_y=bounds_y,
+                                 bounds_width=bounds_width, bounds_height=bounds_height,
                                  format=backend.format)
     except BaseException:
         backend.close()
@@ -488,7 +494,10 @@ class _Backend:
 
     def levels(self) -> tuple[tuple[int, int, float], ...]: ...
     def mpp(self) -> tuple[float, float, str] | None: ...
-    def bounds(self) -> tuple[int, int]: ...
+    def bounds(self) -> tuple[int, int, int | None, int | None]:
+        """Level-0 x, y, width, height of the scanned area (width/height None when not known)."""
+        ...
+
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
 
     def segment_size(self, level: int) -> int | None:
@@ -604,7 +613,9 @@ class _OpenSlideBackend(_Backend):
 
     def bounds(self):
         props = self._slide.properties
-        return int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0)
+        width, height = props.get("openslide.bounds-width"), props.get("openslide.bounds-height")
+        return (int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0),
+                int(width) if width else None, int(height) if height else None)
 
     def read(self, level, x, y, w, h):
         import openslide
@@ -708,7 +719,7 @@ class _TiffBackend(_Backend):
         return microns * x_den / x_num, microns * y_den / y_num, f"tiff.XResolution ({name})"
 
     def bounds(self):
-        return 0, 0
+        return 0, 0, None, None
 
     def read(self, level, x, y, w, h):
         if self._tiles is None:

@@ -24,7 +24,8 @@ KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-\[\] ]{0,63}$")
 def pixel_facts(slide) -> dict[str, str]:
     """The slide facts allowed through the gate: size, pyramid, resolution and its source, bounds, reader."""
     g = slide.geometry
-    return {
+    area = {"bounds_width": str(g.bounds_width), "bounds_height": str(g.bounds_height)} if g.bounds_width else {}
+    return area | {
         "width": str(g.width),
         "height": str(g.height),
         "mpp_x": f"{g.mpp_x:.6g}",

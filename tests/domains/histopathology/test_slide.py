@@ -212,6 +212,50 @@ def test_tile_grid_starts_at_the_bounds_offset() -> None:
     assert sorted(set(half[:, 0].tolist()))[:3] == [100, 200, 300]
 
 
+def write_leica_scn(path: Path, rgb: np.ndarray, offset_px: tuple[int, int], mpp: float = 0.5) -> Path:
+    """A Leica SCN (BigTIFF + XML): a collection of 10 x 10 mm with one scanned area at ``offset_px``."""
+    import tifffile
+
+    nm = mpp * 1000
+    height, width = rgb.shape[:2]
+    xml = f"""<?xml version="1.0" encoding="utf-8"?>
+<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
+<collection name="t" uuid="c" sizeX="10000000" sizeY="10000000">
+<image name="main" uuid="m"><device model="Leica SCN400" version="1"/>
+<pixels sizeX="{width}" sizeY="{height}"><dimension sizeX="{width}" sizeY="{height}" r="0" ifd="0"/>
+<dimension sizeX="{width // 2}" sizeY="{height // 2}" r="1" ifd="1"/></pixels>
+<view sizeX="{int(width * nm)}" sizeY="{int(height * nm)}" offsetX="{int(offset_px[0] * nm)}" offsetY="{int(offset_px[1] * nm)}"/>
+<scanSettings><objectiveSettings><objective>20</objective></objectiveSettings><illuminationSettings>
+<illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings></image>
+<image name="macro" uuid="o"><pixels sizeX="128" sizeY="128"><dimension sizeX="128" sizeY="128" r="0" ifd="2"/></pixels>
+<view sizeX="10000000" sizeY="10000000" offsetX="0" offsetY="0"/>
+<scanSettings><illuminationSettings><illuminationSource>brightfield</illuminationSource></illuminationSettings>
+</scanSettings></image></collection></scn>"""
+    per_cm = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        options = {"photometric": "rgb", "tile": (128, 128), "compression": "zlib", "metadata": None}
+        tif.write(rgb, description=xml, resolution=(per_cm, per_cm), resolutionunit="CENTIMETER", **options)
+        tif.write(block_mean(rgb, 2), **options)
+        tif.write(np.full((128, 128, 3), 200, np.uint8), **options)
+    return path
+
+
+def test_bounds_of_a_partly_scanned_slide_are_recorded_and_tiled(tmp_path: Path, content) -> None:
+    scn = write_leica_scn(tmp_path / "slide.scn", content[:768], offset_px=(4000, 2000))
+    with open_slide(scn) as slide:
+        g = slide.geometry
+        assert g.format == "openslide:leica" and (g.width, g.height) == (20000, 20000)
+        assert (g.bounds_x, g.bounds_y, g.bounds_width, g.bounds_height) == (4000, 2000, 1536, 768)
+        assert g.mpp_x == pytest.approx(0.5)
+        # Tiles cover the scanned area only, starting at its offset.
+        grid = tile_grid(g, 128, 1.0)
+        assert grid.min(axis=0).tolist() == [4000, 2000] and grid.max(axis=0).tolist() == [5280, 2512]
+        np.testing.assert_array_equal(slide.read_region(4010, 2020, 100, 0.5), content[20:120, 10:110])
+        left_of_scan = slide.read_region(3990, 2000, 40, 0.5)
+        assert (left_of_scan[:, :10] == 255).all()
+        np.testing.assert_array_equal(left_of_scan[:, 10:], content[:40, :30])
+
+
 def test_thumbnail_is_read_from_a_low_level_in_blocks(pyramid: Path, content) -> None:
     with open_slide(pyramid) as slide:
         thumb = slide.thumbnail(2.0)
