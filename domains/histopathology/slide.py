@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,8 @@ class Slide:
 
         It covers ``size * mpp`` micrometres whatever the scanner; parts outside the slide are white.
         """
-        tiles, _ = next(self.iter_tiles([(x, y)], size, mpp, batch=1))
+        _check_tile_request(size, mpp)
+        tiles, _ = self._render_tiles(np.array([[x, y]], np.int64), size, mpp, self.geometry.best_level(mpp))
         return tiles[0]
 
     def iter_tiles(self, origins: Sequence[tuple[int, int]] | np.ndarray, size: int, mpp: float,
@@ -159,10 +161,10 @@ class Slide:
         """Yield ``(tiles (n, size, size, 3) uint8, origins (n, 2) int64)`` in batches of at most ``batch``.
 
         Tiles are grouped into regions of neighbouring tiles and each region is read once from the best
-        pyramid level (a few worker threads read regions in parallel: OpenSlide and Pillow release the
-        GIL), so this is much faster than one read per tile. Tiles come out region by region, not in
-        the input order: the returned origins say which tile is which. Memory is bounded by ``batch``
-        and a few regions in flight, not by the slide.
+        pyramid level (a few worker threads read regions in parallel: the codecs, OpenSlide and Pillow
+        release the GIL), so this is much faster than one read per tile. Tiles come out region by
+        region, not in the input order: the returned origins say which tile is which. Memory is bounded
+        by ``batch`` and a few regions in flight, not by the slide.
         """
         _check_tile_request(size, mpp)
         if batch <= 0:
@@ -175,31 +177,29 @@ class Slide:
         out_tiles = np.empty((min(batch, len(points)), size, size, 3), np.uint8)
         out_origins = np.empty((len(out_tiles), 2), np.int64)
         filled = 0
-        # At most ``workers`` regions in flight at once: memory stays bounded while reads overlap.
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
-            pending = []
-            group_iter = iter(groups)
-            for group in group_iter:
-                pending.append(pool.submit(self._render_tiles, group, size, mpp, level))
-                if len(pending) < self._workers:
-                    continue
-                tiles, group_points = pending.pop(0).result()
-                for tile, origin in zip(tiles, group_points):
-                    out_tiles[filled], out_origins[filled] = tile, origin
-                    filled += 1
-                    if filled == len(out_tiles):
-                        yield out_tiles.copy(), out_origins.copy()
-                        filled = 0
-            for future in pending:
-                tiles, group_points = future.result()
-                for tile, origin in zip(tiles, group_points):
-                    out_tiles[filled], out_origins[filled] = tile, origin
-                    filled += 1
-                    if filled == len(out_tiles):
-                        yield out_tiles.copy(), out_origins.copy()
-                        filled = 0
+            for tile, origin in self._rendered(pool, groups, size, mpp, level):
+                out_tiles[filled], out_origins[filled] = tile, origin
+                filled += 1
+                if filled == len(out_tiles):
+                    yield out_tiles.copy(), out_origins.copy()
+                    filled = 0
         if filled:
             yield out_tiles[:filled].copy(), out_origins[:filled].copy()
+
+    def _rendered(self, pool: ThreadPoolExecutor, groups: list[np.ndarray], size: int, mpp: float, level: int):
+        """(tile, origin) pairs, region after region, with one region more in flight than there are workers.
+
+        Bounding what is in flight bounds memory; the extra one keeps every worker busy while the caller
+        copies the finished region's tiles out.
+        """
+        pending: deque = deque()
+        for group in groups:
+            pending.append(pool.submit(self._render_tiles, group, size, mpp, level))
+            if len(pending) > self._workers:
+                yield from zip(*pending.popleft().result())
+        while pending:
+            yield from zip(*pending.popleft().result())
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide (from level-0 (0, 0) to its width/height) as RGB uint8 at about ``mpp`` um/px.
@@ -667,6 +667,7 @@ class _TiffBackend(_Backend):
         self.pyramid_in_subifds = bool(self._tif.pages[0].subifds)
         self.format = "tifffile:ome" if self.is_ome else "tifffile:tiff"
         self._tiles: _TiffTiles | None = None
+        self._lock = threading.Lock()
         self._closed = False
 
     def _pick_series(self):
@@ -722,13 +723,14 @@ class _TiffBackend(_Backend):
         return 0, 0, None, None
 
     def read(self, level, x, y, w, h):
-        if self._tiles is None:
-            pages = self._level_pages()
-            unsupported = [p.shape for p in pages if not _TiffTiles.supports(p)]
-            if unsupported:
-                raise DomainInputError(self.path, f"levels {unsupported} are not 8-bit interleaved RGB; "
-                                                  "convert the slide to a tiled RGB TIFF")
-            self._tiles = _TiffTiles(self.path, pages, self)
+        with self._lock:  # worker threads may arrive together at the first read
+            if self._tiles is None:
+                pages = self._level_pages()
+                unsupported = [p.shape for p in pages if not _TiffTiles.supports(p)]
+                if unsupported:
+                    raise DomainInputError(self.path, f"levels {unsupported} are not 8-bit interleaved RGB; "
+                                                      "convert the slide to a tiled RGB TIFF")
+                self._tiles = _TiffTiles(self.path, pages, self)
         return self._tiles.read(level, x, y, w, h)
 
     def segment_size(self, level):
