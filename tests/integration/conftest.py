@@ -31,8 +31,30 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
     """Point this test process's Prefect client at the real server (over any harness another folder set up)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    forget_concurrency_clients()
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         yield prefect_server
+    forget_concurrency_clients()
+
+
+def forget_concurrency_clients() -> None:
+    """Stop Prefect's cached slot-acquisition services, so the next acquisition opens a client on the current API.
+
+    Prefect keeps one acquisition service per set of limit names for the life of the process, holding the client
+    it opened first. Earlier tests in this process promoted the same model against the ephemeral server, so
+    without this a lock taken here would be leased there, and the first renewal on the real server would fail
+    (410) and cancel the test.
+    """
+    from prefect.concurrency.services import (
+        ConcurrencySlotAcquisitionService,
+        ConcurrencySlotAcquisitionWithLeaseService,
+    )
+
+    # drain_all() would stop every Prefect queue service (events, logs) too: pick the acquisition services only.
+    services = (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService)
+    for instance in list(ConcurrencySlotAcquisitionService._instances.values()):
+        if isinstance(instance, services):
+            instance.drain()
 
 
 @pytest.fixture()
