@@ -115,9 +115,11 @@ def test_pipeline_keeps_its_dataset_checkpoints_reports_predictions_and_models_o
     from mlflow import MlflowClient
 
     from domains import get_domain
+    from flows.finetune import FinetuneParams, finetune_backbone
     from flows.pipeline import PipelineParams, pipeline
     from tasks.prediction import load_model
     from tasks.tracking import load_reference_model
+    from tasks.training import read_checkpoint
 
     example = get_domain("satellite").write_example(tmp_path / "example")
     here = tmp_path / "cwd"
@@ -139,6 +141,7 @@ def test_pipeline_keeps_its_dataset_checkpoints_reports_predictions_and_models_o
     # Checkpoints, one per epoch, written by the training process to the work folder.
     checkpoints = sorted(fs.glob(f"{BUCKET}/work/checkpoints/*/epoch-*.pt"))
     assert [key.rsplit("/", 1)[1] for key in checkpoints] == ["epoch-001.pt", "epoch-002.pt"]
+    assert read_checkpoint(f"s3://{checkpoints[-1]}")["epoch"] == 2  # read back with weights_only, from S3
     # The compress report and the ONNX files the compress stage made.
     assert receipt.compress.report == f"{workdir}/compress_report.json"
     report = json.loads(fs.cat_file(f"{BUCKET}/work/compress_report.json"))
@@ -169,6 +172,13 @@ def test_pipeline_keeps_its_dataset_checkpoints_reports_predictions_and_models_o
     assert probabilities.shape == (2, len(edge.class_names))
     reference = load_reference_model("models:/satellite-tile-classification@champion")
     assert sum(p.numel() for p in reference.parameters()) > 0
+
+    # A longer fine-tune resumes from the checkpoints on S3: only epoch 3 is trained (and logged).
+    longer = finetune_backbone(FinetuneParams(dataset=dataset, workdir=workdir, backbone=TINY["backbone"],
+                                              lora=TINY["lora"], train={**TINY["train"], "epochs": 3}))
+    assert [m.step for m in client.get_metric_history(longer.run_id, "val_accuracy")] == [3]
+    fs.invalidate_cache()
+    assert sorted(fs.glob(f"{BUCKET}/work/checkpoints/*/epoch-*.pt"))[-1].endswith("epoch-003.pt")
 
     # Nothing landed in the folder the pipeline ran from.
     assert sorted(p.name for p in here.iterdir()) == []
