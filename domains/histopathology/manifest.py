@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +91,13 @@ def slide_key(path: Path, source: Path) -> str:
     """The text a slide's pseudonym is computed from: its path relative to the source folder, posix form.
 
     A slide outside the source folder (an absolute path in the manifest) is keyed by its absolute path.
+    Links are not followed: a linked slide is keyed by where it is listed (and a link loop still has a key).
     """
+    absolute = Path(os.path.normpath(Path(path).absolute()))
     try:
-        return path.resolve().relative_to(source.resolve()).as_posix()
+        return absolute.relative_to(os.path.normpath(Path(source).absolute())).as_posix()
     except ValueError:
-        return path.resolve().as_posix()
+        return absolute.as_posix()
 
 
 def read_manifest(path: Path | str, source: Path | str) -> Manifest:

@@ -147,7 +147,11 @@ def _pixel_facts(slide) -> dict[str, str]:
 
 def scrub(text: str, path: Path, replacement: str) -> str:
     """``text`` with the slide's path and file name replaced by its pseudonym (library errors quote them)."""
-    for value in (str(path.resolve()), str(path), path.name):
+    try:
+        resolved = str(path.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        resolved = str(path.absolute())
+    for value in (resolved, str(path.absolute()), str(path), path.name):
         text = text.replace(value, replacement)
     return text
 
