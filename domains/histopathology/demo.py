@@ -22,7 +22,7 @@ DEMO_SEED = 3
 DEMO_PATIENTS = 14
 DEMO_SECOND_SLIDE = 4
 """The first this-many patients get a second slide (so a patient's slides must share a split)."""
-DEMO_SLIDE_SIDE = 448
+DEMO_SLIDE_SIDE = 320
 DEMO_TUMOUR_RATE = 0.6
 DEMO_CLASSES = ("normal", "tumor")
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
@@ -151,7 +151,7 @@ def write_demo_cohort(folder: Path, patients: int = DEMO_PATIENTS, side: int = D
                 for _ in range(int(rng.integers(2, 5))):
                     ys, xs = np.nonzero(tissue_indicator(base))
                     pick = int(rng.integers(len(ys)))
-                    ring = _blob(rng, (float(xs[pick]), float(ys[pick])), float(rng.uniform(0.14, 0.24) * side))
+                    ring = _blob(rng, (float(xs[pick]), float(ys[pick])), float(rng.uniform(0.16, 0.26) * side))
                     base = plant_tumour(base, donor, _inside(ring, side))
                     features.append(region_feature("tumor", ring.round(1).tolist()))
             write_pyramid_tiff(slides / f"{name}.tif", base, mpp, tile=128, min_level_side=64)

@@ -348,6 +348,8 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
 
 
 def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
+    from domains.histopathology.slide import open_slide
+
     size, stride = request.tile_size, request.stride
     tile_mpp = request.tile_mpp or DEFAULT_TILE_MPP
     class_index = {name: i for i, name in enumerate(plan.class_names)}
@@ -373,8 +375,6 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
     for path, key, entry in plan.slides:
         name = slide_pseudonym(key)
         patient = pseudonym("patient", entry.patient) if entry is not None else pseudonym("patient", "slide:" + key)
-        from domains.histopathology.slide import open_slide
-
         added = 0
         try:
             with open_slide(path, mpp=request.mpp) as slide:
