@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,6 +27,8 @@ GDAL_CACHE_MB = 192
 # Source pixels read around a coarse band's window, so that every bilinear kernel (2 x 2 source pixels)
 # inside the strip sees the neighbours a whole-scene resampling would see.
 WINDOW_MARGIN = 2
+# Threads reading the band files of a strip at once (each file's bands stay on one thread).
+READ_THREADS = 2
 
 
 def shifted_transform(transform: Any, col: int, row: int) -> Any:
@@ -195,14 +197,18 @@ class StripReader:
     Use as a context manager: ``with StripReader(layout) as reader: raw, valid = reader.read_rows(0, 448)``.
     """
 
-    def __init__(self, layout: SceneLayout):
+    def __init__(self, layout: SceneLayout, threads: int = READ_THREADS):
         self.layout = layout
         self.dtype = strip_dtype(layout)
         self.fill = fill_values(layout, self.dtype)
+        self.threads = max(1, threads)
         self._stack = ExitStack()
         self._datasets: dict[Any, Any] = {}
+        self._pool = None
 
     def __enter__(self) -> StripReader:
+        from concurrent.futures import ThreadPoolExecutor
+
         import rasterio
 
         self._stack.__enter__()
@@ -211,6 +217,8 @@ class StripReader:
             for band in self.layout.bands:
                 if band.path not in self._datasets:
                     self._datasets[band.path] = self._stack.enter_context(open_raster(band.path))
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="vitrail-strip")
+            self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
         except BaseException:
             self._stack.close()
             raise
@@ -235,27 +243,74 @@ class StripReader:
         Raises:
             DomainInputError: a band cannot be decoded in this strip or holds infinite values.
         """
-        from rasterio.windows import Window
+        from concurrent.futures import wait
 
         height, width = bottom - top, self.layout.shape[1]
         raw = np.empty((len(self.layout.bands), height, width), dtype=self.dtype)
-        valid = np.ones((height, width), dtype=bool)
+        # One job per file (a GDAL dataset handle is not safe to share between threads); decoding and the
+        # numpy resampling release the GIL, so the files of a strip are read on several cores at once.
+        by_file: dict[Any, list[int]] = {}
         for i, band in enumerate(self.layout.bands):
-            dataset = self._datasets[band.path]
-            if self.layout.on_grid(band):
-                dn = read_band(dataset, band.index, band.path, Window(0, top, width, height))
-                reject_infinite(dn, band.path, band.name)
-                band_valid = valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale)
-                raw[i] = dn
-            else:
-                band_valid = self._resample_into(raw[i], dataset, band, top, bottom)
-            if band_valid is not None and not band_valid.all():
-                valid &= band_valid
+            by_file.setdefault(band.path, []).append(i)
+        jobs = [self._pool.submit(self._read_bands, raw, members, top, bottom) for members in by_file.values()]
+        wait(jobs)  # every job is done with ``raw`` before anything (an error included) leaves this method
+        valid = np.ones((height, width), dtype=bool)
+        for job in jobs:
+            for band_valid in job.result():
+                if band_valid is not None and not band_valid.all():
+                    valid &= band_valid
         if not valid.all():
             invalid = ~valid
             for i, fill in enumerate(self.fill):
                 raw[i][invalid] = fill
         return raw, valid
+
+    def read_strips(self, spans: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`read_rows` of each ``(top, bottom)`` span in order, the next read while the caller uses one.
+
+        Reading strip k + 1 overlaps whatever the caller does with strip k (cutting tiles, storing them), so
+        at most two strips are held at once. Closing the iterator early waits for the read in flight.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not spans:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-prefetch") as prefetch:
+            pending = prefetch.submit(self.read_rows, *spans[0])
+            try:
+                for index in range(len(spans)):
+                    strip = pending.result()
+                    pending = prefetch.submit(self.read_rows, *spans[index + 1]) if index + 1 < len(spans) else None
+                    yield strip
+                    del strip
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    try:
+                        pending.result()
+                    except BaseException:  # noqa: BLE001 - the caller stopped or failed: its own error stands
+                        pass
+
+    def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int) -> list[np.ndarray | None]:
+        """Read bands ``members`` (all of one file) into ``raw``; their valid masks (None: all valid)."""
+        import rasterio
+        from rasterio.windows import Window
+
+        height, width = bottom - top, self.layout.shape[1]
+        masks: list[np.ndarray | None] = []
+        # GDAL options set by the main thread's Env do not reach pool threads when that Env is thread-local.
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            for i in members:
+                band = self.layout.bands[i]
+                dataset = self._datasets[band.path]
+                if not self.layout.on_grid(band):
+                    masks.append(self._resample_into(raw[i], dataset, band, top, bottom))
+                    continue
+                dn = read_band(dataset, band.index, band.path, Window(0, top, width, height))
+                reject_infinite(dn, band.path, band.name)
+                masks.append(valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale))
+                raw[i] = dn
+        return masks
 
     def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int,
                        bottom: int) -> np.ndarray | None:

@@ -11,9 +11,13 @@ subprocess so that its peak resident memory (the kernel's VmHWM) is its own:
 * ``ingest``: the real ``build_dataset`` (reader + dataset writer) into ``DIR/bench/ingest-datasets``.
 
 Megapixels are those of the 10 m working grid (H x W), the same for all three, so the speeds compare.
+Each child imports its libraries and runs once on a small scene before its clock starts (process start-up
+is no ingest work), and reports wall seconds and CPU seconds (all threads). The modes run interleaved for ``rounds`` rounds and each reports
+its median round: load from elsewhere on the machine falls on all three alike.
 Options: ``sizes`` (comma-separated scene sides, default ``1440,2880,5760,11520``; multiples of 720),
 ``tile_size`` (224), ``stride`` (tile_size), ``block_size`` (2 x tile_size), ``batch_samples`` (64),
-``modes`` (``decode,reader,ingest``), ``keep`` (0: delete each dataset once measured; 1 keeps them).
+``modes`` (``decode,reader,ingest``), ``rounds`` (3), ``warmup`` (1: each child first runs its mode,
+untimed, on a 1440^2 scene; 0 skips that), ``keep`` (0: delete each dataset once measured; 1 keeps them).
 Goals (issue 10): ingest peak RSS at most 1.5 GB at full Sentinel-2 size and within 1.3x between
 2880^2 and the largest scene; ingest at least half the raw decode speed.
 """
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 
 DEMO_SIDE = 720
+# Scene side of each child's untimed warm-up run (big enough to fill every split of a dataset).
+WARMUP_SIDE = 1440
 DEFAULT_SIZES = "1440,2880,5760,11520"
 GOALS = {"peak_rss_mb_max": 1536.0, "rss_ratio_max": 1.3, "decode_fraction_min": 0.5}
 MODES = ("decode", "reader", "ingest")
@@ -43,6 +49,24 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    """User plus system CPU time of this process so far, all threads together."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages when the benchmark ended (other work skews timings)."""
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:
@@ -126,7 +150,7 @@ def _child_decode(spec: dict) -> dict:
     from domains.satellite.strips import GDAL_CACHE_MB
 
     scene_dir = Path(spec["source"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         datasets = [rasterio.open(p) for p in sorted(scene_dir.glob("*.tif"))]
         grid_rows = max(ds.height for ds in datasets)
@@ -139,7 +163,7 @@ def _child_decode(spec: dict) -> dict:
                     ds.read(1, window=Window(0, first, ds.width, last - first))
         for ds in datasets:
             ds.close()
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
 
 
 def _request(spec: dict):
@@ -153,25 +177,30 @@ def _child_reader(spec: dict) -> dict:
     """Iterate the streaming reader's batches and discard them."""
     from domains.satellite.tiling import read_samples
 
-    start = time.perf_counter()
+    request = _request(spec)
+    start, cpu = time.perf_counter(), _cpu_seconds()
     samples = batches = 0
-    for batch in read_samples(_request(spec)):
+    for batch in read_samples(request):
         samples += len(batch.images)
         batches += 1
-    return {"seconds": time.perf_counter() - start, "samples": samples, "batches": batches}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "samples": samples,
+            "batches": batches}
 
 
 def _child_ingest(spec: dict) -> dict:
     """The real ingest: ``build_dataset`` with the satellite reader into a fresh folder."""
+    from domains import get_domain
     from tasks.dataset import SplitParams, build_dataset
 
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    info = build_dataset("satellite", _request(spec), out, SplitParams())
+    request = _request(spec)
+    get_domain("satellite")  # domain discovery imports every domain once per process: not ingest work
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    info = build_dataset("satellite", request, out, SplitParams())
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "samples": sum(info.split_counts.values()), "stored_dtype": info.stored_dtype,
-            "dataset_bytes": _folder_bytes(out)}
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "samples": sum(info.split_counts.values()),
+            "stored_dtype": info.stored_dtype, "dataset_bytes": _folder_bytes(out)}
 
 
 def _run_child(mode: str, spec: dict) -> dict:
@@ -195,19 +224,34 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     if unknown:
         raise ValueError(f"unknown modes {unknown}; known: {', '.join(MODES)}")
     keep = options.get("keep", "0") == "1"
+    rounds = int(options.get("rounds", 3))
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds} must be at least 1")
     bench = Path(workdir) / "bench"
+    warmup = None
+    if options.get("warmup", "1") == "1":
+        small = write_mosaic_scene(WARMUP_SIDE, bench / "ingest-scenes" / f"mosaic-{WARMUP_SIDE}")
+        warmup = {"source": str(small["source"]), "labels": str(small["labels"])}
     rows = []
     for size in sizes:
         scene = write_mosaic_scene(size, bench / "ingest-scenes" / f"mosaic-{size}")
         spec = {"source": str(scene["source"]), "labels": str(scene["labels"]), "tile_size": tile_size,
                 "stride": stride, "block_size": block_size, "batch_samples": batch_samples,
-                "out": str(bench / "ingest-datasets" / f"mosaic-{size}")}
+                "out": str(bench / "ingest-datasets" / f"mosaic-{size}"), "warmup": warmup}
         megapixels = size * size / 1e6
         native = source_native_bytes(scene["source"])
         row: dict = {"size": size, "megapixels": megapixels, "source_native_bytes": native}
-        for mode in modes:
-            result = _run_child(mode, spec)
-            row[mode] = result | {"megapixels_per_second": megapixels / result["seconds"]}
+        # Rounds interleave the modes, so a burst of load from elsewhere on the machine falls on all of them
+        # alike; each mode reports its median round, and the largest peak RSS of its rounds.
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                runs[mode].append(_run_child(mode, spec))
+        for mode, results in runs.items():
+            median = sorted(results, key=lambda r: r["seconds"])[(len(results) - 1) // 2]
+            row[mode] = median | {"megapixels_per_second": megapixels / median["seconds"],
+                                  "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                                  "rounds_seconds": [round(r["seconds"], 3) for r in results]}
         if "ingest" in row:
             ingest = row["ingest"]
             row.update(peak_rss_mb=ingest["peak_rss_mb"], seconds=ingest["seconds"],
@@ -224,7 +268,8 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     return {
         "cpu": _cpu_model(),
         "options": {"sizes": sizes, "tile_size": tile_size, "stride": stride, "block_size": block_size,
-                    "batch_samples": batch_samples, "modes": modes},
+                    "batch_samples": batch_samples, "modes": modes, "rounds": rounds},
+        "load_average": _load_average(),
         "rows": rows,
         "rss_ratio_largest_to_2880": _rss_ratio(rows, "ingest"),
         "reader_rss_ratio_largest_to_2880": _rss_ratio(rows, "reader"),
@@ -241,9 +286,10 @@ def _rss_ratio(rows: list[dict], mode: str) -> float | None:
 
 def format_table(result: dict) -> str:
     """The measurements as a plain-text table, with the goals and the CPU."""
-    lines = [f"CPU: {result['cpu']}", f"options: {result['options']}", ""]
-    header = (f"{'scene':>11} {'mode':>7} {'peak RSS MB':>12} {'seconds':>8} {'Mpx/s':>8} {'vs decode':>9} "
-              f"{'dataset/source':>14}")
+    lines = [f"CPU: {result['cpu']}", f"options: {result['options']}",
+             f"load average (1, 5, 15 min) at the end: {result.get('load_average')}", ""]
+    header = (f"{'scene':>11} {'mode':>7} {'peak RSS MB':>12} {'seconds':>8} {'CPU s':>7} {'Mpx/s':>8} "
+              f"{'vs decode':>9} {'dataset/source':>14}")
     lines.append(header)
     lines.append("-" * len(header))
     for row in result["rows"]:
@@ -254,7 +300,8 @@ def format_table(result: dict) -> str:
             m = row[mode]
             share = f"{m['megapixels_per_second'] / decode:.2f}" if decode else "-"
             ratio = f"{row['dataset_to_source_native']:.2f}" if mode == "ingest" else ""
-            lines.append(f"{row['size']:>5}^2 px {mode:>7} {m['peak_rss_mb']:>12.0f} {m['seconds']:>8.1f} "
+            cpu = f"{m['cpu_seconds']:.1f}" if "cpu_seconds" in m else "-"
+            lines.append(f"{row['size']:>5}^2 px {mode:>7} {m['peak_rss_mb']:>12.0f} {m['seconds']:>8.2f} {cpu:>7} "
                          f"{m['megapixels_per_second']:>8.1f} {share:>9} {ratio:>14}")
     for key, label in (("rss_ratio_largest_to_2880", "ingest"), ("reader_rss_ratio_largest_to_2880", "reader")):
         if result.get(key) is not None:
@@ -266,7 +313,14 @@ def format_table(result: dict) -> str:
 
 def _child_main(mode: str, payload: str) -> None:
     spec = json.loads(payload)
-    result = {"decode": _child_decode, "reader": _child_reader, "ingest": _child_ingest}[mode](spec)
+    measure = {"decode": _child_decode, "reader": _child_reader, "ingest": _child_ingest}[mode]
+    if spec.get("warmup"):
+        # One untimed run on a small scene first, the same for every mode: imports, GDAL driver set-up and
+        # other once-per-process work stay out of the timings (a worker ingesting many scenes pays them once).
+        warm_out = spec["out"] + "-warmup"
+        measure(spec | spec["warmup"] | {"out": warm_out})
+        shutil.rmtree(warm_out, ignore_errors=True)
+    result = measure(spec)
     result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
 

@@ -37,11 +37,31 @@ def test_mosaic_scene_tiles_the_demo_crop_on_one_grid(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_benchmark_runs_one_size(tmp_path: Path) -> None:
-    result = ingest.run_benchmark(tmp_path, {"sizes": "1440", "modes": "decode,reader,ingest"})
+    result = ingest.run_benchmark(tmp_path, {"sizes": "1440", "modes": "decode,reader,ingest", "rounds": "1"})
     row = result["rows"][0]
+    assert row["ingest"]["cpu_seconds"] > 0 and len(row["ingest"]["rounds_seconds"]) == 1
     assert row["size"] == 1440 and row["ingest"]["samples"] == row["reader"]["samples"] > 0
     assert row["peak_rss_mb"] > 0 and row["dataset_to_source_native"] > 0
     assert 0 < row["raw_decode_megapixels_per_second"]
     assert not (tmp_path / "bench" / "ingest-datasets" / "mosaic-1440").exists()
     table = ingest.format_table(result)
     assert "1440^2 px  ingest" in table and result["cpu"] in table
+
+
+def test_each_mode_reports_its_median_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    # Stand-in children (the real ones run in subprocesses, covered by the slow test): seconds by call order.
+    seconds = iter([3.0, 1.0, 2.0])
+
+    def fake_child(mode: str, spec: dict) -> dict:
+        calls.append(mode)
+        return {"seconds": next(seconds), "cpu_seconds": 1.0, "peak_rss_mb": 10.0 * len(calls)}
+
+    monkeypatch.setattr(ingest, "_run_child", fake_child)
+    result = ingest.run_benchmark(tmp_path, {"sizes": "720", "modes": "decode", "rounds": "3",
+                                             "warmup": "0"})
+    row = result["rows"][0]["decode"]
+    assert calls == ["decode"] * 3
+    assert row["seconds"] == 2.0 and row["rounds_seconds"] == [3.0, 1.0, 2.0] and row["peak_rss_mb"] == 30.0
+    with pytest.raises(ValueError, match="rounds 0"):
+        ingest.run_benchmark(tmp_path, {"sizes": "720", "modes": "decode", "rounds": "0"})

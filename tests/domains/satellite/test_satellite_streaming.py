@@ -125,3 +125,65 @@ def test_numpy_upsampling_is_gdals_bilinear_warp(example: dict[str, Path], band:
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(warped))
     np.testing.assert_allclose(ours, warped, rtol=1e-5, equal_nan=True)
     assert ours_valid.sum() < ours_valid.size
+
+
+def _gathered_bilinear(x: np.ndarray, factor: int, source_row: int, top: int, bottom: int, width: int) -> np.ndarray:
+    """Reference: separable float32 bilinear by index gathers, columns first (the reader's former code)."""
+
+    def axis(first: int, stop: int, start: int, length: int):
+        position = (np.arange(first, stop, dtype=np.float64) + 0.5) / factor - 0.5 - start
+        lower = np.floor(position)
+        weight = (position - lower).astype(np.float32)
+        lower = lower.astype(np.int64)
+        return np.clip(lower, 0, length - 1), np.clip(lower + 1, 0, length - 1), weight
+
+    rows_low, rows_high, row_weight = axis(top, bottom, source_row, x.shape[0])
+    cols_low, cols_high, col_weight = axis(0, width, 0, x.shape[1])
+    x = x.astype(np.float32)
+    cols = x[:, cols_low] * (1 - col_weight) + x[:, cols_high] * col_weight
+    return cols[rows_low] * (1 - row_weight[:, None]) + cols[rows_high] * row_weight[:, None]
+
+
+@pytest.mark.parametrize("factor", [2, 3, 6])
+def test_phase_wise_upsampling_is_the_gathered_float32_result_bit_for_bit(factor: int, monkeypatch) -> None:
+    from domains.satellite import strips
+
+    # Small blocks: many block edges, each a chance to get the neighbours of a block's first row wrong.
+    monkeypatch.setattr(strips, "RESAMPLE_BLOCK_BYTES", 4 * 50 * factor * 3)
+    rng = np.random.default_rng(factor)
+    coarse = rng.integers(0, 10000, size=(40, 17), dtype=np.uint16)
+    width = 17 * factor - 1  # a partial last coarse column
+    for source_row, top, bottom in [(0, 0, 40 * factor), (5, 5 * factor + 1, 30 * factor + 2), (3, 7, 11)]:
+        expected = _gathered_bilinear(coarse, factor, source_row, top, bottom, width)
+        out = np.empty((bottom - top, width), dtype=np.float32)
+        strips.upsample_into(out, coarse, factor, source_row, top, round_values=False)
+        np.testing.assert_array_equal(out, expected)
+        rounded = np.empty((bottom - top, width), dtype=np.uint16)
+        strips.upsample_into(rounded, coarse, factor, source_row, top, round_values=True)
+        np.testing.assert_array_equal(rounded, np.rint(expected).astype(np.uint16))
+
+
+def test_stopping_early_leaves_no_read_in_flight(example: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(tiling, "STRIP_BYTES", 1)  # many strips: one is always being read ahead
+    batches = read_samples(IngestRequest(source=example["scene_dir"], labels=example["labels"], tile_size=12,
+                                         stride=4, block_size=24, batch_samples=3))
+    first = next(batches)
+    batches.close()
+    assert len(first.images) == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith(("vitrail-prefetch", "vitrail-strip"))]
+
+
+def test_one_reading_thread_gives_the_same_tiles(example: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from domains.satellite import strips
+
+    request = IngestRequest(source=example["scene_dir"], labels=example["labels"], tile_size=12, stride=6,
+                            block_size=24, batch_samples=50)
+    threaded = list(read_samples(request))
+    monkeypatch.setattr(strips, "READ_THREADS", 1)
+    monkeypatch.setattr(strips.StripReader.__init__, "__defaults__", (1,))
+    single = list(read_samples(request))
+    for a, b in zip(threaded, single, strict=True):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.locations, b.locations)
