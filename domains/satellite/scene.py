@@ -230,6 +230,10 @@ def valid_pixels(dn: np.ndarray, nodata: float | None, fill_dn: int | None, scal
     """Boolean mask of the pixels of ``dn`` holding data (not the file's nodata, NaN or the sensor's fill DN)."""
     valid = np.ones(dn.shape, dtype=bool)
     if nodata is not None and not np.isnan(nodata):
+        if np.issubdtype(dn.dtype, np.integer) and float(nodata).is_integer() and np.can_cast(
+                np.min_scalar_type(int(nodata)), dn.dtype):
+            # Compared in the band's own integer type: a float nodata would widen every pixel to float64.
+            nodata = dn.dtype.type(int(nodata))
         valid &= dn != nodata
     if np.issubdtype(dn.dtype, np.floating):
         valid &= np.isfinite(dn)
