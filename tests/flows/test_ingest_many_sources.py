@@ -117,3 +117,20 @@ def test_a_two_scene_ingest_killed_after_the_first_scene_resumes_without_reading
     after = finished.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # the first scene was not redone
     assert load_dataset(out).info.sources == tuple(str(s["scene_dir"]) for s in scenes)
+
+
+def test_the_command_line_names_one_or_several_sources_with_shared_or_per_source_labels() -> None:
+    from flows.cli import _ingest_sources_payload, build_parser
+
+    def payload(*argv: str) -> dict:
+        return _ingest_sources_payload(build_parser().parse_args(["ingest", "--out", "ds", *argv]))
+
+    assert payload("--source", "a", "--labels", "l") == {"source": "a", "labels": "l"}
+    assert payload("--sources", "a", "b", "--labels", "findings.csv") == {"sources": ["a", "b"],
+                                                                          "labels": "findings.csv"}
+    assert payload("--source", "a", "--labels", "la", "--source", "b", "--labels", "lb") == {
+        "sources": ["a", "b"], "source_labels": ["la", "lb"]}
+    with pytest.raises(SystemExit, match="2 --labels for 3 sources"):
+        payload("--sources", "a", "b", "c", "--labels", "la", "--labels", "lb")
+    with pytest.raises(SystemExit, match="needs --source"):
+        payload()
