@@ -236,6 +236,20 @@ def _usable_parts(outcomes: list[SourceOutcome]) -> tuple[list[PartInfo], list[d
     return parts, quarantine
 
 
+def _warn_repeated_samples(dataset: str) -> None:
+    """Say when sources overlap (one series in two exports): the copies are kept, in one group and split."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(pa.BufferReader(DatasetFiles(dataset).read_bytes("manifest.parquet")),
+                        columns=["sample_id"]).column("sample_id")
+    repeated = len(ids) - len(pc.unique(ids))
+    if repeated:
+        _run_logger().warning("%d samples repeat a sample of another source (the same series or scene given "
+                              "twice?); they are kept", repeated)
+
+
 def assemble_dataset(plan: IngestPlan, outcomes: list[SourceOutcome], params: SplitParams,
                      keep_parts: bool = False) -> DatasetInfo:
     """Write the dataset: straight from the one source, or by combining the finished parts in source order.
@@ -254,6 +268,7 @@ def assemble_dataset(plan: IngestPlan, outcomes: list[SourceOutcome], params: Sp
     batches = chain.from_iterable(part_batches(part) for part in parts)
     info = write_dataset(batches, domain.name, domain.task, plan.dataset, params, reports=domain.write_ingest_reports,
                          several_sources=True, quarantine=quarantine)
+    _warn_repeated_samples(plan.dataset)
     if not keep_parts:
         DatasetFiles(plan.parts_root).clear()  # finished, stale and empty parts alike: the dataset holds it all
     _run_logger().info("combined %d of %d sources into %s (%d left out)", len(parts), len(outcomes), plan.dataset,

@@ -188,7 +188,8 @@ def test_facts_on_which_sources_differ_are_kept_per_source(tmp_path: Path) -> No
     assert info.sources == ("scene-one", "scene-two")
 
 
-def test_radiology_patients_seen_in_two_sources_stay_one_group_and_each_source_keeps_its_audit(tmp_path: Path) -> None:
+def test_radiology_patients_seen_in_two_sources_stay_one_group_and_each_source_keeps_its_audit(tmp_path: Path,
+                                                                                              caplog) -> None:
     import pyarrow.parquet as pq
 
     from domains.radiology.examples import write_example
@@ -211,6 +212,8 @@ def test_radiology_patients_seen_in_two_sources_stay_one_group_and_each_source_k
     audits = sorted((tmp_path / "ds" / "sources").glob("*/deidentification_audit.json"))
     assert [a.parent.name for a in audits] == ["000", "001"]
     assert not (tmp_path / "ds" / "deidentification_audit.json").exists()
+    repeated = len(manifest["sample_id"]) - len(set(manifest["sample_id"]))
+    assert repeated and f"{repeated} samples repeat a sample of another source" in caplog.text
 
 
 def test_a_radiology_source_left_out_is_named_by_its_pseudonym(tmp_path: Path) -> None:
