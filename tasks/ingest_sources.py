@@ -48,7 +48,7 @@ from prefect.cache_policies import NONE
 
 from domains import DomainInputError, DomainSpec, IngestRequest, get_domain
 from domains.spec import printable_path
-from tasks.dataset import FORMAT_VERSION, SplitParams, DatasetInfo, build_dataset, write_dataset
+from tasks.dataset import FORMAT_VERSION, DatasetInfo, SplitParams, build_dataset, write_dataset
 from tasks.dataset_parts import PART_FORMAT, PartInfo, part_batches, read_part_info, write_part
 from tasks.dataset_store import DatasetError, DatasetFiles, as_location, is_url
 from tasks.request_errors import RequestError
@@ -123,7 +123,8 @@ def _file_identity(path: Path) -> list:
 
 
 def _reader_settings() -> dict[str, str]:
-    # Hashed: the pseudonym salt is a secret and must not be written beside the data.
+    # Values hashed although only the key's own hash is kept: the pseudonym salt is a secret, and an identity
+    # printed while debugging must not show it.
     return {name: hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
             for name, value in sorted(os.environ.items()) if name.startswith(SETTINGS_PREFIX)}
 
