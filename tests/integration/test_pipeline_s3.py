@@ -182,3 +182,39 @@ def test_pipeline_keeps_its_dataset_checkpoints_reports_predictions_and_models_o
 
     # Nothing landed in the folder the pipeline ran from.
     assert sorted(p.name for p in here.iterdir()) == []
+
+
+def _separable_samples():
+    """48 two-band 8 px samples whose class is which band is bright, in 12 leakage groups."""
+    from domains import Channel, SampleSet
+
+    rng = np.random.default_rng(0)
+    n = 48
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 500, (n, 2, 8, 8), dtype=np.uint16)
+    images[np.arange(n), labels] += 3000
+    return SampleSet(images=images, labels=labels, groups=np.array([f"g{i // 4}" for i in range(n)]),
+                     locations=np.stack([np.arange(n), np.zeros(n, int)], axis=1), source="scene",
+                     channels=(Channel("B04"), Channel("B08")), class_names=("a", "b"), scaling=((1e-4, 0.0),) * 2)
+
+
+def test_two_training_processes_read_from_s3_and_only_rank_zero_checkpoints_there(s3_endpoint: str) -> None:
+    """DDP over gloo: both spawned processes read the dataset from S3; rank 0 alone uploads checkpoints."""
+    import s3fs
+    import torch
+
+    from tasks.dataset import SplitParams, load_dataset, write_dataset
+    from tasks.training import TrainParams, fit
+
+    data, checkpoints = f"s3://{BUCKET}/ddp/dataset", f"s3://{BUCKET}/ddp/checkpoints"
+    write_dataset(_separable_samples(), "satellite", "classification", data, SplitParams(seed=0))
+    dataset = load_dataset(data)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 2))
+    result = fit(model, dataset, TrainParams(epochs=2, batch_size=8, warmup_epochs=0.0, processes=2), checkpoints,
+                 "linear")
+    assert len(result.rank_digests) == 2 and result.rank_digests[0] == result.rank_digests[1]
+    assert result.checkpoints == [f"{checkpoints}/epoch-001.pt", f"{checkpoints}/epoch-002.pt"]
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert sorted(key.rsplit("/", 1)[1] for key in fs.find(checkpoints)) == ["epoch-001.pt", "epoch-002.pt"]
