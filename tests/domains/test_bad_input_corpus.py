@@ -159,6 +159,14 @@ def _quarantine_names_file(entries: list[dict], item) -> bool:
         # A series-level entry (slices of mixed shapes) names the series, not a file.
         return item.bad_file in found or (item.case == "mismatched_grid"
                                           and any(e["reason"] == "inconsistent_series" for e in entries))
+    if item.domain == "histopathology":  # slides are named by keyed pseudonym of their path in the source
+        from domains.histopathology.manifest import slide_key
+        from domains.histopathology.reader import slide_pseudonym
+
+        names = {e["item"] for e in entries}
+        original = item.bad_file.with_name(item.bad_file.name.removeprefix("COPY_"))
+        candidates = {item.bad_file, original} if item.case == "duplicate" else {item.bad_file}
+        return bool(names & {slide_pseudonym(slide_key(p, item.ingest_source)) for p in candidates})
     return any(item.bad_file.name in e["item"] for e in entries)
 
 
