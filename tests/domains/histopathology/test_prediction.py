@@ -136,3 +136,18 @@ def test_tiles_come_at_the_model_mpp_whatever_the_slide_resolution(tmp_path):
     assert seen and all(shape[1:] == (3, 32, 32) for shape in seen)
     assert report["outputs"]["heatmap_pixel_um"] == [16.0, 16.0]
     assert report["tiles"]["scored"] + sum(report["tiles"]["dropped"].values()) == 16 * 16
+
+
+def test_heatmap_grid_starts_at_the_bounds_offset():
+    from domains.histopathology.prediction import _heatmap
+    from domains.histopathology.slide import SlideGeometry
+
+    geometry = SlideGeometry(width=1100, height=600, mpp_x=0.25, mpp_y=0.25, mpp_source="test",
+                             levels=((1100, 600, 1.0),), bounds_x=100, bounds_y=88, format="test")
+    # 64 level-0 px per step (32 px tiles at 0.5 um/px on a 0.25 um/px slide), grid from (100, 88).
+    origins = np.array([[100, 88], [164, 88], [100 + 64 * 15, 88 + 64 * 7]])
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
+    heat = _heatmap(geometry, origins, scores, (64.0, 64.0))
+    assert heat.shape == (2, 8, 16)  # ceil(512 / 64) rows, ceil(1000 / 64) cols
+    assert heat[1, 0, 0] == pytest.approx(0.1) and heat[1, 0, 1] == pytest.approx(0.8)
+    assert heat[0, 7, 15] == pytest.approx(0.5) and np.isnan(heat[0, 3, 3])
