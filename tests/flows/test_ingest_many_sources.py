@@ -134,3 +134,24 @@ def test_the_command_line_names_one_or_several_sources_with_shared_or_per_source
         payload("--sources", "a", "b", "c", "--labels", "la", "--labels", "lb")
     with pytest.raises(SystemExit, match="needs --source"):
         payload()
+
+
+@pytest.mark.slow  # a CLI process with its own Prefect server and two Dask worker processes: about 40-90 s
+def test_a_temporary_dask_cluster_reports_to_the_ephemeral_prefect_server_of_its_flow(tmp_path: Path, scenes) -> None:
+    import json
+    import re
+
+    local = ingest_dataset(_params(scenes, tmp_path / "local"))
+    argv = [sys.executable, "-m", "flows.cli", "ingest", "--domain", "satellite", "--out", str(tmp_path / "dask"),
+            "--tile-size", "12", "--block-size", "12", "--task-runner", "dask", "--set", "runner.workers=2"]
+    for scene in scenes:
+        argv += ["--source", str(scene["scene_dir"]), "--labels", str(scene["labels"])]
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}  # ephemeral mode
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    receipt = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    assert receipt["digest"] == local.digest and receipt["sources"] == 2
+    # One temporary server, the flow's: a worker process without its URL would start one of its own.
+    servers = set(re.findall(r"Starting temporary server on (\S+)", done.stdout + done.stderr))
+    assert len(servers) == 1, servers
