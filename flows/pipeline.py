@@ -18,6 +18,7 @@ from tasks.dataset import SplitParams
 from tasks.models import BackboneParams, LoraParams
 from tasks.promotion import GateThresholds
 from tasks.storage import join_location
+from tasks.tracking import configure_tracking
 from tasks.training import TrainParams
 
 
@@ -67,6 +68,7 @@ class PipelineReceipt(BaseModel):
 @report_input_errors
 def pipeline(params: PipelineParams) -> PipelineReceipt:
     """Run every stage in order; each stage is also runnable on its own."""
+    configure_tracking(params.workdir)  # a work folder MLflow cannot use is refused before any work is done
     common = dict(domain=params.domain, workdir=params.workdir)
     ingested = ingest_dataset(IngestParams(
         domain=params.domain, source=params.source, labels=params.labels, out=params.dataset_location(),
