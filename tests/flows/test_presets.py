@@ -80,7 +80,8 @@ def test_cli_flags_override_the_preset_and_keep_the_rest():
     # --tile-size without --stride steps by the tile, as without a preset.
     assert (params.tiling.tile_size, params.tiling.stride, params.tiling.block_size) == (448, 448, 896)
     assert params.backbone.name == "vit_small_patch16_224" and params.backbone.patch_size == 16
-    assert params.compression.latency_repeats == 5 and params.compression.edge_variant == "onnx-int8"
+    assert params.compression.latency_repeats == 5
+    assert params.compression.edge_variant == preset["compression"]["edge_variant"]
     assert params.compression.quantization.calibration_samples == preset["compression"]["quantization"]["calibration_samples"]
     assert PRESETS["vit-s16-224"].params == preset and preset["train"]["epochs"] == 10, "the preset itself is unchanged"
 
@@ -119,36 +120,34 @@ def test_presets_verb_lists_and_prints(capsys):
 
 
 @pytest.mark.slow
-def test_vit_s16_preset_runs_on_cpu_for_a_small_scene(tmp_path, local_mlflow):
-    """The preset as a user runs it from the CLI, on the shipped 720 x 720 px Sentinel-2 scene (9 tiles of
-    224 px in 4 blocks), cut to one epoch of 4-sample steps; everything else is the preset's."""
+def test_vit_s16_preset_runs_on_cpu_for_a_small_scene(tmp_path, local_mlflow, capsys):
+    """`vitrail demo --preset vit-s16-224 --epochs 1`: the preset as it is but for the epochs, on the shipped
+    720 x 720 px Sentinel-2 scene (9 tiles of 224 px in 4 blocks of 448 px). Measured: see README, Presets."""
     import mlflow.onnx
     from mlflow import MlflowClient
 
-    from domains.satellite.demo import prepare_demo
-    from flows.pipeline import PipelineParams, pipeline
     from tasks.tracking import configure_tracking, load_reference_model
 
-    inputs = prepare_demo(tmp_path / "inputs")
     workdir = tmp_path / "work"
-    args = build_parser().parse_args(["pipeline", "--preset", "vit-s16-224", "--source", str(inputs["source"]),
-                                      "--labels", str(inputs["labels"]), "--workdir", str(workdir),
-                                      "--epochs", "1", "--set", "train.batch_size=4"])
-    receipt = pipeline(PipelineParams(**pipeline_payload(args)))
+    code = main(["demo", "--preset", "vit-s16-224", "--epochs", "1", "--workdir", str(workdir)])
+    # 1 is a candidate the gate refused (e.g. over the 100 ms latency budget on a busy machine): still registered.
+    assert code in (0, 1)
+    assert "Vitrail demo finished." in capsys.readouterr().out
 
-    # The registry holds the candidate (gate passed or not): a ViT-S/16 (embed dim 384) taking 224 px tiles.
+    # The registry holds the candidate, gate passed or not: a ViT-S/16 (embed dim 384) taking 224 px tiles.
     configure_tracking(workdir)
-    name, version = receipt.promote.reference_model.split("/")
-    assert MlflowClient().get_model_version(name, version).tags["vitrail.gate"] in ("passed", "failed")
-    net = load_reference_model(f"models:/{name}/{version}").net
+    client = MlflowClient()
+    [reference] = client.search_model_versions("name='satellite-tile-classification'")
+    assert reference.tags["vitrail.gate"] == ("passed" if code == 0 else "failed")
+    net = load_reference_model(f"models:/{reference.name}/{reference.version}").net
     assert net.pretrained_cfg["architecture"] == "vit_small_patch16_224"
     assert net.embed_dim == 384 and len(net.blocks) == 12
     assert tuple(net.patch_embed.img_size) == (224, 224) and tuple(net.patch_embed.patch_size) == (16, 16)
     assert net.patch_embed.proj.in_channels == 13
-    # Its edge twin is the int8 ONNX graph the preset names, with the same input.
-    edge = mlflow.onnx.load_model("models:/" + receipt.promote.edge_model)
-    dims = [d.dim_value or d.dim_param for d in edge.graph.input[0].type.tensor_type.shape.dim]
-    assert dims[1:] == [13, 224, 224]
-    assert json.loads((workdir / "compress_report.json").read_text())["edge_variant"] == "onnx-int8"
-    [output] = receipt.predict.outputs
-    assert Path(output).exists()
+    # Its edge twin is the ONNX variant the preset names, with the same input.
+    [edge] = client.search_model_versions("name='satellite-tile-classification-edge'")
+    graph = mlflow.onnx.load_model(f"models:/{edge.name}/{edge.version}").graph
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [13, 224, 224]
+    report = json.loads((workdir / "compress_report.json").read_text())
+    assert report["edge_variant"] == get_preset("vit-s16-224").params["compression"]["edge_variant"]
+    assert list((workdir / "predictions").glob("*.tif"))
