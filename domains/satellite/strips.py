@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -264,32 +264,6 @@ class StripReader:
             for i, fill in enumerate(self.fill):
                 raw[i][invalid] = fill
         return raw, valid
-
-    def read_strips(self, spans: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`read_rows` of each ``(top, bottom)`` span in order, the next read while the caller uses one.
-
-        Reading strip k + 1 overlaps whatever the caller does with strip k (cutting tiles, storing them), so
-        at most two strips are held at once. Closing the iterator early waits for the read in flight.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        if not spans:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-prefetch") as prefetch:
-            pending = prefetch.submit(self.read_rows, *spans[0])
-            try:
-                for index in range(len(spans)):
-                    strip = pending.result()
-                    pending = prefetch.submit(self.read_rows, *spans[index + 1]) if index + 1 < len(spans) else None
-                    yield strip
-                    del strip
-            finally:
-                if pending is not None:
-                    pending.cancel()
-                    try:
-                        pending.result()
-                    except BaseException:  # noqa: BLE001 - the caller stopped or failed: its own error stands
-                        pass
 
     def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int) -> list[np.ndarray | None]:
         """Read bands ``members`` (all of one file) into ``raw``; their valid masks (None: all valid)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -270,15 +270,12 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         kept: list[tuple[int, int, int]] = []
         dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
         valid_pixels_seen = 0
-        # The last strip runs to the bottom edge so that the valid fraction covers the whole grid.
-        spans = [(rows[0], height if index == len(strips) - 1 else rows[-1] + size)
-                 for index, rows in enumerate(strips)]
-        # The next strip is read while this one's tiles are cut and stored (see StripReader.read_strips);
-        # closed before the reader, so no read is in flight when the files close.
-        strip_data = stack.enter_context(closing(reader.read_strips(spans)))
-        for index, (rows, (raw, valid)) in enumerate(zip(strips, strip_data)):
-            top, bottom = spans[index]
+        for index, rows in enumerate(strips):
+            top = rows[0]
             last = index == len(strips) - 1
+            # The last strip runs to the bottom edge so that the valid fraction covers the whole grid.
+            bottom = height if last else rows[-1] + size
+            raw, valid = reader.read_rows(top, bottom)
             counted_until = bottom if last else strips[index + 1][0]
             valid_pixels_seen += int(np.count_nonzero(valid[: counted_until - top]))
             strip_labels = None
