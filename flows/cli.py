@@ -243,13 +243,16 @@ def _demo_summary(receipt, workdir: Path) -> str:
     predictions = ", ".join(outputs) if len(outputs) <= 3 else \
         f"{len(outputs)} files in {Path(outputs[0]).parent} (e.g. {Path(outputs[0]).name})"
     uri = resolve_tracking_uri(workdir)
+    # A preset may name the edge variant instead of letting 'auto' pick it.
+    edge_reason = (f"fastest variant within the {judged_on} budget on the validation split"
+                   if compress.get("selection", {}).get("mode", "auto") == "auto" else "named by the parameters")
     return f"""
 Vitrail demo finished.
   dataset        {receipt.ingest.dataset}  (digest {receipt.ingest.digest[:12]})
   variants (test split {metric}, batch-1 latency on {compress['threads']} threads):
 {rows}
   int8 / fp32 latency ratio  {compress['int8_vs_fp32_latency_ratio']:.3f} (static int8 vs torch fp32 eager, batch 1)
-  edge artifact  {compress['edge_variant']} (fastest variant within the {judged_on} budget on the validation split)
+  edge artifact  {compress['edge_variant']} ({edge_reason})
   promotion      {promoted.edge_model} and {promoted.reference_model}: {verdict}
   prediction     {predictions}
   report         {receipt.compress.report}

@@ -27,7 +27,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
     Preset(
         "demo",
-        "The demo's tiny model: ViT-Tiny cut to 4 px patches on 32 px tiles, random init; about a minute on 2 cores.",
+        "The demo's tiny model: ViT-Tiny cut to 4 px patches on 32 px tiles, random init, 12 epochs.",
         {
             "tiling": {"tile_size": 32, "stride": 32},
             "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4},
@@ -58,12 +58,12 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
             "train": {"epochs": 10, "batch_size": 32, "grad_accumulation": 1, "learning_rate": 0.001,
                       "precision": "32", "device": "auto", "threads": 2, "num_workers": 0},
             # The edge model is named, not chosen by 'auto': 'auto' fails the run when no variant meets the
-            # cpu-2core profile's 50 ms, and batch-1 latency here swings with the machine (2 threads: dynamic
-            # int8 30.7 ms, static int8 38.6 ms, fp32 ONNX 59.4 ms on an idle Xeon; 209 / 249 / 534 ms on a
-            # heavily shared 2-core EPYC). Dynamic int8 was the fastest on both and needs no calibration; the
-            # gate's 100 ms budget then judges it. Calibrating static int8 holds every quantized input of every
-            # sample (roughly 40 MB a tile for ViT-S/16, counting the inputs of its 72 matmuls), hence 32 tiles; few timing repeats keep measuring to
-            # seconds.
+            # cpu-2core profile's 50 ms, and batch-1 latency swings with the machine (2 threads, dynamic / static
+            # int8: 30.7 / 38.6 ms on an idle Xeon; 209 / 249 ms and 100 / 96 ms in two runs on a shared 2-core
+            # EPYC). Dynamic int8 was about as fast as static or faster, and needs no calibration; the gate's
+            # 100 ms budget then judges it. Calibrating static int8 (always built, for comparison) holds the
+            # inputs of every quantized op for every sample (roughly 40 MB a tile for ViT-S/16, counting its 72
+            # matmuls), hence 32 tiles. Few timing repeats keep measuring to seconds.
             "compression": {"edge_variant": "onnx-int8-dynamic", "threads": 2, "latency_repeats": 20,
                             "throughput_batch": 8, "quantization": {"calibration_samples": 32}},
             "gate": {"latency_budget_ms": 100.0},

@@ -49,7 +49,8 @@ def test_vit_s16_preset_is_the_published_geometry():
 
 def _pipeline_deployments() -> dict[str, dict]:
     deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-    return {d["name"]: d["parameters"]["params"] for d in deployments if d["entrypoint"] == "flows/pipeline.py:pipeline"}
+    return {d["name"]: d["parameters"]["params"] for d in deployments
+            if d["entrypoint"] == "flows/pipeline.py:pipeline"}
 
 
 def test_preset_deployment_holds_exactly_the_preset():
@@ -82,7 +83,8 @@ def test_cli_flags_override_the_preset_and_keep_the_rest():
     assert params.backbone.name == "vit_small_patch16_224" and params.backbone.patch_size == 16
     assert params.compression.latency_repeats == 5
     assert params.compression.edge_variant == preset["compression"]["edge_variant"]
-    assert params.compression.quantization.calibration_samples == preset["compression"]["quantization"]["calibration_samples"]
+    calibration = preset["compression"]["quantization"]["calibration_samples"]
+    assert params.compression.quantization.calibration_samples == calibration
     assert PRESETS["vit-s16-224"].params == preset and preset["train"]["epochs"] == 10, "the preset itself is unchanged"
 
 
