@@ -36,6 +36,7 @@ import math
 import os
 import pickle
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,6 +479,25 @@ def _seed_worker(worker_id: int, seed: int) -> None:
     random.seed(seed + worker_id)
     np.random.seed((seed + worker_id) % 2**32)
     torch.set_num_threads(1)
+    _drop_inherited_prefect_exit_hooks()
+
+
+def _drop_inherited_prefect_exit_hooks() -> None:
+    """Forget the at-exit drains of Prefect's queue services that a forked worker inherits from a flow run.
+
+    Prefect (3.8) resets its services in a forked child but leaves their ``threading`` at-exit drain
+    registered; at the worker's exit that drain fails an assertion, the worker exits with code 1 and the
+    DataLoader fails the task ("worker exited unexpectedly"). A worker has no events or logs of its own to
+    flush, so the drains have nothing to do there.
+    """
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is None:
+        return
+    # Each hook is a functools.partial around the service's bound ``_at_exit``.
+    hooks[:] = [hook for hook in hooks
+                if not isinstance(getattr(getattr(hook, "func", hook), "__self__", None), _QueueServiceBase)]
 
 
 def _loader(samples: SplitSamples, params: TrainParams, pin_memory: bool,
