@@ -268,6 +268,11 @@ class ChunkSource:
     def key(self, index: int) -> str:
         return chunk_key(self.name, index, self.array.ndim)
 
+    def is_cached(self, index: int) -> bool:
+        """Whether chunk ``index`` is decoded already (reading it now costs no decode)."""
+        with self._lock:
+            return index in self._cache
+
     def chunk(self, index: int) -> np.ndarray:
         """Samples of chunk ``index`` in their stored dtype."""
         with self._lock:
@@ -389,7 +394,9 @@ class LazySamples:
         out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
         size = self.source.chunk_samples
         chunks = wanted // size
-        for chunk in np.unique(chunks):
+        # Chunks already decoded first: decoding a new one evicts the least recently used, which must not be
+        # one this read (or the reads of the same few chunks after it) still needs.
+        for chunk in sorted(np.unique(chunks).tolist(), key=lambda c: not self.source.is_cached(c)):
             rows = np.flatnonzero(chunks == chunk)
             out[rows] = self._convert(self.source.chunk(int(chunk))[wanted[rows] - chunk * size])
         return out

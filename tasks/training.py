@@ -391,6 +391,29 @@ class SplitSamples(torch.utils.data.Dataset):
             return image, label
         return image, label, torch.from_numpy(np.array(self.teacher_logits[view, index], copy=True))
 
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, ...]]:
+        """The samples of one batch (what a DataLoader asks for), the same as ``[self[k] for k in keys]``.
+
+        The batch's images are read at once (a lazy split decodes and scales each chunk they share once,
+        in one vectorised pass) instead of sample by sample; only the views are applied per sample.
+        """
+        keys = [key if isinstance(key, tuple) else (key, 0) for key in keys]
+        indices = np.array([index for index, _ in keys], dtype=np.int64)
+        images = torch.from_numpy(np.array(self.split.images[indices], dtype=np.float32, copy=True))
+        labels = torch.as_tensor(np.array(self.split.labels[indices], copy=True))
+        samples = []
+        for position, (index, view) in enumerate(keys):
+            image, label = images[position], labels[position]
+            if view:
+                image = _dihedral(image, view)
+                if self.task == "segmentation":
+                    label = _dihedral(label, view)
+            if self.teacher_logits is None:
+                samples.append((image, label))
+            else:
+                samples.append((image, label, torch.from_numpy(np.array(self.teacher_logits[view, index], copy=True))))
+        return samples
+
 
 BALANCEABLE_TASKS = ("classification", "multilabel")
 
