@@ -5,15 +5,18 @@ bundled 720 x 720 demo crop (13 band GeoTIFFs at their native 10/20/60 m resolut
 transform, a tiled label raster beside them) and, for each size, runs three measurements, each in a fresh
 subprocess so that its peak resident memory (the kernel's VmHWM) is its own:
 
-* ``decode``: a plain rasterio read of the same band files, window by window, nothing else: the physical
-  limit of any ingest of these files on this machine;
+* ``decode``: a plain rasterio read of the same band files, window by window, on one thread, nothing
+  else (no resampling of the 20 m and 60 m bands): the physical limit of any single-threaded ingest of
+  these files on this machine. The reader reads a strip's files on two threads and the writer compresses
+  on two more, so on a machine with more cores than two the comparison flatters the ingest somewhat;
 * ``reader``: the satellite domain's streaming reader, iterating its batches and discarding them;
 * ``ingest``: the real ``build_dataset`` (reader + dataset writer) into ``DIR/bench/ingest-datasets``.
 
 Megapixels are those of the 10 m working grid (H x W), the same for all three, so the speeds compare.
 Each child imports its libraries and runs once on a small scene before its clock starts (process start-up
-is no ingest work), and reports wall seconds and CPU seconds (all threads). The modes run interleaved for ``rounds`` rounds and each reports
-its median round: load from elsewhere on the machine falls on all three alike.
+is no ingest work), and reports wall seconds and CPU seconds (all threads). The modes run interleaved for
+``rounds`` rounds and each reports its median round: load from elsewhere on the machine falls on all three
+alike.
 Options: ``sizes`` (comma-separated scene sides, default ``1440,2880,5760,11520``; multiples of 720),
 ``tile_size`` (224), ``stride`` (tile_size), ``block_size`` (2 x tile_size), ``batch_samples`` (64),
 ``modes`` (``decode,reader,ingest``), ``rounds`` (3), ``warmup`` (1: each child first runs its mode,

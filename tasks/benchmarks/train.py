@@ -8,8 +8,9 @@ the same ``steps`` optimisation steps of ``batch_size`` samples in two ways:
 - ``dataloader``: what :func:`tasks.training.fit` does: a per-sample ``SplitSamples`` dataset read
   lazily from the shards, the seeded ``EpochBatches`` plan and a ``DataLoader`` (``workers`` worker
   processes, one run per value listed);
-- ``in-memory``: the loop before issue 10: the whole split read into one tensor first, then indexed
-  per batch with the same plan.
+- ``in-memory``: the whole split decoded into memory first, then the same batches built from it: the
+  plan's keys, each sample under its own view, collated as the loader collates (``SplitSamples`` over
+  in-memory arrays), so both paths feed the model identical tensors and only the pixels' source differs.
 
 Each run is a child process of its own, so ``peak_rss_mb`` (``ru_maxrss``) is that path's alone;
 ``rss_before_data_mb`` is the child's RSS after imports and model building, before any data is read.
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 GOAL_RATIO = 0.9
 DEFAULTS = {"samples": "2048", "bands": "13", "tile": "32", "batch_size": "32", "steps": "30", "rounds": "3",
@@ -72,16 +74,43 @@ def _current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def batch_stream(path: str, train, task: str, plan, params) -> Iterator[tuple]:
+    """Endless batches of split ``train`` for ``plan`` (an EpochBatches), epoch after epoch, by one data path.
+
+    ``dataloader``: the training loop's own DataLoader over the lazy split. ``in-memory``: the whole split
+    decoded into memory first, then the very batches the loader gives (the same keys, each sample under
+    its own view, collated alike): only where the pixels come from differs.
+    """
+    import numpy as np
+    from torch.utils.data import default_collate
+
+    from tasks.dataset import Split
+    from tasks.training import SplitSamples, _loader
+
+    epoch = 0
+    if path == "dataloader":
+        loader = _loader(SplitSamples(train, task), params, pin_memory=False, batch_sampler=plan)
+        while True:
+            epoch += 1
+            plan.set_epoch(epoch)
+            yield from loader
+    in_memory = SplitSamples(Split(images=np.asarray(train.images[:], dtype=np.float32),
+                                   labels=np.asarray(train.labels[:]), groups=train.groups), task)
+    while True:
+        epoch += 1
+        plan.set_epoch(epoch)
+        for part in plan:
+            yield default_collate(in_memory.__getitems__(part))
+
+
 def measure_path(dataset_dir: Path, path: str, workers: int, options: dict[str, str]) -> dict:
     """Train ``steps`` steps through one data path in this process; samples/s and memory."""
-    import numpy as np
     import torch
 
     from tasks.dataset import load_dataset
     from tasks.models import BackboneParams, NormalizedClassifier, build_backbone
     from tasks.reproducibility import pin_determinism
-    from tasks.training import (DIHEDRAL_TRANSFORMS, EpochBatches, SplitSamples, TrainParams, _dihedral, _loader,
-                                _loss)
+    from tasks.training import EpochBatches, TrainParams, _loss
 
     seed, steps, batch_size = int(options["seed"]), int(options["steps"]), int(options["batch_size"])
     pin_determinism(seed, int(options["threads"]))
@@ -96,25 +125,7 @@ def measure_path(dataset_dir: Path, path: str, workers: int, options: dict[str, 
                         chunked_order=getattr(train.images, "chunk_shuffled_order", None))
     before_data = _current_rss_mb()
 
-    def batches():
-        epoch = 0
-        if path == "dataloader":
-            loader = _loader(SplitSamples(train, info.task), params, pin_memory=False, batch_sampler=plan)
-            while True:
-                epoch += 1
-                plan.set_epoch(epoch)
-                yield from loader
-        images = torch.from_numpy(np.asarray(train.images[:], dtype=np.float32))  # the whole split, once
-        labels = torch.from_numpy(np.asarray(train.labels[:]))
-        while True:
-            epoch += 1
-            plan.set_epoch(epoch)
-            for part in plan:
-                index = torch.tensor([i for i, _ in part])
-                # contiguous, as a collated batch is: a rotated view alone costs the patch convolution ~20%
-                yield _dihedral(images[index], part[0][1] % DIHEDRAL_TRANSFORMS).contiguous(), labels[index]
-
-    stream = batches()
+    stream = batch_stream(path, train, info.task, plan, params)
     model.train()
 
     def step() -> None:
