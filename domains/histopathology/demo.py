@@ -66,16 +66,34 @@ def tissue_indicator(rgb: np.ndarray) -> np.ndarray:
     return (saturation > 25) & (r + g + b < 3 * 225)
 
 
-def _crop(rng: np.random.Generator, image: np.ndarray, tissue: np.ndarray, side: int) -> np.ndarray:
-    """A random ``side`` square with at least 55 % tissue, randomly rotated/flipped."""
+def reader_tissue_fraction(crop: np.ndarray, mpp: float) -> float:
+    """Share of ``crop`` that the reader's own tissue mask keeps (at the reader's finest mask resolution)."""
+    from PIL import Image
+
+    from domains.histopathology.reader import MASK_MIN_MPP
+    from domains.histopathology.tissue import tissue_mask
+
+    side = max(1, round(crop.shape[0] * mpp / MASK_MIN_MPP))
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((side, side), Image.Resampling.BOX))
+    return float(tissue_mask(small, MASK_MIN_MPP).mask.mean())
+
+
+def _crop(rng: np.random.Generator, image: np.ndarray, tissue: np.ndarray, side: int, mpp: float) -> np.ndarray:
+    """A random ``side`` square, randomly rotated/flipped, that is mostly tissue to the eye and to the reader.
+
+    Tissue pieces smaller than the reader's minimum object (square tens of microns) vanish from its mask,
+    so a small crop of fragmented tissue could be all "background"; such crops are passed over.
+    """
     h, w = tissue.shape
-    best, best_fraction = None, -1.0
+    best, best_score = None, -1.0
     for _ in range(200):
         y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-        fraction = float(tissue[y:y + side, x:x + side].mean())
-        if fraction > best_fraction:
-            best, best_fraction = (y, x), fraction
-        if fraction >= 0.55:
+        score = float(tissue[y:y + side, x:x + side].mean())
+        if score >= 0.55:
+            score = min(score, reader_tissue_fraction(image[y:y + side, x:x + side], mpp) + 0.05)
+        if score > best_score:
+            best, best_score = (y, x), score
+        if score >= 0.55:
             break
     y, x = best
     crop = image[y:y + side, x:x + side]
@@ -144,10 +162,10 @@ def write_demo_cohort(folder: Path, patients: int = DEMO_PATIENTS, side: int = D
         has_tumour = p in tumour_patients
         for s in range(2 if p < DEMO_SECOND_SLIDE else 1):
             name = f"synthetic-{p + 1:02d}-{s + 1}"
-            base = _crop(rng, image, tissue, side)
+            base = _crop(rng, image, tissue, side, mpp)
             features = [region_feature("normal", [[0, 0], [side, 0], [side, side], [0, side], [0, 0]])]
             if has_tumour:
-                donor = _crop(rng, image, tissue, side)
+                donor = _crop(rng, image, tissue, side, mpp)
                 for _ in range(int(rng.integers(2, 5))):
                     ys, xs = np.nonzero(tissue_indicator(base))
                     pick = int(rng.integers(len(ys)))

@@ -4,7 +4,7 @@ A slide is scored tile by tile exactly as it was read at ingest (tissue mask, th
 mpp, the same quality filters). Three files per slide, side by side in the output folder:
 
 - ``<name>.json`` (the prediction the predict stage lists): slide scores per class (mean, mean of the
-  top-k tiles, max), the predicted class, the top tiles per class with their coordinates, counts.
+  top-k tiles ``top_k_mean``, max), the predicted class, the top tiles per class with their coordinates, counts.
 - ``<name>.heatmap.ome.tif``: float32 (classes, rows, cols) probabilities, one pixel per tile step, NaN
   where no tile was scored; PhysicalSizeX/Y = the tile step in micrometres, and pixel (0, 0) starts at the
   slide's scanned-area offset, so it lies over the slide when scaled by the step.
@@ -136,7 +136,7 @@ def _slide_scores(scores: np.ndarray, origins: np.ndarray, bounds: tuple[int, in
         column = scores[:, index]
         order = np.argsort(-column, kind="stable")
         summary[name] = {"mean": round(float(column.mean()), 6),
-                         f"top{k}_mean": round(float(column[order[:k]].mean()), 6),
+                         "top_k_mean": round(float(column[order[:k]].mean()), 6),
                          "max": round(float(column.max()), 6)}
         top_tiles[name] = [{"level0_xy": [int(origins[i, 0]), int(origins[i, 1])],
                             "qupath_xy": [int(origins[i, 0] - bounds[0]), int(origins[i, 1] - bounds[1])],
@@ -147,9 +147,12 @@ def _slide_scores(scores: np.ndarray, origins: np.ndarray, bounds: tuple[int, in
 def predict_slide(request: PredictionRequest) -> PredictionSummary:
     """Score every tissue tile of one slide and write the report, heatmap and GeoJSON (see the module doc).
 
+    A slide without any tissue tile gets its report too, with no slide score, an empty GeoJSON and an
+    all-NaN heatmap.
+
     Raises:
-        DomainInputError: the slide cannot be opened (unreadable, no mpp and none given, ...) or holds no
-            tissue tile; ValueError: ``infer`` returned the wrong shape or non-finite values.
+        DomainInputError: the slide cannot be opened (unreadable, no mpp and none given, ...);
+            ValueError: ``infer`` returned the wrong shape or non-finite values.
     """
     from domains.histopathology.slide import open_slide
 
@@ -170,9 +173,9 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
             if good.any():
                 kept_scores.append(_infer(request, tiles[good]))
                 kept_origins.append(origins[good])
-    if not kept_scores:
-        raise DomainInputError(request.input, f"no tissue tile to score ({dict(plan.dropped)} tiles dropped)")
-    scores, origins = np.concatenate(kept_scores), np.concatenate(kept_origins)
+    # A slide without tissue (blank glass, a failed scan) is a result, not an input error: its report says so.
+    scores = np.concatenate(kept_scores) if kept_scores else np.zeros((0, len(names)), np.float32)
+    origins = np.concatenate(kept_origins) if kept_origins else np.zeros((0, 2), np.int64)
     step = (request.stride * tile_mpp / geometry.mpp_x, request.stride * tile_mpp / geometry.mpp_y)
     bounds = (geometry.bounds_x, geometry.bounds_y)
     heat_path = write_heatmap(confined_path(output.parent, stem, HEATMAP_SUFFIX),
@@ -182,9 +185,12 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
     geojson_path = confined_path(output.parent, stem, GEOJSON_SUFFIX)
     geojson = tile_features(origins, scores, size_level0, bounds, names)
     geojson_path.write_text(json.dumps(geojson))
-    summary, top_tiles = _slide_scores(scores, origins, bounds, names)
     k = min(TOP_K, len(scores))
-    predicted = max(names, key=lambda n: summary[n][f"top{k}_mean"])
+    if len(scores):
+        summary, top_tiles = _slide_scores(scores, origins, bounds, names)
+        predicted = max(names, key=lambda n: summary[n]["top_k_mean"])
+    else:
+        summary, top_tiles, predicted = None, {}, None
     counts = np.bincount(scores.argmax(axis=1), minlength=len(names))
     report = {
         "format": REPORT_FORMAT, "slide": name, "task": "tile-classification", "classes": list(names),
@@ -193,8 +199,9 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
         "tiles": {"size": request.tile_size, "mpp": tile_mpp, "stride": request.stride, "scored": int(len(scores)),
                   "dropped": {k2: int(v) for k2, v in plan.dropped.items() if v},
                   "per_class": {n: int(c) for n, c in zip(names, counts)}},
-        "slide_score": {"aggregation": f"mean of the top {k} tile probabilities per class (mean and max beside it)",
-                        "per_class": summary, "predicted_class": predicted},
+        "slide_score": {"aggregation": "top_k_mean: mean of the k most probable tiles per class (mean and max "
+                                       "beside it); null when no tissue tile was found",
+                        "k": k, "per_class": summary, "predicted_class": predicted},
         "top_tiles": top_tiles,
         "outputs": {"heatmap": heat_path.name, "geojson": geojson_path.name,
                     "heatmap_pixel_um": [step[0] * geometry.mpp_x, step[1] * geometry.mpp_y],

@@ -63,7 +63,7 @@ def _haematoxylin(pixels: np.ndarray) -> np.ndarray:
 def test_plant_tumour_changes_only_tissue_inside_the_region():
     image, _ = demo.read_demo_tissue()
     tissue, rng = demo.tissue_indicator(image), np.random.default_rng(0)
-    base, donor = demo._crop(rng, image, tissue, 256), demo._crop(rng, image, tissue, 256)
+    base, donor = demo._crop(rng, image, tissue, 256, 0.5), demo._crop(rng, image, tissue, 256, 0.5)
     region = np.zeros((256, 256), bool)
     region[64:192, 64:192] = True
     planted = demo.plant_tumour(base, donor, region)
@@ -104,4 +104,7 @@ def test_demo_cohort_ingests_with_both_classes_and_patient_groups(cohort):
     groups = np.concatenate([b.groups for b in batches])
     assert set(labels.tolist()) == {0, 1} and len(set(groups.tolist())) == 5
     assert batches[-1].quarantine == []
+    # Every slide gives tiles: crops are chosen so that the reader's own tissue mask keeps them.
+    ids = np.concatenate([b.sample_ids for b in batches])
+    assert len({i.split("/")[0] for i in ids.tolist()}) == len(_rows(manifest))
     assert json.loads(batches[-1].provenance["slide_labels"])  # slide labels travel for slide-level work

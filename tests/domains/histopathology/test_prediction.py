@@ -46,7 +46,8 @@ def test_prediction_writes_report_heatmap_and_geojson(example, tmp_path):
     assert report["slide"].startswith("sl-") and "A1" not in json.dumps(report)
     assert report["tiles"]["scored"] == summary.samples > 0
     scores = report["slide_score"]["per_class"]
-    assert scores["tumor"]["max"] >= scores["tumor"]["top16_mean"] >= scores["tumor"]["mean"]
+    assert scores["tumor"]["max"] >= scores["tumor"]["top_k_mean"] >= scores["tumor"]["mean"]
+    assert report["slide_score"]["k"] == 16
     assert len(report["top_tiles"]["tumor"]) == 8
 
     # Heatmap: one pixel per 32 px tile step over the 384 px slide, pixel size = 16 um, NaN on glass.
@@ -151,3 +152,13 @@ def test_heatmap_grid_starts_at_the_bounds_offset():
     assert heat.shape == (2, 8, 16)  # ceil(512 / 64) rows, ceil(1000 / 64) cols
     assert heat[1, 0, 0] == pytest.approx(0.1) and heat[1, 0, 1] == pytest.approx(0.8)
     assert heat[0, 7, 15] == pytest.approx(0.5) and np.isnan(heat[0, 3, 3])
+
+
+def test_a_slide_without_tissue_gets_a_report_without_a_score(tmp_path):
+    blank = np.full((512, 512, 3), 245, np.uint8)  # empty glass
+    write_pyramid_tiff(tmp_path / "blank.tif", blank, 0.5, tile=64)
+    summary = _predict(tmp_path / "blank.tif", tmp_path / "blank.json")
+    report = json.loads((tmp_path / "blank.json").read_text())
+    assert summary.samples == 0 and report["tiles"]["scored"] == 0
+    assert report["slide_score"]["per_class"] is None and report["slide_score"]["predicted_class"] is None
+    assert json.loads((tmp_path / report["outputs"]["geojson"]).read_text())["features"] == []
