@@ -4,7 +4,8 @@ A slide is scored tile by tile exactly as it was read at ingest (tissue mask, th
 mpp, the same quality filters). Three files per slide, side by side in the output folder:
 
 - ``<name>.json`` (the prediction the predict stage lists): slide scores per class (mean, mean of the
-  top-k tiles ``top_k_mean``, max), the predicted class, the top tiles per class with their coordinates, counts.
+  top-k tiles ``top_k_mean``, max), the classes present (``top_k_mean`` at least :data:`THRESHOLD`), the
+  top tiles per class with their coordinates, counts.
 - ``<name>.heatmap.ome.tif``: float32 (classes, rows, cols) probabilities, one pixel per tile step, NaN
   where no tile was scored; PhysicalSizeX/Y = the tile step in micrometres, and pixel (0, 0) starts at the
   slide's scanned-area offset, so it lies over the slide when scaled by the step.
@@ -188,9 +189,11 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
     k = min(TOP_K, len(scores))
     if len(scores):
         summary, top_tiles = _slide_scores(scores, origins, bounds, names)
-        predicted = max(names, key=lambda n: summary[n]["top_k_mean"])
+        # "Present" rather than one argmax class: every slide holds normal tissue; what a slide has is the
+        # set of classes some of its tiles are confidently (a tumour is present if a few tiles are tumour).
+        present = [n for n in names if summary[n]["top_k_mean"] >= THRESHOLD]
     else:
-        summary, top_tiles, predicted = None, {}, None
+        summary, top_tiles, present = None, {}, []
     counts = np.bincount(scores.argmax(axis=1), minlength=len(names))
     report = {
         "format": REPORT_FORMAT, "slide": name, "task": "tile-classification", "classes": list(names),
@@ -201,7 +204,7 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
                   "per_class": {n: int(c) for n, c in zip(names, counts)}},
         "slide_score": {"aggregation": "top_k_mean: mean of the k most probable tiles per class (mean and max "
                                        "beside it); null when no tissue tile was found",
-                        "k": k, "per_class": summary, "predicted_class": predicted},
+                        "k": k, "threshold": THRESHOLD, "per_class": summary, "present": present},
         "top_tiles": top_tiles,
         "outputs": {"heatmap": heat_path.name, "geojson": geojson_path.name,
                     "heatmap_pixel_um": [step[0] * geometry.mpp_x, step[1] * geometry.mpp_y],

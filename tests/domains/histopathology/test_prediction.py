@@ -48,6 +48,7 @@ def test_prediction_writes_report_heatmap_and_geojson(example, tmp_path):
     scores = report["slide_score"]["per_class"]
     assert scores["tumor"]["max"] >= scores["tumor"]["top_k_mean"] >= scores["tumor"]["mean"]
     assert report["slide_score"]["k"] == 16
+    assert report["slide_score"]["present"] == [n for n in ("normal", "tumor") if scores[n]["top_k_mean"] >= 0.5]
     assert len(report["top_tiles"]["tumor"]) == 8
 
     # Heatmap: one pixel per 32 px tile step over the 384 px slide, pixel size = 16 um, NaN on glass.
@@ -160,5 +161,5 @@ def test_a_slide_without_tissue_gets_a_report_without_a_score(tmp_path):
     summary = _predict(tmp_path / "blank.tif", tmp_path / "blank.json")
     report = json.loads((tmp_path / "blank.json").read_text())
     assert summary.samples == 0 and report["tiles"]["scored"] == 0
-    assert report["slide_score"]["per_class"] is None and report["slide_score"]["predicted_class"] is None
+    assert report["slide_score"]["per_class"] is None and report["slide_score"]["present"] == []
     assert json.loads((tmp_path / report["outputs"]["geojson"]).read_text())["features"] == []
