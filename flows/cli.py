@@ -78,15 +78,23 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
     parser.add_argument("--block-size", type=int, help="spatial block side in pixels for leakage-free splits "
                                                        "(default: the domain's; 128 satellite, 64 hyperspectral)")
+    parser.add_argument("--tile-mpp", type=float, help="microns per pixel tiles are cut at (whole-slide images; "
+                                                       "default: the domain's, 0.5 for histopathology)")
+    _mpp_arg(parser)
+
+
+def _mpp_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mpp", type=float, help="the slides' microns per pixel, for whole-slide images whose "
+                                                  "metadata states none (never guessed from objective power)")
 
 
 def _source_payload(args: argparse.Namespace) -> dict:
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("stride", args.stride),
-                                ("block_size", args.block_size)) if v is not None}
+                                ("block_size", args.block_size), ("tile_mpp", args.tile_mpp)) if v is not None}
     if args.tile_size is not None and args.stride is None:
         tiling["stride"] = args.tile_size
     payload: dict = {"tiling": tiling}
-    for key in ("bands", "sensor", "class_names"):
+    for key in ("bands", "sensor", "class_names", "mpp"):
         if getattr(args, key) is not None:
             payload[key] = getattr(args, key)
     return payload
@@ -192,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="scene folder, multi-band GeoTIFF, or a drop folder of scenes")
     p.add_argument("--output", required=True, help="output .tif for one scene, or a folder for a drop folder")
     p.add_argument("--stride", type=int, help="tile step in pixels (default: the model's tile size)")
+    _mpp_arg(p)
     _workdir_arg(p)
 
     p = verbs.add_parser("pipeline", help="ingest, fine-tune, compress, validate, promote and predict",
@@ -342,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
         from flows.predict import PredictParams, predict
 
         receipt = predict(PredictParams(domain=args.domain, model_uri=args.model, input=args.input,
-                                        output=args.output, stride=args.stride, workdir=args.workdir))
+                                        output=args.output, stride=args.stride, workdir=args.workdir,
+                                        mpp=args.mpp))
         _print_receipt(receipt)
         return 1 if receipt.failed else 0
     if args.verb == "pipeline":

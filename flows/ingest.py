@@ -30,6 +30,10 @@ class TilingParams(BaseModel):
                                                "(pixels); empty uses the domain's default (satellite 128, "
                                                "hyperspectral 64)")
     max_nodata_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Tiles with more nodata than this are dropped")
+    tile_mpp: float | None = Field(None, gt=0.02, lt=100.0,
+                                   description="Resolution tiles are cut at, in microns per pixel (whole-slide "
+                                               "images: a 224 px tile at 0.5 covers 112 um whatever the scanner); "
+                                               "empty uses the domain's default (histopathology 0.5)")
 
 
 class IngestParams(BaseModel):
@@ -45,13 +49,15 @@ class IngestParams(BaseModel):
     source: str | None = Field(None, min_length=1, max_length=1000,
                                description="One source, the domain's input: scene folder or multi-band GeoTIFF "
                                            "(satellite), folder of DICOM/NIfTI studies (radiology), ENVI cube "
-                                           "(hyperspectral). Leave empty when using 'sources'")
+                                           "(hyperspectral), slide or folder of slides (histopathology). Leave "
+                                           "empty when using 'sources'")
     sources: list[SourcePath] = Field(default_factory=list, max_length=MAX_SOURCES,
                                       description="Several sources (scenes, study folders, cubes) that become one "
                                                   "dataset; each is read and checkpointed on its own. Leave empty "
                                                   "when using 'source'")
     labels: str | None = Field(None, max_length=1000, description="Labels: class raster (satellite), findings CSV "
-                                                                  "(radiology), plume mask (hyperspectral) for "
+                                                                  "(radiology), plume mask (hyperspectral), slide "
+                                                                  "manifest CSV (histopathology) for "
                                                                   "'source', or one file shared by all 'sources' "
                                                                   "(e.g. a findings CSV keyed by patient); empty "
                                                                   "for an unlabelled dataset")
@@ -69,6 +75,9 @@ class IngestParams(BaseModel):
     sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat8, landsat9); "
                                                                 "empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
+    mpp: float | None = Field(None, gt=0.02, lt=100.0,
+                              description="Resolution of the sources in microns per pixel, for whole-slide images whose metadata states none "
+                                                 "(never guessed from objective power); empty reads it from each slide")
     runner: TaskRunnerParams = Field(default_factory=TaskRunnerParams,
                                      description="Where the sources are read: threads here, or a Dask cluster")
     keep_parts: bool = Field(False, description="Keep each source's checkpoint after the dataset is written, so a "
@@ -128,6 +137,7 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         block_size=params.tiling.block_size, max_nodata_fraction=params.tiling.max_nodata_fraction,
         channels=tuple(params.bands) if params.bands else None, sensor=params.sensor,
         class_names=tuple(params.class_names) if params.class_names else None,
+        mpp=params.mpp, tile_mpp=params.tiling.tile_mpp,
     )
     dataset = dataset_location(params.out)
     plan = plan_ingest_task(params.domain, request, params.source_paths(), params.label_paths(), dataset)

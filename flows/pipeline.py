@@ -28,9 +28,11 @@ class PipelineParams(BaseModel):
     domain: DomainName = "satellite"
     source: str = Field(..., min_length=1, max_length=1000,
                         description="The domain's input to learn from: scene folder or multi-band GeoTIFF (satellite), "
-                                    "folder of DICOM/NIfTI studies (radiology), ENVI cube (hyperspectral)")
+                                    "folder of DICOM/NIfTI studies (radiology), ENVI cube (hyperspectral), slide or "
+                                    "folder of slides (histopathology)")
     labels: str = Field(..., min_length=1, max_length=1000,
-                        description="Labels: class raster (satellite), findings CSV (radiology), plume mask (hyperspectral)")
+                        description="Labels: class raster (satellite), findings CSV (radiology), plume mask "
+                                    "(hyperspectral), slide manifest CSV (histopathology)")
     workdir: str = WorkdirField
     dataset: str | None = Field(None, min_length=1, max_length=1000,
                                 description="Where the dataset is written: a folder or URL (s3://bucket/prefix); "
@@ -40,6 +42,9 @@ class PipelineParams(BaseModel):
                                                 "presets (radiology), band selection (hyperspectral)")
     sensor: str | None = Field(None, max_length=64, description="Sensor band table; empty to infer from file names")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
+    mpp: float | None = Field(None, gt=0.02, lt=100.0,
+                              description="Resolution of the slides in microns per pixel, for whole-slide images "
+                                          "whose metadata states none (never guessed from objective power)")
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
     split: SplitParams = Field(default_factory=SplitParams, description="Split fractions and seed")
     backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
@@ -73,7 +78,7 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
     ingested = ingest_dataset(IngestParams(
         domain=params.domain, source=params.source, labels=params.labels, out=params.dataset_location(),
         tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
-        class_names=params.class_names))
+        class_names=params.class_names, mpp=params.mpp))
     tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
                                              lora=params.lora, train=params.train))
     compressed = compress(CompressFlowParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
@@ -86,6 +91,6 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
     # Predict with the candidate's own edge model, so a run whose gate failed still shows its map.
     predicted = predict(PredictParams(**common, input=params.source, model_uri=compressed.edge_model_uri,
                                       output=join_location(params.workdir, "predictions"),
-                                      threads=params.compression.threads))
+                                      threads=params.compression.threads, mpp=params.mpp))
     return PipelineReceipt(ingest=ingested, finetune=tuned, compress=compressed, validation=validated,
                            promote=promoted, predict=predicted)

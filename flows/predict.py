@@ -29,6 +29,9 @@ class PredictParams(BaseModel):
     stride: int | None = Field(None, ge=1, le=4096, description="Tile step in pixels; empty uses the model's tile size")
     workdir: str = WorkdirField
     threads: int = Field(2, ge=1, le=256, description="CPU threads for inference")
+    mpp: float | None = Field(None, gt=0.02, lt=100.0,
+                              description="Resolution of the input in microns per pixel, for whole-slide images whose metadata states none "
+                                                 "(never guessed from objective power); empty reads it from the slide")
 
     @field_validator("input", "output", mode="before")
     @classmethod
@@ -51,5 +54,5 @@ def predict(params: PredictParams) -> PredictReceipt:
     configure_tracking(params.workdir)
     model_uri = resolve_model_uri(params.domain, params.model_uri)
     batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
-                                params.threads)
+                                params.threads, params.mpp)
     return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)

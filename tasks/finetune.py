@@ -47,6 +47,7 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
         "tile_size": info.tile_size,
         "backbone": backbone.name,
         "dataset_digest": info.digest,
+        **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
     }
 
 

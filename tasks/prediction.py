@@ -35,6 +35,8 @@ class LoadedModel:
     tile_size: int
     domain: str
     task: str = "classification"
+    tile_mpp: float | None = None
+    """Microns per pixel the training tiles were cut at (whole-slide images); None for other domains."""
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax over classes (per sample or per pixel), or independent sigmoids for multilabel models."""
@@ -90,17 +92,19 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
     return LoadedModel(uri=model_uri, flavor=flavor, predict_logits=predict,
                        channels=tuple(Channel(**c) for c in metadata["channels"]),
                        class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
-                       domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")))
+                       domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")),
+                       tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None)
 
 
 def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path | str, stride: int | None = None,
-                   threads: int = 2) -> PredictionBatch:
+                   threads: int = 2, mpp: float | None = None) -> PredictionBatch:
     """Predict one input or every input of a drop folder.
 
     ``output`` is a file when ``input_path`` is a single input, else a folder that receives
     ``<input name><suffix>`` per input (the domain's prediction suffix: ``.tif`` rasters, ``.json``
     study reports; names made safe by :func:`prediction_target`). An input that fails, for any reason, is
-    recorded with its error and skipped; the others are still predicted.
+    recorded with its error and skipped; the others are still predicted. ``mpp`` is the inputs' resolution
+    in microns per pixel for whole-slide images whose metadata states none.
 
     ``output`` may be a URL (``s3://bucket/prefix/predictions``): the domain's writers (GDAL among them)
     need real files, so predictions are written to a local staging folder and uploaded, each file whole,
@@ -113,17 +117,17 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     if not is_url(output):
-        return _predict_each(domain, model, inputs, single, Path(output), stride)
+        return _predict_each(domain, model, inputs, single, Path(output), stride, mpp)
     parent = parent_location(output)
     with staged_folder(parent) as staging:
-        batch = _predict_each(domain, model, inputs, single, staging / location_name(output), stride)
+        batch = _predict_each(domain, model, inputs, single, staging / location_name(output), stride, mpp)
         batch.written = [replace(summary, output=staged_reference(Path(summary.output), staging, parent))
                          for summary in batch.written]
     return batch
 
 
 def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], single: bool, output: Path,
-                  stride: int | None) -> PredictionBatch:
+                  stride: int | None, mpp: float | None = None) -> PredictionBatch:
     batch = PredictionBatch()
     for item in inputs:
         try:
@@ -131,7 +135,8 @@ def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], si
             target.parent.mkdir(parents=True, exist_ok=True)
             request = PredictionRequest(input=item, output=target, channels=model.channels,
                                         class_names=model.class_names, tile_size=model.tile_size,
-                                        stride=stride or model.tile_size, infer=model.probabilities, task=model.task)
+                                        stride=stride or model.tile_size, infer=model.probabilities, task=model.task,
+                                        mpp=mpp, tile_mpp=model.tile_mpp)
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
             log.error("skipping %s: %s", printable_path(item), error)
