@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +47,8 @@ BLOSC_LEVEL = 2
 BLOSC_SHUFFLE = "shuffle"
 # Threads that encode, digest and store the chunks of one batch at once (each releases the GIL).
 STORE_THREADS = 2
+# Batches queued for storing while the caller goes on reading (each holds a staging copy of its samples).
+BATCHES_IN_FLIGHT = 2
 
 
 class DatasetError(ValueError):
@@ -114,8 +116,9 @@ class ChunkedArrayWriter:
 
     Encoding, digesting and storing run off the caller's thread, one batch at a time, the chunks of a
     batch on :data:`STORE_THREADS` threads (Blosc, hashlib and file writes release the GIL), so the
-    caller reads its next batch meanwhile. Memory is one chunk buffer plus one batch in flight, whatever
-    the size of the source: :meth:`append` waits for the previous batch before taking the next.
+    caller reads its next batches meanwhile. Memory is one chunk buffer plus :data:`BATCHES_IN_FLIGHT`
+    staged batches, whatever the size of the source: :meth:`append` waits for the oldest batch when that
+    many are queued.
     """
 
     def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int,
@@ -142,28 +145,42 @@ class ChunkedArrayWriter:
         self.filled = 0
         self.length = 0
         self.digests: list[str] = []
-        self._staging: np.ndarray | None = None
+        # Staging buffers of the batches in flight, reused batch after batch: a fresh batch-sized array
+        # would cost page faults on every batch.
+        self._free: list[np.ndarray] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitrail-write-{name}")
         self._chunk_pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix=f"vitrail-chunk-{name}")
-        self._pending = None
+        self._pending: deque = deque()
 
     def append(self, block: np.ndarray) -> None:
-        """Queue ``block`` (N, *sample_shape) for storing; raises what storing the previous batch raised."""
-        self.wait()
-        # A copy: the caller (a reader's batch) may reuse or change its array once this returns. The
-        # staging buffer is reused batch after batch (free once the previous batch is stored): a fresh
-        # batch-sized array would cost page faults on every batch.
-        if self._staging is None or len(self._staging) < len(block):
-            self._staging = np.empty((len(block), *self.sample_shape), dtype=self.dtype)
-        staging = self._staging[:len(block)]
+        """Queue ``block`` (N, *sample_shape) for storing; raises what storing an earlier batch raised.
+
+        Up to :data:`BATCHES_IN_FLIGHT` batches wait or are being stored while the caller goes on (reading
+        its next strip while the last one's batches are compressed); the next append waits for the oldest.
+        """
+        while len(self._pending) >= BATCHES_IN_FLIGHT:
+            self._wait_oldest()
+        # A copy: the caller (a reader's batch) may reuse or change its array once this returns.
+        buffer = next((b for b in self._free if len(b) >= len(block)), None)
+        if buffer is None:
+            buffer = np.empty((len(block), *self.sample_shape), dtype=self.dtype)
+        else:
+            self._free.remove(buffer)
+        staging = buffer[:len(block)]
         staging[...] = block
-        self._pending = self._worker.submit(self._append_now, staging)
+        self._pending.append((self._worker.submit(self._append_now, staging), buffer))
+
+    def _wait_oldest(self) -> None:
+        job, buffer = self._pending.popleft()
+        try:
+            job.result()
+        finally:
+            self._free.append(buffer)
 
     def wait(self) -> None:
-        """Block until the batch in flight is stored; raise what storing it raised."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until every batch in flight is stored; raise what storing one raised."""
+        while self._pending:
+            self._wait_oldest()
 
     def close(self) -> None:
         """Store everything queued and the last, partly filled chunk, record the array's length; stop the threads."""
