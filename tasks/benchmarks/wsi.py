@@ -2,7 +2,7 @@
 
 ``vitrail bench wsi --workdir DIR [--set KEY=VALUE ...]`` writes a 40x-like slide (0.25 um/px, JPEG tiles of
 256 px, pyramid levels at downsample 1, 4 and 16 as a scanner stores them) under ``DIR/bench/wsi-slides``
-(kept for later runs), its content tiled from the CC0 CMU-1-Small-Region slide in ``../shared/samples`` when
+(kept for later runs), its content tiled from the CC0 CMU-1-Small-Region slide bundled with the demo (``domains/histopathology/demo_data``) when
 present (a synthetic tissue texture otherwise), and measures, each in a fresh subprocess so that its peak
 resident memory (VmHWM) is its own:
 
@@ -19,7 +19,7 @@ A few tiles from both paths are compared pixel by pixel, so the speed-up is for 
 Options: ``size`` (level-0 side, default 20000), ``tile_size`` (224), ``mpp`` (0.5), ``slide_mpp`` (0.25),
 ``thumb_mpp`` (8), ``min_tissue`` (0.5), ``batch`` (64), ``workers`` (reader threads; default the reader's),
 ``modes`` (``mask,tiles,naive``), ``naive_limit`` (measure the naive read on at most this many tiles; 0: all),
-``sample`` (the slide whose pixels are tiled; default the CC0 sample in ../shared).
+``sample`` (the slide whose pixels are tiled; default the CC0 sample bundled with the demo).
 The CPU count reported is the process's affinity mask, so ``taskset -c 0,1 vitrail bench wsi ...`` measures
 two cores on a larger machine.
 Goals (issue 11): at least 250 tiles/s on 2 cores, peak RSS at most 1 GiB, at least 2x the naive read.
@@ -42,7 +42,7 @@ MODES = ("mask", "tiles", "naive")
 LEVEL_FACTORS = (1, 4, 16)
 TILE = 256
 JPEG_QUALITY = 80
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "samples" / "histopathology" / "CMU-1-Small-Region.svs"
+SAMPLE = Path(__file__).resolve().parents[2] / "domains" / "histopathology" / "demo_data" / "CMU-1-Small-Region.svs"
 
 
 def _texture(sample: Path | None):

@@ -2,7 +2,7 @@
 
 Fixtures are real files written here: generic tiled TIFF pyramids (a page per level, resolution in
 cm or inch), SubIFD pyramids, OME-TIFF with PhysicalSizeX, a stripped TIFF without resolution, and the
-real CC0 Aperio sample from ../shared when present.
+real CC0 Aperio sample bundled with the demo.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from domains.histopathology.slide import SlideGeometry, open_slide, tile_grid
+from domains.histopathology.demo import demo_slide_path
 from domains.spec import DomainInputError
 
-SAMPLE = Path(__file__).resolve().parents[4] / "shared" / "samples" / "histopathology" / "CMU-1-Small-Region.svs"
+SAMPLE = demo_slide_path()  # the real CC0 Aperio slide bundled with the demo
 
 
 def smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -266,7 +267,6 @@ def test_thumbnail_is_read_from_a_low_level_in_blocks(pyramid: Path, content) ->
 
 # -- real formats ----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="the CC0 sample slide in ../shared is not present")
 def test_real_aperio_slide_mpp_and_tiles_match_openslide() -> None:
     import openslide
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from domains.histopathology.demo import demo_slide_path
 from domains.histopathology.stain import (LIGHT, StainReference, fit_stain_reference, normalize_stain,
                                           optical_density, screen_tile)
 
-SAMPLE = Path(__file__).resolve().parents[4] / "shared" / "samples" / "histopathology" / "CMU-1-Small-Region.svs"
+SAMPLE = demo_slide_path()  # the real CC0 Aperio slide bundled with the demo
 HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
 HE = HE / np.linalg.norm(HE, axis=1, keepdims=True)
 
@@ -52,8 +53,6 @@ def bad_tiles(size: int = 96) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def real_tiles() -> np.ndarray:
-    if not SAMPLE.exists():
-        pytest.skip("the CC0 sample slide in ../shared is not present")
     from domains.histopathology.slide import open_slide, tile_grid
     from domains.histopathology.tissue import tissue_fraction, tissue_mask
 
