@@ -386,6 +386,7 @@ def open_slide(path: Path | str, mpp: float | None = None, workers: int | None =
             raise DomainInputError(path, f"resolution {mpp_x} x {mpp_y} um/px from {source} is outside the plausible "
                                          f"{MPP_RANGE[0]}..{MPP_RANGE[1]}; pass --mpp")
         levels = backend.levels()
+        _check_pyramid(path, levels)
         bounds_x, bounds_y, bounds_width, bounds_height = backend.bounds()
         geometry = SlideGeometry(width=levels[0][0], height=levels[0][1], mpp_x=mpp_x, mpp_y=mpp_y,
                                  mpp_source=source, levels=levels, bounds_x=bounds_x, bounds_y=bounds_y,
@@ -482,6 +483,22 @@ def _open_backend(path: Path) -> "_Backend":
     tiff.close()
     return backend
 
+
+
+def _check_pyramid(path: Path, levels: tuple[tuple[int, int, float], ...]) -> None:
+    """Refuse a pyramid whose reduced levels are not reductions of the full image (same factor across and down).
+
+    Such a level maps regions to the wrong pixels (a thumbnail, a tissue mask or a coarse tile would come from
+    elsewhere); scanners write levels of ``floor`` or ``ceil`` of the full size over the factor, so a pixel or
+    two of rounding is allowed.
+    """
+    width0, height0, _ = levels[0]
+    for index, (width, height, _) in enumerate(levels[1:], start=1):
+        factor = width0 / width
+        if abs(height0 / factor - height) > max(2.0, 0.01 * height):
+            raise DomainInputError(path, f"pyramid level {index} is {width} x {height} px, not a reduction of the "
+                                         f"{width0} x {height0} px full image ({width0 / width:.3g}x across, "
+                                         f"{height0 / height:.3g}x down); the file is damaged")
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages that decode the same without OpenSlide.
 FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
