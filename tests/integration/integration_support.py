@@ -140,6 +140,38 @@ def running_prefect_server(home: Path) -> Iterator[PrefectServer]:
         stop_process_group(process)
 
 
+@contextmanager
+def running_s3_server(bucket: str) -> Iterator[str]:
+    """moto's S3 server on a free loopback port holding ``bucket``; yields its endpoint URL.
+
+    While it runs, this process's standard ``AWS_*`` variables point at it (clients find it through them
+    only); they are restored and the server stopped on exit.
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = find_free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made for another endpoint must not be reused
+    try:
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
 def _healthy(api_url: str) -> bool:
     try:
         return httpx.get(f"{api_url}/health", timeout=2).status_code == 200

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
-from integration_support import find_free_port
+from integration_support import running_s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -15,30 +14,9 @@ BUCKET = "vitrail-parts"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free loopback port, found by clients through the standard ``AWS_*`` variables."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    port = find_free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    s3fs.S3FileSystem.clear_instance_cache()  # an instance made for another endpoint must not be reused
-    try:
-        s3fs.S3FileSystem().mkdir(BUCKET)
+    """moto's S3 server on 127.0.0.1 with the bucket, this process's AWS settings pointed at it."""
+    with running_s3_server(BUCKET) as endpoint:
         yield endpoint
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 def test_parts_on_s3_resume_and_combine_into_one_dataset(s3_endpoint: str, tmp_path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from integration_support import VENV_BIN, find_free_port, stop_process_group
+from integration_support import VENV_BIN, find_free_port, stop_process_group, running_s3_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,30 +40,9 @@ MLFLOW_START_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with this process's AWS settings pointed at it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    port = find_free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    s3fs.S3FileSystem.clear_instance_cache()  # an instance made for another endpoint must not be reused
-    try:
-        s3fs.S3FileSystem().mkdir(BUCKET)
+    """moto's S3 server on 127.0.0.1 with the bucket, this process's AWS settings pointed at it."""
+    with running_s3_server(BUCKET) as endpoint:
         yield endpoint
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="module")
