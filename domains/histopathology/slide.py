@@ -125,7 +125,7 @@ class Slide:
         self.path = path
         self._backend = backend
         self.geometry = geometry
-        self._workers = workers or min(4, _usable_cpus())
+        self._workers = workers or min(4, usable_cpus())
 
     # -- context manager -------------------------------------------------------------------------------
     def __enter__(self) -> "Slide":
@@ -310,7 +310,7 @@ def _common_integer_factor(boxes, left: int, top: int, size: int) -> int | None:
     return factor
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.benchmarks.process_metrics import cpu_seconds, load_average, peak_rss_mb
+from tasks.reproducibility import cpu_model
+
 DEMO_SIDE = 720
 # Scene side of each child's untimed warm-up run (big enough to fill every split of a dataset).
 WARMUP_SIDE = 1440
@@ -42,46 +45,6 @@ GOALS = {"peak_rss_mb_max": 1536.0, "rss_ratio_max": 1.3, "decode_fraction_min":
 MODES = ("decode", "reader", "ingest")
 # Rows of the 10 m grid read per window by the plain decode, about a reader strip.
 DECODE_ROWS = 448
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), in MiB; unlike ru_maxrss it restarts at exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cpu_seconds() -> float:
-    """User plus system CPU time of this process so far, all threads together."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _load_average() -> list[float] | None:
-    """The machine's 1, 5 and 15 minute load averages when the benchmark ended (other work skews timings)."""
-    import os
-
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("model name", "modelname"):
-            return value.strip()
-    return "unknown"
 
 
 def write_mosaic_scene(size: int, folder: Path) -> dict[str, Path]:
@@ -153,7 +116,7 @@ def _child_decode(spec: dict) -> dict:
     from domains.satellite.strips import GDAL_CACHE_MB
 
     scene_dir = Path(spec["source"])
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         datasets = [rasterio.open(p) for p in sorted(scene_dir.glob("*.tif"))]
         grid_rows = max(ds.height for ds in datasets)
@@ -166,7 +129,7 @@ def _child_decode(spec: dict) -> dict:
                     ds.read(1, window=Window(0, first, ds.width, last - first))
         for ds in datasets:
             ds.close()
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu}
 
 
 def _request(spec: dict):
@@ -181,12 +144,12 @@ def _child_reader(spec: dict) -> dict:
     from domains.satellite.tiling import read_samples
 
     request = _request(spec)
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     samples = batches = 0
     for batch in read_samples(request):
         samples += len(batch.images)
         batches += 1
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "samples": samples,
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu, "samples": samples,
             "batches": batches}
 
 
@@ -199,10 +162,10 @@ def _child_ingest(spec: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     request = _request(spec)
     get_domain("satellite")  # domain discovery imports every domain once per process: not ingest work
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     info = build_dataset("satellite", request, out, SplitParams())
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "samples": sum(info.split_counts.values()),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "samples": sum(info.split_counts.values()),
             "stored_dtype": info.stored_dtype, "dataset_bytes": _folder_bytes(out)}
 
 
@@ -269,10 +232,10 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
                 row["fraction_of_raw_decode"] = row["megapixels_per_second"] / row["raw_decode_megapixels_per_second"]
         rows.append(row)
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "options": {"sizes": sizes, "tile_size": tile_size, "stride": stride, "block_size": block_size,
                     "batch_samples": batch_samples, "modes": modes, "rounds": rounds},
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "rows": rows,
         "rss_ratio_largest_to_2880": _rss_ratio(rows, "ingest"),
         "reader_rss_ratio_largest_to_2880": _rss_ratio(rows, "reader"),
@@ -324,7 +287,7 @@ def _child_main(mode: str, payload: str) -> None:
         measure(spec | spec["warmup"] | {"out": warm_out})
         shutil.rmtree(warm_out, ignore_errors=True)
     result = measure(spec)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from domains.histopathology.slide import _usable_cpus
-from tasks.benchmarks.ingest import _cpu_model, _peak_rss_mb
+from domains.histopathology.slide import usable_cpus
+from tasks.benchmarks.process_metrics import cpu_seconds, peak_rss_mb
+from tasks.reproducibility import cpu_model
 
 GOALS = {"tiles_per_second_min": 250.0, "peak_rss_mb_max": 1024.0, "speedup_vs_naive_min": 2.0}
 MODES = ("mask", "tiles", "naive")
@@ -143,12 +144,12 @@ def _child_tiles(spec: dict) -> dict:
     checksum = 0
     opened = time.perf_counter()
     with open_slide(spec["slide"], workers=workers) as slide:
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         for tiles, _ in slide.iter_tiles(origins, spec["tile_size"], spec["mpp"], batch=spec["batch"]):
             count += len(tiles)
             checksum += int(tiles[:, 0, 0, 0].sum())  # touch the output
         seconds = time.perf_counter() - start
-        cpu = _cpu_seconds() - cpu_start
+        cpu = cpu_seconds() - cpu_start
     return {"seconds": seconds, "open_seconds": start - opened, "tiles": count, "tiles_per_second": count / seconds,
             "cpu_seconds": cpu, "tiles_per_cpu_second": count / max(cpu, 1e-9), "checksum": checksum}
 
@@ -171,11 +172,11 @@ def _child_naive(spec: dict) -> dict:
     span = int(round(spec["tile_size"] * spec["mpp"] / spec["slide_mpp"]))
     opened = time.perf_counter()
     with openslide.OpenSlide(spec["slide"]) as raw:
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         for x, y in origins:
             _naive_tile(raw, x, y, span, spec["tile_size"])
         seconds = time.perf_counter() - start
-        cpu = _cpu_seconds() - cpu_start
+        cpu = cpu_seconds() - cpu_start
     return {"seconds": seconds, "open_seconds": start - opened, "tiles": int(len(origins)),
             "tiles_per_second": len(origins) / seconds, "cpu_seconds": cpu,
             "tiles_per_cpu_second": len(origins) / max(cpu, 1e-9)}
@@ -206,14 +207,6 @@ def _compare_paths(spec: dict, count: int = 16) -> dict:
     return {"tiles": int(len(pick)), "max_abs_diff": worst}
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _run_child(mode: str, spec: dict) -> dict:
     command = [sys.executable, "-m", "tasks.benchmarks.wsi", mode, json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -238,7 +231,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
             "min_tissue": float(options.get("min_tissue", 0.5)), "batch": int(options.get("batch", 64)),
             "workers": options.get("workers", ""), "naive_limit": int(options.get("naive_limit", 0)),
             "origins": str(bench / "wsi-slides" / f"tissue-tiles-{size}.npy")}
-    result: dict = {"cpu": _cpu_model(), "cpu_count": _usable_cpus(), "slide": slide,
+    result: dict = {"cpu": cpu_model(), "cpu_count": usable_cpus(), "slide": slide,
                     "options": {k: v for k, v in spec.items() if k not in ("slide", "origins")} | {"size": size},
                     "goals": GOALS}
     # The tile list comes from the mask run; tiles/naive need it even when mask is not measured.
@@ -292,7 +285,7 @@ def format_table(result: dict) -> str:
 def _child_main(mode: str, payload: str) -> None:
     spec = json.loads(payload)
     result = {"mask": _child_mask, "tiles": _child_tiles, "naive": _child_naive}[mode](spec)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
