@@ -83,6 +83,8 @@ class IngestRequest:
             by the user. None: read it from the metadata. Domains without a micron scale ignore it.
         tile_mpp: microns per pixel samples are cut at (histopathology: tiles are resampled from the best
             pyramid level to exactly this), None for the domain's default. Other domains ignore it.
+        group_by: the leakage group of each sample. histopathology: 'patient' (default) or 'site' (every
+            slide of a site shares a split; a patient seen at two sites is refused); other domains ignore it.
     """
 
     source: Path
@@ -97,6 +99,7 @@ class IngestRequest:
     batch_samples: int = 256
     mpp: float | None = None
     tile_mpp: float | None = None
+    group_by: str | None = None
 
 
 @dataclass

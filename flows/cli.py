@@ -80,6 +80,9 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
                                                        "(default: the domain's; 128 satellite, 64 hyperspectral)")
     parser.add_argument("--tile-mpp", type=float, help="microns per pixel tiles are cut at (whole-slide images; "
                                                        "default: the domain's, 0.5 for histopathology)")
+    parser.add_argument("--group-by", choices=("patient", "site"),
+                        help="leakage group of whole-slide images: patient (default) or site (needs a site column "
+                             "in the slide manifest)")
     _mpp_arg(parser)
 
 
@@ -90,7 +93,8 @@ def _mpp_arg(parser: argparse.ArgumentParser) -> None:
 
 def _source_payload(args: argparse.Namespace) -> dict:
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("stride", args.stride),
-                                ("block_size", args.block_size), ("tile_mpp", args.tile_mpp)) if v is not None}
+                                ("block_size", args.block_size), ("tile_mpp", args.tile_mpp),
+                                ("group_by", args.group_by)) if v is not None}
     if args.tile_size is not None and args.stride is None:
         tiling["stride"] = args.tile_size
     payload: dict = {"tiling": tiling}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -34,6 +34,11 @@ class TilingParams(BaseModel):
                                    description="Resolution tiles are cut at, in microns per pixel (whole-slide "
                                                "images: a 224 px tile at 0.5 covers 112 um whatever the scanner); "
                                                "empty uses the domain's default (histopathology 0.5)")
+    group_by: Literal["patient", "site"] | None = Field(
+        None, description="Leakage group of whole-slide images: 'patient' keeps each patient's slides in one "
+                          "split; 'site' keeps each site's slides in one split (needs a site column in the "
+                          "slide manifest; a patient seen at two sites is refused). Empty: patient. Other "
+                          "domains ignore it")
 
 
 class IngestParams(BaseModel):
@@ -137,7 +142,7 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         block_size=params.tiling.block_size, max_nodata_fraction=params.tiling.max_nodata_fraction,
         channels=tuple(params.bands) if params.bands else None, sensor=params.sensor,
         class_names=tuple(params.class_names) if params.class_names else None,
-        mpp=params.mpp, tile_mpp=params.tiling.tile_mpp,
+        mpp=params.mpp, tile_mpp=params.tiling.tile_mpp, group_by=params.tiling.group_by,
     )
     dataset = dataset_location(params.out)
     plan = plan_ingest_task(params.domain, request, params.source_paths(), params.label_paths(), dataset)

@@ -46,6 +46,9 @@ AUDIT_PROVENANCE_KEY = "deidentification_audit"
 AUDIT_FILE_NAME = "deidentification_audit.json"
 MASK_FOLDER = "tissue_masks"
 LABEL_KINDS = ("regions", "slide", "none")
+GROUP_BY = ("patient", "site")
+"""What a tile's leakage group can be: its patient (default) or its site (hospital/scanner), so that a model
+can be tested on sites it never saw."""
 
 
 def slide_pseudonym(key: str) -> str:
@@ -166,6 +169,7 @@ class _Plan:
     regions: dict[str, Annotations]
     quarantine: list[dict[str, str]]
     manifest: Manifest | None
+    group_by: str = "patient"
 
 
 def _class_names(found: set[str], requested: tuple[str, ...] | None, where: Path) -> tuple[str, ...]:
@@ -225,11 +229,46 @@ def without_duplicates(slides: list, quarantine: list[dict[str, str]]) -> list:
     return kept
 
 
+def check_site_groups(manifest: Manifest) -> None:
+    """Refuse site grouping when a site is missing or a patient was seen at two sites.
+
+    With sites as leakage groups a patient at two sites would put the same patient in two splits (the
+    dataset writer only sees the groups), so this is checked here, before any pixel is read. Errors name
+    pseudonyms and manifest lines, never the patient id or site name.
+    """
+    if not manifest.has_sites:
+        raise DomainInputError(manifest.path, "grouping by site needs a site column (site, center or centre) in "
+                                              "the manifest; add one or group by patient")
+    missing = [e.row for e in manifest.entries if not e.site]
+    if missing:
+        lines = ", ".join(str(n) for n in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise DomainInputError(manifest.path, f"grouping by site: the site cell is empty on line(s) {lines}; every "
+                                              "slide needs its site")
+    first_seen: dict[str, SlideEntry] = {}
+    for entry in manifest.entries:
+        earlier = first_seen.setdefault(entry.patient, entry)
+        if earlier.site != entry.site:
+            raise DomainInputError(manifest.path, (
+                f"grouping by site: patient {pseudonym('patient', entry.patient)} has slides at two sites, "
+                f"{pseudonym('site', earlier.site)} (line {earlier.row}) and {pseudonym('site', entry.site)} "
+                f"(line {entry.row}); the patient would be in two splits. Group by patient, or drop one "
+                "site's slides of this patient"))
+
+
+def _group_by(request: IngestRequest) -> str:
+    group_by = request.group_by or "patient"
+    if group_by not in GROUP_BY:
+        raise DomainInputError("group_by", f"{group_by!r} is not a histopathology leakage group; use "
+                                           f"{' or '.join(GROUP_BY)}")
+    return group_by
+
+
 def plan_read(request: IngestRequest) -> _Plan:
     """Check the request and the manifest, list the slides and fix the classes (no pixels are read)."""
     source = Path(request.source)
     if not source.exists():
         raise DomainInputError(source, "no such slide file or folder")
+    group_by = _group_by(request)
     if request.tile_size < 8:
         raise DomainInputError("tile_size", f"{request.tile_size} is too small; use at least 8 pixels")
     if request.batch_samples < 1:
@@ -238,12 +277,16 @@ def plan_read(request: IngestRequest) -> _Plan:
     found = list_slides(source)
     quarantine: list[dict[str, str]] = []
     if request.labels is None:
+        if group_by == "site":
+            raise DomainInputError(source, "grouping by site needs a slide manifest with a site column (labels)")
         slides = [(p, slide_key(p, root), None) for p in found]
         if not slides:
             raise DomainInputError(source, "no slide files here (looked for " + ", ".join(_extensions()) + ")")
         slides = without_duplicates(slides, quarantine)
         return _Plan(slides, "none", tuple(request.class_names or DEFAULT_CLASS_NAMES), {}, quarantine, None)
     manifest = read_manifest(request.labels, source)
+    if group_by == "site":
+        check_site_groups(manifest)
     listed = {e.key for e in manifest.entries}
     for path in found:
         key = slide_key(path, root)
@@ -265,7 +308,7 @@ def plan_read(request: IngestRequest) -> _Plan:
         kind, names = "none", set()
     class_names = _class_names(names, request.class_names, Path(request.labels)) if kind != "none" else \
         tuple(request.class_names or DEFAULT_CLASS_NAMES)
-    return _Plan(slides, kind, class_names, regions, quarantine, manifest)
+    return _Plan(slides, kind, class_names, regions, quarantine, manifest, group_by)
 
 
 def _extensions() -> tuple[str, ...]:
@@ -318,7 +361,7 @@ class _Pending:
 
 
 def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
-    """Read slides into uint8 RGB tile samples (N, 3, T, T) for tile classification, grouped by patient.
+    """Read slides into uint8 RGB tile samples (N, 3, T, T) for tile classification, grouped by patient or site.
 
     ``request.source`` is a slide file or a folder of slides; ``request.labels`` the slide manifest CSV
     (without one, every slide is unlabelled and is its own group). For each slide, one at a time:
@@ -332,7 +375,9 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
        tiles outside every region are dropped as ``unannotated``); with only a slide-label column, by
        its slide's label (weak labels); with neither, -1.
 
-    Groups are keyed patient pseudonyms, sample ids ``<slide pseudonym>/<x>,<y>`` and locations the
+    Groups are keyed patient pseudonyms, or site pseudonyms with ``request.group_by == "site"`` (refused
+    when a slide has no site or a patient was seen at two sites; the choice is the provenance's
+    ``leakage_group``), sample ids ``<slide pseudonym>/<x>,<y>`` and locations the
     level-0 (row, col) of each tile's top-left corner. A slide that cannot be read is quarantined
     (``{"item": slide pseudonym, "reason", "problem"}``; tiles it had not yet handed over are dropped)
     and the rest go on. The last batch carries the provenance: per-slide resolution facts, the tissue
@@ -340,8 +385,8 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
     slide labels and patients by pseudonym (what slide-level learning needs).
 
     Raises:
-        DomainInputError: bad request, manifest or annotations (checked before any pixel is read); no
-            slide could be read at all.
+        DomainInputError: bad request, manifest, annotations or site grouping (checked before any pixel is
+            read); no slide could be read at all.
     """
     plan = plan_read(request)
     return _stream(request, plan)
@@ -375,6 +420,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
     for path, key, entry in plan.slides:
         name = slide_pseudonym(key)
         patient = pseudonym("patient", entry.patient) if entry is not None else pseudonym("patient", "slide:" + key)
+        group = pseudonym("site", entry.site) if plan.group_by == "site" else patient
         added = 0
         try:
             with open_slide(path, mpp=request.mpp) as slide:
@@ -405,7 +451,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
                     pending.add(_Chunk(
                         images=np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)),
                         labels=np.array([label_of[(int(x), int(y))] for x, y in tile_origins], dtype=np.int64),
-                        groups=[patient] * len(tiles),
+                        groups=[group] * len(tiles),
                         locations=tile_origins[:, ::-1].astype(np.int64),
                         ids=[f"{name}/{int(x)},{int(y)}" for x, y in tile_origins], slide=name))
                     while len(pending) >= request.batch_samples:
@@ -451,6 +497,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
         "tile_mpp": str(tile_mpp),
         "tile_stride": str(stride),
         "label_kind": plan.label_kind,
+        "leakage_group": plan.group_by,
         "stain_normalisation": "none",
         "pseudonym_salt": salt_kind,
         "slide_facts": json.dumps(facts, sort_keys=True),
