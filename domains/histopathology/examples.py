@@ -8,6 +8,7 @@ tags (pixels per centimetre), so the mpp contract finds it the way it finds a sc
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -125,3 +126,134 @@ def write_example(directory: Path, seed: int = 0) -> dict[str, Path]:
         writer.writerow(["slide", "patient", "site", "label", "annotations"])
         writer.writerows(rows)
     return {"source": slides, "labels": manifest}
+
+
+DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+"""VL Whole Slide Microscopy Image Storage (DICOM PS3.3 A.32.8)."""
+
+
+def _dicom_uid(*parts: object) -> str:
+    """A deterministic synthetic UID (pydicom's 2.25 root from a hash of ``parts``): same slide, same UIDs."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+
+def _dicom_frames(rgb: np.ndarray, tile: int, compression: str | None) -> list[bytes]:
+    """The TILED_FULL frames of ``rgb``: row-major tiles, the edge ones padded with white to a full tile."""
+    from PIL import Image
+
+    height, width = rgb.shape[:2]
+    frames = []
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            frame = np.full((tile, tile, 3), 255, np.uint8)
+            part = rgb[y:y + tile, x:x + tile]
+            frame[:part.shape[0], :part.shape[1]] = part
+            if compression == "jpeg":
+                buffer = io.BytesIO()
+                Image.fromarray(frame).save(buffer, format="JPEG", quality=90)
+                frames.append(buffer.getvalue())
+            else:
+                frames.append(frame.tobytes())
+    return frames
+
+
+def _dicom_instance(rgb: np.ndarray, spacing_mm: tuple[float, float], tile: int, image_type: list[str],
+                    uids: dict[str, str], instance: int, compression: str | None, identifiers: dict[str, str]):
+    """One DICOM WSI instance (a pyramid level or an associated image) holding ``rgb`` as tiled frames."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID
+
+    sop_instance = _dicom_uid(uids["series"], "instance", instance)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DICOM_WSI_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if compression == "jpeg" else ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = DICOM_WSI_SOP_CLASS, sop_instance
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.Modality, ds.InstanceNumber, ds.SeriesNumber = "SM", instance, 1
+    ds.ImageType = image_type
+    for keyword, value in identifiers.items():
+        setattr(ds, keyword, value)
+    height, width = rgb.shape[:2]
+    frames = _dicom_frames(rgb, tile, compression)
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = height, width
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.NumberOfFrames = len(frames)
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.PhotometricInterpretation = "YBR_FULL_422" if compression == "jpeg" else "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm[1], height * spacing_mm[0]
+    measures = Dataset()
+    measures.PixelSpacing = [f"{spacing_mm[0]:.10g}", f"{spacing_mm[1]:.10g}"]  # row (y), then column (x)
+    measures.SliceThickness = "0.001"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    if compression == "jpeg":
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = b"".join(frames)
+        ds["PixelData"].VR = "OB"
+    return ds
+
+
+def write_dicom_wsi(folder: Path | str, rgb: np.ndarray, mpp: float, tile: int = 64, levels: int = 2,
+                    compression: str | None = "jpeg", label: np.ndarray | None = None,
+                    identifiers: dict[str, str] | None = None, seed: object = 0) -> Path:
+    """Write ``rgb`` (H, W, 3) uint8 as a DICOM WSI: one VL Whole Slide Microscopy file per pyramid level.
+
+    The layout OpenSlide 4 reads: every file of the slide in one folder, sharing a SeriesInstanceUID;
+    TILED_FULL frames (row-major tiles); ImageType ``ORIGINAL/PRIMARY/VOLUME/NONE`` for level 0 and
+    ``DERIVED/PRIMARY/VOLUME/RESAMPLED`` for the halved levels; the resolution as the shared functional
+    group's PixelSpacing in millimetres (OpenSlide's ``openslide.mpp-x/y``).
+
+    Args:
+        folder: the slide's folder (created; it should hold no other slide).
+        rgb: level-0 pixels.
+        mpp: level-0 microns per pixel.
+        tile: frame side in pixels.
+        levels: pyramid levels (each halves the previous, box filter).
+        compression: ``jpeg`` (baseline, YCbCr, as scanners write) or ``None`` (explicit VR little endian RGB).
+        label: an optional slide-label photo (H, W, 3), written as a ``LABEL`` image in its own file.
+        identifiers: DICOM keywords and values to plant in every file (e.g. ``PatientName``), for the
+            de-identification tests.
+        seed: makes the synthetic UIDs of one slide differ from another's.
+
+    Returns:
+        the level-0 file (OpenSlide opens the slide by any of its files).
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = {"study": _dicom_uid(seed, "study"), "series": _dicom_uid(seed, "series"), "frame": _dicom_uid(seed, "frame")}
+    identifiers = dict(identifiers or {})
+    level = np.ascontiguousarray(rgb, dtype=np.uint8)
+    first = None
+    for index in range(levels):
+        if index:
+            h, w = level.shape[:2]
+            level = np.asarray(Image.fromarray(level).resize((w // 2, h // 2), Image.Resampling.BOX))
+        spacing = mpp * rgb.shape[1] / level.shape[1] / 1000.0
+        image_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if index == 0 else \
+            ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds = _dicom_instance(level, (spacing, spacing), tile, image_type, uids, index + 1, compression, identifiers)
+        path = folder / f"level-{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        first = first or path
+    if label is not None:
+        side = max(label.shape[:2])
+        ds = _dicom_instance(np.ascontiguousarray(label, dtype=np.uint8), (0.05, 0.05), side,
+                             ["ORIGINAL", "PRIMARY", "LABEL", "NONE"], uids, levels + 1, compression, identifiers)
+        ds.save_as(folder / "label.dcm", enforce_file_format=True)
+    return first

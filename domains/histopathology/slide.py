@@ -626,6 +626,8 @@ class _OpenSlideBackend(_Backend):
         unit = props.get("tiff.ResolutionUnit")
         if props.get("openslide.vendor") == "generic-tiff" and unit:
             return mpp_x, mpp_y, f"tiff.XResolution ({unit})"
+        if props.get("openslide.vendor") == "dicom":  # OpenSlide's mpp is the shared PixelSpacing (mm) x 1000
+            return mpp_x, mpp_y, "DICOM PixelSpacing"
         return mpp_x, mpp_y, "openslide.mpp-x/y"
 
     def bounds(self):
