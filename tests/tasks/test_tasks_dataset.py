@@ -411,6 +411,31 @@ def test_streamed_uint16_batches_are_stored_natively_and_read_as_their_physical_
         assert np.array_equal(native.splits[name].labels, split.labels)
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8", "int8", "float32"])
+def test_per_sample_sums_are_exact_at_the_extremes_of_the_stored_dtype(dtype: str) -> None:
+    """Integer sums (squares in 32 bits, totals in 64) equal the exact sums, the dtype's extremes included."""
+    from tasks.dataset import _stored_sample_sums
+
+    rng = np.random.default_rng(3)
+    shape = (5, 3, 40, 40)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        images = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+        images[0] = info.max  # the largest squares there are
+        images[1] = info.min
+    else:
+        images = rng.normal(1.0, 3.0, size=shape).astype(dtype)
+    sums, squares = _stored_sample_sums(images)
+    wide = images.astype(np.float64).reshape(5, 3, -1)
+    assert sums.dtype == squares.dtype == np.float64 and sums.shape == squares.shape == (5, 3)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        exact = images.astype(object).reshape(5, 3, -1)
+        assert sums.tolist() == [[float(sum(c)) for c in s] for s in exact]
+        assert squares.tolist() == [[float(sum(v * v for v in c)) for c in s] for s in exact]
+    np.testing.assert_allclose(sums, wide.sum(axis=2), rtol=1e-12)
+    np.testing.assert_allclose(squares, (wide * wide).sum(axis=2), rtol=1e-12)
+
+
 def test_the_digest_does_not_depend_on_how_a_reader_batched_the_samples(tmp_path: Path) -> None:
     digests = {write(as_uint16_batches(make_samples(), batch=b), tmp_path / str(b)).digest for b in (7, 20, 96)}
     assert len(digests) == 1
