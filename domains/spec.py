@@ -179,6 +179,12 @@ class PredictionRequest:
     per-pixel softmax for segmentation. ``mpp`` and ``tile_mpp`` mean what they mean in
     :class:`IngestRequest` (the slide's resolution when its metadata has none; the resolution samples are
     cut at, None for the domain default); domains without a micron scale ignore them.
+
+    A slide-level model (trained on bags of a slide's tiles) comes with ``infer_bag`` instead of a tile
+    classifier: it maps the tiles of one slide, float32 (N, C, H, W) in physical units, to the slide's class
+    probabilities (K,) and each tile's attention weight (N,), summing to 1. ``bag_max_tiles`` is the most
+    tiles one call may take (a slide with more is scored on an even spread of its tiles). Domains
+    without slide-level inputs refuse such a model.
     """
 
     input: Path
@@ -192,6 +198,8 @@ class PredictionRequest:
     task: TaskType = "classification"
     mpp: float | None = None
     tile_mpp: float | None = None
+    infer_bag: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    bag_max_tiles: int = 1024
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,8 @@ class DomainSpec:
             or folder name. Domains whose file names may carry identity (radiology) give a pseudonym.
         write_ingest_reports: writes extra reports about a read (e.g. radiology's de-identification
             audit) into the dataset folder after it is written; returns the files.
+        demo_settings: pipeline parameters the domain's demo sets beyond the common ones, as plain nested
+            data (histopathology: slide-level learning, ``{"bags": {"enabled": True, ...}}``).
     """
 
     name: str
@@ -270,3 +280,4 @@ class DomainSpec:
     default_block_size: int = 128
     name_prediction: Callable[[Path], str] | None = None
     write_ingest_reports: Callable[[SampleSet, Path], list[Path]] | None = None
+    demo_settings: dict = field(default_factory=dict)

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from domains import get_domain
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from flows.pipeline import PipelineParams, PipelineReceipt, pipeline
@@ -28,8 +29,10 @@ class DemoParams(BaseModel):
 def demo(params: DemoParams) -> PipelineReceipt:
     """Prepare the domain's demo data and labels, then run the full pipeline on them."""
     inputs = prepare_demo_inputs_task(params.domain, Path(params.workdir) / "demo-data")
+    settings = get_domain(params.domain).demo_settings  # e.g. histopathology learns slide labels (bags)
+    train = TrainParams(**{**settings.get("train", {}), "epochs": params.epochs})
     return pipeline(PipelineParams(
+        **{key: value for key, value in settings.items() if key != "train"},
         domain=params.domain, source=inputs["source"], labels=inputs["labels"], workdir=params.workdir,
-        backbone=BackboneParams(name="vit_tiny_patch16_224", weights="none", patch_size=4),
-        train=TrainParams(epochs=params.epochs),
+        backbone=BackboneParams(name="vit_tiny_patch16_224", weights="none", patch_size=4), train=train,
     ))

@@ -14,6 +14,7 @@ from flows.predict import PredictParams, PredictReceipt, predict
 from flows.promote import PromoteParams, PromoteReceipt, promote
 from flows.validate import ValidateParams, ValidateReceipt, validate
 from tasks.compression.recipe import CompressParams
+from tasks.bags import BagParams
 from tasks.dataset import SplitParams
 from tasks.models import BackboneParams, LoraParams
 from tasks.promotion import GateThresholds
@@ -50,6 +51,8 @@ class PipelineParams(BaseModel):
     backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapter settings")
     train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
+    bags: BagParams = Field(default_factory=BagParams, description="Slide-level learning from bags of tiles "
+                                                                   "(attention MIL; histopathology slide labels)")
     compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
 
@@ -80,7 +83,7 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
         tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
         class_names=params.class_names, mpp=params.mpp))
     tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
-                                             lora=params.lora, train=params.train))
+                                             lora=params.lora, train=params.train, bags=params.bags))
     compressed = compress(CompressFlowParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
                                              compression=params.compression))
     validated = validate(ValidateParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,

@@ -155,12 +155,14 @@ class Split:
     ``images`` is a lazy, chunk-backed array (:class:`tasks.dataset_store.LazySamples`): index it
     (``images[i]``, ``images[a:b]``, ``images[indices]``) to get float32 physical values; nothing is
     read until then. ``labels`` is an int64 NumPy array, except for segmentation where it is lazy too.
-    ``groups`` is the leakage group of each sample.
+    ``groups`` is the leakage group of each sample; ``sample_ids`` names each sample (a slide's tiles are
+    ``<slide>/<x>,<y>``: :mod:`tasks.bags` gathers them into slide bags), None when not read.
     """
 
     images: LazySamples | np.ndarray
     labels: LazySamples | np.ndarray
     groups: np.ndarray
+    sample_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -866,7 +868,8 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
             labels = all_labels[index[members]]
         else:
             labels = np.asarray(manifest["label"], dtype=np.int64)[members]
-        splits[split] = Split(images=images, labels=labels, groups=groups[members])
+        splits[split] = Split(images=images, labels=labels, groups=groups[members],
+                              sample_ids=np.asarray(manifest["sample_id"], dtype=object)[members])
     return Dataset(path=as_location(path) if is_url(path) else Path(path), info=info, splits=splits)
 
 

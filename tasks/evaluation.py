@@ -57,6 +57,8 @@ class ClassificationReport:
     confusion: list[list[int]]
     class_names: tuple[str, ...]
     samples: int
+    macro_auroc: float = float("nan")
+    """Mean one-vs-rest AUROC of the classes present (from the outputs' softmax); NaN without scores."""
     task = "classification"
     primary_metric = "accuracy"
     selection_metric = "macro_f1"
@@ -78,6 +80,8 @@ class ClassificationReport:
     def flat_metrics(self, prefix: str = "") -> dict[str, float]:
         """Metric keys identical across domains, e.g. ``test_accuracy``, ``test_f1_water``."""
         flat = {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1}
+        if np.isfinite(self.macro_auroc):
+            flat[f"{prefix}macro_auroc"] = self.macro_auroc
         for name, scores in self.per_class.items():
             for metric, value in scores.items():
                 flat[f"{prefix}{metric}_{name}"] = value
@@ -92,11 +96,13 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return counts.reshape(num_classes, num_classes)
 
 
-def score_classification(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> ClassificationReport:
-    """Accuracy, macro-F1 and per-class precision/recall/F1 from hard predictions.
+def score_classification(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...],
+                         scores: np.ndarray | None = None) -> ClassificationReport:
+    """Accuracy, macro-F1 and per-class precision/recall/F1 from hard predictions; macro AUROC from ``scores``.
 
     Macro-F1 averages over classes present in the labels or predictions, so a class absent from a
-    small test split does not drag the score to zero for no reason.
+    small test split does not drag the score to zero for no reason. ``scores`` (N, K) rank samples per
+    class (one-vs-rest); the AUROC is averaged over classes that have both positives and negatives.
     """
     if len(labels) == 0:
         raise ValueError("cannot score an empty split")
@@ -120,7 +126,22 @@ def score_classification(labels: np.ndarray, predictions: np.ndarray, class_name
         confusion=matrix.tolist(),
         class_names=tuple(class_names),
         samples=int(matrix.sum()),
+        macro_auroc=_macro_auroc(labels, scores) if scores is not None else float("nan"),
     )
+
+
+def _macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    labels = np.asarray(labels).reshape(-1)
+    keep = labels >= 0
+    per_class = [roc_auc((labels[keep] == k).astype(np.int64), scores[keep, k]) for k in range(scores.shape[1])]
+    finite = [value for value in per_class if np.isfinite(value)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1, computed stably in float64."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -394,7 +415,7 @@ def score_outputs(task: str, labels: np.ndarray, outputs: np.ndarray, class_name
     patient-level report radiology cares about.
     """
     if task == "classification":
-        return score_classification(labels, outputs.argmax(axis=1), class_names)
+        return score_classification(labels, outputs.argmax(axis=1), class_names, scores=softmax(outputs))
     if task == "multilabel":
         if groups is not None:
             scores, group_labels, _ = aggregate_by_group(outputs, labels, groups)
@@ -405,8 +426,19 @@ def score_outputs(task: str, labels: np.ndarray, outputs: np.ndarray, class_name
     raise ValueError(f"unknown task {task!r}")
 
 
+def rows_per_batch(images, batch_size: int) -> int:
+    """Rows of ``images`` per batch so a batch holds about ``batch_size`` tiles: ``batch_size`` for tiles
+    (N, C, H, W), fewer for bags of tiles (N, T, C, H, W), at least one."""
+    tiles_per_row = int(np.prod(images.shape[1:-3])) if len(images.shape) > 4 else 1
+    return max(1, batch_size // max(tiles_per_row, 1))
+
+
 def predict_in_batches(predict: Predictor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``predict`` over ``images`` (an array or a lazy split) in batches and concatenate the outputs."""
+    """Run ``predict`` over ``images`` (an array or a lazy split) in batches and concatenate the outputs.
+
+    ``batch_size`` counts tiles: bags of tiles go a few bags at a time (see :func:`rows_per_batch`).
+    """
+    batch_size = rows_per_batch(images, batch_size)
     outputs = [predict(np.ascontiguousarray(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs, axis=0)
 

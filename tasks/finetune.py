@@ -13,7 +13,8 @@ from torch import nn
 
 from domains import get_domain
 from tasks.atomic_files import atomic_path
-from tasks.dataset import DatasetInfo, load_dataset
+from tasks.bags import BagParams, load_dataset_for
+from tasks.dataset import DatasetInfo
 from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
@@ -37,8 +38,11 @@ class FinetuneOutcome:
         return {k: v for k, v in self.fit.best_metrics.items() if k.startswith("val_") and k != "val_loss"}
 
 
-def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
-    """What a deployed model must carry to be used on new inputs: bands, classes, geometry, lineage."""
+def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams | None = None) -> dict:
+    """What a deployed model must carry to be used on new inputs: bands, classes, geometry, lineage.
+
+    A slide-level model also carries its bag settings (``bags``): predict then scores whole slides.
+    """
     return {
         "domain": info.domain,
         "task": info.task,
@@ -48,11 +52,13 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams) -> dict:
         "backbone": backbone.name,
         "dataset_digest": info.digest,
         **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
+        **({"bags": bags.model_dump()} if bags is not None and bags.enabled else {}),
     }
 
 
 def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
-                checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None) -> FinetuneOutcome:
+                checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None,
+                bags: BagParams | None = None) -> FinetuneOutcome:
     """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model.
 
     ``dataset_path`` and ``checkpoint_dir`` are local folders or fsspec URLs (``s3://bucket/prefix``);
@@ -61,23 +67,30 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraPa
     The seed and thread count are pinned before the backbone is built: timm's and peft's weight
     initialisers draw from torch's global generator, so an unseeded build made every run start from
     different weights.
+
+    With enabled ``bags`` the model learns slide labels from bags of each slide's tiles (attention MIL,
+    :mod:`tasks.bags`); the training loop is the same, its samples are bags.
     """
     pin_determinism(train.seed, train.threads)
-    dataset = load_dataset(dataset_path)
+    if bags is not None and bags.enabled:
+        bags = bags.model_copy(update={"seed": train.seed})
+    dataset = load_dataset_for(dataset_path, bags=bags)
     info = dataset.info
     if train.flip_augment and not get_domain(info.domain).train_flips:
         log.info("%s: flips and rotations are not valid augmentations for this domain; training without them",
                  info.domain)
         train = train.model_copy(update={"flip_augment": False})
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
+    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
     adapted = attach_lora(net, lora)
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
     model_key = f"{info.task}|{backbone.model_dump_json()}|{lora.model_dump_json()}"
+    if bags is not None and bags.enabled:
+        model_key += f"|{bags.model_dump_json()}"
     result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
     merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
-                           metadata=model_metadata(info, backbone))
+                           metadata=model_metadata(info, backbone, bags))
 
 
 fit_adapter_task = task(fit_adapter, name="fit-adapter", cache_policy=NONE)
@@ -118,7 +131,8 @@ def record_finetune(outcome: FinetuneOutcome, artifact_dir: Path) -> str:
     plot_training_curves(outcome.fit.history, artifact_dir / "training-curves.png")
     channels = len(outcome.metadata["channels"])
     size = outcome.metadata["tile_size"]
-    example = np.zeros((1, channels, size, size), dtype=np.float32)
+    bag = (2,) if "bags" in outcome.metadata else ()  # a slide model takes bags: (B, tiles, C, H, W)
+    example = np.zeros((1, *bag, channels, size, size), dtype=np.float32)
     return tracking.log_reference_model(outcome.model, example, outcome.metadata)
 
 

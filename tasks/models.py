@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from domains import Channel, TaskType
+from tasks.bags import BagParams
 from tasks.request_errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ class BackboneParams(BaseModel):
     """Which foundation model to start from and how to load its weights."""
 
     name: str = Field("vit_tiny_patch16_224", min_length=1, max_length=120,
-                      description="timm model name, e.g. vit_tiny_patch16_224 or vit_small_patch16_224")
+                      description="timm model name (e.g. vit_tiny_patch16_224), or a catalog backbone such as uni, "
+                                  "virchow2 or h-optimus-0 (`vitrail backbones` lists them; they keep their own "
+                                  "patch size)")
     weights: Literal["none", "hub", "file"] = Field(
         "none", description="Start from random weights, from the timm/Hugging Face hub, or from a local checkpoint file")
     weights_file: str | None = Field(None, max_length=1000,
@@ -106,16 +109,80 @@ class SegmentationViT(nn.Module):
         return nn.functional.interpolate(self.head(grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class GatedAttentionPool(nn.Module):
+    """Gated attention pooling over a bag of tile features (Ilse et al. 2018, "gated ABMIL").
+
+    Each tile's weight is ``w . (tanh(V h) * sigmoid(U h))``, softmaxed over the bag: the tanh branch says
+    how much a tile matters, the sigmoid gate lets the network switch that off for tiles whose features
+    sit in tanh's flat region. Returns the weighted mean feature and the weights.
+    """
+
+    def __init__(self, features: int, hidden: int):
+        super().__init__()
+        self.value = nn.Linear(features, hidden)
+        self.gate = nn.Linear(features, hidden)
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(torch.tanh(self.value(features)) * torch.sigmoid(self.gate(features))).squeeze(-1)
+        weights = torch.softmax(scores, dim=-1)  # (B, T)
+        return (weights.unsqueeze(-1) * features).sum(dim=1), weights
+
+
+class AttentionMIL(nn.Module):
+    """A slide classifier: the tile encoder (a timm ViT, LoRA-adapted) on every tile of a bag, gated
+    attention pooling, and a linear head. Input (B, T, C, H, W) bags, output (B, K) logits.
+
+    ``bag_params`` (the :class:`tasks.bags.BagParams` it was trained with) travels with the model, so the
+    stages after training open the dataset as the same bags.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, attention_dim: int, bag_params=None):
+        super().__init__()
+        self.encoder = encoder
+        self.pool = GatedAttentionPool(encoder.num_features, attention_dim)
+        self.head = nn.Linear(encoder.num_features, num_classes)
+        self.bag_params = bag_params
+
+    def forward(self, bags: torch.Tensor, return_attention: bool = False):
+        batch, tiles = bags.shape[0], bags.shape[1]
+        features = self.encoder(bags.flatten(0, 1)).reshape(batch, tiles, -1)
+        pooled, weights = self.pool(features)
+        logits = self.head(pooled)
+        return (logits, weights) if return_attention else logits
+
+
+class BagOutputs(nn.Module):
+    """A normalising slide model that also returns the attention weights: (logits (B, K), attention (B, T)).
+
+    What is exported to ONNX for slide models, so predictions can show which tiles decided a slide.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, bags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        return model.net((bags - model.mean) / model.std, return_attention=True)
+
+
 def build_backbone(params: BackboneParams, channels: tuple[Channel, ...], num_classes: int, img_size: int,
-                   task: str = "classification") -> nn.Module:
+                   task: str = "classification", bags=None) -> nn.Module:
     """Create a timm ViT for ``channels`` input bands and ``num_classes`` outputs.
 
     Classification and multilabel models end in a linear head of ``num_classes`` logits; segmentation
     models are a :class:`SegmentationViT` giving (N, K, H, W) logits. Weights come from nowhere
     (random), the hub, or a local checkpoint. A checkpoint with 3 input channels is treated as RGB and
     its patch embedding is adapted by wavelength; a checkpoint with the right channel count loads as
-    is. The head is always new.
+    is. The head is always new. With ``bags`` (enabled :class:`tasks.bags.BagParams`) the model is an
+    :class:`AttentionMIL` slide classifier over bags of tiles.
     """
+    if bags is not None and bags.enabled:
+        if task != "classification":
+            raise RequestError(f"slide-level (bag) learning classifies slides; it does not apply to {task}")
+        encoder = _build_timm_vit(params, channels, 0, img_size)
+        return AttentionMIL(encoder, num_classes, bags.attention_dim, bags)
     encoder = _build_timm_vit(params, channels, 0 if task == "segmentation" else num_classes, img_size)
     return SegmentationViT(encoder, num_classes) if task == "segmentation" else encoder
 
@@ -123,6 +190,11 @@ def build_backbone(params: BackboneParams, channels: tuple[Channel, ...], num_cl
 def _build_timm_vit(params: BackboneParams, channels: tuple[Channel, ...], num_classes: int, img_size: int) -> nn.Module:
     import timm
 
+    from tasks.backbone_catalog import build_catalog_backbone, find_entry
+
+    if find_entry(params.name) is not None:  # a named foundation model: its own architecture, patch size and weights
+        return build_catalog_backbone(params.name, in_chans=len(channels), num_classes=num_classes, img_size=img_size,
+                                      depth=params.depth, weights=params.weights, weights_file=params.weights_file)
     shape = dict(img_size=img_size, patch_size=params.patch_size, in_chans=len(channels), num_classes=num_classes)
     if params.depth is not None:
         shape["depth"] = params.depth
@@ -173,6 +245,8 @@ def attach_lora(model: nn.Module, params: LoraParams) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     trainable = ["head"] + (["patch_embed.proj"] if params.train_patch_embed else [])
+    if isinstance(model, AttentionMIL):
+        trainable.append("pool")  # the attention network is new, like the head
     # peft matches list entries as module-path suffixes, so "attn.proj" picks blocks.N.attn.proj and not
     # the patch-embedding "proj" (a bare "proj" would match both).
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
@@ -248,6 +322,8 @@ class ReferenceArchitecture(BaseModel):
     num_classes: int = Field(ge=1, le=100_000, description="Logits per sample (or per pixel for segmentation)")
     mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input")
     std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by")
+    bags: BagParams | None = Field(None, description="For a slide-level model (attention MIL over bags of tiles): "
+                                                     "the bag settings it was trained with; None for tile models")
 
     @model_validator(mode="after")
     def _statistics_match_channels(self) -> "ReferenceArchitecture":
@@ -269,19 +345,24 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
     if not isinstance(model, NormalizedClassifier):
         raise ValueError(f"a reference model is a NormalizedClassifier, got {type(model).__name__}")
     net = model.net
-    encoder = net.encoder if isinstance(net, SegmentationViT) else net
+    encoder = net.encoder if isinstance(net, (SegmentationViT, AttentionMIL)) else net
     if hasattr(net, "peft_config") or hasattr(encoder, "peft_config"):
         raise ValueError("cannot describe a model whose LoRA adapters are not merged: merge adapters first")
     if not all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "pretrained_cfg")):
         raise ValueError(f"cannot describe {type(encoder).__name__}: expected a timm ViT")
-    num_classes = net.head.out_channels if isinstance(net, SegmentationViT) else encoder.num_classes
+    num_classes = (net.head.out_channels if isinstance(net, SegmentationViT)
+                   else net.head.out_features if isinstance(net, AttentionMIL) else encoder.num_classes)
+    bags = None
+    if isinstance(net, AttentionMIL):
+        bags = (net.bag_params or BagParams(enabled=True)).model_copy(
+            update={"enabled": True, "attention_dim": net.pool.value.out_features})
     img_size, patch_size = encoder.patch_embed.img_size, encoder.patch_embed.patch_size
     if img_size[0] != img_size[1] or patch_size[0] != patch_size[1]:
         raise ValueError(f"only square tiles and patches are described, got {img_size} and {patch_size}")
     architecture = ReferenceArchitecture(
         backbone=encoder.pretrained_cfg["architecture"], task=task, img_size=img_size[0],
         patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
-        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()))
+        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags)
     _check_rebuilds(model, architecture)
     return architecture
 
@@ -320,12 +401,14 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
     """Build the reference model's modules (random weights, eval mode) exactly as fine-tuning built them."""
     import timm
 
-    if not timm.is_model(architecture.backbone):
+    from tasks.backbone_catalog import find_entry
+
+    if not timm.is_model(architecture.backbone) and find_entry(architecture.backbone) is None:
         raise ValueError(f"{architecture.backbone!r} is not a timm model name known to this installation")
     backbone = BackboneParams(name=architecture.backbone, weights="none", patch_size=architecture.patch_size,
                               depth=architecture.depth)
     net = build_backbone(backbone, architecture.channels, architecture.num_classes, architecture.img_size,
-                         task=architecture.task)
+                         task=architecture.task, bags=architecture.bags)
     return NormalizedClassifier(net, architecture.mean, architecture.std).eval()
 
 

@@ -9,6 +9,8 @@ import numpy as np
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+ATTENTION_NAME = "attention"
+"""Second output of a slide model: each tile's attention weight in its bag (B, T)."""
 METADATA_KEY = "vitrail"
 
 
@@ -29,6 +31,17 @@ def session_predictor(session):
 
     def predict(images: np.ndarray) -> np.ndarray:
         return session.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+    return predict
+
+
+def session_bag_predictor(session):
+    """For a slide model's session: one bag of tiles (T, C, H, W) -> (logits (K,), attention weights (T,))."""
+    name = session.get_inputs()[0].name
+
+    def predict(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, attention = session.run(None, {name: np.ascontiguousarray(tiles[None], dtype=np.float32)})[:2]
+        return logits[0], attention[0]
 
     return predict
 

@@ -16,7 +16,7 @@ from domains import Channel, DomainInputError, DomainSpec, PredictionRequest, Pr
 from domains.confinement import confined_path
 from domains.spec import printable_path
 from tasks import tracking
-from tasks.onnx_runtime import open_session, read_metadata, session_predictor
+from tasks.onnx_runtime import open_session, read_metadata, session_bag_predictor, session_predictor
 from tasks.request_errors import RequestError
 from tasks.storage import is_url, location_name, parent_location, staged_folder, staged_reference
 
@@ -37,6 +37,15 @@ class LoadedModel:
     task: str = "classification"
     tile_mpp: float | None = None
     """Microns per pixel the training tiles were cut at (whole-slide images); None for other domains."""
+    predict_bag: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    """For a slide model: one slide's tiles (T, C, H, W) -> (logits (K,), attention weights (T,))."""
+    bags: dict | None = None
+    """For a slide model: the bag settings it was trained with (:class:`tasks.bags.BagParams`)."""
+
+    def bag_probabilities(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A slide model's class probabilities (K,) and attention weights (T,) for one slide's tiles."""
+        logits, attention = self.predict_bag(tiles)
+        return _softmax(logits[None])[0], attention
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax over classes (per sample or per pixel), or independent sigmoids for multilabel models."""
@@ -75,9 +84,13 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
         if onnx_file is None:
             raise FileNotFoundError(f"{model_uri}: no .onnx file in the model's artifacts")
         metadata = read_metadata(onnx_file)
-        predict = session_predictor(open_session(onnx_file, threads))
+        session = open_session(onnx_file, threads)
+        predict = session_predictor(session)
+        predict_bag = session_bag_predictor(session) if metadata.get("bags") else None
     else:
         import torch
+
+        from tasks.models import BagOutputs
 
         torch.set_num_threads(threads)
         model = tracking.load_reference_model(source_uri).eval()
@@ -86,6 +99,14 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
             with torch.inference_mode():
                 return model(torch.from_numpy(images)).numpy()
 
+        def predict_bag(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.inference_mode():
+                logits, attention = BagOutputs(model)(torch.from_numpy(np.ascontiguousarray(tiles[None])))
+            return logits[0].numpy(), attention[0].numpy()
+
+        if not metadata.get("bags"):
+            predict_bag = None
+
     missing = {"channels", "class_names", "tile_size", "domain"} - set(metadata)
     if missing:
         raise RequestError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
@@ -93,7 +114,8 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
                        channels=tuple(Channel(**c) for c in metadata["channels"]),
                        class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
                        domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")),
-                       tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None)
+                       tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None,
+                       predict_bag=predict_bag, bags=metadata.get("bags"))
 
 
 def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path | str, stride: int | None = None,
@@ -136,7 +158,9 @@ def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], si
             request = PredictionRequest(input=item, output=target, channels=model.channels,
                                         class_names=model.class_names, tile_size=model.tile_size,
                                         stride=stride or model.tile_size, infer=model.probabilities, task=model.task,
-                                        mpp=mpp, tile_mpp=model.tile_mpp)
+                                        mpp=mpp, tile_mpp=model.tile_mpp,
+                                        infer_bag=model.bag_probabilities if model.predict_bag else None,
+                                        bag_max_tiles=int((model.bags or {}).get("predict_max_tiles", 1024)))
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
             log.error("skipping %s: %s", printable_path(item), error)

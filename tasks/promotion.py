@@ -19,16 +19,18 @@ from tasks.request_errors import RequestError
 
 GateMetric = Literal["auto", "macro_f1", "accuracy", "macro_auroc", "macro_auprc", "foreground_iou", "mean_iou",
                      "pixel_accuracy"]
-# What "auto" means per task: the score model selection maximises during training.
-AUTO_GATE_METRIC = SELECTION_METRICS
+# What "auto" means per task: the score model selection maximises during training; for slide models
+# (tasks.bags.SLIDE_TASK) the slide-level AUROC, since a test split holds few slides and macro-F1 over a
+# handful of slides moves a whole step with each one.
+AUTO_GATE_METRIC = {**SELECTION_METRICS, "slide-classification": "macro_auroc"}
 
 
 class GateThresholds(BaseModel):
     """What a candidate must reach before it may serve: quality, fidelity to fp32, speed, export parity."""
 
     metric: GateMetric = Field("auto", description="Test-split metric the gate and champion comparison use; 'auto' is "
-                                                   "macro-F1 for classification, macro AUROC for multilabel, "
-                                                   "foreground IoU for segmentation")
+                                                   "macro-F1 for classification, macro AUROC for multilabel and "
+                                                   "slide classification, foreground IoU for segmentation")
     min_metric: float = Field(0.6, ge=0.0, le=1.0, description="Lowest acceptable metric of the edge model")
     max_drop_vs_fp32: float = Field(0.02, ge=0.0, le=1.0,
                                     description="Largest metric drop of the edge model versus the fp32 reference")

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from tasks.storage import StorageFolder, is_url, open_location
 from tasks.dataset import Dataset, Split
-from tasks.evaluation import score_outputs
+from tasks.evaluation import rows_per_batch, score_outputs
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
 from tasks.request_errors import RequestError
 
@@ -189,6 +189,7 @@ def cache_teacher_logits(teacher: nn.Module, images: Sequence, flips: bool = Tru
     when training without flips; distillation then costs about as much as plain training.
     """
     teacher = teacher.eval()
+    batch_size = rows_per_batch(images, batch_size)
     views = range(DIHEDRAL_TRANSFORMS if flips else 1)
     return np.stack([
         np.concatenate([teacher(_dihedral(_read_batch(images, i, batch_size), view)).float().numpy()
@@ -201,6 +202,7 @@ def predict_logits(model: nn.Module, images: Sequence, batch_size: int = 128) ->
     """Logits of ``model`` on ``images`` (N, C, H, W; an array or a lazy split array read in batches), in eval mode."""
     was_training = model.training
     model.eval()
+    batch_size = rows_per_batch(images, batch_size)
     outputs = [model(_read_batch(images, i, batch_size)).float().numpy()
                for i in range(0, len(images), batch_size)]
     model.train(was_training)
@@ -266,13 +268,16 @@ def _vit_activation_floats(model: nn.Module) -> tuple[int, int, int, int] | None
 
 
 def estimate_training_memory(model: nn.Module, batch_size: int, sample_shape: tuple[int, ...]) -> MemoryEstimate:
-    """Memory one optimisation step of ``model`` on ``batch_size`` samples of ``sample_shape`` (C, H, W) needs.
+    """Memory one optimisation step of ``model`` on ``batch_size`` samples of ``sample_shape`` needs.
+
+    A sample is a tile (C, H, W) or a bag of tiles (T, C, H, W), which costs T tiles.
 
     Activations are estimated from the ViT's dimensions (tokens from the tile and patch size, width,
     depth, heads, MLP width), so a request is judged before anything is allocated; a model without a
     timm ViT inside is charged for its input and output only.
     """
     channels, height, width_px = (int(v) for v in sample_shape[-3:])
+    batch_size *= int(np.prod(sample_shape[:-3], dtype=np.int64))  # tiles per bag for bag samples
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Weights, plus gradient and AdamW's two moments for every trained weight.
@@ -734,7 +739,8 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     train_loader = _loader(SplitSamples(train, task, teacher_logits if distilling else None), params, pin_memory,
                            batch_sampler=batches)
     micro_size = math.ceil(params.batch_size / (fabric.world_size * params.grad_accumulation))
-    val_loader = _loader(SplitSamples(val, task), params, pin_memory, batch_size=max(micro_size, 64))
+    val_loader = _loader(SplitSamples(val, task), params, pin_memory,
+                         batch_size=max(micro_size, rows_per_batch(val.images, 64)))
     fabric_model, fabric_optimizer = fabric.setup(model, optimizer)
 
     for epoch in range(start_epoch + 1, params.epochs + 1):

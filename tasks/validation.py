@@ -11,13 +11,15 @@ from prefect import task
 from prefect.cache_policies import NONE
 from torch import nn
 
-from tasks.dataset import load_dataset
+from tasks.bags import SLIDE_TASK, bag_params_of, load_dataset_for
 from tasks.evaluation import (
     Report,
     any_labelled,
     evaluate_predictor,
     predict_in_batches,
+    score_classification,
     score_outputs,
+    softmax,
 )
 from tasks.onnx_runtime import open_session, session_predictor
 from tasks.request_errors import RequestError
@@ -29,13 +31,16 @@ REFERENCE = "torch-fp32"
 class ValidationResult:
     """Per-variant reports on the test split and where their plots were written.
 
-    ``group_reports`` holds, for multilabel tasks, the same scores after aggregating each leakage
-    group's images (a patient's radiographs, a study's slices) into one prediction.
+    ``group_reports`` holds, for multilabel tasks and slide models, the same scores after aggregating each
+    leakage group's images (a patient's radiographs, a study's slices, a patient's slides) into one
+    prediction. ``task`` is what the validated model predicts: the dataset's task, or
+    :data:`tasks.bags.SLIDE_TASK` for a slide model (its reports score slides, not tiles).
     """
 
     reports: dict[str, Report]
     plots: dict[str, Path]
     group_reports: dict[str, Report] = field(default_factory=dict)
+    task: str = "classification"
 
     def flat_metrics(self) -> dict[str, float]:
         """``<variant>.test_<metric>`` for every variant, e.g. ``onnx-int8.test_macro_f1``; group-level
@@ -51,7 +56,8 @@ class ValidationResult:
 def validate_variants(dataset_path: Path | str, reference: nn.Module, onnx_files: dict[str, Path], plot_dir: Path,
                       threads: int = 2) -> ValidationResult:
     """Score the torch reference and each ONNX variant on the test split; plot confusion matrices."""
-    dataset = load_dataset(dataset_path)
+    dataset = load_dataset_for(dataset_path, reference)  # a slide model is scored on each test slide's bag
+    slides = bag_params_of(reference) is not None
     info = dataset.info
     test = dataset.splits.get("test")
     if test is None or len(test) == 0 or not any_labelled(test.labels):
@@ -66,7 +72,7 @@ def validate_variants(dataset_path: Path | str, reference: nn.Module, onnx_files
     predictors = {REFERENCE: torch_predict}
     for name, path in sorted(onnx_files.items()):
         predictors[name] = session_predictor(open_session(path, threads))
-    result = ValidationResult(reports={}, plots={})
+    result = ValidationResult(reports={}, plots={}, task=SLIDE_TASK if slides else info.task)
     plot_kind = {"classification": "confusion", "multilabel": "roc", "segmentation": "pixel-confusion"}[info.task]
     for name, predict in predictors.items():
         if info.task == "segmentation":  # (N, K, H, W) outputs: scored batch by batch, never held whole
@@ -76,12 +82,27 @@ def validate_variants(dataset_path: Path | str, reference: nn.Module, onnx_files
             report = score_outputs(info.task, test.labels, outputs, info.class_names)
         result.reports[name] = report
         result.plots[name] = report.plot(f"{info.domain} test split: {name}", plot_dir / f"{plot_kind}-{name}.png")
+        grouped = None
         if info.task == "multilabel":
             grouped = score_outputs(info.task, test.labels, outputs, info.class_names, groups=test.groups)
+        elif slides:
+            grouped = score_per_patient(test.labels, outputs, test.groups, info.class_names)
+        if grouped is not None:
             result.group_reports[name] = grouped
             result.plots[f"{name}-group"] = grouped.plot(f"{info.domain} test split, per group: {name}",
                                                          plot_dir / f"{plot_kind}-{name}-group.png")
     return result
+
+
+def score_per_patient(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray,
+                      class_names: tuple[str, ...]) -> Report:
+    """Slide predictions combined per patient: a patient has the highest class id among its slides
+    (tumour wins over normal) and, per class, the highest probability any of its slides got."""
+    probabilities = softmax(logits)
+    names = sorted(set(groups.tolist()))
+    scores = np.stack([probabilities[groups == name].max(axis=0) for name in names])
+    patient_labels = np.array([labels[groups == name].max() for name in names])
+    return score_classification(patient_labels, scores.argmax(axis=1), class_names, scores=scores)
 
 
 validate_variants_task = task(validate_variants, name="validate-variants", cache_policy=NONE)
@@ -109,6 +130,7 @@ def record_validation(result: ValidationResult) -> dict[str, float]:
 
     metrics = result.flat_metrics()
     tracking.log_metrics(metrics)
+    tracking.set_tags({"vitrail.task": result.task})  # the gate's 'auto' metric follows what the model predicts
     for path in result.plots.values():
         tracking.log_artifact(path, artifact_path="plots")
     return metrics

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from domains.histopathology.demo import DEMO_NOTES, prepare_demo
+from domains.histopathology.demo import DEMO_NOTES, DEMO_SETTINGS, prepare_demo
 from domains.histopathology.examples import write_example
 from domains.histopathology.prediction import list_prediction_inputs, predict_slide, prediction_name
 from domains.histopathology.reader import CHANNELS, DEFAULT_CLASS_NAMES, read_samples, write_ingest_reports
@@ -38,6 +38,7 @@ SPEC = DomainSpec(
     train_flips=True,
     name_prediction=prediction_name,
     write_ingest_reports=write_ingest_reports,
+    demo_settings=DEMO_SETTINGS,
 )
 
 __all__ = ["SPEC"]

@@ -13,6 +13,13 @@ mpp, the same quality filters). Three files per slide, side by side in the outpu
   probability is at least :data:`THRESHOLD`, in QuPath coordinates (level-0 pixels minus the slide's
   bounds offset), classified by that class, with the probabilities as measurements.
 
+A slide-level model (attention MIL, trained on bags of a slide's tiles) scores the slide as a whole: the
+report's ``slide_score`` holds the model's class probabilities for the slide, ``top_tiles`` the tiles with the
+most attention, the heatmap has one channel, ``attention`` (each tile's weight times the number of tiles
+scored: 1 is an average tile), and the GeoJSON outlines the tiles with at least :data:`ATTENTION_FACTOR`
+times the average attention, classified by the slide's predicted class. A slide with more tissue tiles than
+the model's ``bag_max_tiles`` is scored on an even spread of them (the report says how many).
+
 Only pseudonyms name a slide in these outputs; nothing from the slide's metadata but its resolution.
 """
 
@@ -38,6 +45,8 @@ HEATMAP_SUFFIX = ".heatmap.ome.tif"
 GEOJSON_SUFFIX = ".tiles.geojson"
 MAX_NODATA_FRACTION = 0.5
 HEATMAP_MIN_LEVEL_SIDE = 64
+ATTENTION_FACTOR = 2.0
+"""Slide models: tiles with at least this many times the average attention are outlined in the GeoJSON."""
 
 
 def prediction_name(path: Path) -> str:
@@ -165,6 +174,8 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
     output = Path(request.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    if request.infer_bag is not None:
+        return _predict_slide_bag(request, tile_mpp, names, name, output, stem)
     with open_slide(request.input, mpp=request.mpp) as slide:
         geometry = slide.geometry
         plan = plan_slide_tiles(slide, request.tile_size, tile_mpp, request.stride, MAX_NODATA_FRACTION)
@@ -216,3 +227,87 @@ def predict_slide(request: PredictionRequest) -> PredictionSummary:
     return PredictionSummary(input=name, output=str(output), samples=int(len(scores)),
                              class_counts={n: int(c) for n, c in zip(names, counts)})
 
+
+
+def _even_spread(count: int, most: int) -> np.ndarray:
+    """Indices of at most ``most`` of ``count`` items, spread evenly (all of them when there are few)."""
+    if count <= most:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, most).round().astype(np.int64))
+
+
+def _predict_slide_bag(request: PredictionRequest, tile_mpp: float, names: tuple[str, ...], name: str,
+                       output: Path, stem: str) -> PredictionSummary:
+    """A slide model's prediction: every kept tile (at most ``bag_max_tiles``) in one bag, attention as the map."""
+    from domains.histopathology.slide import open_slide
+
+    with open_slide(request.input, mpp=request.mpp) as slide:
+        geometry = slide.geometry
+        plan = plan_slide_tiles(slide, request.tile_size, tile_mpp, request.stride, MAX_NODATA_FRACTION)
+        tissue_tiles = len(plan.origins)
+        chosen = plan.origins[_even_spread(tissue_tiles, request.bag_max_tiles)]
+        kept_tiles, kept_origins = [], []
+        for tiles, origins in slide.iter_tiles(chosen, request.tile_size, tile_mpp, batch=request.batch_size * 4):
+            good = quality_filtered(tiles, plan.dropped)
+            kept_tiles.append(tiles[good])
+            kept_origins.append(origins[good])
+    tiles = np.concatenate(kept_tiles) if kept_tiles else np.zeros((0, request.tile_size, request.tile_size, 3), np.uint8)
+    origins = np.concatenate(kept_origins) if kept_origins else np.zeros((0, 2), np.int64)
+    probabilities, attention = None, np.zeros(0, np.float32)
+    if len(tiles):
+        probabilities, attention = request.infer_bag(tiles.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        probabilities, attention = np.asarray(probabilities, np.float64), np.asarray(attention, np.float64)
+        if probabilities.shape != (len(names),) or attention.shape != (len(tiles),):
+            raise ValueError(f"infer_bag returned shapes {probabilities.shape} and {attention.shape}; expected "
+                             f"({len(names)},) and ({len(tiles)},)")
+        if not (np.isfinite(probabilities).all() and np.isfinite(attention).all()):
+            raise ValueError("infer_bag returned non-finite scores")
+    relative = (attention * len(attention)).astype(np.float32)[:, None]  # 1 = an average tile
+    step = (request.stride * tile_mpp / geometry.mpp_x, request.stride * tile_mpp / geometry.mpp_y)
+    bounds = (geometry.bounds_x, geometry.bounds_y)
+    heat_path = write_heatmap(confined_path(output.parent, stem, HEATMAP_SUFFIX),
+                              _heatmap(geometry, origins, relative, step),
+                              (step[0] * geometry.mpp_x, step[1] * geometry.mpp_y), ("attention",))
+    size_level0 = (request.tile_size * tile_mpp / geometry.mpp_x, request.tile_size * tile_mpp / geometry.mpp_y)
+    predicted = names[int(np.argmax(probabilities))] if probabilities is not None else None
+    features = []
+    for (x, y), weight in zip(origins, relative[:, 0]):
+        if weight < ATTENTION_FACTOR:
+            continue
+        x0, y0 = float(x - bounds[0]), float(y - bounds[1])
+        x1, y1 = x0 + size_level0[0], y0 + size_level0[1]
+        features.append({"type": "Feature",
+                         "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1],
+                                                                          [x0, y0]]]},
+                         "properties": {"objectType": "detection", "isLocked": True,
+                                        "classification": {"name": predicted},
+                                        "measurements": {"relative attention": round(float(weight), 6)}}})
+    geojson_path = confined_path(output.parent, stem, GEOJSON_SUFFIX)
+    geojson_path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    order = np.argsort(-attention, kind="stable")[:TOP_TILES]
+    top_tiles = [{"level0_xy": [int(origins[i, 0]), int(origins[i, 1])],
+                  "qupath_xy": [int(origins[i, 0] - bounds[0]), int(origins[i, 1] - bounds[1])],
+                  "attention": round(float(attention[i]), 6), "relative_attention": round(float(relative[i, 0]), 4)}
+                 for i in order]
+    per_class = None if probabilities is None else {n: round(float(p), 6) for n, p in zip(names, probabilities)}
+    report = {
+        "format": REPORT_FORMAT, "slide": name, "task": "slide-classification", "classes": list(names),
+        "resolution": {"mpp_x": geometry.mpp_x, "mpp_y": geometry.mpp_y, "mpp_source": geometry.mpp_source,
+                       "width": geometry.width, "height": geometry.height, "bounds": list(bounds)},
+        "tiles": {"size": request.tile_size, "mpp": tile_mpp, "stride": request.stride, "scored": int(len(tiles)),
+                  "tissue_tiles": int(tissue_tiles), "bag_max_tiles": request.bag_max_tiles,
+                  "dropped": {k: int(v) for k, v in plan.dropped.items() if v}},
+        "slide_score": {"aggregation": "attention-mil: the slide model's class probabilities for the bag of the "
+                                       "slide's tiles; null when no tissue tile was found",
+                        "per_class": per_class, "predicted": predicted, "threshold": THRESHOLD,
+                        "present": [n for n in names if per_class is not None and per_class[n] >= THRESHOLD]},
+        "top_tiles": {"by_attention": top_tiles},
+        "outputs": {"heatmap": heat_path.name, "heatmap_channels": ["attention"], "geojson": geojson_path.name,
+                    "heatmap_pixel_um": [step[0] * geometry.mpp_x, step[1] * geometry.mpp_y],
+                    "heatmap_origin_level0": list(bounds), "geojson_min_relative_attention": ATTENTION_FACTOR,
+                    "geojson_tiles": len(features)},
+        "quarantine": [],
+    }
+    output.write_text(json.dumps(report, indent=2))
+    counts = {n: int(n == predicted) for n in names}
+    return PredictionSummary(input=name, output=str(output), samples=int(len(tiles)), class_counts=counts)

@@ -58,9 +58,12 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
     vit = _inner_vit(teacher)
     patch = int(vit.patch_embed.patch_size[0])
     backbone = BackboneParams(name=params.student_backbone, patch_size=patch, depth=params.student_depth)
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
+    from tasks.bags import bag_params_of
+
+    bags = bag_params_of(teacher)  # a slide teacher gets a slide student, trained on the same bags
+    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
     if params.init_from_teacher:
-        _copy_teacher_blocks(vit, net, params.student_depth)
+        _copy_teacher_blocks(vit, net.encoder if bags is not None else net, params.student_depth)
     mean = getattr(teacher, "mean", None)
     std = getattr(teacher, "std", None)
     if mean is not None and std is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tasks.atomic_files import atomic_path
-from tasks.onnx_runtime import INPUT_NAME, OUTPUT_NAME, open_session, session_predictor, write_metadata
+from tasks.onnx_runtime import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, open_session, session_predictor, write_metadata
 from tasks.training import predict_logits
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,27 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path, metadata: dic
     sample = torch.from_numpy(np.ascontiguousarray(np.repeat(example[:1], 2, axis=0) if len(example) < 2
                                                    else example[:2], dtype=np.float32))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    dims, outputs = {0: batch}, [OUTPUT_NAME]
+    if _is_slide_model(model):
+        # Bags (B, T, C, H, W) of any number of tiles; the attention weights are a second output, so a
+        # prediction can show which tiles decided the slide.
+        from tasks.models import BagOutputs
+
+        model, outputs = BagOutputs(model).eval(), [OUTPUT_NAME, ATTENTION_NAME]
+        dims[1] = torch.export.Dim("tiles", min=1, max=65536)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+                                    output_names=outputs, dynamic_shapes=(dims,), verbose=False)
     with atomic_path(path) as partial:
         program.save(str(partial), external_data=False)
         write_metadata(partial, metadata)
     return path
+
+
+def _is_slide_model(model: nn.Module) -> bool:
+    from tasks.models import AttentionMIL
+
+    return any(isinstance(m, AttentionMIL) for m in model.modules())
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> ParityReport:

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from tasks.atomic_files import atomic_path
-from tasks.evaluation import evaluate_predictor
+from tasks.evaluation import evaluate_predictor, rows_per_batch
 
 
 def primary_metric(report) -> float:
@@ -137,7 +137,9 @@ def measure_variant(name: str, fmt: str, predict: Callable[[np.ndarray], np.ndar
     report = evaluate_predictor(predict, test_images, test_labels, class_names, task=task)
     accuracy = primary_metric(report)
     p50, p95 = time_latency(predict, test_images[:1], repeats=latency_repeats, warmup=max(3, latency_repeats // 10))
-    # Repeat the split's first samples to fill the batch (reads at most one batch of a lazy split).
+    # Repeat the split's first samples to fill the batch (reads at most one batch of a lazy split); a batch
+    # of bags holds about as many tiles as a batch of tiles.
+    throughput_batch = rows_per_batch(test_images, throughput_batch)
     batch = np.resize(test_images[:throughput_batch], (throughput_batch, *test_images.shape[1:])).astype(np.float32)
     throughput = time_throughput(predict, batch, repeats=max(2, latency_repeats // 20))
     return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.selection,

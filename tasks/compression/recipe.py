@@ -31,7 +31,8 @@ from tasks.compression.prune import PruneParams, PruneStructured
 from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
 from tasks.compression.technique import PARITY_SAMPLES, REFERENCE_ROOT, CompressionContext, Variant, run_recipe
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
-from tasks.dataset import load_dataset
+from tasks.bags import load_dataset_for
+from tasks.evaluation import rows_per_batch
 from tasks.onnx_runtime import open_session, session_predictor
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
 from tasks.request_errors import RequestError
@@ -213,7 +214,8 @@ def _measure_onnx(variant: Variant, params: CompressParams, common: dict) -> tup
     before = resident_bytes()
     predict = session_predictor(open_session(variant.onnx, params.threads))
     images = common["test_images"]
-    predict(np.resize(images[:params.throughput_batch], (params.throughput_batch, *images.shape[1:])))
+    rows = rows_per_batch(images, params.throughput_batch)
+    predict(np.resize(images[:rows], (rows, *images.shape[1:])))
     memory = max(0, resident_bytes() - before)
     row = measure_variant(variant.name, "onnx", predict, variant.onnx.stat().st_size, **common)
     return replace(row, memory_bytes=memory, precision=variant.precision), predict
@@ -242,7 +244,7 @@ def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, p
     """
     profile = get_profile(params.profile)
     pin_determinism(params.seed, params.threads)
-    dataset = load_dataset(dataset_path)
+    dataset = load_dataset_for(dataset_path, model)  # a slide model is measured on bags of each slide's tiles
     test = dataset.splits.get("test")
     if test is None or len(test) == 0:
         raise RequestError(f"{dataset.path}: no test split to measure compressed variants on")
