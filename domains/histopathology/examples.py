@@ -139,16 +139,16 @@ def _dicom_uid(*parts: object) -> str:
     return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
 
 
-def _dicom_frames(rgb: np.ndarray, tile: int, compression: str | None) -> list[bytes]:
-    """The TILED_FULL frames of ``rgb``: row-major tiles, the edge ones padded with white to a full tile."""
+def _dicom_frames(rgb: np.ndarray, tile: tuple[int, int], compression: str | None) -> list[bytes]:
+    """The TILED_FULL frames of ``rgb``: row-major (rows, cols) tiles, the edge ones padded with white."""
     from PIL import Image
 
     height, width = rgb.shape[:2]
     frames = []
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            frame = np.full((tile, tile, 3), 255, np.uint8)
-            part = rgb[y:y + tile, x:x + tile]
+    for y in range(0, height, tile[0]):
+        for x in range(0, width, tile[1]):
+            frame = np.full((*tile, 3), 255, np.uint8)
+            part = rgb[y:y + tile[0], x:x + tile[1]]
             frame[:part.shape[0], :part.shape[1]] = part
             if compression == "jpeg":
                 buffer = io.BytesIO()
@@ -159,7 +159,7 @@ def _dicom_frames(rgb: np.ndarray, tile: int, compression: str | None) -> list[b
     return frames
 
 
-def _dicom_instance(rgb: np.ndarray, spacing_mm: tuple[float, float], tile: int, image_type: list[str],
+def _dicom_instance(rgb: np.ndarray, spacing_mm: tuple[float, float], tile: tuple[int, int], image_type: list[str],
                     uids: dict[str, str], instance: int, compression: str | None, identifiers: dict[str, str]):
     """One DICOM WSI instance (a pyramid level or an associated image) holding ``rgb`` as tiled frames."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -182,7 +182,7 @@ def _dicom_instance(rgb: np.ndarray, spacing_mm: tuple[float, float], tile: int,
         setattr(ds, keyword, value)
     height, width = rgb.shape[:2]
     frames = _dicom_frames(rgb, tile, compression)
-    ds.Rows = ds.Columns = tile
+    ds.Rows, ds.Columns = tile
     ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = height, width
     ds.TotalPixelMatrixFocalPlanes = 1
     ds.NumberOfFrames = len(frames)
@@ -247,13 +247,48 @@ def write_dicom_wsi(folder: Path | str, rgb: np.ndarray, mpp: float, tile: int =
         spacing = mpp * rgb.shape[1] / level.shape[1] / 1000.0
         image_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if index == 0 else \
             ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
-        ds = _dicom_instance(level, (spacing, spacing), tile, image_type, uids, index + 1, compression, identifiers)
+        ds = _dicom_instance(level, (spacing, spacing), (tile, tile), image_type, uids, index + 1, compression,
+                             identifiers)
         path = folder / f"level-{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
         first = first or path
     if label is not None:
-        side = max(label.shape[:2])
-        ds = _dicom_instance(np.ascontiguousarray(label, dtype=np.uint8), (0.05, 0.05), side,
+        # An associated image is one frame of its own size (OpenSlide decodes frame (0, 0) as the whole image).
+        ds = _dicom_instance(np.ascontiguousarray(label, dtype=np.uint8), (0.05, 0.05), label.shape[:2],
                              ["ORIGINAL", "PRIMARY", "LABEL", "NONE"], uids, levels + 1, compression, identifiers)
         ds.save_as(folder / "label.dcm", enforce_file_format=True)
     return first
+
+
+def write_aperio_svs(path: Path | str, rgb: np.ndarray, mpp: float, label: np.ndarray | None = None,
+                     description: str = "", label_description: str = "label", tile: int = 128) -> Path:
+    """Write an Aperio-layout TIFF (OpenSlide reads it as ``aperio``): level 0, thumbnail, level 2, label.
+
+    The layout OpenSlide's Aperio reader expects: tiled pyramid pages whose ImageDescription starts with
+    "Aperio" (level 0 carrying ``MPP = ...`` and any extra ``|Key = value`` fields in ``description``), a
+    stripped thumbnail as the second page, and the label photo as a stripped page with NewSubfileType 1
+    whose description names it ``label``. The label is stored uncompressed, so its pixel bytes are in the
+    file as given (tests plant text in them).
+    """
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = rgb.shape[:2]
+    head = "Aperio Image Library v12.0.15 \r\n"
+    half = np.asarray(Image.fromarray(rgb).resize((width // 2, height // 2), Image.Resampling.BOX))
+    thumb = np.asarray(Image.fromarray(rgb).resize((max(1, width // 8), max(1, height // 8)), Image.Resampling.BOX))
+    plain = {"photometric": "rgb", "metadata": None}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(tile, tile), compression="jpeg",
+                  description=f"{head}{width}x{height} ({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp:.4f}"
+                              f"{'|' + description if description else ''}", **plain)
+        tif.write(thumb, compression="jpeg", description=f"{head}{width}x{height} -> {thumb.shape[1]}x"
+                                                        f"{thumb.shape[0]} - ", **plain)
+        tif.write(half, tile=(tile, tile), compression="jpeg",
+                  description=f"{head}{width}x{height} -> {half.shape[1]}x{half.shape[0]} JPEG/RGB Q=90", **plain)
+        if label is not None:
+            tif.write(np.ascontiguousarray(label, dtype=np.uint8), subfiletype=1,
+                      description=f"Aperio Image Library v12.0.15\r\n{label_description}", **plain)
+    return path

@@ -288,9 +288,12 @@ def plan_read(request: IngestRequest) -> _Plan:
     if group_by == "site":
         check_site_groups(manifest)
     listed = {e.key for e in manifest.entries}
+    # A DICOM WSI is a folder of files (one per level, label...) that OpenSlide opens by any of them: the
+    # manifest may name whichever, so a folder it names through one file is listed whole.
+    dicom_folders = {Path(e.key).parent for e in manifest.entries if Path(e.key).suffix.lower() == ".dcm"}
     for path in found:
         key = slide_key(path, root)
-        if key not in listed:
+        if key not in listed and not (path.suffix.lower() == ".dcm" and Path(key).parent in dicom_folders):
             quarantine.append({"item": slide_pseudonym(key), "reason": "not_in_manifest",
                                "problem": "a slide file in the source that the manifest does not list; not read"})
     slides = without_duplicates([(e.path, e.key, e) for e in manifest.entries], quarantine)
@@ -503,6 +506,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
         "slide_facts": json.dumps(facts, sort_keys=True),
         "slide_patients": json.dumps(slide_patients, sort_keys=True),
         "slide_labels": json.dumps(slide_labels, sort_keys=True),
+        "bag_labels": json.dumps(slide_labels, sort_keys=True),  # tiles are named <slide>/<x>,<y>: slide bags
         "annotation_features_skipped": json.dumps(dict(skipped_regions), sort_keys=True),
         MASKS_PROVENANCE_KEY: json.dumps(masks, sort_keys=True),
         AUDIT_PROVENANCE_KEY: json.dumps(_grouped_audits(audits), sort_keys=True, separators=(",", ":")),

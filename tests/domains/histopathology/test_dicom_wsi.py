@@ -71,9 +71,12 @@ def test_ingest_reads_tiles_from_dicom_slides(tmp_path: Path):
     source = tmp_path / "slides"
     rows = []
     for index, patient in enumerate(["P-1", "P-2", "P-3"]):
+        label = np.full((60, 100, 3), 255, np.uint8) if index == 1 else None
         first = write_dicom_wsi(source / f"case{index}", slide_pixels(10 + index, 648, 800), mpp=0.25, tile=128,
-                                compression="jpeg", seed=index)
-        rows.append([first.relative_to(source).as_posix(), patient, "tumor" if index % 2 else "normal"])
+                                compression="jpeg", label=label, seed=index)
+        # The manifest may name any file of a DICOM folder (here, for case1, not the first one listed).
+        named = first.with_name("level-1.dcm") if index == 1 else first
+        rows.append([named.relative_to(source).as_posix(), patient, "tumor" if index % 2 else "normal"])
     manifest = tmp_path / "manifest.csv"
     with manifest.open("w", newline="") as handle:
         csv.writer(handle).writerows([["slide", "patient", "label"], *rows])
