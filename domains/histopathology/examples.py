@@ -292,3 +292,63 @@ def write_aperio_svs(path: Path | str, rgb: np.ndarray, mpp: float, label: np.nd
             tif.write(np.ascontiguousarray(label, dtype=np.uint8), subfiletype=1,
                       description=f"Aperio Image Library v12.0.15\r\n{label_description}", **plain)
     return path
+
+
+def _philips_attribute(name: str, value: str, group: str = "0x301D", element: str = "0x1000",
+                       vr: str = "IString") -> str:
+    return f'<Attribute Name="{name}" Group="{group}" Element="{element}" PMSVR="{vr}">{value}</Attribute>'
+
+
+def write_philips_tiff(path: Path | str, rgb: np.ndarray, mpp: float, levels: int = 2, tile: int = 128,
+                       barcode: str | None = None, label: np.ndarray | None = None) -> Path:
+    """Write ``rgb`` (H, W, 3) uint8 as a Philips TIFF (OpenSlide's ``philips`` reader).
+
+    The layout that reader checks: Software starting with "Philips"; the first page's ImageDescription a
+    ``DataObject`` of type ``DPUfsImport`` whose one ``WSI`` scanned image carries ``DICOM_PIXEL_SPACING``
+    (mm, row then column: OpenSlide's mpp) and one ``PixelDataRepresentation`` per pyramid level (their
+    spacings give the downsamples); tiled JPEG levels, the reduced ones marked as such; a stripped page
+    whose description starts with "Label" for the label photo. ``barcode`` is stored base64-encoded as
+    ``PIM_DP_UFS_BARCODE``, as the scanner does.
+    """
+    import base64
+
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pyramid = [np.ascontiguousarray(rgb, dtype=np.uint8)]
+    for _ in range(1, levels):
+        h, w = pyramid[-1].shape[:2]
+        pyramid.append(np.asarray(Image.fromarray(pyramid[-1]).resize((w // 2, h // 2), Image.Resampling.BOX)))
+
+    def spacing(level: int) -> str:
+        mm = mpp * 2**level / 1000.0
+        return f'"{mm:.10g}" "{mm:.10g}"'
+
+    representations = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation">'
+        + _philips_attribute("DICOM_PIXEL_SPACING", spacing(i), "0x0028", "0x0030", "IDoubleArray")
+        + _philips_attribute("PIIM_PIXEL_DATA_REPRESENTATION_NUMBER", str(i), "0x101D", "0x100B", "IUInt32")
+        + "</DataObject>" for i in range(levels))
+    wsi = ('<DataObject ObjectType="DPScannedImage">'
+           + _philips_attribute("PIM_DP_IMAGE_TYPE", "WSI", element="0x1004")
+           + _philips_attribute("DICOM_PIXEL_SPACING", spacing(0), "0x0028", "0x0030", "IDoubleArray")
+           + _philips_attribute("PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE", f"<Array>{representations}</Array>",
+                                "0x1001", "0x8B01", "IDataObjectArray")
+           + "</DataObject>")
+    header = _philips_attribute("PIM_DP_UFS_BARCODE", base64.b64encode(barcode.encode()).decode(),
+                                element="0x1002") if barcode else ""
+    description = ('<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">' + header
+                   + _philips_attribute("PIM_DP_SCANNED_IMAGES", f"<Array>{wsi}</Array>", element="0x1003",
+                                        vr="IDataObjectArray")
+                   + "</DataObject>")
+    with tifffile.TiffWriter(path) as tif:
+        for index, level in enumerate(pyramid):
+            tif.write(level, photometric="rgb", tile=(tile, tile), compression="jpeg", metadata=None,
+                      subfiletype=0 if index == 0 else 1, software="Philips DP v1.0",
+                      description=description if index == 0 else f"level={index}")
+        if label is not None:
+            tif.write(np.ascontiguousarray(label, dtype=np.uint8), photometric="rgb", metadata=None,
+                      software="Philips DP v1.0", description="Label")
+    return path
