@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "NAME` accept; with a NAME, print that preset's parameters as JSON.")
     p.add_argument("name", nargs="?", choices=list(PRESETS), metavar="NAME", help="preset to print")
 
+    p = verbs.add_parser("backbones", help="list the catalog of named foundation backbones (UNI, Virchow2, ...)",
+                         description="List the named backbones `--set backbone.name=NAME` accepts, with their input "
+                                     "size, embedding, licence and hub id; with a NAME, print that entry as JSON.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="catalog entry to print")
+
     verbs.add_parser("domains", help="list the registered imaging domains",
                      description="List the registered imaging domains with their task and intended use.")
 
@@ -299,6 +304,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             for preset in PRESETS.values():
                 print(f"{preset.name:<14} {preset.description}")
+        return 0
+    if args.verb == "backbones":
+        from tasks.backbone_catalog import catalog_table, describe_entry, get_entry
+
+        print(json.dumps(describe_entry(get_entry(args.name)), indent=2) if args.name else catalog_table())
         return 0
     overrides = getattr(args, "set", [])
     if args.verb == "demo":
