@@ -9,6 +9,7 @@ import pytest
 
 from tasks.dataset_store import (
     BATCHES_IN_FLIGHT,
+    BLOSC_BLOCKSIZE,
     BLOSC_LEVEL,
     BLOSC_SHUFFLE,
     ChunkedArrayWriter,
@@ -26,13 +27,17 @@ def _zarr_written(folder: Path, samples: np.ndarray, chunk_samples: int) -> Path
     shuffle = BLOSC_SHUFFLE if samples.dtype.itemsize > 1 else "noshuffle"
     array = group.create_array("x", shape=samples.shape, chunks=(chunk_samples, *samples.shape[1:]),
                                dtype=samples.dtype, compressors=[BloscCodec(cname="zstd", clevel=BLOSC_LEVEL,
-                                                                            shuffle=shuffle)], fill_value=0)
+                                                                            shuffle=shuffle,
+                                                                            blocksize=BLOSC_BLOCKSIZE)],
+                               fill_value=0)
     array[:] = samples
     return folder
 
 
+# (13, 64, 64) uint16: chunks of several Blosc blocks.
 @pytest.mark.parametrize(("dtype", "sample_shape"), [(np.uint16, (3, 8, 8)), (np.uint8, (2, 5, 5)),
-                                                     (np.int64, ()), (np.float32, (4, 4))])
+                                                     (np.int64, ()), (np.float32, (4, 4)),
+                                                     (np.uint16, (13, 64, 64))])
 def test_chunks_are_byte_identical_to_zarrs_and_read_back(tmp_path: Path, dtype, sample_shape) -> None:
     import zarr
 
