@@ -256,6 +256,15 @@ class DomainSpec:
             audit) into the dataset folder after it is written; returns the files.
         demo_settings: pipeline parameters the domain's demo sets beyond the common ones, as plain nested
             data (histopathology: slide-level learning, ``{"bags": {"enabled": True, ...}}``).
+        input_normalisations: names of the input normalisations the domain offers, fitted on a model's
+            training tiles and applied before the model by every stage (histopathology: "macenko" and
+            "reinhard" stain normalisation).
+        fit_input_normalisation: ``(name, images) -> reference``: fits one on float32 (N, C, H, W) physical
+            training tiles; the reference is plain JSON-safe data kept with the model. Raises ValueError
+            when the tiles cannot fit it.
+        apply_input_normalisation: ``(reference, images) -> images``: applies a fitted reference to float32
+            (N, C, H, W) physical tiles; never fails on a tile's content (tiles it cannot normalise are
+            returned as they are).
     """
 
     name: str
@@ -281,3 +290,6 @@ class DomainSpec:
     name_prediction: Callable[[Path], str] | None = None
     write_ingest_reports: Callable[[SampleSet, Path], list[Path]] | None = None
     demo_settings: dict = field(default_factory=dict)
+    input_normalisations: tuple[str, ...] = ()
+    fit_input_normalisation: Callable[[str, np.ndarray], dict] | None = None
+    apply_input_normalisation: Callable[[dict, np.ndarray], np.ndarray] | None = None

@@ -9,6 +9,7 @@ from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.bags import BagParams
+from tasks.model_inputs import InputNormalisationName
 from tasks.dataset import read_dataset_info
 from tasks.finetune import fit_adapter_task, record_finetune_task
 from tasks.models import BackboneParams, LoraParams
@@ -29,6 +30,9 @@ class FinetuneParams(BaseModel):
     train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
     bags: BagParams = Field(default_factory=BagParams, description="Slide-level learning from bags of tiles "
                                                                    "(attention MIL; histopathology slide labels)")
+    input_normalisation: InputNormalisationName = Field(
+        "none", description="Input normalisation fitted on the training tiles and kept with the model "
+                            "(histopathology: macenko or reinhard stain normalisation)")
 
 
 class FinetuneReceipt(BaseModel):
@@ -49,7 +53,8 @@ def finetune_backbone(params: FinetuneParams) -> FinetuneReceipt:
                             params.dataset, {"vitrail.backbone": params.backbone.name, "vitrail.peft": "lora"}) as run:
         outcome = fit_adapter_task(params.dataset, params.backbone, params.lora, params.train,
                                    join_location(params.workdir, "checkpoints", info.digest[:12]),
-                                   EpochReporter(run.run_id, f"finetune {params.backbone.name}"), params.bags)
+                                   EpochReporter(run.run_id, f"finetune {params.backbone.name}"), params.bags,
+                                   params.input_normalisation)
         model_uri = record_finetune_task(outcome, run.artifact_dir)
     return FinetuneReceipt(run_id=run.run_id, model_uri=model_uri, best_epoch=outcome.fit.best_epoch,
                            best_val_metrics=outcome.best_validation_metrics)

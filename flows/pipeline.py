@@ -15,6 +15,7 @@ from flows.promote import PromoteParams, PromoteReceipt, promote
 from flows.validate import ValidateParams, ValidateReceipt, validate
 from tasks.compression.recipe import CompressParams
 from tasks.bags import BagParams
+from tasks.model_inputs import InputNormalisationName
 from tasks.dataset import SplitParams
 from tasks.models import BackboneParams, LoraParams
 from tasks.promotion import GateThresholds
@@ -53,6 +54,9 @@ class PipelineParams(BaseModel):
     train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
     bags: BagParams = Field(default_factory=BagParams, description="Slide-level learning from bags of tiles "
                                                                    "(attention MIL; histopathology slide labels)")
+    input_normalisation: InputNormalisationName = Field(
+        "none", description="Input normalisation fitted on the training tiles and kept with the model "
+                            "(histopathology: macenko or reinhard stain normalisation)")
     compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
 
@@ -83,7 +87,8 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
         tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
         class_names=params.class_names, mpp=params.mpp))
     tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
-                                             lora=params.lora, train=params.train, bags=params.bags))
+                                             lora=params.lora, train=params.train, bags=params.bags,
+                                             input_normalisation=params.input_normalisation))
     compressed = compress(CompressFlowParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
                                              compression=params.compression))
     validated = validate(ValidateParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,

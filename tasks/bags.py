@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.dataset import Dataset, DatasetError, Split, load_dataset
+from tasks.dataset import Dataset, DatasetError, Split
 
 BAG_LABELS_KEY = "bag_labels"
 """Dataset provenance key: JSON object mapping each bag (slide pseudonym) to its class name."""
@@ -185,12 +184,3 @@ def bag_params_of(model) -> BagParams | None:
         if isinstance(params, BagParams):
             return params
     return None
-
-
-def load_dataset_for(path: Path | str, model=None, bags: BagParams | None = None) -> Dataset:
-    """Open a dataset the way ``model`` (or ``bags``) consumes it: tiles, or bags of a slide's tiles."""
-    dataset = load_dataset(path)
-    params = bags if bags is not None else (bag_params_of(model) if model is not None else None)
-    if params is None or not params.enabled:
-        return dataset
-    return bag_view(dataset, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from torch import nn
 
 from domains import get_domain
 from tasks.atomic_files import atomic_path
-from tasks.bags import BagParams, load_dataset_for
-from tasks.dataset import DatasetInfo
+from tasks.bags import BagParams
+from tasks.model_inputs import InputNormalisationName, fit_normalisation, load_dataset_for
+from tasks.dataset import DatasetInfo, load_dataset
 from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
@@ -38,10 +40,13 @@ class FinetuneOutcome:
         return {k: v for k, v in self.fit.best_metrics.items() if k.startswith("val_") and k != "val_loss"}
 
 
-def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams | None = None) -> dict:
+def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams | None = None,
+                   normalisation: dict | None = None) -> dict:
     """What a deployed model must carry to be used on new inputs: bands, classes, geometry, lineage.
 
-    A slide-level model also carries its bag settings (``bags``): predict then scores whole slides.
+    A slide-level model also carries its bag settings (``bags``): predict then scores whole slides. A model
+    trained on normalised inputs carries the fitted normalisation (``input_normalisation``), which predict
+    applies before the model sees a tile.
     """
     return {
         "domain": info.domain,
@@ -53,12 +58,13 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
         "dataset_digest": info.digest,
         **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
         **({"bags": bags.model_dump()} if bags is not None and bags.enabled else {}),
+        **({"input_normalisation": normalisation} if normalisation else {}),
     }
 
 
 def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
                 checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None,
-                bags: BagParams | None = None) -> FinetuneOutcome:
+                bags: BagParams | None = None, input_normalisation: InputNormalisationName = "none") -> FinetuneOutcome:
     """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model.
 
     ``dataset_path`` and ``checkpoint_dir`` are local folders or fsspec URLs (``s3://bucket/prefix``);
@@ -69,12 +75,16 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraPa
     different weights.
 
     With enabled ``bags`` the model learns slide labels from bags of each slide's tiles (attention MIL,
-    :mod:`tasks.bags`); the training loop is the same, its samples are bags.
+    :mod:`tasks.bags`); the training loop is the same, its samples are bags. An ``input_normalisation``
+    other than "none" (histopathology: stain normalisation) is fitted on the training tiles, applied to
+    every tile the model sees, and kept with the model (:mod:`tasks.model_inputs`).
     """
     pin_determinism(train.seed, train.threads)
     if bags is not None and bags.enabled:
         bags = bags.model_copy(update={"seed": train.seed})
-    dataset = load_dataset_for(dataset_path, bags=bags)
+    normalisation = (fit_normalisation(load_dataset(dataset_path), input_normalisation)
+                     if input_normalisation != "none" else None)
+    dataset = load_dataset_for(dataset_path, bags=bags, normalisation=normalisation)
     info = dataset.info
     if train.flip_augment and not get_domain(info.domain).train_flips:
         log.info("%s: flips and rotations are not valid augmentations for this domain; training without them",
@@ -87,10 +97,13 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraPa
     model_key = f"{info.task}|{backbone.model_dump_json()}|{lora.model_dump_json()}"
     if bags is not None and bags.enabled:
         model_key += f"|{bags.model_dump_json()}"
+    if normalisation:
+        model_key += f"|{json.dumps(normalisation, sort_keys=True)}"
     result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
-    merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std).eval()
+    merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std,
+                                  input_normalisation=normalisation).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
-                           metadata=model_metadata(info, backbone, bags))
+                           metadata=model_metadata(info, backbone, bags, normalisation))
 
 
 fit_adapter_task = task(fit_adapter, name="fit-adapter", cache_policy=NONE)

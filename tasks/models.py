@@ -268,9 +268,13 @@ class NormalizedClassifier(nn.Module):
     feed raw scaled pixels and cannot get the statistics wrong.
     """
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 input_normalisation: dict | None = None):
         super().__init__()
         self.net = net
+        # A domain normalisation fitted on the training tiles (stain normalisation), applied before the
+        # model by every stage (tasks.model_inputs); kept here so it travels with the weights.
+        self.input_normalisation = input_normalisation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -324,6 +328,9 @@ class ReferenceArchitecture(BaseModel):
     std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by")
     bags: BagParams | None = Field(None, description="For a slide-level model (attention MIL over bags of tiles): "
                                                      "the bag settings it was trained with; None for tile models")
+    input_normalisation: dict | None = Field(None, description="The domain input normalisation fitted on the "
+                                                               "training tiles (method and reference), applied "
+                                                               "before the model; None when there is none")
 
     @model_validator(mode="after")
     def _statistics_match_channels(self) -> "ReferenceArchitecture":
@@ -362,7 +369,8 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
     architecture = ReferenceArchitecture(
         backbone=encoder.pretrained_cfg["architecture"], task=task, img_size=img_size[0],
         patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
-        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags)
+        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags,
+        input_normalisation=getattr(model, "input_normalisation", None))
     _check_rebuilds(model, architecture)
     return architecture
 
@@ -409,7 +417,8 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
                               depth=architecture.depth)
     net = build_backbone(backbone, architecture.channels, architecture.num_classes, architecture.img_size,
                          task=architecture.task, bags=architecture.bags)
-    return NormalizedClassifier(net, architecture.mean, architecture.std).eval()
+    return NormalizedClassifier(net, architecture.mean, architecture.std,
+                                input_normalisation=architecture.input_normalisation).eval()
 
 
 def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, folder: Path) -> tuple[Path, Path]:

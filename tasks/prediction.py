@@ -107,6 +107,9 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
         if not metadata.get("bags"):
             predict_bag = None
 
+    normalisation = metadata.get("input_normalisation")
+    if normalisation:  # what the model was trained on: normalise every tile before it sees one
+        predict, predict_bag = _normalising(predict, predict_bag, str(metadata.get("domain")), normalisation)
     missing = {"channels", "class_names", "tile_size", "domain"} - set(metadata)
     if missing:
         raise RequestError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
@@ -116,6 +119,19 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
                        domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")),
                        tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None,
                        predict_bag=predict_bag, bags=metadata.get("bags"))
+
+
+def _normalising(predict, predict_bag, domain: str, normalisation: dict):
+    """The predictors with the model's input normalisation applied to their tiles first."""
+    from tasks.model_inputs import apply_normalisation
+
+    def normalised_predict(images: np.ndarray) -> np.ndarray:
+        return predict(apply_normalisation(domain, normalisation, images))
+
+    def normalised_bag(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict_bag(apply_normalisation(domain, normalisation, tiles))
+
+    return normalised_predict, (normalised_bag if predict_bag is not None else None)
 
 
 def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path | str, stride: int | None = None,

@@ -11,7 +11,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 from torch import nn
 
-from tasks.bags import SLIDE_TASK, bag_params_of, load_dataset_for
+from tasks.bags import SLIDE_TASK, bag_params_of
+from tasks.model_inputs import load_dataset_for
 from tasks.evaluation import (
     Report,
     any_labelled,

@@ -6,13 +6,15 @@ from domains.histopathology.demo import DEMO_NOTES, DEMO_SETTINGS, prepare_demo
 from domains.histopathology.examples import write_example
 from domains.histopathology.prediction import list_prediction_inputs, predict_slide, prediction_name
 from domains.histopathology.reader import CHANNELS, DEFAULT_CLASS_NAMES, read_samples, write_ingest_reports
+from domains.histopathology.stain import METHODS, apply_model_normalisation, fit_model_normalisation
 from domains.spec import DomainSpec
 
 # OpenSlide, tifffile and Pillow are imported inside the functions that use them, so the registry stays light.
 SPEC = DomainSpec(
     name="histopathology",
     title=("Histopathology (whole-slide images: SVS, NDPI, MRXS, SCN, tiled TIFF, OME-TIFF, DICOM WSI): tile "
-           "classification from QuPath regions, tiles cut at an exact mpp, slides scored per patient split"),
+           "classification from QuPath regions, or slide classification from slide labels by attention MIL; "
+           "tiles cut at an exact mpp, splits by patient or site"),
     intended_use=(
         "Research on tissue-type and tumour tile classifiers for H&E whole-slide images, with tiles cut at a "
         "stated resolution (um/px), splits by patient and slide metadata kept out of every dataset and "
@@ -39,6 +41,9 @@ SPEC = DomainSpec(
     name_prediction=prediction_name,
     write_ingest_reports=write_ingest_reports,
     demo_settings=DEMO_SETTINGS,
+    input_normalisations=METHODS,
+    fit_input_normalisation=fit_model_normalisation,
+    apply_input_normalisation=apply_model_normalisation,
 )
 
 __all__ = ["SPEC"]

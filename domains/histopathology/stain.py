@@ -322,3 +322,24 @@ def normalize_stain(tiles: np.ndarray, reference: StainReference) -> tuple[np.nd
         else:
             out[index] = result
     return out, fell_back
+
+
+# -- as a model input normalisation (the domain's fit/apply hooks) -----------------------------------------
+
+def _tiles_uint8(images: np.ndarray) -> np.ndarray:
+    """Physical tiles (N, 3, H, W) in [0, 1] as the scanner's uint8 RGB (N, H, W, 3)."""
+    return np.clip(np.rint(np.asarray(images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def fit_model_normalisation(method: str, images: np.ndarray) -> dict:
+    """A stain reference fitted on physical training tiles (N, 3, H, W), as plain data kept with the model."""
+    reference = fit_stain_reference(_tiles_uint8(images), method)
+    _, fell_back = normalize_stain(_tiles_uint8(images[:256]), reference)
+    return {**reference.to_dict(), "fallback_share_on_fit_tiles": round(float(fell_back.mean()), 4)}
+
+
+def apply_model_normalisation(reference: dict, images: np.ndarray) -> np.ndarray:
+    """Physical tiles (N, 3, H, W) normalised to ``reference``; tiles it cannot normalise come back as they were."""
+    fitted = StainReference.from_dict(reference)
+    normalised, _ = normalize_stain(_tiles_uint8(images), fitted)
+    return normalised.transpose(0, 3, 1, 2).astype(np.float32) / 255.0

@@ -66,9 +66,11 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
         _copy_teacher_blocks(vit, net.encoder if bags is not None else net, params.student_depth)
     mean = getattr(teacher, "mean", None)
     std = getattr(teacher, "std", None)
+    normalisation = getattr(teacher, "input_normalisation", None)  # the student sees what the teacher saw
     if mean is not None and std is not None:
-        return NormalizedClassifier(net, tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()))
-    return NormalizedClassifier(net, info.channel_mean, info.channel_std)
+        return NormalizedClassifier(net, tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()),
+                                    input_normalisation=normalisation)
+    return NormalizedClassifier(net, info.channel_mean, info.channel_std, input_normalisation=normalisation)
 
 
 def _copy_teacher_blocks(teacher_vit: nn.Module, student: nn.Module, depth: int) -> None:

@@ -31,7 +31,7 @@ from tasks.compression.prune import PruneParams, PruneStructured
 from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
 from tasks.compression.technique import PARITY_SAMPLES, REFERENCE_ROOT, CompressionContext, Variant, run_recipe
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
-from tasks.bags import load_dataset_for
+from tasks.model_inputs import load_dataset_for
 from tasks.evaluation import rows_per_batch
 from tasks.onnx_runtime import open_session, session_predictor
 from tasks.reproducibility import DEFAULT_THREADS, pin_determinism
@@ -337,7 +337,8 @@ def record_compression(report: CompressReport, metadata: dict, workdir: Path | s
     publish_compression_table(report)
     edge_file = report.files[report.edge_variant]
     size = metadata["tile_size"]
-    example = np.zeros((1, len(metadata["channels"]), size, size), dtype=np.float32)
+    bag = (2,) if metadata.get("bags") else ()  # a slide model takes bags: (B, tiles, C, H, W)
+    example = np.zeros((1, *bag, len(metadata["channels"]), size, size), dtype=np.float32)
     return tracking.log_edge_model(edge_file, {**metadata, "variant": report.edge_variant}, example)
 
 

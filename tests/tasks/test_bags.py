@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from domains import Channel, SampleSet
-from tasks.bags import BAG_LABELS_KEY, BagImages, BagParams, bag_of, bag_params_of, bag_view, load_dataset_for
+from tasks.bags import BAG_LABELS_KEY, BagImages, BagParams, bag_of, bag_params_of, bag_view
+from tasks.model_inputs import load_dataset_for
 from tasks.dataset import DatasetError, SplitParams, load_dataset, write_dataset
 from tasks_support import tiny_backbone
 

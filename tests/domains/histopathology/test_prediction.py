@@ -163,3 +163,58 @@ def test_a_slide_without_tissue_gets_a_report_without_a_score(tmp_path):
     assert summary.samples == 0 and report["tiles"]["scored"] == 0
     assert report["slide_score"]["per_class"] is None and report["slide_score"]["present"] == []
     assert json.loads((tmp_path / report["outputs"]["geojson"]).read_text())["features"] == []
+
+
+def darkest_tiles_decide(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in slide model: attention on the darkest tiles; the slide is 'tumor' as far as they are dark."""
+    darkness = 1.0 - tiles.mean(axis=(1, 2, 3))
+    weights = np.exp(20 * darkness)
+    weights /= weights.sum()
+    tumour = float(np.clip((weights * darkness).sum() * 4, 0, 1))
+    return np.array([1 - tumour, tumour], dtype=np.float32), weights.astype(np.float32)
+
+
+def test_slide_model_prediction_reports_the_slide_score_and_attention(example, tmp_path):
+    import tifffile
+
+    slide = example["source"] / "A1.tif"
+    seen = []
+
+    def slide_model(tiles):
+        seen.append(tiles.shape)
+        return darkest_tiles_decide(tiles)
+
+    summary = _predict(slide, tmp_path / "slide.json", infer_bag=slide_model)
+    report = json.loads((tmp_path / "slide.json").read_text())
+    assert len(seen) == 1 and seen[0][1:] == (3, 32, 32)  # every kept tile in one bag
+    assert report["task"] == "slide-classification"
+    assert report["tiles"]["scored"] == summary.samples == seen[0][0]
+    per_class = report["slide_score"]["per_class"]
+    assert per_class["normal"] + per_class["tumor"] == pytest.approx(1.0, abs=1e-5)
+    assert report["slide_score"]["predicted"] == max(per_class, key=per_class.get)
+    top = report["top_tiles"]["by_attention"]
+    assert len(top) == 8 and [t["attention"] for t in top] == sorted((t["attention"] for t in top), reverse=True)
+    with tifffile.TiffFile(tmp_path / report["outputs"]["heatmap"]) as tif:
+        heat = tif.series[0].asarray()
+        assert 'Name="attention"' in tif.ome_metadata
+    heat = heat.reshape((-1, *heat.shape[-2:]))
+    assert heat.shape[0] == 1  # one channel: attention relative to an average tile
+    assert np.nanmean(heat) == pytest.approx(1.0, rel=1e-4)
+    geojson = json.loads((tmp_path / report["outputs"]["geojson"]).read_text())
+    relative = [f["properties"]["measurements"]["relative attention"] for f in geojson["features"]]
+    assert relative and min(relative) >= 2.0
+    assert sum(np.asarray(heat[0][np.isfinite(heat[0])]) >= 2.0) == len(relative)
+
+
+def test_slide_model_scores_at_most_its_tile_budget(example, tmp_path):
+    slide = example["source"] / "A1.tif"
+    seen = []
+
+    def slide_model(tiles):
+        seen.append(len(tiles))
+        return darkest_tiles_decide(tiles)
+
+    _predict(slide, tmp_path / "slide.json", infer_bag=slide_model, bag_max_tiles=10)
+    report = json.loads((tmp_path / "slide.json").read_text())
+    assert seen[0] <= 10 < report["tiles"]["tissue_tiles"]
+    assert report["tiles"]["bag_max_tiles"] == 10
