@@ -252,8 +252,15 @@ def _demo_summary(receipt, workdir: Path) -> str:
     compress = json.loads(Path(receipt.compress.report).read_text())
     task = read_dataset_info(receipt.ingest.dataset).task
     metric, judged_on = PRIMARY_METRICS[task], AUTO_GATE_METRIC[task]
+    slides = receipt.validation.task == "slide-classification"  # a slide model: scores are per slide
+    if slides:
+        metric, judged_on = "slide accuracy", AUTO_GATE_METRIC[receipt.validation.task]
+    auroc = receipt.validation.metrics
     rows = "\n".join(f"    {v['name']:<18} {metric} {v['accuracy']:.3f}  p50 {v['latency_ms_p50']:7.2f} ms  "
-                     f"{v['throughput']:8.1f} img/s  {v['size_bytes'] / 1e6:6.2f} MB  x{v['speedup_vs_fp32']:.2f}"
+                     f"{v['throughput']:8.1f} {'bags' if slides else 'img'}/s  {v['size_bytes'] / 1e6:6.2f} MB  "
+                     f"x{v['speedup_vs_fp32']:.2f}"
+                     + (f"  slide AUROC {auroc[v['name'] + '.test_macro_auroc']:.3f}"
+                        if slides and f"{v['name']}.test_macro_auroc" in auroc else "")
                      for v in compress["variants"])
     promoted = receipt.promote
     verdict = f"promoted to {promoted.alias}" if promoted.alias else "NOT promoted (gate failed)"

@@ -30,6 +30,8 @@ class ValidateReceipt(BaseModel):
 
     run_id: str
     metrics: dict[str, float]
+    task: str = Field("classification", description="What the validated model predicts (the dataset's task, or "
+                                                    "slide-classification for a slide model)")
 
 
 @flow(name="validate-model", flow_run_name="validate-{params.domain}", log_prints=True)
@@ -43,4 +45,4 @@ def validate(params: ValidateParams) -> ValidateReceipt:
         variants = fetch_onnx_variants_task(params.compress_run_id, run.artifact_dir.parent / f"{run.run_id}-onnx")
         result = validate_variants_task(params.dataset, reference, variants, run.artifact_dir, params.threads)
         metrics = record_validation_task(result)
-    return ValidateReceipt(run_id=run.run_id, metrics=metrics)
+    return ValidateReceipt(run_id=run.run_id, metrics=metrics, task=result.task)

@@ -73,7 +73,12 @@ def test_demo_summary_names_the_tasks_scores_and_shortens_long_prediction_lists(
         compress=SimpleNamespace(report=str(report)),
         promote=SimpleNamespace(alias="champion", edge_model="radiology-findings-edge/1",
                                 reference_model="radiology-findings/1"),
-        predict=SimpleNamespace(outputs=outputs))
+        predict=SimpleNamespace(outputs=outputs), validation=SimpleNamespace(task="multilabel", metrics={}))
     text = _demo_summary(receipt, tmp_path)
     assert "macro_auroc 0.910" in text and "within the macro_auroc budget" in text
     assert "5 files in" in text and "study-4.json" not in text
+    # A slide model's rows are slides: accuracy and AUROC over slides, throughput in bags.
+    receipt.validation = SimpleNamespace(task="slide-classification", metrics={"onnx-fp32.test_macro_auroc": 0.875})
+    text = _demo_summary(receipt, tmp_path)
+    assert "slide accuracy 0.910" in text and "bags/s" in text and "slide AUROC 0.875" in text
+    assert "within the macro_auroc budget" in text
