@@ -214,6 +214,11 @@ def reduce_tokens(model: nn.Module, params: TokenReductionParams) -> tuple[nn.Mo
     if any(isinstance(m, SegmentationViT) for m in model.modules()):
         raise ValueError("token reduction merges the patch tokens a per-pixel segmentation head needs; "
                          "use distillation, pruning or quantization for segmentation models")
+    # A module that token reduction would bypass says why (e.g. visual prompts, tasks/adapters/custom.py).
+    refusal = next((m.refuses_token_reduction for m in model.modules()
+                    if getattr(m, "refuses_token_reduction", None)), None)
+    if refusal:
+        raise ValueError(refusal)
     model = copy.deepcopy(model).eval()
     parent, attr, vit = _find_vit(model)
     _check_supported(vit)
