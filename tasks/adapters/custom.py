@@ -205,8 +205,9 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        # A buffer, so the saved weights carry the scale the adapter was trained with.
-        self.register_buffer("scale", torch.tensor(float(scale)))
+        # A buffer, so the saved weights carry the scale the adapter was trained with; one element, not a
+        # 0-d tensor (the training loop's weight digest views every tensor as bytes, which 0-d refuses).
+        self.register_buffer("scale", torch.tensor([float(scale)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self.up(torch.relu(self.down(x)))
