@@ -22,7 +22,7 @@ DEFAULT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
-OVERRIDE_HELP = ("Override any parameter by its dotted path, e.g. --set train.epochs=3 --set lora.rank=4 "
+OVERRIDE_HELP = ("Override any parameter by its dotted path, e.g. --set train.epochs=3 --set adapter.method=dora "
                  "(values are JSON when they parse as JSON, else strings; repeatable)")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.compress import CompressFlowParams, CompressReceipt, compress
 from flows.error_reporting import report_input_errors
@@ -17,7 +17,8 @@ from tasks.compression.recipe import CompressParams
 from tasks.bags import BagParams
 from tasks.model_inputs import InputNormalisationName
 from tasks.dataset import SplitParams
-from tasks.models import BackboneParams, LoraParams
+from tasks.adapters import AdapterParams, legacy_lora_to_adapter
+from tasks.models import BackboneParams
 from tasks.promotion import GateThresholds
 from tasks.storage import join_location
 from tasks.tracking import configure_tracking
@@ -50,7 +51,8 @@ class PipelineParams(BaseModel):
     tiling: TilingParams = Field(default_factory=TilingParams, description="Tiling and blocking")
     split: SplitParams = Field(default_factory=SplitParams, description="Split fractions and seed")
     backbone: BackboneParams = Field(default_factory=BackboneParams, description="Foundation model and its weights")
-    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapter settings")
+    adapter: AdapterParams = Field(default_factory=AdapterParams,
+                                   description="Adapter method (LoRA, DoRA, VPT, AdaptFormer, ...) and its settings")
     train: TrainParams = Field(default_factory=TrainParams, description="Training settings")
     bags: BagParams = Field(default_factory=BagParams, description="Slide-level learning from bags of tiles "
                                                                    "(attention MIL; histopathology slide labels)")
@@ -59,6 +61,9 @@ class PipelineParams(BaseModel):
                             "(histopathology: macenko or reinhard stain normalisation)")
     compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+
+    # Configurations written for the LoRA-only block of earlier versions (`lora: {rank: 8, ...}`) keep working.
+    _legacy_lora = model_validator(mode="before")(legacy_lora_to_adapter)
 
     def dataset_location(self) -> str:
         """The dataset folder or URL: ``dataset`` when given, else ``<workdir>/dataset``."""
@@ -87,7 +92,7 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
         tiling=params.tiling, split=params.split, bands=params.bands, sensor=params.sensor,
         class_names=params.class_names, mpp=params.mpp))
     tuned = finetune_backbone(FinetuneParams(**common, dataset=ingested.dataset, backbone=params.backbone,
-                                             lora=params.lora, train=params.train, bags=params.bags,
+                                             adapter=params.adapter, train=params.train, bags=params.bags,
                                              input_normalisation=params.input_normalisation))
     compressed = compress(CompressFlowParams(**common, dataset=ingested.dataset, model_uri=tuned.model_uri,
                                              compression=params.compression))

@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
             # weights=file with a 13-band SSL4EO-S12 ViT-S/16 loads as is; weights=hub adapts ImageNet RGB
             # weights by wavelength.
             "backbone": {"name": "vit_small_patch16_224", "weights": "none", "patch_size": 16},
-            "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["qkv"], "train_patch_embed": True},
+            "adapter": {"method": "lora", "rank": 8, "alpha": 16.0, "targets": ["qkv"], "train_patch_embed": True},
             # 32 samples per step in one pass: about 1.5 GB of activations (1.52 GB peak on an H100 with the
             # weights and optimizer; a CPU holds about the same) and 1300 samples/s there, where two
             # micro-batches of 16 gave 750. 32-bit floats keep the reproducibility contract on every device;

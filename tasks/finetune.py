@@ -1,4 +1,4 @@
-"""The fine-tune stage's work: a timm backbone with LoRA on a dataset's bands, trained by the one loop."""
+"""The fine-tune stage's work: a timm backbone with an adapter (LoRA, ...) on a dataset's bands, trained by the one loop."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tasks.atomic_files import atomic_path
 from tasks.bags import BagParams
 from tasks.model_inputs import InputNormalisationName, fit_normalisation, load_dataset_for
 from tasks.dataset import DatasetInfo, load_dataset
-from tasks.models import BackboneParams, LoraParams, NormalizedClassifier, attach_lora, build_backbone, count_parameters, merge_adapter
+from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, merge_adapter
+from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, count_parameters
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
 
@@ -62,10 +63,14 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
     }
 
 
-def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraParams, train: TrainParams,
-                checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None,
+def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: AdapterParams | LoraParams,
+                train: TrainParams, checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None,
                 bags: BagParams | None = None, input_normalisation: InputNormalisationName = "none") -> FinetuneOutcome:
-    """Fine-tune the backbone with LoRA on the dataset and return the merged, normalising model.
+    """Fine-tune the backbone with an adapter on the dataset and return the merged, normalising model.
+
+    ``adapter`` names the method and its settings (a legacy :class:`LoraParams` means LoRA). A misspelt
+    target is refused before any data is read into training. Mergeable methods come back as plain weights;
+    the others keep their extra operations (and are described with their settings when saved).
 
     ``dataset_path`` and ``checkpoint_dir`` are local folders or fsspec URLs (``s3://bucket/prefix``);
     a run resumes from the newest matching checkpoint there, whichever machine wrote it.
@@ -79,6 +84,7 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraPa
     other than "none" (histopathology: stain normalisation) is fitted on the training tiles, applied to
     every tile the model sees, and kept with the model (:mod:`tasks.model_inputs`).
     """
+    adapter = as_adapter_params(adapter)
     pin_determinism(train.seed, train.threads)
     if bags is not None and bags.enabled:
         bags = bags.model_copy(update={"seed": train.seed})
@@ -91,10 +97,10 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, lora: LoraPa
                  info.domain)
         train = train.model_copy(update={"flip_augment": False})
     net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
-    adapted = attach_lora(net, lora)
+    adapted = attach_adapter(net, adapter)
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
-    model_key = f"{info.task}|{backbone.model_dump_json()}|{lora.model_dump_json()}"
+    model_key = f"{info.task}|{backbone.model_dump_json()}|{adapter.model_dump_json()}"
     if bags is not None and bags.enabled:
         model_key += f"|{bags.model_dump_json()}"
     if normalisation:

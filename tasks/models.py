@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from domains import Channel, TaskType
+from tasks.adapters import AdapterParams, LoraParams, adapter_of, attach_adapter, get_method, rebuild_adapted
+from tasks.adapters import merge_adapter as merge_adapter  # noqa: F401  (re-exported: callers import it from here)
 from tasks.bags import BagParams
 from tasks.request_errors import RequestError
 
@@ -37,18 +39,6 @@ class BackboneParams(BaseModel):
     patch_size: int = Field(4, ge=2, le=32, description="Patch side in pixels; pretrained patch kernels are resampled")
     depth: int | None = Field(None, ge=1, le=48,
                               description="Keep only the first N transformer blocks (smaller, faster); empty keeps all")
-
-
-class LoraParams(BaseModel):
-    """Low-rank adapter settings (peft LoRA)."""
-
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
-    alpha: float = Field(16.0, gt=0, le=1024, description="LoRA scaling alpha (effective scale alpha / r)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch")
-    target_modules: list[str] = Field(["qkv"], min_length=1, max_length=16,
-                                      description="Module-name suffixes LoRA attaches to (qkv, fc1, fc2, attn.proj)")
-    train_patch_embed: bool = Field(True, description="Also train the patch embedding (advisable when the band "
-                                                      "count differs from the pretrained model's)")
 
 
 def adapt_patch_embedding(rgb_weight: torch.Tensor, channels: tuple[Channel, ...]) -> torch.Tensor:
@@ -241,24 +231,9 @@ def _load_foundation_weights(model: nn.Module, source: dict[str, torch.Tensor], 
 
 
 def attach_lora(model: nn.Module, params: LoraParams) -> nn.Module:
-    """Freeze ``model`` and wrap it with LoRA adapters; the head (and optionally patch embedding) train fully."""
-    from peft import LoraConfig, get_peft_model
-
-    trainable = ["head"] + (["patch_embed.proj"] if params.train_patch_embed else [])
-    if isinstance(model, AttentionMIL):
-        trainable.append("pool")  # the attention network is new, like the head
-    # peft matches list entries as module-path suffixes, so "attn.proj" picks blocks.N.attn.proj and not
-    # the patch-embedding "proj" (a bare "proj" would match both).
-    config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                        target_modules=list(params.target_modules), modules_to_save=trainable)
-    return get_peft_model(model, config)
-
-
-def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold LoRA weights into the base layers and return the plain timm model."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
+    """Freeze ``model`` and add LoRA adapters (the legacy block; :func:`tasks.adapters.attach_adapter` is the
+    general form); the head (and optionally the patch embedding) train fully."""
+    return attach_adapter(model, params.to_adapter())
 
 
 class NormalizedClassifier(nn.Module):
@@ -331,6 +306,10 @@ class ReferenceArchitecture(BaseModel):
     input_normalisation: dict | None = Field(None, description="The domain input normalisation fitted on the "
                                                                "training tiles (method and reference), applied "
                                                                "before the model; None when there is none")
+    adapter: AdapterParams | None = Field(None, description="For a model adapted by a method that does not merge "
+                                                            "into plain weights (prompts, AdaptFormer, DVPT): the "
+                                                            "adapter settings whose structure holds its weights; "
+                                                            "None for plain weights")
 
     @model_validator(mode="after")
     def _statistics_match_channels(self) -> "ReferenceArchitecture":
@@ -351,10 +330,13 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
     """
     if not isinstance(model, NormalizedClassifier):
         raise ValueError(f"a reference model is a NormalizedClassifier, got {type(model).__name__}")
-    net = model.net
+    adapter = adapter_of(model.net)  # set only on a non-mergeable method's adapted network, after merging
+    if adapter is not None and get_method(adapter.method).mergeable:
+        raise ValueError(f"cannot describe a model whose {adapter.method} adapter is not merged: merge adapters first")
+    net = _task_network(model.net) if adapter is not None else model.net
     encoder = net.encoder if isinstance(net, (SegmentationViT, AttentionMIL)) else net
     if hasattr(net, "peft_config") or hasattr(encoder, "peft_config"):
-        raise ValueError("cannot describe a model whose LoRA adapters are not merged: merge adapters first")
+        raise ValueError("cannot describe a model whose peft adapters are not merged: merge adapters first")
     if not all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "pretrained_cfg")):
         raise ValueError(f"cannot describe {type(encoder).__name__}: expected a timm ViT")
     num_classes = (net.head.out_channels if isinstance(net, SegmentationViT)
@@ -370,9 +352,19 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
         backbone=encoder.pretrained_cfg["architecture"], task=task, img_size=img_size[0],
         patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
         mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags,
-        input_normalisation=getattr(model, "input_normalisation", None))
+        input_normalisation=getattr(model, "input_normalisation", None), adapter=adapter)
     _check_rebuilds(model, architecture)
     return architecture
+
+
+def _task_network(adapted: nn.Module) -> nn.Module:
+    """The task network (timm ViT, SegmentationViT or AttentionMIL) inside an adapted network: the network itself
+    when the method changed it in place, else the outermost such module it wraps."""
+    for module in adapted.modules():
+        if isinstance(module, (SegmentationViT, AttentionMIL)) or all(
+                hasattr(module, a) for a in ("patch_embed", "blocks", "pretrained_cfg")):
+            return module
+    raise ValueError(f"cannot find the ViT inside {type(adapted).__name__}")
 
 
 def _check_rebuilds(model: nn.Module, architecture: ReferenceArchitecture) -> None:
@@ -417,6 +409,8 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
                               depth=architecture.depth)
     net = build_backbone(backbone, architecture.channels, architecture.num_classes, architecture.img_size,
                          task=architecture.task, bags=architecture.bags)
+    if architecture.adapter is not None:  # a non-mergeable method: its structure, so the saved weights load
+        net = rebuild_adapted(net, architecture.adapter)
     return NormalizedClassifier(net, architecture.mean, architecture.std,
                                 input_normalisation=architecture.input_normalisation).eval()
 

@@ -44,7 +44,7 @@ def test_vit_s16_preset_is_the_published_geometry():
     assert params["backbone"]["name"] == "vit_small_patch16_224" and params["backbone"]["patch_size"] == 16
     assert params["tiling"]["tile_size"] == params["tiling"]["stride"] == 224
     assert params["tiling"]["block_size"] % params["tiling"]["tile_size"] == 0
-    assert params["lora"]["target_modules"] == ["qkv"]
+    assert params["adapter"]["method"] == "lora" and params["adapter"]["targets"] == ["qkv"]
 
 
 def _pipeline_deployments() -> dict[str, dict]:

@@ -154,10 +154,10 @@ def test_attach_lora_trains_only_adapters_head_and_patch_embedding() -> None:
     model = attach_lora(tiny_net(), LoraParams(rank=4))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("qkv.lora_A" in n for n in trainable) and any("qkv.lora_B" in n for n in trainable)
-    assert any("head.modules_to_save" in n for n in trainable)
-    assert any("patch_embed.proj.modules_to_save" in n for n in trainable)
+    assert any(n.endswith("model.head.weight") for n in trainable)  # head and patch embedding train in place
+    assert any(n.endswith("patch_embed.proj.weight") for n in trainable)
     for name in trainable:
-        assert "lora_" in name or ("modules_to_save" in name and ("head" in name or "patch_embed" in name)), name
+        assert "lora_" in name or ".head." in name or ".patch_embed.proj." in name, name
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert any(n.endswith("blocks.0.norm1.weight") for n in frozen)
     assert any(n.endswith("blocks.0.mlp.fc1.weight") for n in frozen)
