@@ -107,6 +107,18 @@ def _files_of(group) -> DatasetFiles:
     raise DatasetError(f"a chunk writer on a {type(store).__name__} needs the dataset's files named (files=...)")
 
 
+def handed_over(block: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether a writer may keep ``block`` instead of a copy: read-only, owning its memory, contiguous, of ``dtype``.
+
+    A reader that yields a fresh array per batch and never writes it again says so by making it read-only
+    (``images.flags.writeable = False``); the writer then stores it without a staging copy (a copy of
+    every pixel, on the thread that reads the next batch). An array that is a view, or still writeable,
+    is copied: whoever holds it may change it.
+    """
+    return (isinstance(block, np.ndarray) and block.dtype == dtype and block.flags.c_contiguous
+            and block.flags.owndata and not block.flags.writeable)
+
+
 class ChunkedArrayWriter:
     """Appends samples to one zarr array a whole chunk at a time, digesting each chunk.
 
@@ -120,8 +132,8 @@ class ChunkedArrayWriter:
     Encoding, digesting and storing run off the caller's thread, one batch at a time, the chunks of a
     batch on :data:`STORE_THREADS` threads (Blosc, hashlib and file writes release the GIL), so the
     caller reads its next batches meanwhile. Memory is one chunk buffer plus :data:`BATCHES_IN_FLIGHT`
-    staged batches, whatever the size of the source: :meth:`append` waits for the oldest batch when that
-    many are queued.
+    staged (or handed-over) batches, whatever the size of the source: :meth:`append` waits for the oldest
+    batch when that many are queued.
     """
 
     def __init__(self, group, name: str, sample_shape: tuple[int, ...], dtype: np.dtype, chunk_samples: int,
@@ -161,10 +173,15 @@ class ChunkedArrayWriter:
 
         Up to :data:`BATCHES_IN_FLIGHT` batches wait or are being stored while the caller goes on (reading
         its next strip while the last one's batches are compressed); the next append waits for the oldest.
+        ``block`` is copied first, since the caller may reuse or change its array once this returns, unless
+        the caller handed it over: a read-only array of the stored dtype that owns its memory (see
+        :func:`handed_over`) is stored as it is.
         """
         while len(self._pending) >= BATCHES_IN_FLIGHT:
             self._wait_oldest()
-        # A copy: the caller (a reader's batch) may reuse or change its array once this returns.
+        if handed_over(block, self.dtype):
+            self._pending.append((self._worker.submit(self._append_now, block), None))
+            return
         buffer = next((b for b in self._free if len(b) >= len(block)), None)
         if buffer is None:
             buffer = np.empty((len(block), *self.sample_shape), dtype=self.dtype)
@@ -179,7 +196,8 @@ class ChunkedArrayWriter:
         try:
             job.result()
         finally:
-            self._free.append(buffer)
+            if buffer is not None:
+                self._free.append(buffer)
 
     def wait(self) -> None:
         """Block until every batch in flight is stored; raise what storing one raised."""

@@ -7,6 +7,7 @@ reads like a demo crop, only for longer.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -232,6 +233,34 @@ class StripReader:
     def scaling(self) -> tuple[tuple[float, float], ...]:
         """Per-channel (scale, offset) from stored values to physical units."""
         return tuple((float(b.scale.scale), float(b.scale.offset)) for b in self.layout.bands)
+
+    def read_strips(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`read_rows` of each ``(top, bottom)`` of ``ranges`` in turn, the next strip read ahead.
+
+        While the caller works on a strip (cutting tiles, storing them) the next one is decoded and
+        resampled on the reader's threads, so those threads do not wait for the caller: memory holds one
+        strip more. Errors are raised when the strip that caused them is reached.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not ranges:
+            return
+        # A thread of its own submits the next strip's band jobs and waits for them, as the caller would.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-strip-ahead") as ahead:
+            pending = ahead.submit(self.read_rows, *ranges[0])
+            try:
+                for top, bottom in ranges[1:]:
+                    strip = pending.result()
+                    pending = ahead.submit(self.read_rows, top, bottom)
+                    yield strip
+                    del strip
+                strip = pending.result()
+            finally:
+                # Whatever ends the iteration (the caller stopping early included), the strip in flight is
+                # finished before the datasets it reads can close; its error, if any, is not the one to raise.
+                if not pending.cancel():
+                    pending.exception()
+            yield strip
 
     def read_rows(self, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray]:
         """Read rows ``top:bottom`` of the working grid.

@@ -15,9 +15,11 @@ from domains.satellite.strips import StripReader
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("water", "vegetation", "bare_or_built")
-# Stored values held by one strip of the scene (all channels, full width); a strip is at least one row of
-# tiles whatever this says, so memory follows the scene's width, never its height.
+# Stored values held by the strips of the scene in memory at once (all channels, full width): the strip
+# being cut into tiles and the next one, read ahead (StripReader.read_strips), half of this each. A strip is
+# at least one row of tiles whatever this says, so memory follows the scene's width, never its height.
 STRIP_BYTES = 128 * 2**20
+STRIPS_IN_MEMORY = 2
 
 
 def check_tiling(request: IngestRequest, shape: tuple[int, int], path: Path) -> None:
@@ -199,12 +201,13 @@ def strip_rows(request: IngestRequest, shape: tuple[int, int], channels: int, it
 
     A strip holds whole rows of tiles: ``k`` tile rows span ``(k - 1) * stride + tile_size`` grid rows
     (overlapping tiles re-read ``tile_size - stride`` rows of the previous strip). ``k`` is the most that
-    fits :data:`STRIP_BYTES` of stored values, at least one, so memory follows the scene's width only.
+    fits a :data:`STRIPS_IN_MEMORY` share of :data:`STRIP_BYTES` of stored values, at least one, so memory
+    follows the scene's width only.
     """
     height, width = shape
     size, stride = request.tile_size, request.stride
     starts = list(range(0, height - size + 1, stride))
-    budget_rows = STRIP_BYTES // max(1, channels * width * itemsize)
+    budget_rows = STRIP_BYTES // STRIPS_IN_MEMORY // max(1, channels * width * itemsize)
     per_strip = max(1, (budget_rows - size) // stride + 1)
     return [starts[i : i + per_strip] for i in range(0, len(starts), per_strip)]
 
@@ -270,12 +273,14 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         kept: list[tuple[int, int, int]] = []
         dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
         valid_pixels_seen = 0
-        for index, rows in enumerate(strips):
-            top = rows[0]
+        # The last strip runs to the bottom edge so that the valid fraction covers the whole grid.
+        ranges = [(rows[0], height if index == len(strips) - 1 else rows[-1] + size)
+                  for index, rows in enumerate(strips)]
+        strip_pixels = reader.read_strips(ranges)
+        stack.callback(strip_pixels.close)  # the strip read ahead finishes before the reader closes
+        for index, (rows, (raw, valid)) in enumerate(zip(strips, strip_pixels)):
+            top, bottom = ranges[index]
             last = index == len(strips) - 1
-            # The last strip runs to the bottom edge so that the valid fraction covers the whole grid.
-            bottom = height if last else rows[-1] + size
-            raw, valid = reader.read_rows(top, bottom)
             counted_until = bottom if last else strips[index + 1][0]
             valid_pixels_seen += int(np.count_nonzero(valid[: counted_until - top]))
             strip_labels = None
@@ -287,6 +292,8 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
                 kept.append((row, col, label))
                 if len(kept) == capacity:
+                    # Read-only: never written again, so a dataset writer may keep it without a copy.
+                    images.flags.writeable = False
                     yield batch(images, kept, dropped, base_provenance)
                     images = np.empty_like(images)
                     kept = []
@@ -299,4 +306,6 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             describe_scales(channels, layout.scales), tuple(c.name for c in channels),
             valid_pixels_seen / (height * width),
         ) | base_provenance
-        yield batch(images[: len(kept)].copy(), kept, dropped, provenance)
+        last_images = images[: len(kept)].copy()
+        last_images.flags.writeable = False
+        yield batch(last_images, kept, dropped, provenance)

@@ -16,6 +16,7 @@ from tasks.dataset_store import (
     DatasetFiles,
     chunk_digest,
     chunk_key,
+    handed_over,
 )
 
 
@@ -72,6 +73,28 @@ def test_a_batch_changed_after_append_is_stored_as_it_was(tmp_path: Path) -> Non
 
     stored = zarr.open_group(str(tmp_path), mode="r")["x"][:]
     np.testing.assert_array_equal(stored, np.concatenate([np.arange(12).reshape(3, 4), np.full((1, 4), 7)]))
+
+
+def test_a_read_only_view_is_copied_and_a_handed_over_batch_is_stored_as_it_is(tmp_path: Path) -> None:
+    import zarr
+
+    files = DatasetFiles(tmp_path)
+    writer = ChunkedArrayWriter(files.zarr_group("w"), "x", (4,), np.dtype(np.uint16), 2, files=files)
+    owner = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    view = owner[:]
+    view.flags.writeable = False
+    assert not handed_over(view, np.dtype(np.uint16))  # its owner may still change it
+    writer.append(view)
+    owner[:] = 0
+    fresh = np.full((3, 4), 9, dtype=np.uint16)
+    assert not handed_over(fresh, np.dtype(np.uint16))  # writeable: the caller may change it
+    fresh.flags.writeable = False
+    assert handed_over(fresh, np.dtype(np.uint16)) and not handed_over(fresh, np.dtype(np.int16))
+    writer.append(fresh)
+    writer.close()
+    stored = zarr.open_group(str(tmp_path), mode="r")["x"][:]
+    np.testing.assert_array_equal(stored, np.concatenate([np.arange(12).reshape(3, 4), np.full((3, 4), 9)]))
+    assert writer.digests == [chunk_digest(stored[i:i + 2]) for i in range(0, 6, 2)]
 
 
 def test_a_failed_chunk_store_is_raised_by_a_later_append(tmp_path: Path, monkeypatch) -> None:

@@ -60,6 +60,8 @@ def test_demo_scene_streams_the_whole_scene_readers_tiles(tmp_path: Path) -> Non
     batches = list(read_samples(request))
     assert len(batches) > 3 and len(reference.images) > 300
     assert_same_tiles(batches, reference, 100)
+    # Each batch's array is its own and read-only: a dataset writer keeps it without a staging copy.
+    assert all(not b.images.flags.writeable and b.images.flags.owndata for b in batches)
 
 
 def test_overlapping_tiles_across_many_strips(example: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
