@@ -104,12 +104,8 @@ def adapter_params(method: str, options: dict[str, str]):
                  rank=int(options["rank"]), prompt_tokens=int(options["prompt_tokens"]),
                  bottleneck=int(options["bottleneck"]), adapter_scale=float(options["adapter_scale"]),
                  train_patch_embed=options["train_patch_embed"] not in ("0", "false", "False", "no"))
-    try:
-        from tasks.adapters import AdapterParams
-    except ImportError:  # a tree where the shared block is not there yet: the same knobs by name
-        from types import SimpleNamespace
+    from tasks.adapters import AdapterParams
 
-        return SimpleNamespace(**knobs)
     return AdapterParams(**knobs)
 
 
@@ -125,7 +121,9 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     from tasks.reproducibility import pin_determinism
     from tasks.training import TrainParams, fit, predict_logits
 
-    entry = registered_methods()[method]
+    from tasks.adapters import attach_adapter, get_method, merge_adapter
+
+    entry = get_method(method)
     seed, threads, epochs = int(options["seed"]), int(options["threads"]), int(options["epochs"])
     pin_determinism(seed, threads)  # every method starts from the same backbone weights and batch order
     dataset = load_dataset(dataset_dir)
@@ -136,7 +134,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
     params = adapter_params(method, options)
     expected = entry.expected_trainable(net, params)
-    adapted = entry.attach(net, params)
+    adapted = attach_adapter(net, params)  # the path fine-tuning takes
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -156,7 +154,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     unmerged = copy.deepcopy(result.model).eval()
     report = evaluate_predictor(lambda x: predict_logits(unmerged, x), test.images, test.labels, info.class_names,
                                 task=info.task)
-    merged = NormalizedClassifier(entry.merge(result.model.net), info.channel_mean, info.channel_std).eval()
+    merged = NormalizedClassifier(merge_adapter(result.model.net), info.channel_mean, info.channel_std).eval()
     tiles = np.asarray(test.images[:PARITY_TILES], dtype=np.float32)
     path = export_onnx(merged, tiles, out_dir / f"{method}.onnx", {"adapter": method})
     parity = check_parity(unmerged, path, tiles, tolerance=1e-4, threads=threads)
