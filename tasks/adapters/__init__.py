@@ -257,12 +257,6 @@ def rebuild_adapted(net: nn.Module, params: AdapterParams) -> nn.Module:
     return adapted
 
 
-# The method modules register themselves on import. They come last: they may import tasks.models, which
-# imports this module for AdapterParams (defined above by then).
-from tasks.adapters import peft_methods  # noqa: E402,F401
-
-try:  # the project-written methods; until their module is committed
-    import tasks.adapters.custom  # noqa: E402,F401
-except ModuleNotFoundError as error:  # pragma: no cover - transitional
-    if error.name != "tasks.adapters.custom":
-        raise
+# The method modules register themselves on import. They come last and import tasks.models only inside
+# functions: tasks.models imports this module at its top, so at this point it may be half-initialised.
+from tasks.adapters import custom, peft_methods  # noqa: E402,F401
