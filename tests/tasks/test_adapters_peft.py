@@ -182,3 +182,18 @@ def test_fit_adapter_refuses_a_misspelt_target_before_training(dataset_dir: Path
         fit_adapter(dataset_dir, tiny_backbone(), AdapterParams(targets=["qkv", "qvk"]), TrainParams(**FAST_TRAIN),
                     tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if not m.mergeable))
+def test_a_non_mergeable_model_saves_its_adapter_settings_and_loads_back(method: str, tmp_path: Path) -> None:
+    from tasks.models import load_reference_files, reference_architecture, save_reference_model
+
+    adapted = attach_adapter(tiny_net(), AdapterParams(method=method, prompt_tokens=3, bottleneck=8))
+    _perturb(adapted)
+    model = NormalizedClassifier(merge_adapter(adapted), MEAN, STD).eval()
+    architecture = reference_architecture(model, CHANNELS, "classification")
+    assert architecture.adapter is not None and architecture.adapter.method == method
+    loaded = load_reference_files(*save_reference_model(model, architecture, tmp_path))
+    x = torch.rand(2, 3, TILE, TILE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
