@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tasks.adapters.registry import METHODS, AdapterMethod, register
@@ -34,6 +34,11 @@ AdapterMethodName = Literal[
 ADAPTER_ATTRIBUTE = "vitrail_adapter"
 
 
+DEFAULT_TARGETS = ["qkv"]
+# The methods that attach to named layers (the peft families but LayerNorm tuning).
+TARGETED_METHODS = frozenset({"lora", "dora", "ia3", "loha", "lokr", "oft", "boft", "vera", "fourierft"})
+
+
 class AdapterParams(BaseModel):
     """How the foundation model adapts to the task: the method and its settings.
 
@@ -52,7 +57,8 @@ class AdapterParams(BaseModel):
         ["qkv"], min_length=1, max_length=16,
         description="Module-name suffixes the adapter attaches to inside the transformer blocks: qkv, attn.proj, "
                     "fc1, fc2 (or mlp.fc1, mlp.fc2). A name that matches no module is refused before training. "
-                    "Not used by layernorm, full and linear-probe")
+                    "Only the peft families use it (not layernorm, full, linear-probe or the methods written in "
+                    "Vitrail, which refuse a targets list other than the default)")
     rank: int = Field(8, ge=1, le=1024, description="Rank r of lora, dora, loha, lokr and vera (vera shares its "
                                                     "random projections across layers and usually wants 64-256)")
     alpha: float = Field(16.0, gt=0, le=4096, description="Scaling alpha of lora, dora, loha and lokr "
@@ -70,13 +76,23 @@ class AdapterParams(BaseModel):
     fourier_scaling: float = Field(150.0, gt=0, le=10_000, description="fourierft: scale of the spectral update")
     prompt_tokens: int = Field(10, ge=1, le=512, description="vpt-shallow, vpt-deep, dvpt: learned prompt tokens "
                                                              "(per block for vpt-deep)")
-    bottleneck: int = Field(64, ge=1, le=4096, description="adaptformer: width of the parallel MLP adapter's "
-                                                           "bottleneck")
+    bottleneck: int | None = Field(None, ge=1, le=4096,
+                                   description="adaptformer and dvpt: hidden width of the adapter's bottleneck; "
+                                               "empty takes the method's default (adaptformer 64; dvpt 16, about "
+                                               "0.4 % extra parameters on ViT-B as in the paper)")
     adapter_scale: float = Field(0.1, gt=0, le=100.0, description="adaptformer: scale s of the adapter branch "
                                                                   "added to the MLP output")
     train_patch_embed: bool = Field(True, description="Also train the patch embedding (advisable when the band "
                                                       "count differs from the pretrained model's; "
                                                       "linear-probe never does)")
+
+    @model_validator(mode="after")
+    def _targets_only_where_used(self) -> "AdapterParams":
+        # A targets list the method ignores is a misconfiguration (often a method typed in the wrong run).
+        if self.method not in TARGETED_METHODS and self.targets != DEFAULT_TARGETS:
+            raise ValueError(f"method {self.method!r} does not take targets (only {', '.join(sorted(TARGETED_METHODS))} "
+                             f"do); remove targets={self.targets}")
+        return self
 
 
 class LoraParams(BaseModel):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from tasks_support import CHANNELS, FAST_TRAIN, TILE, make_multilabel_samples, make_segmentation_samples, tiny_backbone
 
-from tasks.adapters import METHODS, AdapterParams, attach_adapter, check_targets, count_trainable, merge_adapter
+from tasks.adapters import METHODS, TARGETED_METHODS, AdapterParams, attach_adapter, check_targets, count_trainable, \
+    merge_adapter
 from tasks.models import NormalizedClassifier, build_backbone
 from tasks.request_errors import RequestError
 
@@ -22,6 +23,17 @@ OWN_METHODS = PEFT_METHODS + ("full", "linear-probe")
 MEAN, STD = (0.3, 0.3, 0.3), (0.2, 0.2, 0.2)
 # qkv (192 -> 576) and fc2 (768 -> 192): two shapes, and fc2 is IA3's feed-forward case (input scaled).
 PARAMS = dict(targets=["qkv", "fc2"], rank=4, alpha=8.0, frequencies=300)
+
+
+def _params(method: str) -> AdapterParams:
+    """The shared settings; targets only for the methods that take them (the others refuse a list)."""
+    return AdapterParams(method=method, **{k: v for k, v in PARAMS.items()
+                                           if k != "targets" or method in TARGETED_METHODS})
+
+
+def test_a_targets_list_is_refused_by_a_method_that_takes_none() -> None:
+    with pytest.raises(ValueError, match="does not take targets"):
+        AdapterParams(method="bitfit", targets=["qkv", "fc2"])
 
 
 def tiny_net(task: str = "classification") -> torch.nn.Module:
@@ -38,7 +50,7 @@ def test_every_method_of_this_module_is_registered_and_every_registered_name_is_
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 @pytest.mark.parametrize("method", OWN_METHODS)
 def test_trainable_count_is_the_formula_and_one_step_changes_only_trainable_tensors(method: str, task: str) -> None:
-    params = AdapterParams(method=method, **PARAMS)
+    params = _params(method)
     net = tiny_net(task)
     expected = METHODS[method].expected_trainable(net, params)
     adapted = attach_adapter(net, params)
@@ -89,7 +101,7 @@ def test_merged_model_is_a_plain_vit_with_onnx_parity_to_the_unmerged_one(method
     from tasks.compression.export import check_parity, export_onnx
 
     plain_keys = set(tiny_net().state_dict())
-    adapted = attach_adapter(tiny_net(), AdapterParams(method=method, **PARAMS))
+    adapted = attach_adapter(tiny_net(), _params(method))
     _perturb(adapted)
     unmerged = NormalizedClassifier(copy.deepcopy(adapted), MEAN, STD).eval()
     assert METHODS[method].mergeable
