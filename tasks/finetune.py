@@ -17,7 +17,7 @@ from tasks.atomic_files import atomic_path
 from tasks.bags import BagParams
 from tasks.model_inputs import InputNormalisationName, fit_normalisation, load_dataset_for
 from tasks.dataset import DatasetInfo, load_dataset
-from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, merge_adapter
+from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, get_method, merge_adapter
 from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, count_parameters
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
@@ -109,7 +109,8 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std,
                                   input_normalisation=normalisation).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
-                           metadata=model_metadata(info, backbone, bags, normalisation))
+                           metadata={**model_metadata(info, backbone, bags, normalisation),
+                                     "adapter": adapter.method, "adapter_mergeable": get_method(adapter.method).mergeable})
 
 
 fit_adapter_task = task(fit_adapter, name="fit-adapter", cache_policy=NONE)

@@ -221,6 +221,20 @@ def _measure_onnx(variant: Variant, params: CompressParams, common: dict) -> tup
     return replace(row, memory_bytes=memory, precision=variant.precision), predict
 
 
+def _adapter_export(metadata: dict, params: CompressParams) -> dict:
+    """How the fine-tune's adapter reached the exported graphs: merged into plain weights, or kept as operations."""
+    method = metadata.get("adapter", "lora")
+    if metadata.get("adapter_mergeable", True):
+        return {"method": method, "mergeable": True,
+                "export": "merged into plain weights before export: the graphs hold no adapter operation"}
+    distilled = params.distillation.enabled
+    return {"method": method, "mergeable": False,
+            "export": ("the reference and its direct variants keep the adapter's operations in their graphs; the "
+                       "distilled student is a plain ViT" if distilled else
+                       "kept as operations in every graph (not mergeable); enable compression.distillation to "
+                       "ship a plain ViT student instead")}
+
+
 def build_variants(model: nn.Module, params: CompressParams, context: CompressionContext) -> list[Variant]:
     """The reference model's export and quantizations, then the recipe's steps (each exported and checked)."""
     reference = [ExportOnnx(fuse=params.fuse_graph), QuantizeOnnx("int8", params.quantization),
@@ -303,6 +317,7 @@ def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, p
                                        "split": "val", "rejected": {k: v for k, v in reasons.items() if v}},
                             recipe=[variant.records[-1] for variant in variants])
     report.extra["int8_vs_fp32_latency_ratio"] = report.variant("onnx-int8").latency_ms_p50 / base.latency_ms_p50
+    report.extra["adapter"] = _adapter_export(metadata, params)
     report.plot = plot_pareto([row.as_dict() for row in measured],
                               f"{dataset.info.domain}: accuracy vs latency ({params.threads} threads, "
                               f"profile {profile.name})", out_dir / "pareto.png")

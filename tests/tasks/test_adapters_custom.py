@@ -239,3 +239,15 @@ def test_settings_out_of_range_and_a_second_prompt_method_are_refused() -> None:
         METHODS["dvpt"].attach(net, PARAMS)
     with pytest.raises(RequestError, match="VisionTransformer"):
         METHODS["bitfit"].attach(torch.nn.Linear(3, 3), PARAMS)
+
+
+def test_the_compress_report_says_how_the_adapter_was_exported() -> None:
+    from tasks.compression.recipe import CompressParams, _adapter_export
+
+    merged = _adapter_export({"adapter": "ssf", "adapter_mergeable": True}, CompressParams())
+    assert merged["mergeable"] and "no adapter operation" in merged["export"]
+    kept = _adapter_export({"adapter": "vpt-deep", "adapter_mergeable": False}, CompressParams())
+    assert not kept["mergeable"] and "enable compression.distillation" in kept["export"]
+    distilled = _adapter_export({"adapter": "vpt-deep", "adapter_mergeable": False},
+                                CompressParams.model_validate({"distillation": {"enabled": True}}))
+    assert "distilled student is a plain ViT" in distilled["export"]
