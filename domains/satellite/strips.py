@@ -30,6 +30,8 @@ GDAL_CACHE_MB = 192
 WINDOW_MARGIN = 2
 # Threads reading the band files of a strip at once (each file's bands stay on one thread).
 READ_THREADS = 2
+# Rows of blocks up to this tall are read to their end and the rows past a strip kept for the next one.
+MAX_BLOCK_ROWS_AHEAD = 1024
 
 
 def shifted_transform(transform: Any, col: int, row: int) -> Any:
@@ -206,6 +208,8 @@ class StripReader:
         self._stack = ExitStack()
         self._datasets: dict[Any, Any] = {}
         self._pool = None
+        # Per band: (first row, rows) decoded past the last window read, up to the end of its row of blocks.
+        self._carried: dict[int, tuple[int, np.ndarray]] = {}
 
     def __enter__(self) -> StripReader:
         from concurrent.futures import ThreadPoolExecutor
@@ -309,11 +313,45 @@ class StripReader:
                 if not self.layout.on_grid(band):
                     masks.append(self._resample_into(raw[i], dataset, band, top, bottom))
                     continue
-                dn = read_band(dataset, band.index, band.path, Window(0, top, width, height))
+                dn = self._read_window(i, dataset, top, bottom, keep=0)
                 reject_infinite(dn, band.path, band.name)
                 masks.append(valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale))
                 raw[i] = dn
         return masks
+
+    def _read_window(self, i: int, dataset: Any, first: int, last: int, keep: int) -> np.ndarray:
+        """Rows ``first:last`` of band ``i`` (full width), decoding every row of blocks once when read in order.
+
+        GDAL decodes a whole block for any part of it and does not keep it for the next window, so a strip
+        that ends inside a row of blocks would have that row decoded again by the next strip (a quarter
+        to a half more decoding for strips a few hundred rows tall). The window is therefore read on to
+        the end of its last row of blocks, and the rows past ``last`` (and ``keep`` rows before it, where
+        the next window may start) are kept for the next call. Any other order of windows still reads
+        correctly, from the file.
+        """
+        from rasterio.windows import Window
+
+        band = self.layout.bands[i]
+        height, width = band.shape
+        block_rows = dataset.block_shapes[band.index - 1][0]
+        # Tall blocks (a striped file of a few strips) are not read ahead: too many rows would be held.
+        end = min(height, -(-last // block_rows) * block_rows) if block_rows <= MAX_BLOCK_ROWS_AHEAD else last
+        carried = self._carried.pop(i, None)
+        if carried is not None and carried[0] <= first < carried[0] + len(carried[1]):
+            held_from, held = carried
+            held_to = held_from + len(held)
+            if held_to >= last:
+                rows = held[first - held_from:]
+            else:
+                more = read_band(dataset, band.index, band.path, Window(0, held_to, width, end - held_to))
+                rows = np.concatenate([held[first - held_from:], more])
+        else:
+            rows = read_band(dataset, band.index, band.path, Window(0, first, width, end - first))
+        # ``rows`` covers first:first + len(rows), at least to ``last``.
+        keep_from = max(first, last - keep)
+        if first + len(rows) > keep_from and keep_from < height:
+            self._carried[i] = (keep_from, rows[keep_from - first:].copy())
+        return rows[:last - first]
 
     def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int,
                        bottom: int) -> np.ndarray | None:
@@ -332,8 +370,8 @@ class StripReader:
         last = (inverse @ (layout.transform @ (0, bottom)))[1]
         start = max(0, math.floor(min(first, last)) - WINDOW_MARGIN)
         stop = min(band.shape[0], math.ceil(max(first, last)) + WINDOW_MARGIN)
-        window = Window(0, start, band.shape[1], stop - start)
-        dn = read_band(dataset, band.index, band.path, window)
+        # The next strip's window starts up to two margins (and a rounding) before this one's end.
+        dn = self._read_window(self.layout.bands.index(band), dataset, start, stop, keep=2 * WINDOW_MARGIN + 2)
         reject_infinite(dn, band.path, band.name)
         band_valid = valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
         factor = integer_upsampling(band.transform, layout.transform)

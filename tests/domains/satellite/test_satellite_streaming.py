@@ -189,3 +189,31 @@ def test_one_reading_thread_gives_the_same_tiles(example: dict[str, Path], monke
     for a, b in zip(threaded, single, strict=True):
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.locations, b.locations)
+
+
+def test_strips_read_in_order_reuse_block_rows_and_equal_strips_read_alone(tmp_path: Path) -> None:
+    """Rows decoded past a strip (to the end of its row of blocks) are the file's rows, for every band."""
+    import rasterio
+
+    from domains.satellite.scene import inspect_scene
+    from domains.satellite.strips import StripReader
+    from domains.satellite.demo import demo_scene_dir
+
+    tiled = tmp_path / "scene"
+    tiled.mkdir()
+    for source in sorted(demo_scene_dir().glob("*.tif")):
+        with rasterio.open(source) as src:
+            profile = dict(src.profile, tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+            with rasterio.open(tiled / source.name, "w", **profile) as out:
+                out.write(src.read())
+    layout = inspect_scene(tiled, None, None, None)
+    height = layout.shape[0]
+    # Strips ending inside rows of blocks, some overlapping the previous one, one out of order.
+    ranges = [(0, 100), (100, 150), (140, 260), (260, 261), (261, 500), (30, 90), (500, height)]
+    with StripReader(layout) as in_order:
+        strips = [in_order.read_rows(top, bottom) for top, bottom in ranges]
+    for (top, bottom), (raw, valid) in zip(ranges, strips, strict=True):
+        with StripReader(layout) as alone:
+            expected_raw, expected_valid = alone.read_rows(top, bottom)
+        np.testing.assert_array_equal(raw, expected_raw, err_msg=f"rows {top}:{bottom}")
+        np.testing.assert_array_equal(valid, expected_valid, err_msg=f"rows {top}:{bottom}")
