@@ -39,6 +39,11 @@ class BackboneParams(BaseModel):
     patch_size: int = Field(4, ge=2, le=32, description="Patch side in pixels; pretrained patch kernels are resampled")
     depth: int | None = Field(None, ge=1, le=48,
                               description="Keep only the first N transformer blocks (smaller, faster); empty keeps all")
+    accept_licence: bool = Field(False, description="Accept the licence of gated or non-commercial catalog weights "
+                                                    "(UNI, Virchow2, Phikon...); they do not load without it")
+    adapt_bands: bool = Field(False, description="Let a catalog checkpoint take bands other than its own: kernels of "
+                                                 "shared bands are copied by name, new bands initialised as "
+                                                 "documented, and the model is flagged adapted")
 
 
 def adapt_patch_embedding(rgb_weight: torch.Tensor, channels: tuple[Channel, ...]) -> torch.Tensor:
@@ -183,8 +188,9 @@ def _build_timm_vit(params: BackboneParams, channels: tuple[Channel, ...], num_c
     from tasks.backbone_catalog import build_catalog_backbone, find_entry
 
     if find_entry(params.name) is not None:  # a named foundation model: its own architecture, patch size and weights
-        return build_catalog_backbone(params.name, in_chans=len(channels), num_classes=num_classes, img_size=img_size,
-                                      depth=params.depth, weights=params.weights, weights_file=params.weights_file)
+        return build_catalog_backbone(params.name, channels=channels, num_classes=num_classes, img_size=img_size,
+                                      depth=params.depth, weights=params.weights, weights_file=params.weights_file,
+                                      adapt_bands=params.adapt_bands, accept_licence=params.accept_licence)
     shape = dict(img_size=img_size, patch_size=params.patch_size, in_chans=len(channels), num_classes=num_classes)
     if params.depth is not None:
         shape["depth"] = params.depth

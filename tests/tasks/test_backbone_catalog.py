@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from domains import Channel
-from tasks.backbone_catalog import (CATALOG, WEIGHTS_DIR_ENV, CatalogError, CheckpointMismatchError,
+from tasks.backbone_catalog import (CATALOG, WEIGHTS_DIR_ENV, BandMismatchError, CatalogError, CheckpointMismatchError,
                                     WeightsNotFoundError, create_catalog_model, from_timm_layout, get_entry,
                                     pool_tokens, to_timm_layout)
 from tasks.models import BackboneParams, build_backbone
@@ -42,7 +42,7 @@ def _meta_model(name: str, **kwargs):
         return create_catalog_model(get_entry(name), **kwargs)
 
 
-@pytest.mark.parametrize("name", list(CATALOG))
+@pytest.mark.parametrize("name", [name for name, entry in CATALOG.items() if entry.builder == "timm"])
 def test_every_entry_builds_with_its_published_size(name):
     entry = CATALOG[name]
     model = _meta_model(name)
@@ -86,7 +86,8 @@ def _phikon_checkpoint(weights_dir, depth: int | None = None):
 def test_phikon_loads_from_the_weights_folder_in_transformers_layout(weights_dir, offline):
     state, _ = _phikon_checkpoint(weights_dir)
     assert "encoder.layer.3.attention.attention.key.weight" in state and "blocks.3.attn.qkv.weight" not in state
-    model = build_backbone(BackboneParams(name="phikon", weights="file"), RGB, num_classes=2, img_size=224)
+    model = build_backbone(BackboneParams(name="phikon", weights="file", accept_licence=True), RGB, num_classes=2,
+                           img_size=224)
     loaded = model.state_dict()
     qkv = torch.cat([state[f"encoder.layer.3.attention.attention.{p}.weight"] for p in ("query", "key", "value")])
     assert torch.equal(loaded["blocks.3.attn.qkv.weight"], qkv)
@@ -99,7 +100,7 @@ def test_phikon_loads_from_the_weights_folder_in_transformers_layout(weights_dir
 
 def test_phikon_checkpoint_with_an_extra_or_reshaped_tensor_is_refused(weights_dir, offline):
     state, path = _phikon_checkpoint(weights_dir, depth=1)  # one block: the layout is what matters here
-    params = BackboneParams(name="phikon", weights="file", depth=1)
+    params = BackboneParams(name="phikon", weights="file", depth=1, accept_licence=True)
     torch.save({**state, "encoder.layer.0.attention.attention.rotary.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointMismatchError, match="unexpected tensors 1 .*layer.0.attention.attention.rotary"):
         build_backbone(params, RGB, num_classes=2, img_size=224)
@@ -125,7 +126,7 @@ def test_uni_loads_an_explicit_safetensors_file_and_resamples_position_embedding
     state = _uni_checkpoint(depth=2)
     path = tmp_path / "uni.safetensors"
     save_file(state, str(path))
-    params = BackboneParams(name="UNI", weights="file", weights_file=str(path), depth=2)
+    params = BackboneParams(name="UNI", weights="file", weights_file=str(path), depth=2, accept_licence=True)
     model = build_backbone(params, RGB, num_classes=3, img_size=224)
     assert torch.equal(model.state_dict()["blocks.1.ls2.gamma"], state["blocks.1.ls2.gamma"])
     # 256 px tiles: a 16x16 grid, the 14x14 grid of the checkpoint resampled, other tensors as stored.
@@ -142,23 +143,30 @@ def test_uni_checkpoint_without_layerscale_is_refused(tmp_path, offline):
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointMismatchError, match=r"vit-l.pth: not a uni checkpoint: missing tensors 2 "
                                                       r"\(blocks.0.ls1.gamma, blocks.0.ls2.gamma\)"):
-        build_backbone(BackboneParams(name="uni", weights="file", weights_file=str(path), depth=1), RGB, 2, 224)
+        build_backbone(BackboneParams(name="uni", weights="file", weights_file=str(path), depth=1, accept_licence=True),
+                       RGB, 2, 224)
 
 
 def test_missing_weights_say_what_file_to_put_where(weights_dir, offline):
     with pytest.raises(WeightsNotFoundError) as error:
-        build_backbone(BackboneParams(name="virchow2", weights="hub", depth=1), RGB, num_classes=2, img_size=224)
+        build_backbone(BackboneParams(name="virchow2", weights="hub", depth=1, accept_licence=True), RGB,
+                       num_classes=2, img_size=224)
     message = str(error.value)
     assert str(weights_dir / "virchow2" / "model.safetensors") in message
     assert "paige-ai/Virchow2" in message and "does not download" in message and "CC-BY-NC-ND-4.0" in message
     with pytest.raises(WeightsNotFoundError, match="nowhere.bin: weights file for uni not found"):
-        build_backbone(BackboneParams(name="uni", weights="file", weights_file="nowhere.bin", depth=1), RGB, 2, 224)
+        build_backbone(BackboneParams(name="uni", weights="file", weights_file="nowhere.bin", depth=1,
+                                      accept_licence=True), RGB, 2, 224)
 
 
-def test_catalog_models_are_rgb_and_fixed_size_entries_keep_their_size():
+def test_rgb_checkpoints_refuse_other_bands_and_fixed_size_entries_keep_their_size(weights_dir):
     four = RGB + (Channel("infrared", 850.0),)
-    with pytest.raises(CatalogError, match="phikon is an RGB model .* the data has 4 channels"):
-        build_backbone(BackboneParams(name="phikon"), four, num_classes=2, img_size=224)
+    with pytest.raises(BandMismatchError, match=r"phikon was trained on the bands red, green, blue in this order; the "
+                                                r"data has red, green, blue, infrared \(has bands the checkpoint never "
+                                                r"saw: infrared\).*adapt_bands=true"):
+        build_backbone(BackboneParams(name="phikon", weights="hub", accept_licence=True), four, 2, 224)
+    # Random weights: the entry is an architecture only, nothing pretrained to adapt; it takes the data's bands.
+    assert build_backbone(BackboneParams(name="phikon", depth=1), four, 2, 224).patch_embed.proj.in_channels == 4
     with torch.device("meta"), pytest.raises(CatalogError, match="h-optimus-0 takes 224 px tiles only"):
         build_backbone(BackboneParams(name="h-optimus-0"), RGB, num_classes=2, img_size=256)
 
