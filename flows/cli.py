@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "NAME` accept; with a NAME, print that preset's parameters as JSON.")
     p.add_argument("name", nargs="?", choices=list(PRESETS), metavar="NAME", help="preset to print")
 
-    p = verbs.add_parser("backbones", help="list the catalog of named foundation backbones (UNI, Virchow2, ...)",
-                         description="List the named backbones `--set backbone.name=NAME` accepts, with their input "
-                                     "size, embedding, licence and hub id; with a NAME, print that entry as JSON.")
+    p = verbs.add_parser("backbones", help="list the catalog of named foundation backbones (UNI, SSL4EO, RAD-DINO, ...)",
+                         description="List the named backbones `--set backbone.name=NAME` accepts, with their domain, "
+                                     "builder, input size, bands, embedding, licence and hub id; with a NAME, print "
+                                     "that entry as JSON (bands, preprocessing, sha256, key layout).")
     p.add_argument("name", nargs="?", metavar="NAME", help="catalog entry to print")
 
     verbs.add_parser("domains", help="list the registered imaging domains",
