@@ -137,6 +137,7 @@ class CatalogEntry:
     layout: Layout = "timm"
     builder: Builder = "timm"
     builder_call: str = ""  # how users build a non-timm entry (its own package)
+    not_timm_because: str = ""  # what in the architecture a timm ViT cannot hold
     revision: str | None = None  # hub revision when pinned (torchgeo pins one per weight)
     sha256: str | None = None  # the file's sha256: full digest, or the 8+ hex prefix torchgeo puts in file names
     dynamic_size: bool = True  # position embeddings may be resampled to another tile size
@@ -312,9 +313,9 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
         builder_call="terratorch BACKBONE_REGISTRY.build('prithvi_eo_v2_300', pretrained=True, bands=[...])",
         source="https://huggingface.co/ibm-nasa-geospatial/Prithvi-EO-2.0-300M (model card and config.json "
                "mean/std); Szwarcman et al., arXiv:2412.02732",
-        notes="a temporal ViT: 3D patch embedding (Conv3d, tubelet x 16 x 16) and 3D sin-cos position "
-              "embeddings over (time, row, col); not a timm ViT, so Vitrail records it and refuses to build it; "
-              "terratorch's decoders read the patch tokens"),
+        not_timm_because="a temporal ViT: 3D patch embedding (Conv3d, tubelet x 16 x 16) and 3D sin-cos position "
+                         "embeddings over (time, row, col)",
+        notes="recorded for provenance and refused at build; terratorch's decoders read the patch tokens"),
     CatalogEntry(
         name="dofa-vit-b16", title="DOFA ViT-B/16 (wavelength-conditioned patch embedding)",
         domains=("satellite", "hyperspectral"), architecture="vit_base_patch16_224", kwargs={}, input_size=224,
@@ -327,8 +328,9 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
                      "model(x, wavelengths=[...])",
         source="torchgeo.models.DOFABase16_Weights.DOFA_MAE (pretrained on SatlasPretrain, Five-Billion-Pixels, "
                "HySpecNet-11k); Xiong et al., arXiv:2403.15356",
-        notes="a hypernetwork generates the patch-embedding kernels from the wavelengths at every forward "
-              "pass; not a timm ViT, so Vitrail records it and refuses to build it"),
+        not_timm_because="a hypernetwork generates the patch-embedding kernels from the band wavelengths at "
+                         "every forward pass",
+        notes="recorded for provenance and refused at build; it takes any bands given their wavelengths"),
     # --- RGB generalists ---------------------------------------------------------------------------------
     CatalogEntry(
         name="dinov2-vit-s14", title="DINOv2 ViT-S/14 (LVD-142M)", domains=("histopathology", "satellite"),
@@ -353,7 +355,8 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
         raw_input="8-bit chest radiograph (DICOM windowed to uint8), grey plane in R, G and B", scale=1 / 255,
         mean=(0.5307,) * 3, std=(0.2583,) * 3, resize="shortest edge 518, centre crop 518",
         embed_dim=768, pooling="cls", published_params_m=86.6, hub_id="microsoft/rad-dino",
-        weights_file="model.safetensors", layout="hf-dinov2", licence="MIT, card: research use only", gated=False, commercial_use=False, grey_as_rgb=True,
+        weights_file="model.safetensors", layout="hf-dinov2", licence="MIT, card: research use only",
+        gated=False, commercial_use=False, grey_as_rgb=True,
         ignored_keys=("embeddings.mask_token",),
         source="https://huggingface.co/microsoft/rad-dino (transformers Dinov2Model fine-tuned from "
                "dinov2-base; the card's processor converts the radiograph to RGB; mean/std from its "
@@ -373,8 +376,9 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
         licence="Apache-2.0", gated=False, commercial_use=True, builder="hypersigma",
         builder_call="the model code of https://github.com/WHU-Sigma/HyperSIGMA (no package on PyPI)",
         source="https://huggingface.co/WHU-Sigma/HyperSIGMA; Wang et al., HyperSIGMA, TPAMI 2025",
-        notes="no published hyperspectral foundation model is a plain timm ViT: HyperSIGMA uses sparse sampling "
-              "attention and a spectral enhancement module, SpectralEarth puts a spectral adapter before the "
+        not_timm_because="sparse sampling attention and a spectral enhancement module",
+        notes="no published hyperspectral foundation model found is a plain timm ViT: HyperSIGMA uses sparse "
+              "sampling attention and a spectral enhancement module, SpectralEarth puts a spectral adapter before the "
               "ViT, and the file pickles an argparse.Namespace that weights_only loading refuses; recorded for "
               "provenance, refused at build; DOFA (hyperspectral pretraining included) is the other option; "
               "input 64 px / patch 8 are as remembered from its configs, not checked"),
@@ -499,7 +503,8 @@ def match_band(channel: Channel, bands: tuple[Channel, ...],
     key = _band_key(channel.name)
     for index, band in enumerate(bands):
         both = channel.wavelength_nm is not None and band.wavelength_nm is not None
-        if _band_key(band.name) == key and not (both and abs(channel.wavelength_nm - band.wavelength_nm) > tolerance_nm):
+        disagree = both and abs(channel.wavelength_nm - band.wavelength_nm) > tolerance_nm
+        if _band_key(band.name) == key and not disagree:
             return index, "name"
     if channel.wavelength_nm is not None:
         gaps = [(abs(band.wavelength_nm - channel.wavelength_nm), index) for index, band in enumerate(bands)
@@ -547,7 +552,7 @@ def adapt_patch_embedding_by_name(weight, bands: tuple[Channel, ...], channels: 
     import torch
 
     if weight.shape[1] != len(bands):
-        raise ValueError(f"the patch embedding has {weight.shape[1]} input channels but {len(bands)} bands are declared")
+        raise ValueError(f"the patch embedding has {weight.shape[1]} input channels; {len(bands)} bands are declared")
     matches = [match_band(channel, bands, tolerance_nm) for channel in channels]
     if len(channels) == len(bands) and all(index == position for position, (index, _) in enumerate(matches)):
         return weight, BandAdaptation(False, tuple((c.name, b.name, how) for c, b, (_, how) in
@@ -581,9 +586,9 @@ def check_bands(entry: CatalogEntry, channels: tuple[Channel, ...], adapt_bands:
     else:
         lacking = [entry.bands[i].name for i in range(len(entry.bands)) if i not in matches]
         extra = [c.name for c, i in zip(channels, matches) if i is None]
-        problem = "; ".join(part for part in (f"lacks {', '.join(lacking)}" if lacking else "",
-                                              f"has bands the checkpoint never saw: {', '.join(extra)}" if extra else "")
-                            if part)
+        parts = (f"lacks {', '.join(lacking)}" if lacking else "",
+                 f"has bands the checkpoint never saw: {', '.join(extra)}" if extra else "")
+        problem = "; ".join(part for part in parts if part)
     raise BandMismatchError(
         f"{entry.name} was trained on the bands {', '.join(expected)} in this order; the data has {', '.join(given)} "
         f"({problem}). Give the bands in the entry's order, or set backbone.adapt_bands=true to copy the kernels of "
@@ -637,7 +642,7 @@ def require_timm_builder(entry: CatalogEntry) -> None:
              f"the {package} package, not installed here (pip install {package})" if package else
              "code that is not on PyPI")
     raise UnsupportedBuilderError(
-        f"{entry.name} is not a plain timm ViT ({entry.notes.split(';')[0]}); it is built with {entry.builder_call} "
+        f"{entry.name} is not a plain timm ViT ({entry.not_timm_because}); it is built with {entry.builder_call} "
         f"from {where}. Vitrail's fine-tuning, adapters and export take timm ViTs, so it lists this entry for "
         "provenance and does not imitate it with a look-alike ViT")
 
