@@ -337,21 +337,25 @@ class StripReader:
         # Tall blocks (a striped file of a few strips) are not read ahead: too many rows would be held.
         end = min(height, -(-last // block_rows) * block_rows) if block_rows <= MAX_BLOCK_ROWS_AHEAD else last
         carried = self._carried.pop(i, None)
+        pieces: list[tuple[int, np.ndarray]] = []  # (first row, rows): consecutive, from ``first`` on
+        read_from = first
         if carried is not None and carried[0] <= first < carried[0] + len(carried[1]):
-            held_from, held = carried
-            held_to = held_from + len(held)
-            if held_to >= last:
-                rows = held[first - held_from:]
-            else:
-                more = read_band(dataset, band.index, band.path, Window(0, held_to, width, end - held_to))
-                rows = np.concatenate([held[first - held_from:], more])
-        else:
-            rows = read_band(dataset, band.index, band.path, Window(0, first, width, end - first))
-        # ``rows`` covers first:first + len(rows), at least to ``last``.
+            pieces.append((first, carried[1][first - carried[0]:]))
+            read_from = carried[0] + len(carried[1])
+        if read_from < last:
+            pieces.append((read_from, read_band(dataset, band.index, band.path,
+                                                Window(0, read_from, width, end - read_from))))
+        # One window-sized array per call (not a concatenation of varying size): the allocator reuses it.
+        rows = np.empty((last - first, width), dtype=pieces[0][1].dtype)
+        for start, piece in pieces:
+            stop = min(last, start + len(piece))
+            rows[start - first:stop - first] = piece[:stop - start]
+        # Kept for the next call: a copy (a view would hold the whole window read).
         keep_from = max(first, last - keep)
-        if first + len(rows) > keep_from and keep_from < height:
-            self._carried[i] = (keep_from, rows[keep_from - first:].copy())
-        return rows[:last - first]
+        tail = [piece[max(0, keep_from - start):] for start, piece in pieces if start + len(piece) > keep_from]
+        if tail and keep_from < height:
+            self._carried[i] = (keep_from, np.concatenate(tail))
+        return rows
 
     def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int,
                        bottom: int) -> np.ndarray | None:
