@@ -19,7 +19,8 @@ classes, so a frozen random backbone does not solve it and methods can differ.
 Options: methods (every registered method, references first), dataset (path; default synthetic),
 samples (768), tile (32), epochs (3), batch_size (32), learning_rate (2e-3), threads (2), seed (0),
 backbone (vit_tiny_patch16_224), weights (none|hub|file), weights_file, patch_size (4), depth (2);
-adapter knobs targets (qkv; comma-separated), rank (8), prompt_tokens (10), bottleneck (64),
+adapter knobs targets (qkv; comma-separated; the peft families only), rank (8), prompt_tokens (10), bottleneck
+(empty: each method's default),
 adapter_scale (0.1), train_patch_embed (1); isolate (1: each method in a child process; 0: all in this
 process, faster to start, but then peak RSS is the running maximum over the methods so far).
 """
@@ -38,7 +39,7 @@ from pathlib import Path
 DEFAULTS = {"methods": "", "dataset": "", "samples": "768", "tile": "32", "epochs": "3", "batch_size": "32",
             "learning_rate": "2e-3", "threads": "2", "seed": "0", "backbone": "vit_tiny_patch16_224",
             "weights": "none", "weights_file": "", "patch_size": "4", "depth": "2", "targets": "qkv", "rank": "8",
-            "prompt_tokens": "10", "bottleneck": "64", "adapter_scale": "0.1", "train_patch_embed": "1", "isolate": "1"}
+            "prompt_tokens": "10", "bottleneck": "", "adapter_scale": "0.1", "train_patch_embed": "1", "isolate": "1"}
 REFERENCE_METHODS = ("full", "linear-probe")
 PARITY_TILES = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -100,12 +101,14 @@ def write_stripes_dataset(out_dir: Path, samples: int, tile: int, seed: int) -> 
 
 def adapter_params(method: str, options: dict[str, str]):
     """The shared adapter block for ``method`` with the benchmark's knobs."""
-    knobs = dict(method=method, targets=[t.strip() for t in options["targets"].split(",") if t.strip()],
-                 rank=int(options["rank"]), prompt_tokens=int(options["prompt_tokens"]),
-                 bottleneck=int(options["bottleneck"]), adapter_scale=float(options["adapter_scale"]),
-                 train_patch_embed=options["train_patch_embed"] not in ("0", "false", "False", "no"))
-    from tasks.adapters import AdapterParams
+    from tasks.adapters import TARGETED_METHODS, AdapterParams
 
+    knobs = dict(method=method, rank=int(options["rank"]), prompt_tokens=int(options["prompt_tokens"]),
+                 bottleneck=int(options["bottleneck"]) if options["bottleneck"] else None,
+                 adapter_scale=float(options["adapter_scale"]),
+                 train_patch_embed=options["train_patch_embed"] not in ("0", "false", "False", "no"))
+    if method in TARGETED_METHODS:  # the other methods take no targets (and refuse a list)
+        knobs["targets"] = [t.strip() for t in options["targets"].split(",") if t.strip()]
     return AdapterParams(**knobs)
 
 
