@@ -29,6 +29,7 @@ import hashlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
