@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.presets import PRESETS, apply_preset
+from flows.presets import PRESETS, PRETRAIN_PRESETS, apply_preset, apply_pretrain_preset
 
 DEFAULT_ENV = {
     # No network here and nothing to report: keep Prefect and MLflow from phoning home.
@@ -176,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset folder written by `vitrail ingest`")
     _workdir_arg(p)
     _overrides_arg(p)
+
+    p = verbs.add_parser("pretrain", help="pretrain a foundation ViT on a dataset's unlabelled tiles (masked autoencoder)",
+                         description="Masked-autoencoder pretraining on every tile outside the test and validation "
+                                     "splits; exports the encoder (safetensors + JSON) and registers it as "
+                                     "foundation-<domain> with the alias candidate.")
+    _domain_arg(p)
+    p.add_argument("--dataset", required=True, help="dataset folder written by `vitrail ingest`")
+    _workdir_arg(p)
+    p.add_argument("--preset", choices=list(PRETRAIN_PRESETS), metavar="NAME",
+                   help=f"named parameter set: {', '.join(PRETRAIN_PRESETS)}; --set overrides its values")
+    _overrides_arg(p, OVERRIDE_HELP.replace("adapter.method=dora", "mae.mask_ratio=0.9"))
 
     p = verbs.add_parser("compress", help="export ONNX, quantize int8 and measure variants",
                          description="Export the reference model to ONNX, check parity, quantize, measure.")
@@ -348,6 +359,13 @@ def run(args: argparse.Namespace) -> int:
 
         payload = {"domain": args.domain, "dataset": args.dataset, "workdir": args.workdir}
         _print_receipt(finetune_backbone(FinetuneParams(**_apply_overrides(payload, overrides))))
+        return 0
+    if args.verb == "pretrain":
+        from flows.pretrain import PretrainParams, pretrain
+
+        payload = apply_pretrain_preset(args.preset, {"domain": args.domain, "dataset": args.dataset,
+                                                      "workdir": args.workdir})
+        _print_receipt(pretrain(PretrainParams(**_apply_overrides(payload, overrides))))
         return 0
     if args.verb == "compress":
         from flows.compress import CompressFlowParams, compress

@@ -107,3 +107,29 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# Presets of the pretrain flow (a partial :class:`~flows.pretrain.PretrainParams` payload without domain,
+# dataset and workdir), kept apart from the pipeline presets above; ``pretrain/<domain>-mae-smoke`` in
+# deploy/prefect.yaml holds the same values (tests/flows/test_pretrain.py checks it).
+PRETRAIN_PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset(
+        "smoke",
+        "CI smoke run of masked-autoencoder pretraining: a 2-block ViT-Tiny with 4 px patches, a one-block "
+        "decoder, 2 epochs; well under two minutes on 2 CPU cores for a demo dataset of 32 px tiles.",
+        {
+            "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4, "depth": 2},
+            "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2, "preview_samples": 4},
+            "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.001, "warmup_epochs": 0.0, "threads": 2},
+        },
+    ),
+)}
+
+
+def apply_pretrain_preset(name: str | None, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` laid over the pretrain preset ``name`` (None: ``payload`` unchanged), as :func:`apply_preset`."""
+    if name is None:
+        return copy.deepcopy(payload)
+    if name not in PRETRAIN_PRESETS:
+        raise KeyError(f"unknown pretrain preset {name!r}; known: {', '.join(PRETRAIN_PRESETS)}")
+    return _merged(PRETRAIN_PRESETS[name].params, payload)

@@ -316,6 +316,26 @@ def register_version(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return str(version.version)
 
 
+def register_artifact_folder(artifact_path: str, name: str, tags: dict[str, str]) -> str:
+    """Register a folder of the active run's artifacts (not an MLflow model: a pretrained encoder's
+    safetensors and description) as a new version of ``name``; return the version number.
+
+    ``mlflow.register_model`` accepts only logged models, so the version is created from the folder's URI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = mlflow.active_run()
+    version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
+                                          run_id=run.info.run_id if run else None, tags=tags)
+    return str(version.version)
+
+
 def alias_holder(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
     """(version, tags) of the version of ``name`` holding ``alias``, or None."""
     from mlflow.exceptions import MlflowException

@@ -2,7 +2,9 @@
 
 Task types (see ``domains.TaskType``): classification (one class per sample), multilabel (independent
 0/1 findings) and segmentation (a class per pixel). Objectives: cross-entropy (binary cross-entropy
-for multilabel), focal, and distillation from a teacher's logits. The loop checkpoints every epoch and
+for multilabel), focal, distillation from a teacher's logits, and ``model-loss``: a self-supervised
+model (a masked autoencoder, :mod:`tasks.pretraining`) maps a batch of images to its own scalar loss,
+labels are not read, and the best epoch is the one with the lowest validation loss. The loop checkpoints every epoch and
 resumes from the newest checkpoint whose fingerprint matches the run's settings, so an interrupted
 fine-tune picks up where it stopped. Checkpoints are written under a temporary name and renamed into
 place, so a run killed mid-write leaves the previous epoch's checkpoint, never a truncated one.
@@ -67,9 +69,11 @@ class TrainParams(BaseModel):
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate (AdamW, cosine decay)")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay")
     warmup_epochs: float = Field(0.5, ge=0, le=50, description="Linear warm-up length in epochs")
-    objective: Literal["cross-entropy", "focal", "distillation"] = Field(
-        "cross-entropy", description="Loss: cross-entropy, focal loss for heavily imbalanced classes, or "
-                                     "distillation from a teacher model's logits (compress stage)")
+    objective: Literal["cross-entropy", "focal", "distillation", "model-loss"] = Field(
+        "cross-entropy", description="Loss: cross-entropy, focal loss for heavily imbalanced classes, "
+                                     "distillation from a teacher model's logits (compress stage), or the loss the "
+                                     "model computes itself from unlabelled images (self-supervised pretraining, "
+                                     "e.g. a masked autoencoder's reconstruction loss)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing for cross-entropy")
     distill_temperature: float = Field(2.0, gt=0, le=20, description="Softmax temperature of the distillation term")
     distill_weight: float = Field(0.7, ge=0, le=1, description="Share of the distillation term in the loss "
@@ -618,6 +622,9 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
     Args:
         model: a module mapping (N, C, H, W) physical-unit images to logits ((N, K), or (N, K, H, W)
             for segmentation); only parameters with ``requires_grad`` are optimised (adapters, head).
+            With ``params.objective == "model-loss"`` it maps images to its own scalar loss instead; the
+            validation score is then minus the mean validation loss, computed under a fixed seed (see
+            :func:`_mean_model_loss`).
         dataset: a loaded dataset with ``train`` and ``val`` splits.
         params: training knobs.
         checkpoint_dir: where ``epoch-NNN.pt`` files are written every epoch: a local folder or an
@@ -644,6 +651,8 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
     if params.batch_size < parts:
         raise RequestError(f"batch_size {params.batch_size} cannot be split over {params.processes} processes x "
                            f"{params.grad_accumulation} accumulation steps; raise batch_size or lower those")
+    if params.objective == "model-loss" and params.balance_classes:
+        raise RequestError("balance_classes draws by label; the model-loss objective reads no labels, turn it off")
     if params.balance_classes and dataset.info.task not in BALANCEABLE_TASKS:
         balanced_sample_weights(np.zeros(0), dataset.info.task)  # refuses with the reason, before any work
     # The guard judges one micro-batch: that is what a forward/backward pass holds at once.
@@ -736,10 +745,13 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
                            chunked_order=getattr(train.images, "chunk_shuffled_order", None))
     pin_memory = fabric.device.type == "cuda"
     distilling = params.objective == "distillation"
-    train_loader = _loader(SplitSamples(train, task, teacher_logits if distilling else None), params, pin_memory,
-                           batch_sampler=batches)
+    self_supervised = params.objective == "model-loss"
+    # Labels are not read by a self-supervised model: no task, so flips never transform them.
+    sample_task = "none" if self_supervised else task
+    train_loader = _loader(SplitSamples(train, sample_task, teacher_logits if distilling else None), params,
+                           pin_memory, batch_sampler=batches)
     micro_size = math.ceil(params.batch_size / (fabric.world_size * params.grad_accumulation))
-    val_loader = _loader(SplitSamples(val, task), params, pin_memory,
+    val_loader = _loader(SplitSamples(val, sample_task), params, pin_memory,
                          batch_size=max(micro_size, rows_per_batch(val.images, 64)))
     fabric_model, fabric_optimizer = fabric.setup(model, optimizer)
 
@@ -758,25 +770,35 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
                 teacher = part[2] if distilling else None
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with fabric.no_backward_sync(fabric_model, enabled=k < len(parts) - 1):
-                    loss = _loss(params, task, fabric_model(images), labels, teacher)
+                    if self_supervised:
+                        loss = fabric_model(images)
+                    else:
+                        loss = _loss(params, task, fabric_model(images), labels, teacher)
                     # Weighted by its share of the step, the sum of micro-batch gradients is the step's mean.
                     fabric.backward(loss * (len(labels) / step_samples))
                 running_loss += float(loss.detach()) * len(labels)
                 seen += len(labels)
             fabric_optimizer.step()
             scheduler.step()
-        val_logits, val_labels = _predict_split(fabric, fabric_model, val_loader)
-        val_report = score_outputs(task, val_labels, val_logits, class_names)
-        val_loss = float(_task_loss(task, "cross-entropy", torch.from_numpy(val_logits), torch.from_numpy(val_labels), 0.0))
+        if self_supervised:
+            val_loss = _mean_model_loss(fabric, fabric_model, val_loader, params.seed)
+            val_scores: dict[str, float] = {}
+            score = -val_loss if math.isfinite(val_loss) else -math.inf
+        else:
+            val_logits, val_labels = _predict_split(fabric, fabric_model, val_loader)
+            val_report = score_outputs(task, val_labels, val_logits, class_names)
+            val_loss = float(_task_loss(task, "cross-entropy", torch.from_numpy(val_logits),
+                                        torch.from_numpy(val_labels), 0.0))
+            val_scores = {f"val_{name}": value for name, value in val_report.headline().items()}
+            score = val_report.selection if math.isfinite(val_report.selection) else -1.0
         metrics = {
             "train_loss": running_loss / max(seen, 1),
             "val_loss": val_loss,
-            **{f"val_{name}": value for name, value in val_report.headline().items()},
+            **val_scores,
             "learning_rate": scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - started,
         }
         history.append(metrics)
-        score = val_report.selection if math.isfinite(val_report.selection) else -1.0
         if score > best_score or best_state is None:
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -803,6 +825,26 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     return {"weights_from": checkpoints[-1] if checkpoints else resume_path, "history": history,
             "best_epoch": best_epoch, "start_epoch": start_epoch, "checkpoints": checkpoints,
             "rank_digests": _gather_digests(fabric, model)}
+
+
+@torch.inference_mode()
+def _mean_model_loss(fabric, model: nn.Module, loader: torch.utils.data.DataLoader, seed: int) -> float:
+    """Mean per-sample loss a self-supervised model gives a whole split, in eval mode.
+
+    The model's random draws (a masked autoencoder's masks) come from torch's generator reseeded with
+    ``seed`` inside a fork of its state: every epoch is scored on the same masks, so epochs compare
+    fairly, and the training stream of random numbers (saved in checkpoints for resuming) is untouched.
+    """
+    model.eval()
+    devices = [fabric.device] if fabric.device.type == "cuda" else []
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for images, _ in loader:
+            total += float(model(fabric.to_device(images))) * len(images)
+            count += len(images)
+    model.train()
+    return total / max(count, 1)
 
 
 @torch.inference_mode()
