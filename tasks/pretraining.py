@@ -417,13 +417,19 @@ class PretrainOutcome:
 
 def encoder_architecture(encoder: nn.Module, backbone: BackboneParams) -> dict:
     """What rebuilds the encoder: a timm name and the keyword arguments its state dict fits."""
+    from tasks.backbone_catalog import find_entry
+
     cfg = getattr(encoder, "pretrained_cfg", {}) or {}
     catalog = cfg.get("timm_architecture") is not None
+    entry = find_entry(backbone.name) if catalog else None
     return {
         "library": "timm",
         "class": "VisionTransformer",
         "timm_name": cfg.get("timm_architecture") if catalog else backbone.name,
         "catalog_entry": backbone.name if catalog else None,
+        # timm keyword arguments beyond the name that the state dict needs (LayerScale, registers, SwiGLU)
+        "timm_kwargs": {k: v for k, v in (entry.kwargs.items() if entry else ())
+                        if k not in ("img_size", "in_chans", "num_classes")},
         "img_size": int(encoder.patch_embed.img_size[0]),
         "patch_size": int(encoder.patch_embed.patch_size[0]),
         "in_chans": int(encoder.patch_embed.proj.in_channels),
@@ -476,6 +482,11 @@ def finetune_backbone_params(description_path: Path | str) -> BackboneParams:
     depth, and ``weights="file"`` pointing at the safetensors beside the description."""
     description = read_encoder_description(description_path)
     arch = description["architecture"]
+    if arch.get("timm_kwargs"):
+        # BackboneParams builds a timm name with its default architecture; these encoders need more.
+        raise RequestError(f"{description_path}: this encoder was continued from catalog entry "
+                           f"{arch['catalog_entry']}, whose architecture needs timm arguments "
+                           f"{sorted(arch['timm_kwargs'])} that a fine-tune by timm name cannot set yet")
     return BackboneParams(name=arch["timm_name"], weights="file", patch_size=arch["patch_size"], depth=arch["depth"],
                           weights_file=str(Path(description_path).with_name(ENCODER_FILE)))
 

@@ -152,3 +152,19 @@ def test_pretraining_killed_after_an_epoch_resumes_to_the_uninterrupted_encoder(
     assert straight.keys() == again.keys()
     for key, tensor in straight.items():
         assert torch.equal(again[key], tensor), key
+
+
+def test_encoders_with_register_tokens_and_separate_class_position_mask_the_same_way():
+    """Catalog entries such as UNI2-h and Virchow2 have register tokens and position embeddings for patches only."""
+    import timm
+
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=1,
+                                num_classes=0, reg_tokens=2, no_embed_class=True)
+    mae = MaskedAutoencoder(encoder, [0.0] * 3, [1.0] * 3, 0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    images = torch.randn(2, 3, 16, 16)
+    tokens, mask, _ = mae.encode(images)
+    assert tokens.shape[1] == 3 + 4  # class + 2 register tokens, then the 4 visible of 16 patches
+    loss = mae(images)
+    loss.backward()
+    assert torch.isfinite(loss) and encoder.reg_token.grad is not None
