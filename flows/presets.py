@@ -116,10 +116,10 @@ PRETRAIN_PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
     Preset(
         "smoke",
         "CI smoke run of masked-autoencoder pretraining: a 2-block ViT-Tiny with 4 px patches, a one-block "
-        "decoder, 2 epochs; well under two minutes on 2 CPU cores for a demo dataset of 32 px tiles.",
+        "decoder, at most 512 tiles, 2 epochs; well under two minutes on 2 CPU cores for any demo dataset.",
         {
             "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4, "depth": 2},
-            "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2, "preview_samples": 4},
+            "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2, "preview_samples": 4, "max_tiles": 512},
             "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.001, "warmup_epochs": 0.0, "threads": 2},
         },
     ),

@@ -85,6 +85,10 @@ class MaeParams(BaseModel):
                                                  "reconstruction images; empty picks the bands nearest 640/550/465 "
                                                  "nm, else the first three")
     preview_samples: int = Field(4, ge=1, le=16, description="Validation tiles shown in each reconstruction image")
+    max_tiles: int | None = Field(None, ge=16, le=100_000_000,
+                                  description="Pretrain on at most this many tiles (a seeded random draw, the same "
+                                              "every run); empty uses every tile outside the test and validation "
+                                              "splits")
 
 
 def default_mask_ratio(domain: str) -> float:
@@ -262,29 +266,32 @@ def groups_digest(groups: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted({str(g) for g in groups})).encode()).hexdigest()
 
 
-def _joined(splits: list[Split]) -> Split:
-    """One split of several, still lazy when they read the same stored array (the usual case)."""
+def _joined(splits: list[Split], keep: np.ndarray | None = None) -> Split:
+    """One split of several (only the positions ``keep`` when given), still lazy when they read the same
+    stored array (the usual case)."""
     images = [s.images for s in splits]
+    groups = np.concatenate([s.groups for s in splits])
+    ids = [s.sample_ids for s in splits]
+    sample_ids = None if any(i is None for i in ids) else np.concatenate(ids)
+    keep = np.arange(len(groups)) if keep is None else keep
     if all(isinstance(i, LazySamples) for i in images) and len({id(i.source) for i in images}) == 1:
         first = images[0]
         joined = copy.copy(first)
-        joined.members = np.concatenate([i.members for i in images])
+        joined.members = np.concatenate([i.members for i in images])[keep]
         joined.shape = (len(joined.members), *first.shape[1:])
     else:
-        joined = np.concatenate([np.asarray(i) for i in images])
-    size = len(joined)
-    ids = [s.sample_ids for s in splits]
-    return Split(images=joined, labels=np.full(size, -1, dtype=np.int64),  # labels are never read
-                 groups=np.concatenate([s.groups for s in splits]),
-                 sample_ids=None if any(i is None for i in ids) else np.concatenate(ids))
+        joined = np.concatenate([np.asarray(i) for i in images])[keep]
+    return Split(images=joined, labels=np.full(len(keep), -1, dtype=np.int64),  # labels are never read
+                 groups=groups[keep], sample_ids=None if sample_ids is None else sample_ids[keep])
 
 
-def pretraining_view(dataset: Dataset) -> tuple[Dataset, dict]:
+def pretraining_view(dataset: Dataset, max_tiles: int | None = None, seed: int = 0) -> tuple[Dataset, dict]:
     """The dataset as pretraining sees it, and the record of what it leaves out.
 
     ``train`` joins every split except test and val (labelled training tiles and unlabelled ones);
     ``val`` (when the dataset has one) scores the reconstruction. The record names the excluded splits
-    with their sample counts and group digests.
+    with their sample counts and group digests. With ``max_tiles`` a seeded draw of that many tiles (kept
+    in stored order, so chunks are still read together) is used.
 
     Raises:
         RequestError: nothing is left to train on, or an excluded group also appears among the training tiles.
@@ -293,7 +300,11 @@ def pretraining_view(dataset: Dataset) -> tuple[Dataset, dict]:
     used = [split for name, split in dataset.splits.items() if name not in held_out]
     if not used or sum(len(s) for s in used) == 0:
         raise RequestError(f"{dataset.path}: no tiles outside the test and validation splits to pretrain on")
-    train = _joined(used)
+    available = sum(len(s) for s in used)
+    keep = None
+    if max_tiles is not None and available > max_tiles:
+        keep = np.sort(np.random.default_rng(seed).choice(available, size=max_tiles, replace=False))
+    train = _joined(used, keep)
     seen = set(map(str, train.groups))
     for name, split in held_out.items():
         leaked = seen & set(map(str, split.groups))
@@ -358,7 +369,8 @@ def reconstruction_grid(original: np.ndarray, masked: np.ndarray, reconstruction
     grid = np.ones((n * (h + gap) - gap, 3 * (w + gap) - gap, 3), dtype=np.float32)
     for row in range(n):
         for col, panel in enumerate(columns):
-            grid[row * (h + gap):row * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = panel[row].transpose(1, 2, 0)
+            top, left = row * (h + gap), col * (w + gap)
+            grid[top:top + h, left:left + w] = panel[row].transpose(1, 2, 0)
     return (grid * 255).round().astype(np.uint8)
 
 
@@ -492,7 +504,8 @@ def finetune_backbone_params(description_path: Path | str) -> BackboneParams:
 
 
 def pretrain_encoder(dataset_path: Path | str, backbone: BackboneParams, mae: MaeParams, train: TrainParams,
-                     checkpoint_dir: Path | str, out_dir: Path, on_epoch: EpochCallback | None = None) -> PretrainOutcome:
+                     checkpoint_dir: Path | str, out_dir: Path,
+                     on_epoch: EpochCallback | None = None) -> PretrainOutcome:
     """Pretrain ``backbone`` as a masked autoencoder on the dataset's unlabelled tiles; export the encoder.
 
     ``backbone`` may start from random weights, the hub, a file or a catalog entry (continued
@@ -503,7 +516,7 @@ def pretrain_encoder(dataset_path: Path | str, backbone: BackboneParams, mae: Ma
     pin_determinism(train.seed, train.threads)  # before building: timm's initialisers draw from torch's generator
     dataset = load_dataset(dataset_path)
     info = dataset.info
-    view, excluded = pretraining_view(dataset)
+    view, excluded = pretraining_view(dataset, mae.max_tiles, train.seed)
     if train.flip_augment and not get_domain(info.domain).train_flips:
         log.info("%s: flips and rotations are not valid augmentations for this domain; pretraining without them",
                  info.domain)
@@ -519,8 +532,9 @@ def pretrain_encoder(dataset_path: Path | str, backbone: BackboneParams, mae: Ma
     shown = view.splits.get("val", view.splits["train"])
     count = min(mae.preview_samples, len(shown))
     preview = np.asarray(shown.images[np.linspace(0, len(shown) - 1, count).round().astype(np.int64)])
-    images = ReconstructionImages(model, checkpoint_dir, preview, preview_band_indices(info.channels, mae.preview_bands),
-                                  out_dir / "reconstructions", train.seed, on_epoch)
+    bands = preview_band_indices(info.channels, mae.preview_bands)
+    images = ReconstructionImages(model, checkpoint_dir, preview, bands, out_dir / "reconstructions", train.seed,
+                                  on_epoch)
     model_key = (f"mae|{backbone.model_dump_json()}|{mae.model_dump_json(exclude={'preview_bands', 'preview_samples'})}"
                  f"|ratio={mask_ratio}")
     result = fit(model, view, train, checkpoint_dir, model_key, images)
@@ -540,6 +554,7 @@ def pretrain_encoder(dataset_path: Path | str, backbone: BackboneParams, mae: Ma
         "norm_pix_loss": mae.norm_pix_loss,
         "dataset_digest": info.digest,
         "pretraining_samples": trained_samples,
+        "tiles_available": sum(len(s) for n, s in dataset.splits.items() if n not in excluded),
         "excluded_splits": excluded,
         "epochs": train.epochs,
         "best_epoch": result.best_epoch,
@@ -584,7 +599,8 @@ def record_pretraining(outcome: PretrainOutcome, domain: str) -> tuple[str, str,
             "vitrail.samples_seen": str(description["samples_seen"]),
             "vitrail.weights_sha256": description["weights_sha256"],
             "vitrail.probe_gate": "pending",
-            **{f"vitrail.excluded_{split}_groups_digest": record["groups_digest"] for split, record in excluded.items()}}
+            **{f"vitrail.excluded_{split}_groups_digest": record["groups_digest"]
+               for split, record in excluded.items()}}
     version = tracking.register_artifact_folder("encoder", name, tags)
     tracking.set_alias(name, CANDIDATE_ALIAS, version)
     return name, version, CANDIDATE_ALIAS

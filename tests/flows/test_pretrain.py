@@ -1,4 +1,4 @@
-"""End-to-end: `vitrail pretrain` with the smoke preset on a tiny dataset, a temporary MLflow store and Prefect's harness."""
+"""End-to-end: `vitrail pretrain`, smoke preset, tiny dataset, temporary MLflow store, Prefect test harness."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def test_pretrain_cli_registers_the_encoder_as_a_candidate(tmp_path, tiny_datase
     assert str(version.version) == receipt["version"] == "1"
     assert version.tags["vitrail.dataset_digest"] == info.digest
     assert version.tags["vitrail.probe_gate"] == "pending"
-    assert version.tags["vitrail.excluded_test_groups_digest"] == description["excluded_splits"]["test"]["groups_digest"]
+    test_groups = description["excluded_splits"]["test"]["groups_digest"]
+    assert version.tags["vitrail.excluded_test_groups_digest"] == test_groups
     # The registered version holds the exported encoder, bitwise.
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=receipt["model_uri"], dst_path=str(tmp_path / "dl")))
     registered = load_file(str(folder / "encoder.safetensors"))
@@ -86,7 +87,8 @@ def test_smoke_deployment_holds_the_smoke_preset():
     from flows.presets import PRETRAIN_PRESETS
 
     deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-    [smoke] = [d for d in deployments if d["entrypoint"] == "flows/pretrain.py:pretrain" and d["name"].endswith("-mae-smoke")]
+    [smoke] = [d for d in deployments
+               if d["entrypoint"] == "flows/pretrain.py:pretrain" and d["name"].endswith("-mae-smoke")]
     params = {k: v for k, v in smoke["parameters"]["params"].items() if k not in ("domain", "dataset", "workdir")}
     assert params == PRETRAIN_PRESETS["smoke"].params
 

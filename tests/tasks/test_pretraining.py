@@ -168,3 +168,14 @@ def test_encoders_with_register_tokens_and_separate_class_position_mask_the_same
     loss = mae(images)
     loss.backward()
     assert torch.isfinite(loss) and encoder.reg_token.grad is not None
+
+
+def test_max_tiles_draws_the_same_subset_every_time(dataset):
+    first, _ = pretraining_view(dataset, max_tiles=20, seed=3)
+    again, _ = pretraining_view(dataset, max_tiles=20, seed=3)
+    other, _ = pretraining_view(dataset, max_tiles=20, seed=4)
+    train = first.splits["train"]
+    assert len(train) == len(train.groups) == 20
+    np.testing.assert_array_equal(train.images[:], again.splits["train"].images[:])
+    assert not np.array_equal(train.images[:], other.splits["train"].images[:])
+    assert set(train.groups) <= set(dataset.splits["train"].groups)
