@@ -31,8 +31,10 @@ def demo(params: DemoParams) -> PipelineReceipt:
     inputs = prepare_demo_inputs_task(params.domain, Path(params.workdir) / "demo-data")
     settings = get_domain(params.domain).demo_settings  # e.g. histopathology learns slide labels (bags)
     train = TrainParams(**{**settings.get("train", {}), "epochs": params.epochs})
+    backbone = BackboneParams(**{"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4,
+                                 **settings.get("backbone", {})})
     return pipeline(PipelineParams(
-        **{key: value for key, value in settings.items() if key != "train"},
+        **{key: value for key, value in settings.items() if key not in ("train", "backbone")},
         domain=params.domain, source=inputs["source"], labels=inputs["labels"], workdir=params.workdir,
-        backbone=BackboneParams(name="vit_tiny_patch16_224", weights="none", patch_size=4), train=train,
+        backbone=backbone, train=train,
     ))

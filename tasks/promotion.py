@@ -34,7 +34,9 @@ class GateThresholds(BaseModel):
     min_metric: float = Field(0.6, ge=0.0, le=1.0, description="Lowest acceptable metric of the edge model")
     max_drop_vs_fp32: float = Field(0.02, ge=0.0, le=1.0,
                                     description="Largest metric drop of the edge model versus the fp32 reference")
-    latency_budget_ms: float = Field(50.0, gt=0, le=60000, description="Edge model p50 latency budget at batch 1 (ms)")
+    latency_budget_ms: float = Field(50.0, gt=0, le=60000, description="Edge model p50 latency budget per tile at "
+                                                                      "batch 1 (ms; a slide model's latency for a bag "
+                                                                      "of tiles is divided by its tile count)")
     parity_tolerance: float = Field(1e-3, gt=0, le=1.0,
                                     description="Largest |logit| difference allowed between torch and fp32 ONNX")
 
@@ -337,7 +339,8 @@ def gather_candidate(compress_run_id: str, validate_run_id: str, metric: GateMet
         raise RequestError(f"validate run {validate_run_id} lacks metrics {missing}")
     edge_row = next(v for v in report["variants"] if v["name"] == edge)
     candidate = Candidate(reference_metric=validation[keys[0]], edge_metric=validation[keys[1]],
-                          edge_latency_ms=edge_row["latency_ms_p50"],
+                          # per tile: a slide model's row times a bag of tiles_per_sample tiles
+                          edge_latency_ms=edge_row["latency_ms_p50"] / max(edge_row.get("tiles_per_sample", 1), 1),
                           parity_max_abs_diff=report["parity"]["onnx-fp32"]["max_abs_diff"], metric=metric,
                           task=task)
     return candidate, edge

@@ -99,6 +99,13 @@ class VariantMeasurement:
     macs: int | None = None
     memory_bytes: int | None = None
     precision: str = "fp32"
+    tiles_per_sample: int = 1
+    """Tiles in one sample: 1 for tile models; a slide model's samples are bags of this many tiles."""
+
+    @property
+    def latency_ms_per_tile(self) -> float:
+        """p50 latency per tile: what target-profile and gate latency budgets are stated in."""
+        return self.latency_ms_p50 / max(self.tiles_per_sample, 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,5 +149,7 @@ def measure_variant(name: str, fmt: str, predict: Callable[[np.ndarray], np.ndar
     throughput_batch = rows_per_batch(test_images, throughput_batch)
     batch = np.resize(test_images[:throughput_batch], (throughput_batch, *test_images.shape[1:])).astype(np.float32)
     throughput = time_throughput(predict, batch, repeats=max(2, latency_repeats // 20))
+    tiles = int(np.prod(test_images.shape[1:-3])) if len(test_images.shape) > 4 else 1
     return VariantMeasurement(name=name, format=fmt, accuracy=accuracy, macro_f1=report.selection,
-                              latency_ms_p50=p50, latency_ms_p95=p95, throughput=throughput, size_bytes=size_bytes)
+                              latency_ms_p50=p50, latency_ms_p95=p95, throughput=throughput, size_bytes=size_bytes,
+                              tiles_per_sample=tiles)

@@ -71,7 +71,7 @@ def budget_violations(profile: TargetProfile, precision: str, latency_ms: float,
         problems.append(f"size {size_bytes / 1e6:.1f} MB > {profile.size_budget_mb:g} MB")
     if profile.measured:
         if latency_ms > profile.latency_budget_ms:
-            problems.append(f"p50 {latency_ms:.2f} ms > {profile.latency_budget_ms:g} ms")
+            problems.append(f"p50 {latency_ms:.2f} ms per tile > {profile.latency_budget_ms:g} ms")
         if memory_bytes is not None and memory_bytes > profile.memory_budget_mb * 1e6:
             problems.append(f"memory {memory_bytes / 1e6:.0f} MB > {profile.memory_budget_mb:g} MB")
     return problems

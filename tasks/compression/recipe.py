@@ -189,7 +189,9 @@ def select_edge_variant(measured: list[VariantMeasurement], predictors: dict, re
             if drop > max_drop + 1e-9:
                 problems.append(f"validation score drop {drop:.4f} > {max_drop:g}")
         if profile is not None:
-            problems += budget_violations(profile, row.precision, row.latency_ms_p50, row.memory_bytes, row.size_bytes)
+            # Budgets are per tile: a slide model's bag of T tiles may take T times a tile's budget.
+            problems += budget_violations(profile, row.precision, row.latency_ms_per_tile, row.memory_bytes,
+                                          row.size_bytes)
         why[row.name] = problems
     eligible = [row for row in measured if row.name in why and not why[row.name]]
     if not eligible:

@@ -239,7 +239,7 @@ def test_declared_profiles_are_not_measured_and_say_so() -> None:
         "int8-dynamic not supported by TensorrtExecutionProvider"]
     cpu = get_profile("cpu-2core")
     assert budget_violations(cpu, "fp32", latency_ms=1e6, memory_bytes=None, size_bytes=1000) == [
-        "p50 1000000.00 ms > 50 ms"]
+        "p50 1000000.00 ms per tile > 50 ms"]
 
 
 def test_selection_fails_clearly_when_no_variant_fits_the_budget() -> None:
