@@ -12,6 +12,7 @@ from torch import nn
 
 from tasks.atomic_files import atomic_path
 from tasks.onnx_runtime import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, open_session, session_predictor, write_metadata
+from tasks.evaluation import predict_in_batches
 from tasks.training import predict_logits
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, toleranc
                  threads: int = 2) -> ParityReport:
     """Run the torch model and the ONNX file on ``images`` and compare logits."""
     reference = predict_logits(model, images)
-    candidate = session_predictor(open_session(onnx_path, threads))(images)
+    candidate = predict_in_batches(session_predictor(open_session(onnx_path, threads)), images)
     report = compare_logits(reference, candidate, tolerance)
     log.info("parity %s: max |diff| %.2e (tolerance %.1e), agreement %.4f", onnx_path.name,
              report.max_abs_diff, tolerance, report.agreement)

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tasks.atomic_files import atomic_path, partial_name
+from tasks.evaluation import rows_per_batch
 from tasks.onnx_runtime import read_metadata, write_metadata
 from tasks.request_errors import RequestError
 
@@ -32,7 +33,8 @@ class CalibrationError(RequestError):
 class QuantizationParams(BaseModel):
     """Static int8 quantization settings."""
 
-    calibration_samples: int = Field(128, ge=1, le=10000, description="Training tiles used to calibrate activation ranges")
+    calibration_samples: int = Field(128, ge=1, le=10000, description="Training tiles used to calibrate activation "
+                                                                      "ranges (whole bags of tiles for a slide model)")
     calibration_method: Literal["percentile", "entropy", "minmax"] = Field(
         "percentile", description="How activation ranges are chosen; percentile resists ViT activation outliers")
     percentile: float = Field(99.99, ge=90.0, le=100.0, description="Percentile kept when calibration_method is percentile")
@@ -81,7 +83,9 @@ def quantize_int8_static(source: Path, calibration_images: np.ndarray, destinati
     prepared = _preprocess(source, partial_name(destination))
     method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
               "minmax": CalibrationMethod.MinMax}[params.calibration_method]
-    images = np.ascontiguousarray(calibration_images[:params.calibration_samples], dtype=np.float32)
+    # calibration_samples counts tiles: a slide model calibrates on as many tiles, in whole bags.
+    rows = rows_per_batch(calibration_images, params.calibration_samples)
+    images = np.ascontiguousarray(calibration_images[:rows], dtype=np.float32)
     try:
         with atomic_path(destination) as partial:
             quantize_static(str(prepared), str(partial), _TileReader("image", images), quant_format=QuantFormat.QDQ,

@@ -267,7 +267,7 @@ def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, p
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partials(out_dir)  # temporaries of a killed run that wrote here; never read as results
     model = model.eval()
-    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images[:PARITY_SAMPLES],
+    context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images[:rows_per_batch(test.images, PARITY_SAMPLES)],
                                  parity_tolerance=params.parity_tolerance, threads=params.threads, teacher=model,
                                  flips=_domain_flips(dataset.info.domain), seed=params.seed)
     variants = build_variants(model, params, context)

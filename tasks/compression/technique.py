@@ -59,7 +59,8 @@ class CompressionContext:
     metadata: dict
     out_dir: Path
     parity_images: np.ndarray
-    """Samples every export is checked on: the first ``PARITY_SAMPLES`` of the test split, read once."""
+    """Samples every export is checked on: the first ``PARITY_SAMPLES`` tiles of the test split (whole bags
+    for a slide model), read once."""
     parity_tolerance: float = 1e-3
     threads: int = 2
     teacher: nn.Module | None = None
