@@ -13,7 +13,7 @@ reference rows.
 Each method runs in a child process of its own, so its peak RSS (VmHWM) is its alone, and starts from the
 same seed. The dataset is ``dataset`` (a written Vitrail dataset: use a task with headroom, where the
 linear probe is far from perfect) or, by default, a synthetic one written with the real writer under
-``DIR/bench/peft-data``: oriented stripes of random frequency and phase under noise, four orientations as
+``DIR/bench/peft-data-n<samples>-t<tile>-s<seed>``: oriented stripes of random frequency and phase under noise, four orientations as
 classes, so a frozen random backbone does not solve it and methods can differ.
 
 Options: methods (every registered method, references first), dataset (path; default synthetic),
@@ -202,7 +202,8 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     if options["dataset"]:
         data_dir = Path(options["dataset"])
     else:
-        data_dir = bench_dir / "peft-data"
+        # Named by what it holds: a folder written with other options is never taken for this run's.
+        data_dir = bench_dir / f"peft-data-n{options['samples']}-t{options['tile']}-s{options['seed']}"
         if not (data_dir / "dataset.json").exists():
             write_stripes_dataset(data_dir, int(options["samples"]), int(options["tile"]), int(options["seed"]))
     info = read_dataset_info(data_dir)
