@@ -13,8 +13,8 @@ reference rows.
 Each method runs in a child process of its own, so its peak RSS (VmHWM) is its alone, and starts from the
 same seed. The dataset is ``dataset`` (a written Vitrail dataset: use a task with headroom, where the
 linear probe is far from perfect) or, by default, a synthetic one written with the real writer under
-``DIR/bench/peft-data-n<samples>-t<tile>-s<seed>``: oriented stripes of random frequency and phase under noise, four orientations as
-classes, so a frozen random backbone does not solve it and methods can differ.
+``DIR/bench/peft-data-n<samples>-t<tile>-s<seed>``: oriented stripes of random frequency and phase under
+noise, four orientations as classes, so a frozen random backbone does not solve it and methods can differ.
 
 Options: methods (every registered method, references first), dataset (path; default synthetic),
 samples (768), tile (32), epochs (3), batch_size (32), learning_rate (2e-3), threads (2), seed (0),
