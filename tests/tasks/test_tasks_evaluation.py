@@ -13,6 +13,7 @@ from tasks.evaluation import (
     plot_confusion_matrix,
     predict_in_batches,
     score_classification,
+    softmax,
 )
 
 NAMES = ("a", "b", "c", "d")
@@ -88,7 +89,9 @@ def test_evaluate_predictor_scores_argmax_of_scores() -> None:
         return np.eye(4, dtype=np.float32)[batch[:, 0, 0, 0].astype(int)]
 
     report = evaluate_predictor(one_hot, images, LABELS, NAMES, batch_size=3)
-    assert report == score_classification(LABELS, PREDICTIONS, NAMES)
+    scores = softmax(np.eye(4, dtype=np.float32)[PREDICTIONS])  # the outputs are scored as logits
+    assert report == score_classification(LABELS, PREDICTIONS, NAMES, scores=scores)
+    assert 0.5 < report.macro_auroc <= 1.0 and "macro_auroc" in report.flat_metrics()
 
 
 def test_plot_confusion_matrix_writes_a_png(tmp_path: Path) -> None:

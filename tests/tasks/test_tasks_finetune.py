@@ -37,7 +37,7 @@ def test_fit_adapter_trains_a_small_share_of_the_parameters(outcome) -> None:
 
 def test_model_metadata_carries_bands_classes_geometry_and_lineage(outcome, dataset) -> None:
     metadata = model_metadata(dataset.info, tiny_backbone())
-    assert outcome.metadata == metadata
+    assert outcome.metadata == {**metadata, "adapter": "lora", "adapter_mergeable": True}
     assert metadata["channels"][0] == {"name": "B04", "wavelength_nm": 664.6, "resolution_m": 10.0}
     assert metadata["class_names"] == list(dataset.info.class_names) and metadata["tile_size"] == 16
     assert metadata["dataset_digest"] == dataset.info.digest and metadata["domain"] == "satellite"
