@@ -68,3 +68,29 @@ def onnx_fp32(tmp_path_factory: pytest.TempPathFactory, trained_model, dataset, 
 
     path = tmp_path_factory.mktemp("onnx") / "model-fp32.onnx"
     return export_onnx(trained_model, dataset.splits["test"].images, path, model_metadata)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No socket can be opened: loading weights must never reach a hub."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is blocked in this test")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    """A private weights folder and an empty hub cache (a real cache on this machine cannot satisfy a
+    lookup); no licence accepted through the environment."""
+    from tasks.backbone_catalog import ACCEPT_LICENCES_ENV, WEIGHTS_DIR_ENV
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(ACCEPT_LICENCES_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return tmp_path

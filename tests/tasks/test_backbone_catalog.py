@@ -3,8 +3,6 @@ from synthetic checkpoints written in each format's real key layout, every tenso
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -15,26 +13,6 @@ from tasks.backbone_catalog import (CATALOG, WEIGHTS_DIR_ENV, BandMismatchError,
 from tasks.models import BackboneParams, build_backbone
 
 RGB = (Channel("red", 640.0), Channel("green", 550.0), Channel("blue", 465.0))
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No socket can be opened: loading must never reach a hub."""
-    def refuse(*args, **kwargs):
-        raise OSError("network access is blocked in this test")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def weights_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
-    # An empty private hub cache, so a real cache on this machine cannot satisfy a lookup.
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    return tmp_path
 
 
 def _meta_model(name: str, **kwargs):

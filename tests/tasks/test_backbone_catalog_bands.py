@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import socket
-
 import pytest
 import torch
 
@@ -21,25 +19,6 @@ from tasks.models import BackboneParams, build_backbone
 # Sentinel-2 as the satellite domain names its bands (domains/satellite/sensors.py): B01..B12 with B8A.
 S2 = SENTINEL2_L1C_BANDS
 MOCO = "ssl4eo-s12-vit-s16-moco"
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access is blocked in this test")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def weights_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
-    monkeypatch.delenv(ACCEPT_LICENCES_ENV, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    return tmp_path
 
 
 def test_the_catalog_covers_four_domains_with_ordered_bands_preprocessing_and_provenance():
