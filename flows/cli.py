@@ -264,7 +264,9 @@ def _demo_summary(receipt, workdir: Path) -> str:
     compress = json.loads(Path(receipt.compress.report).read_text())
     task = read_dataset_info(receipt.ingest.dataset).task
     metric, judged_on = PRIMARY_METRICS[task], AUTO_GATE_METRIC[task]
-    slides = receipt.validation.task == "slide-classification"  # a slide model: scores are per slide
+    from tasks.bags import SLIDE_TASK
+
+    slides = receipt.validation.task == SLIDE_TASK  # a slide model: scores are per slide
     if slides:
         metric, judged_on = "slide accuracy", AUTO_GATE_METRIC[receipt.validation.task]
     auroc = receipt.validation.metrics

@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from domains import DomainSpec
+from tasks.bags import SLIDE_TASK
 from tasks.evaluation import SELECTION_METRICS
 from tasks.request_errors import RequestError
 
@@ -22,7 +23,7 @@ GateMetric = Literal["auto", "macro_f1", "accuracy", "macro_auroc", "macro_auprc
 # What "auto" means per task: the score model selection maximises during training; for slide models
 # (tasks.bags.SLIDE_TASK) the slide-level AUROC, since a test split holds few slides and macro-F1 over a
 # handful of slides moves a whole step with each one.
-AUTO_GATE_METRIC = {**SELECTION_METRICS, "slide-classification": "macro_auroc"}
+AUTO_GATE_METRIC = {**SELECTION_METRICS, SLIDE_TASK: "macro_auroc"}
 
 
 class GateThresholds(BaseModel):
