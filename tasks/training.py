@@ -822,9 +822,22 @@ def _train_process(fabric, model: nn.Module, job: _TrainingJob) -> dict:
     # Weights do not travel back through the launcher's pipe (a spawned rank blocks writing megabytes
     # into it while the parent waits for the ranks to end): the caller reads the best weights from the
     # newest checkpoint, which holds them.
-    return {"weights_from": checkpoints[-1] if checkpoints else resume_path, "history": history,
-            "best_epoch": best_epoch, "start_epoch": start_epoch, "checkpoints": checkpoints,
-            "rank_digests": _gather_digests(fabric, model)}
+    outcome = {"weights_from": checkpoints[-1] if checkpoints else resume_path, "history": history,
+               "best_epoch": best_epoch, "start_epoch": start_epoch, "checkpoints": checkpoints,
+               "rank_digests": _gather_digests(fabric, model)}
+    _leave_process_group(fabric)
+    return outcome
+
+
+def _leave_process_group(fabric) -> None:
+    """Close the DDP group on every rank together before the spawned processes exit.
+
+    Left open, a rank that exits first tears down gloo's threads while a peer's transport still uses
+    them, and the process aborts ("terminate called without an active exception").
+    """
+    if fabric.world_size > 1 and torch.distributed.is_initialized():
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 @torch.inference_mode()
