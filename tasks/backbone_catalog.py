@@ -866,6 +866,21 @@ def catalog_table() -> str:
     return "\n".join(lines + ["", footer])
 
 
+def licence_tags(name: str) -> dict[str, str]:
+    """Registry tags naming a catalog entry's weights and their licence (empty for a name not in the catalog).
+
+    Every registered model built from catalog weights carries them, so whoever deploys it sees the terms
+    (non-commercial, gated) without tracing its lineage by hand.
+    """
+    entry = find_entry(name)
+    if entry is None:
+        return {}
+    return {"vitrail.catalog_entry": entry.name, "vitrail.licence": entry.licence,
+            "vitrail.licence_commercial_use": str(entry.commercial_use).lower(),
+            "vitrail.licence_gated": str(entry.gated).lower(),
+            "vitrail.weights_origin": entry.hub_id + (f"@{entry.revision}" if entry.revision else "")}
+
+
 def describe_entry(entry: CatalogEntry) -> dict[str, Any]:
     """An entry as plain JSON-able values (``vitrail backbones NAME``)."""
     from dataclasses import asdict

@@ -1,0 +1,107 @@
+"""Probes: protocols on arrays, backbones and baselines on a tiny dataset, the cache, the table and the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tasks_support import tiny_backbone
+
+from tasks.probing import protocols
+from tasks.probing.embeddings import ProbeSubject
+from tasks.probing.scoring import GATE_PROTOCOL, ProbeSettings, decide_probe_gate, probe_backbones
+
+FAST = ProbeSettings(shots=[1, 5], few_shot_draws=2, label_fractions=[0.1, 1.0], bootstrap=200, threads=1)
+
+
+def test_knn_votes_for_the_nearest_class_by_cosine():
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1])
+    # Length does not matter for cosine similarity: a long vector along the first axis is class 0.
+    assert protocols.knn_predict(train, labels, np.array([[10.0, 0.5], [0.2, 3.0]]), k=2, num_classes=2).tolist() == [0, 1]
+
+
+def test_linear_probe_picks_c_on_validation_and_separates_separable_data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.eye(3)[y] * 3 + rng.normal(0, 0.5, (300, 3))
+    probe = protocols.linear_probe(x[:200], y[:200], x[200:250], y[200:250], x[250:])
+    assert probe.c in protocols.DEFAULT_C_GRID
+    assert protocols.accuracy(y[250:], probe.predictions) > 0.9
+
+
+def test_subsets_are_stratified_seeded_and_keep_every_class():
+    labels = np.array([0] * 90 + [1] * 10)
+    part = protocols.stratified_subset(labels, 0.01, seed=3)
+    assert set(labels[part]) == {0, 1}  # 1% of 10 rounds to 0: one is kept anyway
+    assert np.array_equal(part, protocols.stratified_subset(labels, 0.01, seed=3))
+    shots = protocols.shots_subset(labels, 5, seed=0)
+    assert np.bincount(labels[shots]).tolist() == [5, 5]
+
+
+def test_bootstrap_interval_brackets_the_score_and_the_paired_difference_sees_a_real_gain():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    good = np.where(rng.random(400) < 0.9, labels, 1 - labels)
+    poor = np.where(rng.random(400) < 0.6, labels, 1 - labels)
+    low, high = protocols.bootstrap_interval(labels, good, protocols.accuracy, 300)
+    assert low < protocols.accuracy(labels, good) < high and high - low < 0.1
+    point, d_low, _ = protocols.paired_difference(labels, good, poor, protocols.accuracy, 300)
+    assert point > 0.2 and d_low > 0
+    # The same predictions do not beat themselves: the gate needs the interval above zero.
+    assert not decide_probe_gate(labels, poor, poor, "accuracy", 300)["passed"]
+    assert decide_probe_gate(labels, good, poor, "accuracy", 300)["passed"]
+
+
+@pytest.fixture(scope="module")
+def probed(dataset_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("probe-cache")
+    subjects = [ProbeSubject(label="tiny", backbone=tiny_backbone())]
+    return probe_backbones(dataset_dir, subjects, FAST, cache), cache
+
+
+def test_every_backbone_and_baseline_is_scored_with_every_protocol(probed):
+    outcome, _ = probed
+    backbones = {r["backbone"] for r in outcome.rows}
+    assert backbones == {"tiny", "random-init", "random-conv", "channel-stats"}
+    settings = {(r["protocol"], r["setting"]) for r in outcome.rows if r["backbone"] == "channel-stats"}
+    assert {("knn", "k=5"), ("knn", "k=20"), ("few-shot", "shots=1"), ("few-shot", "shots=5"),
+            ("label-fraction", "labels=10%"), ("label-fraction", "labels=100%")} <= settings
+    for row in outcome.rows:
+        if row["protocol"] != GATE_PROTOCOL:
+            assert 0.0 <= row["ci95_low"] <= row["value"] <= row["ci95_high"] <= 1.0, row
+    # The shared dataset's classes are bright in one band each: channel statistics solve it.
+    assert outcome.value("channel-stats", "label-fraction", "labels=100%", "accuracy") > 0.9
+    assert "tiny" in outcome.gate and set(outcome.gate["tiny"]) >= {"difference", "ci95_low", "passed"}
+
+
+def test_embeddings_are_cached_by_model_data_and_preprocessing(probed, dataset_dir):
+    outcome, cache = probed
+    # The subject has random weights drawn from the same seed as the random-init baseline: the same model
+    # digest, so the baseline's embeddings come from the subject's cache entry.
+    assert outcome.cached == {"tiny": False, "random-init": True, "random-conv": False, "channel-stats": False}
+    again = probe_backbones(dataset_dir, [ProbeSubject(label="tiny", backbone=tiny_backbone())], FAST, cache)
+    assert all(again.cached.values())
+    assert [r["value"] for r in again.rows] == [r["value"] for r in outcome.rows]
+    # Other weights (another depth): another model digest, so computed again.
+    other = probe_backbones(dataset_dir, [ProbeSubject(label="tiny", backbone=tiny_backbone(depth=2))],
+                            FAST.model_copy(update={"include_baselines": False}), cache)
+    assert other.cached == {"tiny": False}
+
+
+def test_the_table_plot_and_metrics_are_written(probed, tmp_path):
+    from tasks.probing.report import probe_metrics, read_table, write_outputs
+
+    outcome, _ = probed
+    files = write_outputs(outcome, "macro_f1", tmp_path)
+    rows = read_table(files["table"])
+    assert len(rows) == len(outcome.rows) and rows[0].keys() >= {"backbone", "protocol", "ci95_low", "adapted"}
+    assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+    metrics = probe_metrics(outcome)
+    assert "gate.tiny.ci95_low" in metrics and "channel-stats.linear.full.accuracy" in metrics
+
+
+def test_labels_must_be_unique_and_not_a_baseline(dataset_dir):
+    from tasks.request_errors import RequestError
+
+    with pytest.raises(RequestError, match="unique"):
+        probe_backbones(dataset_dir, [ProbeSubject(label="random-init", backbone=tiny_backbone())], FAST, None)
