@@ -18,6 +18,7 @@ from tasks.bags import BagParams
 from tasks.model_inputs import InputNormalisationName, fit_normalisation, load_dataset_for
 from tasks.dataset import DatasetInfo, load_dataset
 from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, get_method, merge_adapter
+from tasks.merging.task_vectors import weights_digest
 from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, count_parameters
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
@@ -97,6 +98,10 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
                  info.domain)
         train = train.model_copy(update={"flip_augment": False})
     net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
+    # The base's identity, taken before the adapter changes anything: the merge stage refuses to merge
+    # fine-tunes of different bases (a random base is the seed's; heads and pooling are new, so left out).
+    base = {"base_digest": weights_digest(net.state_dict()), "base_seed": train.seed,
+            "base_backbone": backbone.model_dump(mode="json")}
     adapted = attach_adapter(net, adapter)
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
@@ -109,7 +114,7 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std,
                                   input_normalisation=normalisation).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
-                           metadata={**model_metadata(info, backbone, bags, normalisation),
+                           metadata={**model_metadata(info, backbone, bags, normalisation), **base,
                                      "adapter": adapter.method, "adapter_mergeable": get_method(adapter.method).mergeable})
 
 
