@@ -188,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"named parameter set: {', '.join(PRETRAIN_PRESETS)}; --set overrides its values")
     _overrides_arg(p, OVERRIDE_HELP.replace("adapter.method=dora", "mae.mask_ratio=0.9"))
 
+    p = verbs.add_parser("probe", help="score backbones' frozen features (kNN, linear, few-shot, label fractions)",
+                         description="Score backbones on a labelled dataset beside random init, random convolutional "
+                                     "features and per-channel statistics; writes a long-format table with bootstrap "
+                                     "95% intervals and a label-fraction plot, logged to MLflow. Without --model or "
+                                     "--backbone it scores models:/foundation-<domain>@candidate.")
+    _domain_arg(p)
+    p.add_argument("--dataset", required=True, help="labelled dataset folder written by `vitrail ingest`")
+    p.add_argument("--model", action="append", default=[], metavar="[LABEL=]URI",
+                   help="registered encoder to score, e.g. models:/foundation-satellite@candidate (repeatable)")
+    p.add_argument("--backbone", action="append", default=[], metavar="[LABEL=]NAME",
+                   help="catalog entry or timm name, scored with random weights (repeatable)")
+    p.add_argument("--promote", action="store_true", help="move champion to each registered encoder whose probe "
+                                                          "beats random init (95%% interval above zero)")
+    _workdir_arg(p)
+    _overrides_arg(p, OVERRIDE_HELP.replace("adapter.method=dora", "settings.shots=[1,5]"))
+
     p = verbs.add_parser("compress", help="export ONNX, quantize int8 and measure variants",
                          description="Export the reference model to ONNX, check parity, quantize, measure.")
     _domain_arg(p)
@@ -244,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
                          description="Benchmarks measure variants side by side in one run on this machine and "
-                                     "print ratios; they are not tests. Known: compression, ingest, onboard, peft, train.")
-    p.add_argument("name", help="benchmark name (compression, ingest, onboard, peft, train)")
+                                     "print ratios; they are not tests. Known: compression, ingest, onboard, peft, "
+                                     "pretraining, train.")
+    p.add_argument("name", help="benchmark name (compression, ingest, onboard, peft, pretraining, train)")
     _workdir_arg(p)
     _overrides_arg(p, "benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
     return parser
@@ -312,6 +329,30 @@ def pipeline_payload(args: argparse.Namespace) -> dict:
     return _apply_overrides(apply_preset(args.preset, payload), args.set)
 
 
+def probe_payload(args: argparse.Namespace) -> dict:
+    """The probe's parameters from --model/--backbone (LABEL=VALUE or VALUE, labelled by position)."""
+    def split(item: str, default: str) -> tuple[str, str]:
+        label, sep, value = item.partition("=")
+        return (label, value) if sep and "/" not in label and ":" not in label else (default, item)
+
+    backbones = []
+    for n, item in enumerate(args.model):
+        label, uri = split(item, "foundation" if n == 0 else f"model-{n + 1}")
+        backbones.append({"label": label, "model_uri": uri})
+    for n, item in enumerate(args.backbone):
+        label, name = split(item, name_label(item))
+        backbones.append({"label": label, "backbone": {"name": name}})
+    payload = {"domain": args.domain, "dataset": args.dataset, "workdir": args.workdir, "promote": args.promote}
+    payload["backbones"] = backbones or [{"label": "foundation",
+                                          "model_uri": f"models:/foundation-{args.domain}@candidate"}]
+    return payload
+
+
+def name_label(name: str) -> str:
+    """A table label from a backbone name (letters, digits, . _ + - only)."""
+    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name)[:60]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.verb == "domains":
         from domains import registry
@@ -368,6 +409,11 @@ def run(args: argparse.Namespace) -> int:
         payload = apply_pretrain_preset(args.preset, {"domain": args.domain, "dataset": args.dataset,
                                                       "workdir": args.workdir})
         _print_receipt(pretrain(PretrainParams(**_apply_overrides(payload, overrides))))
+        return 0
+    if args.verb == "probe":
+        from flows.probe import ProbeParams, probe
+
+        _print_receipt(probe(ProbeParams(**_apply_overrides(probe_payload(args), overrides))))
         return 0
     if args.verb == "compress":
         from flows.compress import CompressFlowParams, compress
