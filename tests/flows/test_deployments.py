@@ -8,7 +8,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-FLOW_MODULES = ["flows.ingest", "flows.finetune", "flows.pretrain", "flows.compress", "flows.validate", "flows.promote",
+FLOW_MODULES = ["flows.ingest", "flows.finetune", "flows.pretrain", "flows.probe", "flows.compress", "flows.validate", "flows.promote",
                 "flows.predict", "flows.pipeline", "flows.demo"]
 
 
