@@ -580,6 +580,7 @@ def record_pretraining(outcome: PretrainOutcome, domain: str) -> tuple[str, str,
     candidate against the baselines. Returns ``(registered name, version, alias)``.
     """
     from tasks import tracking
+    from tasks.backbone_catalog import licence_tags
 
     description = outcome.description
     tracking.log_metrics({"best_epoch": outcome.fit.best_epoch,
@@ -599,6 +600,9 @@ def record_pretraining(outcome: PretrainOutcome, domain: str) -> tuple[str, str,
             "vitrail.samples_seen": str(description["samples_seen"]),
             "vitrail.weights_sha256": description["weights_sha256"],
             "vitrail.probe_gate": "pending",
+            # Continued pretraining from catalog weights inherits their licence (empty for random or timm starts).
+            **(licence_tags(description["started_from"]["name"])
+               if description["started_from"].get("weights") != "none" else {}),
             **{f"vitrail.excluded_{split}_groups_digest": record["groups_digest"]
                for split, record in excluded.items()}}
     version = tracking.register_artifact_folder("encoder", name, tags)

@@ -160,4 +160,27 @@ def gate_registered_subjects(outcome: ProbeOutcome, model_uris: dict[str, str], 
     return verdicts
 
 
+def probe_gate_candidate(dataset_path: Path | str, description_file: Path, settings, registered_name: str,
+                         version: str, run_id: str, out_dir: Path) -> tuple[str, str | None, str]:
+    """The pretrain stage's probe gate: probe the exported encoder on the dataset beside the baselines, record
+    the table and metrics in the active run, tag the registered version, and move ``champion`` to it when it
+    passed. Returns ``(verdict, alias set or None, table path)``; the verdict is "skipped" without labels.
+    """
+    from tasks.dataset import read_dataset_info
+    from tasks.probing.embeddings import ProbeSubject
+    from tasks.probing.scoring import probe_backbones
+
+    counts = read_dataset_info(dataset_path).split_counts
+    if not counts.get("train") or not counts.get("test"):
+        return "skipped", None, ""
+    outcome = probe_backbones(dataset_path, [ProbeSubject(label="candidate", model_uri=str(description_file))],
+                              settings, None)
+    files = write_outputs(outcome, settings.gate_metric, out_dir)
+    record_probe(outcome, files)
+    record = outcome.gate["candidate"]
+    alias = apply_probe_gate(record, registered_name, version, run_id)
+    return ("passed" if record["passed"] else "failed"), alias, str(files["table"])
+
+
+probe_gate_candidate_task = task(probe_gate_candidate, name="probe-gate-candidate", cache_policy=NONE)
 gate_registered_subjects_task = task(gate_registered_subjects, name="gate-registered-subjects", cache_policy=NONE)

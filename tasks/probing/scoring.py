@@ -241,9 +241,12 @@ def probe_backbones(dataset_path: Path | str, subjects: list[ProbeSubject], sett
     for split in ("train", "val", "test"):
         if split in dataset.splits:
             labels[split], target = tile_targets(dataset, split)
-    if (labels["train"] < 0).any() or (labels["test"] < 0).any():
-        raise RequestError(f"{dataset_path}: probing needs labelled tiles; this dataset's train or test split "
-                           "holds unlabelled ones")
+    # Unlabelled training tiles (pretraining's extra data) are left out of the probes; the test split must be labelled.
+    keep = {split: np.flatnonzero(values >= 0) for split, values in labels.items()}
+    labels = {split: values[keep[split]] for split, values in labels.items()}
+    if len(labels["train"]) == 0 or len(labels["test"]) != len(keep["test"]) or (labels["test"] < 0).any() \
+            or len(dataset.splits["test"]) != len(labels["test"]):
+        raise RequestError(f"{dataset_path}: probing needs labelled train tiles and a fully labelled test split")
     class_names = target_class_names(dataset)
 
     featurizers: list[tuple[Featurizer, object]] = []
@@ -265,6 +268,7 @@ def probe_backbones(dataset_path: Path | str, subjects: list[ProbeSubject], sett
     rows, predictions, cached = [], {}, {}
     for featurizer, backbone in featurizers:
         embeddings, cached[featurizer.label] = embed_dataset(featurizer, dataset, cache_dir)
+        embeddings = {split: values[keep[split]] for split, values in embeddings.items() if split in keep}
         got, predicted = score_featurizer(featurizer, embeddings, labels, len(class_names), settings, target,
                                           info.digest)
         rows += got
