@@ -230,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p)
     _overrides_arg(p, OVERRIDE_HELP + " (gate.*)")
 
+    p = verbs.add_parser("merge", help="merge registered fine-tunes of one base into one gated model",
+                         description="Merge fine-tunes of one base (uniform/greedy soup, task arithmetic, TIES, DARE, "
+                                     "OPCM, Frank-Wolfe), score each merged model on every constituent's test split, "
+                                     "gate it against the constituent's own score and register it with its lineage; "
+                                     "or, with --arriving, fold one new fine-tune into the running OPCM merge.")
+    _domain_arg(p)
+    p.add_argument("--models", type=_csv, default=[], help="fine-tunes, comma-separated: models:/NAME/VERSION, "
+                   "models:/NAME@ALIAS, NAME (newest version), NAME/VERSION, NAME@ALIAS or runs:/RUN/model")
+    p.add_argument("--tag", default="", help="also every registered version with this tag, KEY=VALUE")
+    p.add_argument("--search", default="", help="also every registered version an MLflow filter finds, e.g. "
+                   "\"name LIKE 'satellite-%%'\"")
+    p.add_argument("--method", default="ties", help="uniform-soup, greedy-soup, task-arithmetic, ties, dare, opcm, "
+                   "fw, several comma-separated, or all (one merge each; default: %(default)s)")
+    p.add_argument("--arriving", default="", help="a newly registered fine-tune (models:/NAME/VERSION) to fold into "
+                   "the running OPCM merge instead")
+    p.add_argument("--no-compress", action="store_true", help="register the merged models without compressing "
+                   "and validating them")
+    _workdir_arg(p)
+    _overrides_arg(p, OVERRIDE_HELP.replace("train.epochs=3 --set adapter.method=dora",
+                                            "merge.density=0.3 --set gate.min_share=0.95"))
+
     p = verbs.add_parser("predict", help="predict a scene (or a drop folder) with a model",
                          description="Write a prediction GeoTIFF with the input's CRS and transform.")
     _domain_arg(p)
@@ -260,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
                          description="Benchmarks measure variants side by side in one run on this machine and "
-                                     "print ratios; they are not tests. Known: compression, ingest, onboard, peft, "
-                                     "pretraining, train.")
-    p.add_argument("name", help="benchmark name (compression, ingest, onboard, peft, pretraining, train)")
+                                     "print ratios; they are not tests. Known: compression, ingest, merging, onboard, "
+                                     "peft, pretraining, train.")
+    p.add_argument("name", help="benchmark name (compression, ingest, merging, onboard, peft, pretraining, train)")
     _workdir_arg(p)
     _overrides_arg(p, "benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
     return parser
@@ -435,6 +456,20 @@ def run(args: argparse.Namespace) -> int:
         receipt = promote(PromoteParams(**_apply_overrides(payload, overrides)))
         _print_receipt(receipt)
         return 0 if receipt.passed else 1
+    if args.verb == "merge":
+        from flows.merge import MergeFlowParams, merge
+        from tasks.merging import METHODS
+
+        methods = list(METHODS) if args.method == "all" else _csv(args.method)
+        passed = True
+        for method in methods:
+            payload = {"domain": args.domain, "workdir": args.workdir, "arriving": args.arriving,
+                       "selection": {"models": args.models, "tag": args.tag, "search": args.search},
+                       "merge": {"method": method}, "compress": not args.no_compress}
+            receipt = merge(MergeFlowParams(**_apply_overrides(payload, overrides)))
+            _print_receipt(receipt)
+            passed = passed and receipt.gate_passed
+        return 0 if passed else 1
     if args.verb == "predict":
         from flows.predict import PredictParams, predict
 
