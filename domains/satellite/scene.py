@@ -19,7 +19,7 @@ from domains.satellite.sensors import (
     get_scaling,
     get_sensor,
     infer_sensor,
-    recognise_band_folder,
+    scan_band_folder,
 )
 from domains.input_guards import (check_encodable_name, check_readable, check_source_size, describe_failure,
                                   input_errors_named)
@@ -222,8 +222,11 @@ def _resolve_scaling(
         return scaling
     if scaling is not None:
         return get_scaling(scaling)
-    # Floating-point rasters were written by a tool that already converted digital numbers.
-    return IDENTITY if np.issubdtype(dtype, np.floating) else default
+    # Floating-point rasters were written by a tool that already converted digital numbers; a product whose
+    # own scaling is the identity (SAR backscatter, linear or dB) keeps its name, which says the unit.
+    if np.issubdtype(dtype, np.floating) and (default.scale, default.offset) != (1.0, 0.0):
+        return IDENTITY
+    return default
 
 
 def valid_pixels(dn: np.ndarray, nodata: float | None, fill_dn: int | None, scale: ReflectanceScale) -> np.ndarray:
@@ -324,6 +327,23 @@ class BandSource:
 
 
 @dataclass(frozen=True)
+class QualitySource:
+    """A scene's quality layer: where it is stored and how its values decode (see ``domains.satellite.clouds``).
+
+    Attributes:
+        path: the file.
+        kind: the decoding (``landsat-qa-pixel``, ``landsat-bqa``, ``sentinel2-scl``, ``hls-fmask``).
+        transform: its own grid (Sentinel-2 SCL is at 20 m beside 10 m bands).
+        shape: its own (rows, columns).
+    """
+
+    path: Path
+    kind: str
+    transform: Affine
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class SceneLayout:
     """A checked scene whose pixels are not read yet: its bands, their files and the working grid.
 
@@ -338,6 +358,10 @@ class SceneLayout:
     crs: CRS
     transform: Affine
     shape: tuple[int, int]
+    level: str = ""
+    """Processing level (``l1c``, ``l2a``, ``l1``, ``l2sr``, ``grd-db``...), "" when the files do not show it."""
+    quality: QualitySource | None = None
+    """The sensor's own quality layer (QA_PIXEL, BQA, SCL, Fmask), read as a cloud mask, never as a band."""
 
     @property
     def channels(self) -> tuple[Channel, ...]:
@@ -384,9 +408,8 @@ def inspect_scene(
 def _inspect_band_folder(
     folder: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
 ) -> SceneLayout:
-    sensor, files = recognise_band_folder(folder)
-    if table is not None and table.name != sensor.name:
-        raise DomainInputError(folder, f"sensor {table.name} was asked for but the band files are {sensor.title}")
+    scan = scan_band_folder(folder, table)
+    sensor, files = scan.sensor, scan.bands
     names = tuple(files)
     missing = [b for b in (wanted or ()) if b.upper() not in {n.upper() for n in names}]
     if missing:
@@ -425,7 +448,30 @@ def _inspect_band_folder(
         )
         for band, _, band_transform, band_shape, _, nodata, dtype in headers
     )
-    return SceneLayout(path=folder, sensor=sensor, bands=bands, crs=crs, transform=transform, shape=tuple(shape))
+    quality = None
+    if scan.quality is not None:
+        quality = _inspect_quality(scan.quality.path, scan.quality.kind, crs, bounds, tolerance, finest[0].path)
+    return SceneLayout(path=folder, sensor=sensor, bands=bands, crs=crs, transform=transform, shape=tuple(shape),
+                       level=scan.level, quality=quality)
+
+
+def _inspect_quality(path: Path, kind: str, crs: CRS, bounds: Any, tolerance: float, reference: Path) -> QualitySource:
+    """Check a quality layer's header: one integer band covering the bands' extent in their CRS."""
+    with open_raster(path) as ds:
+        check_raster_header(ds, path)
+        _require_georeference(ds, path)
+        if ds.count != 1 or not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+            raise DomainInputError(path, f"quality layer ({kind}) must be one integer band; it holds {ds.count} "
+                                         f"band(s) of {ds.dtypes[0]}")
+        # A mask on another grid would mark the wrong pixels cloudy: refuse it rather than warp it silently.
+        if ds.crs != crs:
+            raise DomainInputError(path, f"quality layer ({kind}) is on another grid: CRS {ds.crs.to_string()} "
+                                         f"differs from {reference.name}'s {crs.to_string()}")
+        if max(abs(a - b) for a, b in zip(ds.bounds, bounds)) > max(tolerance, abs(ds.transform.a) / 2):
+            raise DomainInputError(
+                path, f"quality layer ({kind}) is on another grid: extent {tuple(round(v, 3) for v in ds.bounds)} "
+                      f"differs from {reference.name}'s {tuple(round(v, 3) for v in bounds)}")
+        return QualitySource(path=path, kind=kind, transform=ds.transform, shape=tuple(ds.shape))
 
 
 def _read_whole_scene(layout: SceneLayout) -> Scene:

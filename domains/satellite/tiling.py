@@ -174,7 +174,7 @@ def tiling_provenance(request: IngestRequest, labelled: bool) -> dict[str, str]:
 
 
 def grid_provenance(crs: Any, transform: Any, shape: tuple[int, int], sensor: str, scaling: str,
-                    channels: tuple[str, ...], valid_fraction: float) -> dict[str, str]:
+                    channels: tuple[str, ...], valid_fraction: float, level: str = "") -> dict[str, str]:
     """Small string facts about a scene's grid and units, stored with every dataset cut from it."""
     epsg = crs.to_epsg()
     t = transform
@@ -182,6 +182,7 @@ def grid_provenance(crs: Any, transform: Any, shape: tuple[int, int], sensor: st
         "crs": f"EPSG:{epsg}" if epsg else crs.to_wkt(),
         "transform": ", ".join(f"{v!r}" for v in (t.a, t.b, t.c, t.d, t.e, t.f)),
         "sensor": sensor,
+        "level": level,
         "scaling": scaling,
         "grid_shape": f"{shape[0]}x{shape[1]}",
         "resolution": f"{abs(t.a):g}x{abs(t.e):g}",
@@ -304,7 +305,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         provenance = grid_provenance(
             layout.crs, layout.transform, layout.shape, layout.sensor.name,
             describe_scales(channels, layout.scales), tuple(c.name for c in channels),
-            valid_pixels_seen / (height * width),
+            valid_pixels_seen / (height * width), layout.level,
         ) | base_provenance
         last_images = images[: len(kept)].copy()
         last_images.flags.writeable = False
