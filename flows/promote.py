@@ -9,8 +9,10 @@ from domains import get_domain
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
+from tasks.approval import ApprovalPolicy, fail_on_timeout
 from tasks.promotion import (
     GateThresholds,
+    apply_approval_task,
     apply_promotion_task,
     complete_half_promotions_task,
     current_champion_metric_task,
@@ -19,6 +21,7 @@ from tasks.promotion import (
     promotion_lock,
     publish_decision_task,
     registered_model_names,
+    review_promotion,
 )
 
 
@@ -32,6 +35,8 @@ class PromoteParams(BaseModel):
     validate_run_id: str = Field(..., min_length=1, max_length=64, description="MLflow run id of the validate flow")
     workdir: str = WorkdirField
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+    approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy,
+                                     description="Human approval before an alias moves (a form in the Prefect UI)")
 
 
 class PromoteReceipt(BaseModel):
@@ -44,6 +49,7 @@ class PromoteReceipt(BaseModel):
     edge_model: str
     repaired: list[str] = Field(default_factory=list,
                                 description="Alias pairs a crashed promotion left half-applied, completed first")
+    approval: str = Field("not-required", description="approved, refused, timed-out, superseded or not-required")
 
 
 @flow(name="promote-model", flow_run_name="promote-{params.domain}", log_prints=True)
@@ -53,6 +59,8 @@ def promote(params: PromoteParams) -> PromoteReceipt:
 
     One promotion of a registered model at a time: read champion, decide, register and set aliases all
     happen under a Prefect global concurrency limit named after the model, across processes and workers.
+    When approval is required the versions are registered with the gate's verdict, the lock is released, and
+    the run pauses for a reviewer; the alias moves (under the lock again) only once approved.
     """
     with tracking.stage_run(params.domain, "promote", params.workdir, params.model_dump(mode="json")) as run:
         candidate, edge_variant = gather_candidate_task(params.compress_run_id, params.validate_run_id, params.gate.metric)
@@ -65,9 +73,16 @@ def promote(params: PromoteParams) -> PromoteReceipt:
             champion = current_champion_metric_task(names[1], candidate.metric)
             decision = decide_promotion_task(candidate, params.gate, champion)
             record = apply_promotion_task(decision, candidate, params.gate, params.model_uri, params.edge_model_uri,
-                                          names, lineage)
+                                          names, lineage, hold_aliases=params.approval.required)
         tracking.set_tags(decision.as_tags())
         publish_decision_task(decision, record)
+        outcome = review_promotion(params.approval, decision, record, params.gate)  # pauses only when asked
+        if outcome.status != "not-required":
+            with promotion_lock(names[1]):
+                record = apply_approval_task(outcome, record)
+            tracking.set_tags({"vitrail.approval": record.approval})
+            fail_on_timeout(params.approval, outcome, f"promotion of {record.edge_name} version {record.edge_version}")
     return PromoteReceipt(passed=decision.passed, alias=record.alias, reasons=list(decision.reasons),
                           reference_model=f"{record.reference_name}/{record.reference_version}",
-                          edge_model=f"{record.edge_name}/{record.edge_version}", repaired=repaired)
+                          edge_model=f"{record.edge_name}/{record.edge_version}", repaired=repaired,
+                          approval=record.approval)

@@ -128,13 +128,21 @@ def current_champion_metric(edge_name: str, metric: str) -> float | None:
 
 @dataclass(frozen=True)
 class PromotionRecord:
-    """What the registry now holds for this candidate."""
+    """What the registry now holds for this candidate.
+
+    ``pending`` is the alias the gate granted while a reviewer has yet to approve it (no alias moved yet);
+    ``champion_version`` the edge champion the decision was compared with (None: there was none);
+    ``approval`` the reviewer's outcome (:class:`tasks.approval.ApprovalOutcome` status).
+    """
 
     reference_name: str
     reference_version: str
     edge_name: str
     edge_version: str
     alias: str | None
+    pending: str | None = None
+    champion_version: str | None = None
+    approval: str = "not-required"
 
 
 log = logging.getLogger(__name__)
@@ -143,6 +151,8 @@ log = logging.getLogger(__name__)
 # an alias can check that both registered models agree, and a later promotion can finish a half-applied one.
 TWIN_NAME_TAG = "vitrail.twin_name"
 TWIN_VERSION_TAG = "vitrail.twin_version"
+# When a version pair last became champion (ISO UTC): the champion history a rollback reads.
+CHAMPION_SINCE_TAG = "vitrail.champion_since"
 ALIASES = ("champion", "challenger")
 # Test-only: the promotion test sets this to a crash point's name, and the process SIGKILLs itself there, so a
 # crash lands deterministically between the two alias writes. Never set in production.
@@ -166,15 +176,24 @@ def set_alias_pair(names: tuple[str, str], versions: tuple[str, str], alias: str
     """Point ``alias`` at twin versions: the reference first, always, so the reference side tells a later
     promotion what a crash interrupted (:func:`complete_half_promotions`)."""
     from tasks import tracking
+    from tasks.approval import utc_now
 
+    if alias == "champion":
+        since = {CHAMPION_SINCE_TAG: utc_now()}
+        tracking.tag_version(names[0], versions[0], since)
+        tracking.tag_version(names[1], versions[1], since)
     tracking.set_alias(names[0], alias, versions[0])
     _crash_point("between-aliases")
     tracking.set_alias(names[1], alias, versions[1])
 
 
 def apply_promotion(decision: Decision, candidate: Candidate, gate: GateThresholds, reference_uri: str,
-                    edge_uri: str, names: tuple[str, str], lineage: dict[str, str]) -> PromotionRecord:
+                    edge_uri: str, names: tuple[str, str], lineage: dict[str, str],
+                    hold_aliases: bool = False) -> PromotionRecord:
     """Register both models as twins with the decision as tags; set the alias on both only if the gate passed.
+
+    With ``hold_aliases`` (a reviewer must approve first) nothing moves: the granted alias is returned as
+    ``pending`` and :func:`apply_approval` sets it once approved.
 
     Call it under :func:`promotion_lock`. The edge version is registered already naming its reference twin,
     the reference version is tagged with its edge twin before any alias moves, and aliases move reference
@@ -189,9 +208,69 @@ def apply_promotion(decision: Decision, candidate: Candidate, gate: GateThreshol
     ref_version = tracking.register_version(reference_uri, names[0], tags)
     edge_version = tracking.register_version(edge_uri, names[1], {**tags, **_twin_tags(names[0], ref_version)})
     tracking.tag_version(names[0], ref_version, _twin_tags(names[1], edge_version))
-    if decision.passed and decision.alias:
-        set_alias_pair(names, (ref_version, edge_version), decision.alias)
-    return PromotionRecord(names[0], ref_version, names[1], edge_version, decision.alias if decision.passed else None)
+    champion = tracking.alias_holder(names[1], "champion")
+    granted = decision.alias if decision.passed else None
+    if granted and hold_aliases:
+        return PromotionRecord(names[0], ref_version, names[1], edge_version, None, pending=granted,
+                               champion_version=champion[0] if champion else None)
+    if granted:
+        set_alias_pair(names, (ref_version, edge_version), granted)
+    return PromotionRecord(names[0], ref_version, names[1], edge_version, granted,
+                           champion_version=champion[0] if champion else None)
+
+
+def approval_report(decision: Decision, record: PromotionRecord, gate: GateThresholds) -> str:
+    """The markdown a reviewer reads above the approval form: the versions, the gate's verdict and reasons."""
+    champion = (f"version {record.champion_version} of `{record.edge_name}`" if record.champion_version
+                else "none yet")
+    lines = [f"### Approve `{record.reference_name}` version {record.reference_version} + `{record.edge_name}` "
+             f"version {record.edge_version} as **{record.pending}**?", "",
+             f"The gate passed ({gate.metric}: minimum {gate.min_metric}, drop vs fp32 at most "
+             f"{gate.max_drop_vs_fp32}, latency budget {gate.latency_budget_ms} ms). Current champion: {champion}.",
+             "", "Gate results:", ""]
+    lines += [f"- {reason}" for reason in decision.reasons]
+    lines += ["", "Approve to move the alias on both models; refuse to leave every alias as it is."]
+    return "\n".join(lines)
+
+
+def review_promotion(policy, decision: Decision, record: PromotionRecord, gate: GateThresholds):
+    """Pause for a reviewer when the policy asks and an alias is pending; else ``not-required`` (no pause).
+
+    Runs in the flow body (Prefect pauses flow runs, not tasks). ``policy`` is a
+    :class:`tasks.approval.ApprovalPolicy`.
+    """
+    from tasks.approval import ApprovalInput, ApprovalOutcome, request_review
+
+    if not (policy.required and record.pending):
+        return ApprovalOutcome("not-required")
+    return request_review(policy, ApprovalInput, approval_report(decision, record, gate),
+                          key=f"approve-{record.edge_name}-{record.edge_version}",
+                          defaults={"alias": record.pending})
+
+
+def apply_approval(outcome, record: PromotionRecord) -> PromotionRecord:
+    """Record a reviewer's outcome on both versions and, if approved, set the alias on both.
+
+    Call it under :func:`promotion_lock`. An approved ``champion`` is not set when the champion changed while
+    the run waited (another promotion or a rollback won meanwhile): the reviewer approved a comparison that no
+    longer holds, so the outcome is recorded as ``superseded`` and nothing moves.
+    """
+    from dataclasses import replace
+
+    from tasks import tracking
+
+    if outcome.status == "approved" and outcome.alias == "champion":
+        now = tracking.alias_holder(record.edge_name, "champion")
+        if (now[0] if now else None) != record.champion_version:
+            outcome = replace(outcome, status="superseded", alias=None)
+    tags = outcome.as_tags()
+    tracking.tag_version(record.reference_name, record.reference_version, tags)
+    tracking.tag_version(record.edge_name, record.edge_version, tags)
+    alias = outcome.alias if outcome.status == "approved" else None
+    if alias:
+        set_alias_pair((record.reference_name, record.edge_name), (record.reference_version, record.edge_version),
+                       alias)
+    return replace(record, alias=alias, pending=None, approval=outcome.status)
 
 
 def complete_half_promotions(names: tuple[str, str]) -> list[str]:
@@ -305,7 +384,9 @@ def publish_decision(decision: Decision, record: PromotionRecord) -> None:
     """A markdown artifact in the Prefect UI stating the decision and every reason."""
     from prefect.artifacts import create_markdown_artifact
 
-    verdict = f"promoted to **{record.alias}**" if record.alias else "**not promoted** (gate failed)"
+    verdict = (f"promoted to **{record.alias}**" if record.alias
+               else f"**{record.pending}** granted by the gate, waiting for a reviewer" if record.pending
+               else "**not promoted** (gate failed)")
     lines = [f"### Promotion decision: {verdict}", "",
              f"- `{record.reference_name}` version {record.reference_version}",
              f"- `{record.edge_name}` version {record.edge_version}", "", "Reasons:", ""]
@@ -315,6 +396,7 @@ def publish_decision(decision: Decision, record: PromotionRecord) -> None:
 
 
 apply_promotion_task = task(apply_promotion, name="apply-promotion", cache_policy=NONE)
+apply_approval_task = task(apply_approval, name="apply-approval", cache_policy=NONE)
 publish_decision_task = task(publish_decision, name="publish-decision", cache_policy=NONE)
 
 

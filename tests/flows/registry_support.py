@@ -1,0 +1,174 @@
+"""A real MLflow store with tiny ONNX candidates (compress + validate runs) that the promote flow reads.
+
+Imported by the approval, rollback and lineage tests; named ``registry_support`` (not conftest) so modules of
+other folders can import it too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from domains import get_domain
+from tasks.promotion import registered_model_names
+
+DOMAIN = "satellite"
+REFERENCE, EDGE = registered_model_names(get_domain(DOMAIN))
+GATE = {"metric": "macro_f1", "min_metric": 0.6, "max_drop_vs_fp32": 0.05, "latency_budget_ms": 50.0}
+
+
+def write_tiny_onnx(path: Path, scale: float) -> Path:
+    """A real ONNX classifier of 3 bands x 8 px: each logit is ``scale`` times its band's mean, with Vitrail metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tasks.onnx_runtime import write_metadata
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["mean"], axes=[2, 3], keepdims=0),
+         helper.make_node("Mul", ["mean", "scale"], ["logits"])], "tiny-mean",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [3], [scale, 1.0, -scale])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    write_metadata(path, {"domain": DOMAIN, "task": "classification", "tile_size": 8,
+                          "class_names": ["water", "vegetation", "bare"],
+                          "channels": [{"name": band} for band in ("B04", "B03", "B02")]})
+    return path
+
+
+@dataclass(frozen=True)
+class CandidateRuns:
+    """What the promote flow takes for one candidate: its models and its compress and validate runs."""
+
+    reference_uri: str
+    edge_uri: str
+    compress_run_id: str
+    validate_run_id: str
+
+    def promote_params(self, workdir: Path, **extra: object) -> dict:
+        return {"domain": DOMAIN, "model_uri": self.reference_uri, "edge_model_uri": self.edge_uri,
+                "compress_run_id": self.compress_run_id, "validate_run_id": self.validate_run_id,
+                "workdir": str(workdir), "gate": GATE, **extra}
+
+
+def log_candidate(workdir: Path, label: str, edge_metric: float, scale: float) -> CandidateRuns:
+    """Log a reference + edge model (both the tiny ONNX of ``scale``) and compress/validate runs for them.
+
+    The active MLflow store must be ``workdir``'s (``tasks.tracking.configure_tracking``).
+    """
+    import mlflow
+
+    from tasks import tracking
+
+    experiment_id = tracking.ensure_experiment(DOMAIN, workdir)
+    folder = workdir / "candidates" / label
+    folder.mkdir(parents=True)
+    onnx_file = write_tiny_onnx(folder / "tiny.onnx", scale)
+    example = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    report = folder / "compress_report.json"
+    report.write_text(json.dumps({"variants": [{"name": "onnx-int8", "latency_ms_p50": 2.0}],
+                                  "parity": {"onnx-fp32": {"max_abs_diff": 1e-6}}}))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-models"):
+        reference_uri = tracking.log_edge_model(onnx_file, {"variant": "reference"}, example)
+        edge_uri = tracking.log_edge_model(onnx_file, {"variant": "onnx-int8"}, example)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-compress",
+                          tags={"vitrail.stage": "compress", "vitrail.edge_variant": "onnx-int8"}) as compress:
+        mlflow.log_params({"compression.edge_variant": "onnx-int8", "compression.threads": "2"})
+        tracking.log_artifact(report)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-validate",
+                          tags={"vitrail.stage": "validate", "vitrail.task": "classification"}) as validate:
+        tracking.log_metrics({"torch-fp32.test_macro_f1": edge_metric + 0.01, "onnx-int8.test_macro_f1": edge_metric})
+    return CandidateRuns(reference_uri, edge_uri, compress.info.run_id, validate.info.run_id)
+
+
+@dataclass
+class FlowThread:
+    """A flow called in a background thread (a paused flow blocks its caller), with its result or error."""
+
+    target: object
+    args: tuple
+    result: object = None
+    error: BaseException | None = None
+    thread: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.target(*self.args)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            self.error = error
+
+    def join(self, timeout: float = 120) -> object:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"flow did not finish in {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_for_paused_run(flow_name: str, timeout: float = 120, since: float | None = None):
+    """The one flow run of ``flow_name`` that is Paused (waits for it)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            if runs:
+                assert len(runs) == 1, f"several paused {flow_name} runs: {[r.name for r in runs]}"
+                return runs[0]
+            assert time.monotonic() < deadline, f"no paused {flow_name} run within {timeout} s"
+            time.sleep(0.3)
+
+
+@contextmanager
+def registry_store(workdir: Path) -> Iterator[str]:
+    """Point this process's MLflow at ``<workdir>/mlflow.db``; every global change is undone on exit."""
+    import pytest
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from tasks import tracking
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            patch.setenv(name, "placeholder")  # records the original value (or its absence) for undo
+            patch.delenv(name)
+        patch.setattr(tracking_utils, "_tracking_uri", None)
+        patch.setattr(registry_utils, "_registry_uri", None)
+        yield tracking.configure_tracking(workdir)
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    from tasks import tracking
+
+    holder = tracking.alias_holder(name, alias)
+    return holder[0] if holder else None
