@@ -19,6 +19,7 @@ from tasks.model_inputs import InputNormalisationName
 from tasks.dataset import SplitParams
 from tasks.adapters import AdapterParams, legacy_lora_to_adapter
 from tasks.models import BackboneParams
+from tasks.approval import ApprovalPolicy
 from tasks.promotion import GateThresholds
 from tasks.storage import join_location
 from tasks.tracking import configure_tracking
@@ -61,6 +62,9 @@ class PipelineParams(BaseModel):
                             "(histopathology: macenko or reinhard stain normalisation)")
     compression: CompressParams = Field(default_factory=CompressParams, description="Export, quantization and timing")
     gate: GateThresholds = Field(default_factory=GateThresholds, description="Promotion thresholds")
+    approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy,
+                                     description="Human approval before the promotion moves an alias (a form in "
+                                                 "the Prefect UI)")
 
     # Configurations written for the LoRA-only block of earlier versions (`lora: {rank: 8, ...}`) keep working.
     _legacy_lora = model_validator(mode="before")(legacy_lora_to_adapter)
@@ -100,7 +104,7 @@ def pipeline(params: PipelineParams) -> PipelineReceipt:
                                         compress_run_id=compressed.run_id, threads=params.compression.threads))
     promoted = promote(PromoteParams(**common, model_uri=tuned.model_uri, edge_model_uri=compressed.edge_model_uri,
                                      compress_run_id=compressed.run_id, validate_run_id=validated.run_id,
-                                     gate=params.gate))
+                                     gate=params.gate, approval=params.approval))
     # Predict with the candidate's own edge model, so a run whose gate failed still shows its map.
     predicted = predict(PredictParams(**common, input=params.source, model_uri=compressed.edge_model_uri,
                                       output=join_location(params.workdir, "predictions"),
