@@ -72,7 +72,13 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
                         help="input channels, comma-separated: band names in file order (satellite multi-band files), "
                              "CT window presets such as lung,mediastinum,bone (radiology), or a band selection "
                              "(hyperspectral; see the domain's docs)")
-    parser.add_argument("--sensor", help="sensor band table: sentinel2, landsat8, landsat9 (default: from file names)")
+    parser.add_argument("--sensor", help="sensor band table: sentinel2, landsat4/5/7/8/9, hls, sentinel1 (default: "
+                                         "from file names; given, band files are matched by suffix whatever the prefix)")
+    parser.add_argument("--cloud-mask", choices=("none", "qa", "model", "auto"),
+                        help="satellite: mask clouds and shadows with the sensor's QA band (qa), the offline "
+                             "ukis-csmask model (model) or either (auto); default none")
+    parser.add_argument("--max-cloud-fraction", type=float,
+                        help="satellite: drop tiles with more cloud/shadow than this share (default 1: keep all)")
     parser.add_argument("--class-names", type=_csv, help="names of label values 0..K-1, comma-separated")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (default 32)")
     parser.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
@@ -94,7 +100,8 @@ def _mpp_arg(parser: argparse.ArgumentParser) -> None:
 def _source_payload(args: argparse.Namespace) -> dict:
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("stride", args.stride),
                                 ("block_size", args.block_size), ("tile_mpp", args.tile_mpp),
-                                ("group_by", args.group_by)) if v is not None}
+                                ("group_by", args.group_by), ("cloud_mask", args.cloud_mask),
+                                ("max_cloud_fraction", args.max_cloud_fraction)) if v is not None}
     if args.tile_size is not None and args.stride is None:
         tiling["stride"] = args.tile_size
     payload: dict = {"tiling": tiling}

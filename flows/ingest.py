@@ -39,6 +39,13 @@ class TilingParams(BaseModel):
                           "split; 'site' keeps each site's slides in one split (needs a site column in the "
                           "slide manifest; a patient seen at two sites is refused). Empty: patient. Other "
                           "domains ignore it")
+    cloud_mask: Literal["none", "qa", "model", "auto"] = Field(
+        "none", description="Satellite: how clouds and their shadows are found: the sensor's quality band "
+                            "(QA_PIXEL, BQA, SCL, Fmask), the offline ukis-csmask model, or either ('auto': the "
+                            "quality band where the scene has one). Other domains ignore it")
+    max_cloud_fraction: float = Field(1.0, ge=0.0, le=1.0,
+                                      description="Satellite: tiles with a larger share of cloud/shadow pixels are "
+                                                  "dropped and counted (1 keeps every tile)")
 
 
 class IngestParams(BaseModel):
@@ -77,8 +84,11 @@ class IngestParams(BaseModel):
     bands: list[str] | None = Field(None, max_length=512,
                                     description="Input channels: band names in file order (satellite multi-band "
                                                 "file), CT window presets (radiology), band selection (hyperspectral)")
-    sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat8, landsat9); "
-                                                                "empty to infer from file names")
+    sensor: str | None = Field(None, max_length=64, description="Sensor band table (sentinel2, landsat4, "
+                                                                "landsat5, landsat7, landsat8, landsat9, hls, "
+                                                                "sentinel1); empty to infer from file names. Given, "
+                                                                "band files are matched by their band suffix "
+                                                                "whatever their prefix")
     class_names: list[str] | None = Field(None, max_length=1000, description="Names of label values 0..K-1")
     mpp: float | None = Field(None, gt=0.02, lt=100.0,
                               description="Resolution of the sources in microns per pixel, for whole-slide images whose metadata states none "
@@ -143,6 +153,7 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         channels=tuple(params.bands) if params.bands else None, sensor=params.sensor,
         class_names=tuple(params.class_names) if params.class_names else None,
         mpp=params.mpp, tile_mpp=params.tiling.tile_mpp, group_by=params.tiling.group_by,
+        cloud_mask=params.tiling.cloud_mask, max_cloud_fraction=params.tiling.max_cloud_fraction,
     )
     dataset = dataset_location(params.out)
     plan = plan_ingest_task(params.domain, request, params.source_paths(), params.label_paths(), dataset)
