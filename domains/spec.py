@@ -85,6 +85,9 @@ class IngestRequest:
             pyramid level to exactly this), None for the domain's default. Other domains ignore it.
         group_by: the leakage group of each sample. histopathology: 'patient' (default) or 'site' (every
             slide of a site shares a split; a patient seen at two sites is refused); other domains ignore it.
+        cloud_mask: how clouds and their shadows are found (satellite: 'none', 'qa' the sensor's quality
+            layer, 'model' an offline segmentation model, 'auto' either); other domains ignore it.
+        max_cloud_fraction: samples with a larger share of cloud/shadow pixels are dropped and counted.
     """
 
     source: Path
@@ -100,6 +103,8 @@ class IngestRequest:
     mpp: float | None = None
     tile_mpp: float | None = None
     group_by: str | None = None
+    cloud_mask: str = "none"
+    max_cloud_fraction: float = 1.0
 
 
 @dataclass
@@ -200,6 +205,9 @@ class PredictionRequest:
     tile_mpp: float | None = None
     infer_bag: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     bag_max_tiles: int = 1024
+    input_contract: dict | None = None
+    """What the model's inputs must be (satellite: sensor, processing level, band order, scaling, cloud
+    policy), as recorded at training; the domain refuses an input that differs and applies the rest."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,9 @@ class DomainSpec:
         apply_input_normalisation: ``(reference, images) -> images``: applies a fitted reference to float32
             (N, C, H, W) physical tiles; never fails on a tile's content (tiles it cannot normalise are
             returned as they are).
+        input_contract_keys: dataset provenance keys a model carries as its input contract
+            (satellite: sensor, processing level, channels, scaling and its units, cloud policy); predict
+            hands them back in :attr:`PredictionRequest.input_contract`.
     """
 
     name: str
@@ -293,3 +304,4 @@ class DomainSpec:
     input_normalisations: tuple[str, ...] = ()
     fit_input_normalisation: Callable[[str, np.ndarray], dict] | None = None
     apply_input_normalisation: Callable[[dict, np.ndarray], np.ndarray] | None = None
+    input_contract_keys: tuple[str, ...] = ()

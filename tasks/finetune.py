@@ -61,6 +61,9 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
         **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
         **({"bags": bags.model_dump()} if bags is not None and bags.enabled else {}),
         **({"input_normalisation": normalisation} if normalisation else {}),
+        **({"input_contract": contract} if (contract := {k: info.provenance[k] for k in
+                                                         get_domain(info.domain).input_contract_keys
+                                                         if k in info.provenance}) else {}),
     }
 
 

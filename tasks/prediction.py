@@ -16,7 +16,8 @@ from domains import Channel, DomainInputError, DomainSpec, PredictionRequest, Pr
 from domains.confinement import confined_path
 from domains.spec import printable_path
 from tasks import tracking
-from tasks.onnx_runtime import open_session, read_metadata, session_bag_predictor, session_predictor
+from tasks.onnx_runtime import (open_predictor, open_session, read_any_metadata, read_metadata,
+                                 session_bag_predictor, session_predictor)
 from tasks.request_errors import RequestError
 from tasks.storage import is_url, location_name, parent_location, staged_folder, staged_reference
 
@@ -41,6 +42,8 @@ class LoadedModel:
     """For a slide model: one slide's tiles (T, C, H, W) -> (logits (K,), attention weights (T,))."""
     bags: dict | None = None
     """For a slide model: the bag settings it was trained with (:class:`tasks.bags.BagParams`)."""
+    input_contract: dict | None = None
+    """What inputs must be (satellite: sensor, level, bands, scaling units, cloud policy), from training."""
 
     def bag_probabilities(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A slide model's class probabilities (K,) and attention weights (T,) for one slide's tiles."""
@@ -78,7 +81,14 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
 
     source_uri = pinned_model_uri(model_uri)
     flavor, metadata = tracking.model_flavor(source_uri)
-    if flavor == "onnx":
+    if flavor == "openvino":  # an edge model whose runtime is OpenVINO: its IR is compiled here, offline
+        folder = tracking.download_model(source_uri, Path(tempfile.mkdtemp(prefix="vitrail-model-")))
+        ir_file = next(folder.rglob("*.xml"), None)
+        if ir_file is None:
+            raise FileNotFoundError(f"{model_uri}: no OpenVINO .xml file in the model's artifacts")
+        metadata = read_any_metadata(ir_file)
+        predict, predict_bag = open_predictor(ir_file, threads), None
+    elif flavor == "onnx":
         folder = tracking.download_model(source_uri, Path(tempfile.mkdtemp(prefix="vitrail-model-")))
         onnx_file = next(folder.rglob("*.onnx"), None)
         if onnx_file is None:
@@ -118,7 +128,8 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
                        class_names=tuple(metadata["class_names"]), tile_size=int(metadata["tile_size"]),
                        domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")),
                        tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None,
-                       predict_bag=predict_bag, bags=metadata.get("bags"))
+                       predict_bag=predict_bag, bags=metadata.get("bags"),
+                       input_contract=metadata.get("input_contract"))
 
 
 def _normalising(predict, predict_bag, domain: str, normalisation: dict):
@@ -176,7 +187,8 @@ def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], si
                                         stride=stride or model.tile_size, infer=model.probabilities, task=model.task,
                                         mpp=mpp, tile_mpp=model.tile_mpp,
                                         infer_bag=model.bag_probabilities if model.predict_bag else None,
-                                        bag_max_tiles=int((model.bags or {}).get("predict_max_tiles", 1024)))
+                                        bag_max_tiles=int((model.bags or {}).get("predict_max_tiles", 1024)),
+                                        input_contract=model.input_contract)
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
             log.error("skipping %s: %s", printable_path(item), error)
