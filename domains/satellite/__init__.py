@@ -34,6 +34,9 @@ SPEC = DomainSpec(
     write_example=write_example,
     prepare_demo=prepare_demo,
     demo_notes=DEMO_NOTES,
+    # The radiometric contract: what a model's inputs were, refused by predict when a scene differs.
+    input_contract_keys=("sensor", "level", "channels", "scaling", "scaling_units", "cloud_policy", "cloud_mask",
+                         "max_cloud_fraction"),
 )
 
 __all__ = ["SPEC"]

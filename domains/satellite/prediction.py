@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from domains.confinement import confined_path
 from domains.input_guards import check_readable, input_errors_named
+from domains.satellite.clouds import CloudRows, plan_cloud_mask
 from domains.satellite.scene import SceneLayout, describe_scales, inspect_scene
 from domains.satellite.strips import StripReader
 from domains.satellite.tiling import STRIP_BYTES
@@ -80,8 +81,23 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     if request.stride < 1 or request.batch_size < 1:
         raise ValueError(f"stride ({request.stride}) and batch_size ({request.batch_size}) must be at least 1")
     source = check_readable(request.input, "any")
+    contract = request.input_contract or {}
     with input_errors_named(source):
-        layout = inspect_scene(source, tuple(c.name for c in request.channels), None, None)
+        hint = _single(contract.get("sensor"))
+        # The scene as its names show it first, so that a sensor or level mismatch is what gets reported
+        # (not a band the other sensor lacks); then with the model's bands, in the model's order.
+        whole = None
+        for sensor in dict.fromkeys((None, hint)):
+            try:
+                whole = inspect_scene(source, None, sensor, None)
+                break
+            except DomainInputError:
+                continue
+        if whole is not None:
+            check_input_contract(contract, whole)
+        layout = inspect_scene(source, tuple(c.name for c in request.channels), hint, None)
+        check_input_contract(contract, layout)
+        masker = plan_cloud_mask(_single(contract.get("cloud_policy")) or "none", layout)
     height, width = layout.shape
     size = request.tile_size
     if size < 1 or size > min(height, width):
@@ -96,8 +112,11 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     partial = output_path.with_name(f".{output_path.name}.partial")
     try:
         with input_errors_named(source), StripReader(layout) as reader, \
-                _open_prediction_raster(partial, layout, class_names, request) as out:
-            samples, counts = _predict_strips(reader, out, request, class_names)
+                _open_prediction_raster(partial, layout, class_names, request) as out, \
+                (CloudRows(layout, masker) if masker is not None else nullcontext()) as clouds:
+            samples, counts, cloud_pixels = _predict_strips(reader, out, request, class_names, clouds)
+            out.update_tags(cloud_mask=masker.description if masker is not None else "none",
+                            cloud_pixels=str(cloud_pixels))
         os.replace(partial, output_path)
     finally:
         partial.unlink(missing_ok=True)
@@ -109,8 +128,51 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     )
 
 
-def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest,
-                    class_names: tuple[str, ...]) -> tuple[int, np.ndarray]:
+def _single(value: str | None) -> str | None:
+    """A contract value recorded for one source, or None when sources differed (stored as a JSON object)."""
+    return None if not value or value.startswith("{") else value
+
+
+def _values(value: str | None) -> set[str]:
+    import json
+
+    if not value:
+        return set()
+    return set(json.loads(value).values()) if value.startswith("{") else {value}
+
+
+def check_input_contract(contract: dict, layout: SceneLayout) -> None:
+    """Refuse a scene whose sensor, processing level or units differ from what the model was trained on.
+
+    ``contract`` holds the dataset facts a satellite model carries (``sensor``, ``level``, ``channels``,
+    ``scaling_units``, ``cloud_policy``); a fact the model or the scene does not know is not compared (a
+    flat Sentinel-2 export does not say whether it is L1C or L2A). Band order is the model's own: the scene
+    is read in that order. The per-scene coefficients (an MTL file's) may differ; the unit they lead to
+    may not.
+
+    Raises:
+        DomainInputError: naming each fact that differs, the model's value and the scene's.
+    """
+    differences = []
+    sensors = _values(contract.get("sensor"))
+    if sensors and layout.sensor.name not in sensors:
+        differences.append(f"sensor {layout.sensor.name} (the model was trained on {', '.join(sorted(sensors))})")
+    levels = _values(contract.get("level")) - {""}
+    if levels and layout.level and layout.level not in levels:
+        differences.append(f"processing level {layout.level} (the model was trained on {', '.join(sorted(levels))})")
+    units = _values(contract.get("scaling_units"))
+    if units and contract.get("channels") and not contract["channels"].startswith("{"):
+        trained = dict(zip(contract["channels"].split(","), next(iter(units)).split(","))) if len(units) == 1 else {}
+        for band in layout.bands:
+            if band.name in trained and trained[band.name] != band.scale.unit:
+                differences.append(f"band {band.name} in {band.scale.unit} (the model was trained on "
+                                   f"{trained[band.name]})")
+    if differences:
+        raise DomainInputError(layout.path, "does not match the model's radiometric contract: " + "; ".join(differences))
+
+
+def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, class_names: tuple[str, ...],
+                    clouds: CloudRows | None = None) -> tuple[int, np.ndarray, int]:
     """Infer tile rows strip by strip; write every output row once no later tile can touch it."""
     from rasterio.windows import Window
 
@@ -124,7 +186,7 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest,
     per_strip = max(1, (STRIP_BYTES // max(1, len(layout.bands) * width * 4) - size) // request.stride + 1)
     strips = [row_starts[i : i + per_strip] for i in range(0, len(row_starts), per_strip)]
     counts = np.zeros(k, dtype=np.int64)
-    samples = valid_seen = 0
+    samples = valid_seen = cloud_pixels = 0
     # Rows from `pending` down to the current strip's bottom still collect probabilities.
     pending = 0
     probabilities = np.zeros((k, 0, width), dtype=np.float32)
@@ -134,6 +196,12 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest,
         top, bottom = rows[0], rows[-1] + size
         raw, valid = reader.read_rows(top, bottom)
         data = raw.astype(np.float32) * scale + offset
+        if clouds is not None:
+            # Cloud and shadow pixels are nodata: the model never saw them as land cover.
+            cloudy = clouds.rows(top, bottom, data, valid)
+            first_new = (pending + coverage.shape[0]) - top
+            cloud_pixels += int(np.count_nonzero(cloudy[max(0, first_new):]))
+            valid = valid & ~cloudy
         data[:, ~valid] = 0.0
         del raw
         # Grow the accumulators to the strip's bottom (strips may overlap rows already pending).
@@ -172,7 +240,7 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest,
         pending = done
     if valid_seen == 0:
         raise DomainInputError(layout.path, "holds no valid pixel: every pixel is nodata in at least one band")
-    return samples, counts
+    return samples, counts, cloud_pixels
 
 
 def _classify_rows(probabilities: np.ndarray, coverage: np.ndarray,

@@ -292,3 +292,74 @@ SENSOR_EXAMPLES = {
     "sentinel1-grd-db": lambda d, c, t, r: _sentinel1(d, c, t, r, db=True),
 }
 """Every generated example by name: each supported sensor, level and naming convention at least once."""
+
+
+# Quality values of a cloud and of a cloud shadow: Landsat C2 QA_PIXEL "high confidence cloud, dilated" and
+# "shadow", C1 BQA "cloud, high confidence" and "high shadow confidence", S2 SCL classes 9 and 3, Fmask bits.
+CLOUD_QA = {"landsat-qa-pixel": 55052, "landsat-bqa": 2800, "sentinel2-scl": 9, "hls-fmask": 0b10}
+SHADOW_QA = {"landsat-qa-pixel": 23888, "landsat-bqa": 3008, "sentinel2-scl": 3, "hls-fmask": 0b1000}
+
+
+def cloud_map(size: int, seed: int = 0, clouds: int = 3, radius: float = 0.16) -> np.ndarray:
+    """A map of round clouds (1) with their shadows (2) cast to the south-east, elsewhere clear (0)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    out = np.zeros((size, size), dtype=np.uint8)
+    centres = rng.uniform(0.15, 0.75, size=(clouds, 2))
+    shift = 0.12
+    for r, c in centres:
+        out[((rows - r - shift) ** 2 + (cols - c - shift) ** 2 < radius ** 2) & (out == 0)] = 2
+    for r, c in centres:
+        out[(rows - r) ** 2 + (cols - c) ** 2 < radius ** 2] = 1
+    return out
+
+
+def _cloud_reflectance(wavelength: float) -> float:
+    # Thick water cloud: bright and flat through the visible and NIR, darker in the SWIR (ice/water absorption).
+    if wavelength > 8000:
+        return 255.0
+    return 0.75 if wavelength < 1000 else 0.5 if wavelength < 1800 else 0.35
+
+
+def _rewrite_profile(profile: dict) -> dict:
+    profile = {k: v for k, v in profile.items() if k not in ("blockxsize", "blockysize", "tiled")}
+    if profile["driver"] == "JP2OpenJPEG":
+        profile.update(QUALITY="100", REVERSIBLE="YES")
+    return profile
+
+
+def cover_with_clouds(example: SensorExample, clouds: np.ndarray) -> SensorExample:
+    """Overwrite an optical example's bands and quality layer with the clouds and shadows of ``clouds``.
+
+    Cloud pixels take a thick cloud's reflectance, shadow pixels keep a third of theirs; the quality
+    layer flags both as the agency would.
+    """
+    import rasterio
+
+    from domains.satellite.sensors import scan_band_folder
+
+    scan = scan_band_folder(example.path, example.sensor if example.needs_sensor else None)
+    finest = clouds.shape[0]
+    for band in scan.bands.values():
+        with rasterio.open(band.path) as ds:
+            dn, profile = ds.read(1), ds.profile
+        factor = finest // dn.shape[0]
+        here = clouds[::factor, ::factor]
+        physical = dn.astype(np.float64) * band.scaling.scale + band.scaling.offset
+        wavelength = scan.sensor.channel(band.band).wavelength_nm
+        physical[here == 1] = _cloud_reflectance(wavelength) if band.scaling.unit != "W/(m2 sr um)" else 1.0
+        if wavelength < 8000:  # a shadow is darker, not colder
+            physical[here == 2] *= 1 / 3
+        info = np.iinfo(dn.dtype)
+        out = np.clip(np.rint((physical - band.scaling.offset) / band.scaling.scale), info.min, info.max)
+        with rasterio.open(band.path, "w", **_rewrite_profile(profile)) as ds:
+            ds.write(out.astype(dn.dtype), 1)
+    if scan.quality is not None:
+        with rasterio.open(scan.quality.path) as ds:
+            qa, profile = ds.read(1), ds.profile
+        here = clouds[:: finest // qa.shape[0], :: finest // qa.shape[0]]
+        qa[here == 1] = CLOUD_QA[scan.quality.kind]
+        qa[here == 2] = SHADOW_QA[scan.quality.kind]
+        with rasterio.open(scan.quality.path, "w", **_rewrite_profile(profile)) as ds:
+            ds.write(qa, 1)
+    return example

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from domains.input_guards import check_readable, input_errors_named
+from domains.satellite.clouds import CloudMasker, CloudRows, plan_cloud_mask
 from domains.satellite.labels import LabelWindows
 from domains.satellite.scene import Scene, SceneLayout, describe_scales, inspect_scene
 from domains.satellite.strips import StripReader
@@ -43,6 +44,8 @@ def check_tiling(request: IngestRequest, shape: tuple[int, int], path: Path) -> 
         )
     if not 0.0 <= request.max_nodata_fraction <= 1.0:
         raise DomainInputError(path, f"max_nodata_fraction {request.max_nodata_fraction} must be within [0, 1]")
+    if not 0.0 <= request.max_cloud_fraction <= 1.0:
+        raise DomainInputError(path, f"max_cloud_fraction {request.max_cloud_fraction} must be within [0, 1]")
 
 
 def tile_scene(scene: Scene, labels: np.ndarray | None, request: IngestRequest) -> SampleSet:
@@ -90,7 +93,8 @@ def tile_scene(scene: Scene, labels: np.ndarray | None, request: IngestRequest) 
         channels=scene.channels,
         class_names=class_names,
         dropped=dropped,
-        provenance=scene_provenance(scene) | tiling_provenance(request, labels is not None),
+        provenance=scene_provenance(scene) | units_provenance(scene.scales)
+        | tiling_provenance(request, labels is not None) | cloud_provenance(None, None, request, 0, 0),
     )
 
 
@@ -114,6 +118,7 @@ def select_tiles(
     request: IngestRequest,
     num_classes: int,
     dropped: dict[str, int],
+    cloudy: np.ndarray | None = None,
 ) -> list[tuple[int, int, int]]:
     """Decide which tiles starting on ``rows`` are kept, and their labels.
 
@@ -125,7 +130,9 @@ def select_tiles(
       every tile inside one block means no pixel is shared by two groups, so overlapping tiles
       (``stride < tile_size``) cannot leak across a train/validation split;
     * ``nodata``: more than ``request.max_nodata_fraction`` of its pixels are invalid;
-    * ``unlabelled``: labels were given but fewer than half of the tile's pixels carry one.
+    * ``unlabelled``: labels were given but fewer than half of the tile's pixels carry one;
+    * ``cloudy``: ``cloudy`` (cloud or shadow pixels, same rows as ``valid``) covers more than
+      ``request.max_cloud_fraction`` of its pixels.
 
     Without labels every kept tile has label -1; with them, the most frequent class among its labelled
     pixels (ties go to the lower class id).
@@ -145,6 +152,10 @@ def select_tiles(
             invalid = pixels - int(np.count_nonzero(valid[local : local + size, col : col + size]))
             if invalid / pixels > request.max_nodata_fraction:
                 dropped["nodata"] += 1
+                continue
+            if cloudy is not None and (np.count_nonzero(cloudy[local : local + size, col : col + size]) / pixels
+                                       > request.max_cloud_fraction):
+                dropped["cloudy"] = dropped.get("cloudy", 0) + 1
                 continue
             label = -1
             if labels is not None:
@@ -197,6 +208,25 @@ def scene_provenance(scene: Scene) -> dict[str, str]:
                            float(scene.valid.mean()))
 
 
+def units_provenance(scales: tuple[Any, ...]) -> dict[str, str]:
+    """The physical unit of each channel (part of a model's radiometric contract)."""
+    return {"scaling_units": ",".join(scale.unit for scale in scales)}
+
+
+def cloud_provenance(masker: CloudMasker | None, clouds: CloudRows | None, request: IngestRequest,
+                     cloud_pixels: int, valid_pixels: int) -> dict[str, str]:
+    """How clouds were masked (method, mask model and version), the drop threshold and the scene's cloud share."""
+    if masker is None:
+        return {"cloud_policy": request.cloud_mask, "cloud_mask": "none"}
+    version = f" ({clouds.model_version})" if clouds is not None and clouds.model_version else ""
+    return {
+        "cloud_policy": request.cloud_mask,
+        "cloud_mask": masker.description + version,
+        "max_cloud_fraction": f"{request.max_cloud_fraction:g}",
+        "cloud_fraction": f"{cloud_pixels / valid_pixels if valid_pixels else 0.0:.4f}",
+    }
+
+
 def strip_rows(request: IngestRequest, shape: tuple[int, int], channels: int, itemsize: int) -> list[list[int]]:
     """Tile start rows grouped into strips that keep every tile whole.
 
@@ -237,6 +267,7 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
     with input_errors_named(source):
         layout = inspect_scene(source, request.channels, request.sensor, None)
         check_tiling(request, layout.shape, layout.path)
+        plan_cloud_mask(request.cloud_mask, layout)  # a mask that cannot be made fails before any pixel is read
         if request.labels is not None:
             # Opened here once only for its header checks: a bad label file fails before any pixel is read.
             with LabelWindows(request.labels, layout.crs, layout.transform, layout.shape, layout.path.name):
@@ -259,6 +290,11 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                   if request.labels is not None else None)
         strips = strip_rows(request, layout.shape, len(channels), reader.dtype.itemsize)
         capacity = max(1, request.batch_samples)
+        masker = plan_cloud_mask(request.cloud_mask, layout)
+        clouds = stack.enter_context(CloudRows(layout, masker)) if masker is not None else None
+        scale = np.array([s for s, _ in reader.scaling], dtype=np.float32)[:, None, None]
+        offset = np.array([o for _, o in reader.scaling], dtype=np.float32)[:, None, None]
+        cloud_pixels_seen = 0
 
         def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str]) -> SampleSet:
             return SampleSet(
@@ -284,12 +320,17 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             last = index == len(strips) - 1
             counted_until = bottom if last else strips[index + 1][0]
             valid_pixels_seen += int(np.count_nonzero(valid[: counted_until - top]))
+            cloudy = None
+            if clouds is not None:
+                physical = raw.astype(np.float32) * scale + offset if masker.method == "model" else None
+                cloudy = clouds.rows(top, bottom, physical, valid)
+                cloud_pixels_seen += int(np.count_nonzero(cloudy[: counted_until - top]))
             strip_labels = None
             if labels is not None:
                 label_path = request.labels if request.labels is not None else layout.path
                 strip_labels = checked_labels(labels.read_rows(top, bottom), valid, class_names, label_path)
             for row, col, label in select_tiles(valid, strip_labels, top, rows, width, request, len(class_names),
-                                                dropped):
+                                                dropped, cloudy):
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
                 kept.append((row, col, label))
                 if len(kept) == capacity:
@@ -306,7 +347,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             layout.crs, layout.transform, layout.shape, layout.sensor.name,
             describe_scales(channels, layout.scales), tuple(c.name for c in channels),
             valid_pixels_seen / (height * width), layout.level,
-        ) | base_provenance
+        ) | units_provenance(layout.scales) | base_provenance | cloud_provenance(masker, clouds, request, cloud_pixels_seen, valid_pixels_seen)
         last_images = images[: len(kept)].copy()
         last_images.flags.writeable = False
         yield batch(last_images, kept, dropped, provenance)
