@@ -66,3 +66,30 @@ def read_metadata(path: Path) -> dict:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
     raise ValueError(f"{path}: ONNX file has no Vitrail metadata (channels, classes); was it exported by Vitrail?")
+
+
+def runtime_of(path: Path | str) -> str:
+    """The edge runtime a Vitrail model file runs on: ``openvino`` for an IR (.xml), else ``onnxruntime``."""
+    return "openvino" if Path(path).suffix == ".xml" else "onnxruntime"
+
+
+def open_predictor(path: Path | str, threads: int = 2):
+    """A predictor (N, C, H, W) -> logits for any Vitrail edge file, on the runtime the file is for.
+
+    ONNX files run on ONNX Runtime; OpenVINO IRs (.xml) are compiled by OpenVINO at the precision
+    stored in them (see :mod:`tasks.openvino_runtime`).
+    """
+    if runtime_of(path) == "openvino":
+        from tasks import openvino_runtime
+
+        return openvino_runtime.compiled_predictor(openvino_runtime.compile_model(path, threads))
+    return session_predictor(open_session(path, threads))
+
+
+def read_any_metadata(path: Path | str) -> dict:
+    """Vitrail metadata of an ONNX file or an OpenVINO IR."""
+    if runtime_of(path) == "openvino":
+        from tasks import openvino_runtime
+
+        return openvino_runtime.read_metadata(path)
+    return read_metadata(path)

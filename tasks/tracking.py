@@ -229,10 +229,27 @@ def log_reference_model(model, input_example, metadata: dict) -> str:
     return info.model_uri
 
 
+OPENVINO_EDGE_CODE = Path(__file__).with_name("openvino_pyfunc.py")
+
+
 def log_edge_model(onnx_path: Path, metadata: dict, input_example) -> str:
-    """Log the edge ONNX artifact as an MLflow model; return its URI."""
+    """Log the edge artifact as an MLflow model; return its URI.
+
+    An ONNX file is logged with MLflow's onnx flavour; an OpenVINO IR (.xml + .bin) as a pyfunc model from
+    code whose metadata says ``runtime: openvino`` (see :mod:`tasks.openvino_pyfunc`).
+    """
     import mlflow.onnx
     import onnx
+
+    if Path(onnx_path).suffix == ".xml":
+        import mlflow.pyfunc
+
+        info = mlflow.pyfunc.log_model(name="edge_model", python_model=str(OPENVINO_EDGE_CODE),
+                                       artifacts={"model": str(onnx_path),
+                                                  "weights": str(Path(onnx_path).with_suffix(".bin"))},
+                                       metadata={**metadata, "runtime": "openvino"},
+                                       pip_requirements=[*MODEL_REQUIREMENTS, "openvino"])
+        return info.model_uri
 
     info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="edge_model", metadata=metadata,
                                  input_example=input_example, save_as_external_data=False,
@@ -283,12 +300,14 @@ def _model_info(model_uri: str):
 
 
 def model_flavor(model_uri: str) -> tuple[str, dict]:
-    """Return ('onnx' | 'pytorch', metadata) of a logged or registered model.
+    """Return ('onnx' | 'openvino' | 'pytorch', metadata) of a logged or registered model.
 
     'pytorch' is any reference (torch) model; :func:`load_reference_model` decides whether it is safe to load.
+    'openvino' is an edge model logged as an OpenVINO IR (:func:`log_edge_model`).
     """
     info = _model_info(model_uri)
-    flavor = "onnx" if "onnx" in info.flavors else "pytorch"
+    flavor = ("onnx" if "onnx" in info.flavors else
+              "openvino" if (info.metadata or {}).get("runtime") == "openvino" else "pytorch")
     return flavor, dict(info.metadata or {})
 
 

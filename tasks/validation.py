@@ -22,7 +22,7 @@ from tasks.evaluation import (
     score_outputs,
     softmax,
 )
-from tasks.onnx_runtime import open_session, session_predictor
+from tasks.onnx_runtime import open_predictor
 from tasks.request_errors import RequestError
 
 REFERENCE = "torch-fp32"
@@ -72,7 +72,7 @@ def validate_variants(dataset_path: Path | str, reference: nn.Module, onnx_files
 
     predictors = {REFERENCE: torch_predict}
     for name, path in sorted(onnx_files.items()):
-        predictors[name] = session_predictor(open_session(path, threads))
+        predictors[name] = open_predictor(path, threads)  # ONNX Runtime, or OpenVINO for an IR
     result = ValidationResult(reports={}, plots={}, task=SLIDE_TASK if slides else info.task)
     plot_kind = {"classification": "confusion", "multilabel": "roc", "segmentation": "pixel-confusion"}[info.task]
     for name, predict in predictors.items():
@@ -120,6 +120,11 @@ def fetch_onnx_variants(compress_run_id: str, destination: Path) -> dict[str, Pa
 
     folder = tracking.download_run_artifacts(compress_run_id, "onnx", destination)
     found = {LEGACY_ONNX_FILES.get(p.name, p.stem): p for p in folder.glob("*.onnx")}
+    try:  # OpenVINO variants (IR .xml + .bin) of a profile that has OpenVINO
+        openvino = tracking.download_run_artifacts(compress_run_id, "openvino", destination)
+        found.update({p.stem: p for p in openvino.glob("*.xml")})
+    except Exception:  # noqa: BLE001 - runs of profiles without OpenVINO logged none
+        pass
     if not found:
         raise FileNotFoundError(f"compress run {compress_run_id} logged no ONNX variants under onnx/")
     return found

@@ -101,6 +101,13 @@ class VariantMeasurement:
     precision: str = "fp32"
     tiles_per_sample: int = 1
     """Tiles in one sample: 1 for tile models; a slide model's samples are bags of this many tiles."""
+    runtime: str = "torch"
+    """What ran it: ``torch`` (the fp32 baseline), ``onnxruntime`` or ``openvino``."""
+    drop: float | None = None
+    """Larger of the accuracy drop and the gate-score drop versus the fp32 baseline (see
+    :mod:`tasks.compression.scoring`), with its paired-bootstrap 95% interval below."""
+    drop_low: float | None = None
+    drop_high: float | None = None
 
     @property
     def latency_ms_per_tile(self) -> float:

@@ -88,6 +88,8 @@ class Variant:
     model: nn.Module
     onnx: Path | None = None
     precision: str = "fp32"
+    runtime: str = "onnxruntime"
+    """What runs ``onnx`` (the variant's model file): ``onnxruntime`` (a .onnx file) or ``openvino`` (an IR .xml)."""
     steps: tuple[str, ...] = ()
     records: tuple[dict, ...] = ()
 
