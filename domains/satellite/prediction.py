@@ -13,14 +13,16 @@ from domains.confinement import confined_path
 from domains.input_guards import check_readable, input_errors_named
 from domains.satellite.clouds import CloudRows, plan_cloud_mask
 from domains.satellite.scene import SceneLayout, describe_scales, inspect_scene
+from domains.satellite.stac import write_prediction_item
 from domains.satellite.strips import StripReader
+from domains.satellite.timeseries import is_time_series, time_series_members
 from domains.satellite.tiling import STRIP_BYTES
 from domains.satellite.sensors import is_band_folder
 from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
 
 # Value of unpredicted pixels in both output bands; class ids and percentages stay below it.
 PREDICTION_NODATA = 255
-SCENE_FILE_SUFFIXES = (".tif", ".tiff")
+SCENE_FILE_SUFFIXES = (".tif", ".tiff", ".json")
 
 # Colours for the domain's default classes, then a qualitative palette for any others.
 _CLASS_COLOURS = {
@@ -83,6 +85,11 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     source = check_readable(request.input, "any")
     contract = request.input_contract or {}
     with input_errors_named(source):
+        if source.is_dir() and is_time_series(source) and not all(c.name.startswith("t") and ":" in c.name
+                                                                 for c in request.channels):
+            dates = ", ".join(d for d, _ in time_series_members(source))
+            raise DomainInputError(source, f"is a time series ({dates}) but the model takes one date: give each "
+                                           "date's scene, or use a model trained on a time series")
         hint = _single(contract.get("sensor"))
         # The scene as its names show it first, so that a sensor or level mismatch is what gets reported
         # (not a band the other sensor lacks); then with the model's bands, in the model's order.
@@ -118,6 +125,8 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
             out.update_tags(cloud_mask=masker.description if masker is not None else "none",
                             cloud_pixels=str(cloud_pixels))
         os.replace(partial, output_path)
+        # A STAC item beside the map, so that a catalogue picks the prediction up.
+        write_prediction_item(output_path, layout, class_names, source)
     finally:
         partial.unlink(missing_ok=True)
     return PredictionSummary(
@@ -299,7 +308,7 @@ def _looks_like_scene(child: Path) -> bool:
     if not child.is_dir():
         return False
     try:
-        return is_band_folder(child)
+        return is_band_folder(child) or is_time_series(child) or (child / "catalog.json").is_file()
     except OSError:  # no permission to list it: report it when it is read
         return True
 
@@ -323,9 +332,10 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
     path = check_readable(path, "any")
     if path.is_file():
         if path.suffix.lower() not in SCENE_FILE_SUFFIXES:
-            raise DomainInputError(path, f"is not a scene: expected a GeoTIFF ({', '.join(SCENE_FILE_SUFFIXES)})")
+            raise DomainInputError(path, f"is not a scene: expected a GeoTIFF or a STAC item "
+                                         f"({', '.join(SCENE_FILE_SUFFIXES)})")
         return [path]
-    if is_band_folder(path):
+    if is_band_folder(path) or is_time_series(path) or (path / "catalog.json").is_file():
         return [path]
     children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     scenes = [child for child in children if _looks_like_scene(child)]

@@ -324,6 +324,8 @@ class BandSource:
     nodata: float | None
     dtype: np.dtype
     scale: ReflectanceScale
+    time: int | None = None
+    """Index of the band's date in a time series (its channel is then ``t<time>:<name>``); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -362,11 +364,18 @@ class SceneLayout:
     """Processing level (``l1c``, ``l2a``, ``l1``, ``l2sr``, ``grd-db``...), "" when the files do not show it."""
     quality: QualitySource | None = None
     """The sensor's own quality layer (QA_PIXEL, BQA, SCL, Fmask), read as a cloud mask, never as a band."""
+    dates: tuple[str, ...] = ()
+    """For a time series (:mod:`domains.satellite.timeseries`): each date, in time order."""
 
     @property
     def channels(self) -> tuple[Channel, ...]:
-        """The channels, in the order of ``bands``."""
-        return tuple(self.sensor.channel(b.name) for b in self.bands)
+        """The channels, in the order of ``bands`` (``t<i>:<band>`` for the dates of a time series)."""
+        channels = []
+        for band in self.bands:
+            c = self.sensor.channel(band.name)
+            channels.append(c if band.time is None else Channel(f"t{band.time}:{c.name}", c.wavelength_nm,
+                                                                c.resolution_m))
+        return tuple(channels)
 
     @property
     def scales(self) -> tuple[ReflectanceScale, ...]:
@@ -400,6 +409,13 @@ def inspect_scene(
         raise DomainInputError(path, "channels is empty: name at least one band, or pass None to read all")
     if wanted is not None and len(set(b.upper() for b in wanted)) != len(wanted):
         raise DomainInputError(path, f"channels {', '.join(wanted)} name a band twice")
+    from domains.satellite.stac import is_stac_source, scan_stac_item
+    from domains.satellite.timeseries import is_time_series, inspect_time_series
+
+    if path.is_dir() and is_time_series(path):
+        return inspect_time_series(path, wanted, table, scaling)
+    if is_stac_source(path):
+        return _inspect_scan(scan_stac_item(path, table), wanted, scaling)
     if path.is_dir():
         return _inspect_band_folder(path, wanted, table, scaling)
     return _inspect_multiband(path, wanted, table, scaling)
@@ -408,8 +424,12 @@ def inspect_scene(
 def _inspect_band_folder(
     folder: Path, wanted: tuple[str, ...] | None, table: Sensor | None, scaling: str | ReflectanceScale | None
 ) -> SceneLayout:
-    scan = scan_band_folder(folder, table)
-    sensor, files = scan.sensor, scan.bands
+    return _inspect_scan(scan_band_folder(folder, table), wanted, scaling)
+
+
+def _inspect_scan(scan: Any, wanted: tuple[str, ...] | None, scaling: str | ReflectanceScale | None) -> SceneLayout:
+    """Check the headers of a scene's band files (a folder's, or a STAC item's assets) and lay out its grid."""
+    folder, sensor, files = scan.folder, scan.sensor, scan.bands
     names = tuple(files)
     missing = [b for b in (wanted or ()) if b.upper() not in {n.upper() for n in names}]
     if missing:

@@ -208,6 +208,13 @@ def scene_provenance(scene: Scene) -> dict[str, str]:
                            float(scene.valid.mean()))
 
 
+def time_provenance(dates: tuple[str, ...]) -> dict[str, str]:
+    """The dates of a time series and how its channels are laid out (nothing for one date)."""
+    if not dates:
+        return {}
+    return {"dates": ",".join(dates), "time_steps": str(len(dates)), "channel_layout": "time-major"}
+
+
 def units_provenance(scales: tuple[Any, ...]) -> dict[str, str]:
     """The physical unit of each channel (part of a model's radiometric contract)."""
     return {"scaling_units": ",".join(scale.unit for scale in scales)}
@@ -347,7 +354,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             layout.crs, layout.transform, layout.shape, layout.sensor.name,
             describe_scales(channels, layout.scales), tuple(c.name for c in channels),
             valid_pixels_seen / (height * width), layout.level,
-        ) | units_provenance(layout.scales) | base_provenance | cloud_provenance(masker, clouds, request, cloud_pixels_seen, valid_pixels_seen)
+        ) | units_provenance(layout.scales) | time_provenance(layout.dates) | base_provenance | cloud_provenance(masker, clouds, request, cloud_pixels_seen, valid_pixels_seen)
         last_images = images[: len(kept)].copy()
         last_images.flags.writeable = False
         yield batch(last_images, kept, dropped, provenance)
