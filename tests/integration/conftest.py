@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 from integration_support import PrefectServer, find_free_port, running_prefect_server, stop_process_group
+
+if TYPE_CHECKING:
+    from team_stack import TeamStack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -55,6 +58,16 @@ def forget_concurrency_clients() -> None:
     for instance in list(ConcurrencySlotAcquisitionService._instances.values()):
         if isinstance(instance, services):
             instance.drain()
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["TeamStack"]:
+    """The team's stack (Prefect server + services + worker, MLflow with basic auth, PostgreSQL, Redis, SeaweedFS)
+    on 127.0.0.1, shared by the tests that need it; every process stopped and every database dropped at the end."""
+    from team_stack import running_team_stack
+
+    with running_team_stack(tmp_path_factory.mktemp("team-stack")) as stack:
+        yield stack
 
 
 @pytest.fixture()
