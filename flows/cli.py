@@ -258,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides_arg(p, OVERRIDE_HELP.replace("train.epochs=3 --set adapter.method=dora",
                                             "merge.density=0.3 --set gate.min_share=0.95"))
 
+    p = verbs.add_parser("rollback", help="move champion back to an earlier version (reference and edge together)",
+                         description="Restore an earlier champion on the reference and edge models together and "
+                                     "tag the move; --set approval.required=true pauses for a reviewer first.")
+    p.add_argument("--model", required=True, help="registered model name, reference or edge")
+    p.add_argument("--to", dest="to_version", help="version of that model to restore (default: the previous champion)")
+    p.add_argument("--reason", default="", help="why; recorded on the model versions")
+    p.add_argument("--by", default=os.environ.get("USER", ""), help="who asks; recorded (default: $USER)")
+    _workdir_arg(p)
+    _overrides_arg(p, OVERRIDE_HELP + " (approval.*)")
+
     p = verbs.add_parser("predict", help="predict a scene (or a drop folder) with a model",
                          description="Write a prediction GeoTIFF with the input's CRS and transform.")
     _domain_arg(p)
@@ -477,6 +487,14 @@ def run(args: argparse.Namespace) -> int:
             _print_receipt(receipt)
             passed = passed and receipt.gate_passed
         return 0 if passed else 1
+    if args.verb == "rollback":
+        from flows.rollback import RollbackParams, rollback
+
+        payload = {"model": args.model, "to_version": args.to_version, "reason": args.reason,
+                   "requested_by": args.by, "workdir": args.workdir}
+        receipt = rollback(RollbackParams(**_apply_overrides(payload, overrides)))
+        _print_receipt(receipt)
+        return 0 if receipt.rolled_back else 1
     if args.verb == "predict":
         from flows.predict import PredictParams, predict
 

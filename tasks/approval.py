@@ -80,7 +80,7 @@ class ApprovalOutcome:
 
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (what every Vitrail registry tag records)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def outcome_from_answer(answer: ReviewInput | None, alias: str | None = None) -> ApprovalOutcome:

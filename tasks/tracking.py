@@ -367,6 +367,21 @@ def alias_holder(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
     return str(version.version), dict(version.tags)
 
 
+def model_versions(name: str) -> dict[str, dict[str, str]]:
+    """Every version of registered model ``name`` with its tags ({} when the model does not exist)."""
+    return {str(v.version): dict(v.tags) for v in MlflowClient().search_model_versions(f"name='{name}'")}
+
+
+def model_version(name: str, version: str):
+    """MLflow's record of one registered version (source, run id, tags, aliases), with a clear error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version(name, version)
+    except MlflowException as error:
+        raise RequestError(f"models:/{name}/{version}: no such registered model version ({error.message})") from error
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
