@@ -268,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p)
     _overrides_arg(p, OVERRIDE_HELP + " (approval.*)")
 
+    p = verbs.add_parser("relay", help="relay MLflow registry webhooks to Prefect events (deployment triggers)",
+                         description="Serve POST /mlflow/webhook: check each delivery's HMAC signature, timestamp "
+                                     "and delivery id (replays refused) with $VITRAIL_WEBHOOK_SECRET, and emit a "
+                                     "Prefect event to $PREFECT_API_URL that deploy/prefect.yaml's triggers match.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8787, help="port (default: %(default)s)")
+    p.add_argument("--register-url", metavar="URL",
+                   help="first create or update the MLflow webhook (on $MLFLOW_TRACKING_URI) that delivers to URL, "
+                        "the relay's address as the MLflow server reaches it, e.g. http://relay:8787/mlflow/webhook")
+
     p = verbs.add_parser("predict", help="predict a scene (or a drop folder) with a model",
                          description="Write a prediction GeoTIFF with the input's CRS and transform.")
     _domain_arg(p)
@@ -495,6 +505,16 @@ def run(args: argparse.Namespace) -> int:
         receipt = rollback(RollbackParams(**_apply_overrides(payload, overrides)))
         _print_receipt(receipt)
         return 0 if receipt.rolled_back else 1
+    if args.verb == "relay":
+        import uvicorn
+
+        from tasks.registry_events import SECRET_ENV, create_relay_app, register_webhook
+
+        app = create_relay_app()  # refuses to start without the secret
+        if args.register_url:
+            print(f"MLflow webhook {register_webhook(args.register_url, os.environ[SECRET_ENV])} -> {args.register_url}")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        return 0
     if args.verb == "predict":
         from flows.predict import PredictParams, predict
 

@@ -9,7 +9,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
 FLOW_MODULES = ["flows.ingest", "flows.finetune", "flows.pretrain", "flows.probe", "flows.compress", "flows.validate", "flows.promote",
-                "flows.predict", "flows.pipeline", "flows.demo", "flows.merge"]
+                "flows.predict", "flows.pipeline", "flows.demo", "flows.merge", "flows.rollback"]
 # Deployments other services address by name (the registry event relay runs merge/sequential), so their names
 # carry no domain; the nightly soup is scheduled like the nightly predictions.
 NAMED_FOR_TRIGGERS = {"sequential", "soup-nightly"}
