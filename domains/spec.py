@@ -88,6 +88,9 @@ class IngestRequest:
         cloud_mask: how clouds and their shadows are found (satellite: 'none', 'qa' the sensor's quality
             layer, 'model' an offline segmentation model, 'auto' either); other domains ignore it.
         max_cloud_fraction: samples with a larger share of cloud/shadow pixels are dropped and counted.
+        task: the task asked of a domain that offers several from the same labels (satellite: 'segmentation'
+            learns a class per pixel from the class raster, 'classification' one per tile); None: the
+            domain's default. Domains with one task ignore it.
     """
 
     source: Path
@@ -105,6 +108,7 @@ class IngestRequest:
     group_by: str | None = None
     cloud_mask: str = "none"
     max_cloud_fraction: float = 1.0
+    task: str | None = None
 
 
 @dataclass

@@ -77,6 +77,9 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cloud-mask", choices=("none", "qa", "model", "auto"),
                         help="satellite: mask clouds and shadows with the sensor's QA band (qa), the offline "
                              "ukis-csmask model (model) or either (auto); default none")
+    parser.add_argument("--task", dest="tile_task", choices=("classification", "segmentation"),
+                        help="satellite: segmentation learns a class per pixel from the label raster (default: "
+                             "classification, a class per tile)")
     parser.add_argument("--max-cloud-fraction", type=float,
                         help="satellite: drop tiles with more cloud/shadow than this share (default 1: keep all)")
     parser.add_argument("--class-names", type=_csv, help="names of label values 0..K-1, comma-separated")
@@ -101,7 +104,8 @@ def _source_payload(args: argparse.Namespace) -> dict:
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("stride", args.stride),
                                 ("block_size", args.block_size), ("tile_mpp", args.tile_mpp),
                                 ("group_by", args.group_by), ("cloud_mask", args.cloud_mask),
-                                ("max_cloud_fraction", args.max_cloud_fraction)) if v is not None}
+                                ("max_cloud_fraction", args.max_cloud_fraction),
+                                ("task", args.tile_task)) if v is not None}
     if args.tile_size is not None and args.stride is None:
         tiling["stride"] = args.tile_size
     payload: dict = {"tiling": tiling}

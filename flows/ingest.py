@@ -43,6 +43,9 @@ class TilingParams(BaseModel):
         "none", description="Satellite: how clouds and their shadows are found: the sensor's quality band "
                             "(QA_PIXEL, BQA, SCL, Fmask), the offline ukis-csmask model, or either ('auto': the "
                             "quality band where the scene has one). Other domains ignore it")
+    task: Literal["classification", "segmentation"] | None = Field(
+        None, description="Satellite: 'segmentation' learns a class per pixel from the label raster (predict then "
+                          "writes a pixel class map), 'classification' one class per tile; empty: the domain's task")
     max_cloud_fraction: float = Field(1.0, ge=0.0, le=1.0,
                                       description="Satellite: tiles with a larger share of cloud/shadow pixels are "
                                                   "dropped and counted (1 keeps every tile)")
@@ -154,6 +157,7 @@ def ingest_dataset(params: IngestParams) -> IngestReceipt:
         class_names=tuple(params.class_names) if params.class_names else None,
         mpp=params.mpp, tile_mpp=params.tiling.tile_mpp, group_by=params.tiling.group_by,
         cloud_mask=params.tiling.cloud_mask, max_cloud_fraction=params.tiling.max_cloud_fraction,
+        task=params.tiling.task,
     )
     dataset = dataset_location(params.out)
     plan = plan_ingest_task(params.domain, request, params.source_paths(), params.label_paths(), dataset)

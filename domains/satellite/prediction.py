@@ -76,6 +76,8 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
         ValueError: ``infer`` returned the wrong shape or non-finite values, or the request is malformed.
     """
     class_names = tuple(request.class_names)
+    if request.task not in ("classification", "segmentation"):
+        raise ValueError(f"satellite models classify tiles or segment pixels; got a {request.task} model")
     if not class_names or len(class_names) >= PREDICTION_NODATA:
         raise ValueError(f"between 1 and {PREDICTION_NODATA - 1} class names are needed, got {len(class_names)}")
     if any("," in name for name in class_names):
@@ -196,6 +198,7 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, c
     strips = [row_starts[i : i + per_strip] for i in range(0, len(row_starts), per_strip)]
     counts = np.zeros(k, dtype=np.int64)
     samples = valid_seen = cloud_pixels = 0
+    segmentation = request.task == "segmentation"
     # Rows from `pending` down to the current strip's bottom still collect probabilities.
     pending = 0
     probabilities = np.zeros((k, 0, width), dtype=np.float32)
@@ -223,16 +226,18 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, c
             batch_positions = positions[first : first + request.batch_size]
             batch = np.stack([data[:, r - top : r - top + size, c : c + size] for r, c in batch_positions])
             output = np.asarray(request.infer(batch))
-            if output.shape != (len(batch_positions), k):
+            # Segmentation models give a class distribution per pixel, tile models one per tile.
+            expected = (len(batch_positions), k, size, size) if segmentation else (len(batch_positions), k)
+            if output.shape != expected:
                 raise ValueError(
-                    f"infer returned shape {output.shape} for a batch of {len(batch_positions)}; "
-                    f"expected ({len(batch_positions)}, {k})"
+                    f"infer returned shape {output.shape} for a batch of {len(batch_positions)}; expected {expected}"
                 )
             if not np.isfinite(output).all():
                 raise ValueError(f"infer returned non-finite probabilities for {request.input}")
             for (row, col), probs in zip(batch_positions, output.astype(np.float32)):
                 local = row - pending
-                probabilities[:, local : local + size, col : col + size] += probs[:, None, None]
+                probabilities[:, local : local + size, col : col + size] += (probs if segmentation
+                                                                             else probs[:, None, None])
                 coverage[local : local + size, col : col + size] += 1.0
         samples += len(positions)
         done = height if index == len(strips) - 1 else strips[index + 1][0]

@@ -275,6 +275,9 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
         layout = inspect_scene(source, request.channels, request.sensor, None)
         check_tiling(request, layout.shape, layout.path)
         plan_cloud_mask(request.cloud_mask, layout)  # a mask that cannot be made fails before any pixel is read
+        if request.task not in (None, "classification", "segmentation"):
+            raise DomainInputError(layout.path, f"task {request.task!r}: satellite scenes learn 'classification' "
+                                                "(a class per tile) or 'segmentation' (a class per pixel)")
         if request.labels is not None:
             # Opened here once only for its header checks: a bad label file fails before any pixel is read.
             with LabelWindows(request.labels, layout.crs, layout.transform, layout.shape, layout.path.name):
@@ -303,10 +306,19 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         offset = np.array([o for _, o in reader.scaling], dtype=np.float32)[:, None, None]
         cloud_pixels_seen = 0
 
+        segmentation = request.task == "segmentation"
+        pixel_labels: list[np.ndarray] = []
+
         def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str]) -> SampleSet:
+            if segmentation:
+                # A class per pixel (-1 where unlabelled or invalid), the tile's own window of the label raster.
+                tile_labels = (np.stack(pixel_labels) if pixel_labels
+                               else np.full((len(kept), size, size), -1, dtype=np.int16)).astype(np.int16)
+            else:
+                tile_labels = np.array([lab for _, _, lab in kept], dtype=np.int64)
             return SampleSet(
                 images=images,
-                labels=np.array([lab for _, _, lab in kept], dtype=np.int64),
+                labels=tile_labels, task="segmentation" if segmentation else None,
                 groups=tile_groups(scene_id, kept, request.block_size),
                 locations=np.array([(r, c) for r, c, _ in kept], dtype=np.int64).reshape(-1, 2),
                 source=str(layout.path), channels=channels, class_names=class_names, dropped=dropped,
@@ -340,12 +352,17 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                                                 dropped, cloudy):
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
                 kept.append((row, col, label))
+                if segmentation:
+                    pixel_labels.append(
+                        strip_labels[row - top : row - top + size, col : col + size].astype(np.int16)
+                        if strip_labels is not None else np.full((size, size), -1, dtype=np.int16))
                 if len(kept) == capacity:
                     # Read-only: never written again, so a dataset writer may keep it without a copy.
                     images.flags.writeable = False
                     yield batch(images, kept, dropped, base_provenance)
                     images = np.empty_like(images)
                     kept = []
+                    pixel_labels = []
                     dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
             del raw, valid, strip_labels
         if valid_pixels_seen == 0:
