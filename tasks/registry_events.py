@@ -33,6 +33,10 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+# At module level: FastAPI resolves the endpoint's annotations by name in this module's globals (postponed
+# annotations), and an unresolved ``Request`` would be read as a query parameter.
+from fastapi import Request
+
 from tasks.request_errors import RequestError
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -187,7 +191,7 @@ def create_relay_app(secret: str | None = None, max_skew_s: float | None = None)
     ``secret`` defaults to ``$VITRAIL_WEBHOOK_SECRET`` (the secret given to ``create_webhook``), the skew to
     ``$VITRAIL_WEBHOOK_MAX_SKEW_S`` or 300 s.
     """
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
     secret = secret if secret is not None else os.environ.get(SECRET_ENV, "")
