@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
+import yaml
 from integration_support import REPO_ROOT, VENV_BIN, find_free_port, run_in_group, stop_process_group
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
@@ -90,7 +91,8 @@ class TeamStack:
         """``prefect <args>`` as a team member; fails with its output when it fails."""
         result = run_in_group([str(VENV_BIN / "prefect"), *args], cwd=cwd,
                               env={**self.client_env(), **(extra_env or {})}, timeout=timeout)
-        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
     def prefect_http(self) -> httpx.Client:
@@ -224,7 +226,7 @@ def _redis_command(stack: TeamStack) -> list[str]:
 
 
 def _weed_command(stack: TeamStack) -> list[str]:
-    """``weed mini`` with every listener on loopback at a free port (its defaults bind all interfaces at fixed ports)."""
+    """``weed mini`` with every listener on loopback at a free port (its defaults: all interfaces, fixed ports)."""
     data = stack.root / "seaweedfs"
     data.mkdir()
     ports = {name: find_free_port() for name in (
@@ -383,6 +385,31 @@ def stack_summary(stack: TeamStack) -> str:
 
 
 PIPELINE_DEPLOYMENT = "pipeline/satellite-sentinel2"
+# The tiny settings of tests/flows/test_pipeline.py, one epoch: the stack is under test here, not the model.
+TINY = {
+    "tiling": {"tile_size": 8, "stride": 8, "block_size": 16},
+    "split": {"val_fraction": 0.2, "test_fraction": 0.25, "seed": 0},
+    "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4, "depth": 1},
+    "train": {"epochs": 1, "batch_size": 16},
+    "compression": {"latency_repeats": 5, "throughput_batch": 4, "quantization": {"calibration_samples": 8}},
+    "gate": {"min_metric": 0.0, "max_drop_vs_fp32": 1.0, "latency_budget_ms": 10000},
+}
+
+
+def pipeline_parameters(tmp_path: Path) -> tuple[dict, Path]:
+    """The deployment's preset with a tiny example scene, a private work folder and the tiny settings laid over it."""
+    from domains import get_domain
+
+    deployments = yaml.safe_load((REPO_ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
+    preset = next(d for d in deployments if d["entrypoint"] == "flows/pipeline.py:pipeline"
+                  and d["name"] == PIPELINE_DEPLOYMENT.split("/")[1])["parameters"]["params"]
+    example = get_domain("satellite").write_example(tmp_path / "example")
+    workdir = tmp_path / "work"
+    params = {**preset, **TINY, "source": str(example["scene_dir"]), "labels": str(example["labels"]),
+              "workdir": str(workdir)}
+    return {"params": params}, workdir
+
+
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 

@@ -15,39 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from integration_support import REPO_ROOT
-from team_stack import ARTIFACTS_PREFIX, BUCKET, PIPELINE_DEPLOYMENT, TeamStack, deploy_pipeline, wait_for_flow_run
+from team_stack import (ARTIFACTS_PREFIX, BUCKET, TeamStack, deploy_pipeline, pipeline_parameters,
+                        wait_for_flow_run)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUN_TIMEOUT_S = 600
 REFERENCE, EDGE = "satellite-tile-classification", "satellite-tile-classification-edge"
-# The tiny settings of tests/flows/test_pipeline.py, one epoch: the stack is under test here, not the model.
-TINY = {
-    "tiling": {"tile_size": 8, "stride": 8, "block_size": 16},
-    "split": {"val_fraction": 0.2, "test_fraction": 0.25, "seed": 0},
-    "backbone": {"name": "vit_tiny_patch16_224", "weights": "none", "patch_size": 4, "depth": 1},
-    "train": {"epochs": 1, "batch_size": 16},
-    "compression": {"latency_repeats": 5, "throughput_batch": 4, "quantization": {"calibration_samples": 8}},
-    "gate": {"min_metric": 0.0, "max_drop_vs_fp32": 1.0, "latency_budget_ms": 10000},
-}
 # Where a client-side MLflow store would appear if tracking fell back to files (sqlite + ./mlruns).
 LOCAL_STORE_NAMES = ("mlruns", "mlartifacts", "mlflow.db")
-
-
-def pipeline_parameters(tmp_path: Path) -> tuple[dict, Path]:
-    """The deployment's preset with a tiny example scene, a private work folder and the tiny settings laid over it."""
-    from domains import get_domain
-
-    deployments = yaml.safe_load((REPO_ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-    preset = next(d for d in deployments if d["entrypoint"] == "flows/pipeline.py:pipeline"
-                  and d["name"] == PIPELINE_DEPLOYMENT.split("/")[1])["parameters"]["params"]
-    example = get_domain("satellite").write_example(tmp_path / "example")
-    workdir = tmp_path / "work"
-    params = {**preset, **TINY, "source": str(example["scene_dir"]), "labels": str(example["labels"]),
-              "workdir": str(workdir)}
-    return {"params": params}, workdir
 
 
 def _local_store_stamps() -> dict[str, float]:
@@ -94,12 +71,14 @@ def test_pipeline_deployment_runs_on_the_team_stack(team_stack: TeamStack, tmp_p
     # Every MLflow run of the pipeline is a row of MLflow's PostgreSQL database, tagged with a Prefect flow run of
     # this server (the pipeline's own or one of its stage subflows), and ran as the pipeline's MLflow user.
     runs = stack.query(
-        "mlflow", "SELECT r.run_uuid, r.status, r.user_id, t.value FROM runs r JOIN experiments e "
-                  "ON e.experiment_id = r.experiment_id JOIN tags t ON t.run_uuid = r.run_uuid "
-                  "AND t.key = 'vitrail.prefect_flow_run_id' WHERE e.name = 'satellite'")
-    assert len(runs) >= 5, runs  # ingest-free stages: finetune, compress, validate, promote, predict
-    assert {status for _, status, _, _ in runs} == {"FINISHED"}, runs
-    assert {user for _, _, user, _ in runs} == {stack.mlflow_pipeline[0]}, runs
+        "mlflow", "SELECT r.status, r.user_id, stage.value, flow_run.value FROM runs r JOIN experiments e "
+                  "ON e.experiment_id = r.experiment_id "
+                  "JOIN tags stage ON stage.run_uuid = r.run_uuid AND stage.key = 'vitrail.stage' "
+                  "JOIN tags flow_run ON flow_run.run_uuid = r.run_uuid "
+                  "AND flow_run.key = 'vitrail.prefect_flow_run_id' "
+                  "WHERE e.name = 'satellite'")
+    assert sorted(stage for _, _, stage, _ in runs) == ["compress", "finetune", "promote", "validate"], runs
+    assert {(status, user) for status, user, _, _ in runs} == {("FINISHED", stack.mlflow_pipeline[0])}, runs
     assert {tag for _, _, _, tag in runs} <= prefect_runs, "an MLflow run names a flow run the server never saw"
     [(location,)] = stack.query("mlflow", "SELECT artifact_location FROM experiments WHERE name = 'satellite'")
     assert location.startswith("mlflow-artifacts:/"), location  # proxied: clients never write the bucket
@@ -145,7 +124,7 @@ def test_pipeline_deployment_runs_on_the_team_stack(team_stack: TeamStack, tmp_p
     assert seen.status_code == 200 and seen.json()["model_version"]["version"] == "1", seen.text
     moved = httpx.post(alias, json={"name": REFERENCE, "alias": "challenger", "version": "1"}, auth=reader)
     assert moved.status_code == 403, moved.text
-    dropped = httpx.request("DELETE", alias, json={"name": REFERENCE, "alias": "champion"}, auth=reader)
+    dropped = httpx.delete(alias, params={"name": REFERENCE, "alias": "champion"}, auth=reader)
     assert dropped.status_code == 403, dropped.text
     assert stack.query("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
                        (REFERENCE,)) == [("champion", 1)]
