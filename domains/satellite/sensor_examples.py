@@ -328,6 +328,19 @@ def _rewrite_profile(profile: dict) -> dict:
     return profile
 
 
+def _rewrite(path: Path, values: np.ndarray, profile: dict) -> None:
+    """Replace a raster's pixels through a new file: overwriting in place makes GDAL delete the files it
+    counts as the dataset's, a Landsat ``*_MTL.txt`` beside the band among them."""
+    import os
+
+    import rasterio
+
+    partial = path.with_name(f".{path.name}.partial{path.suffix}")
+    with rasterio.open(partial, "w", **_rewrite_profile(profile)) as ds:
+        ds.write(values, 1)
+    os.replace(partial, path)
+
+
 def cover_with_clouds(example: SensorExample, clouds: np.ndarray) -> SensorExample:
     """Overwrite an optical example's bands and quality layer with the clouds and shadows of ``clouds``.
 
@@ -352,14 +365,12 @@ def cover_with_clouds(example: SensorExample, clouds: np.ndarray) -> SensorExamp
             physical[here == 2] *= 1 / 3
         info = np.iinfo(dn.dtype)
         out = np.clip(np.rint((physical - band.scaling.offset) / band.scaling.scale), info.min, info.max)
-        with rasterio.open(band.path, "w", **_rewrite_profile(profile)) as ds:
-            ds.write(out.astype(dn.dtype), 1)
+        _rewrite(band.path, out.astype(dn.dtype), profile)
     if scan.quality is not None:
         with rasterio.open(scan.quality.path) as ds:
             qa, profile = ds.read(1), ds.profile
         here = clouds[:: finest // qa.shape[0], :: finest // qa.shape[0]]
         qa[here == 1] = CLOUD_QA[scan.quality.kind]
         qa[here == 2] = SHADOW_QA[scan.quality.kind]
-        with rasterio.open(scan.quality.path, "w", **_rewrite_profile(profile)) as ds:
-            ds.write(qa, 1)
+        _rewrite(scan.quality.path, qa, profile)
     return example

@@ -216,3 +216,44 @@ def write_prediction_item(raster: Path, layout, class_names: tuple[str, ...], so
     payload = item.to_dict(include_self_link=False, transform_hrefs=False)
     target.write_text(json.dumps(payload, indent=2, default=str))
     return target
+
+
+def write_scene_item(scene: Path, target: Path, item_id: str | None = None, sensor: Sensor | str | None = None) -> Path:
+    """Describe a band folder as a STAC item (``eo:bands`` per band asset, the quality layer as a ``qa`` asset).
+
+    The inverse of :func:`scan_stac_item`, for catalogues of local scenes (and for tests and demos): asset
+    hrefs are relative to ``target``.
+
+    Returns:
+        The item file written.
+    """
+    import os
+    from datetime import datetime, timezone
+
+    import pystac
+
+    from domains.satellite.scene import inspect_scene
+    from domains.satellite.sensors import scan_band_folder
+    from domains.satellite.timeseries import scene_date
+
+    scan = scan_band_folder(scene, sensor)
+    layout = inspect_scene(Path(scene), None, scan.sensor.name, None)
+    date = scene_date(Path(scene))
+    when = datetime.fromisoformat(date).replace(tzinfo=timezone.utc) if date else datetime.now(timezone.utc)
+    platform = {"sentinel2": "sentinel-2a", "hls": "hls", "sentinel1": "sentinel-1a"}.get(
+        scan.sensor.name, scan.sensor.name.replace("landsat", "landsat-"))
+    item = pystac.Item(id=item_id or Path(scene).name, geometry=None, bbox=None, datetime=when,
+                       properties={"platform": platform, "processing:level": scan.level.upper()})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for name, band in scan.bands.items():
+        channel = scan.sensor.channel(name)
+        extra = {"eo:bands": [{"name": name, "center_wavelength": (channel.wavelength_nm or 0) / 1000}],
+                 "raster:bands": [{"scale": band.scaling.scale, "offset": band.scaling.offset}]}
+        source = next(b for b in layout.bands if b.name == name)
+        item.add_asset(name, pystac.Asset(href=os.path.relpath(source.path, target.parent), roles=["data"],
+                                          media_type=pystac.MediaType.GEOTIFF, extra_fields=extra))
+    if scan.quality is not None:
+        key = {v: k for k, v in _QUALITY_ASSETS.items()}[scan.quality.kind]
+        item.add_asset(key, pystac.Asset(href=os.path.relpath(scan.quality.path, target.parent), roles=["cloud"]))
+    target.write_text(json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2))
+    return target

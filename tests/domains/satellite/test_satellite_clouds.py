@@ -72,6 +72,9 @@ def test_cloudy_tiles_are_dropped_and_counted_from_the_quality_layer(cloudy, nam
     assert provenance["cloud_mask"].startswith("qa:")
     assert provenance["cloud_policy"] == "auto"
     assert float(provenance["cloud_fraction"]) == pytest.approx((CLOUDS > 0).mean(), abs=0.03)
+    if name == "landsat5-c1-l1":
+        # Rewriting the cloudy bands kept the MTL file (GDAL deletes it when a band is overwritten in place).
+        assert "landsat-l1-toa-mtl" in provenance["scaling"]
 
 
 def test_qa_mask_without_a_quality_layer_is_a_clear_error(tmp_path: Path) -> None:
