@@ -147,3 +147,13 @@ def test_dates_on_different_grids_are_a_clear_error(landsat: Path, tmp_path: Pat
         write_raster(path, values, 30.0, nodata, origin=(438150.0, 4177080.0))
     with pytest.raises(DomainInputError, match="date 2023-08-17 is on another grid than date 2023-06-15"):
         inspect_scene(stack, None, None, None)
+
+
+def test_a_band_folder_described_as_a_stac_item_reads_the_same(example, tmp_path: Path) -> None:
+    from domains.satellite.stac import write_scene_item
+
+    item = write_scene_item(example["scene_dir"], tmp_path / "catalogue" / "scene.json")
+    written = json.loads(item.read_text())
+    assert written["assets"]["B8A"]["eo:bands"][0]["name"] == "B8A"
+    assert not Path(written["assets"]["B04"]["href"]).is_absolute()
+    np.testing.assert_array_equal(read_scene(item).data, read_scene(example["scene_dir"]).data)
