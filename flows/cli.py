@@ -272,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p)
     _overrides_arg(p, OVERRIDE_HELP + " (approval.*)")
 
+    p = verbs.add_parser("lineage", help="print the chain behind a registered model version",
+                         description="Dataset digest and sources, code commit, parameters, MLflow runs and Prefect "
+                                     "flow runs, parent model and foundation backbone, compression recipe, gate "
+                                     "results and approvals of a registered version, from what the registry and its "
+                                     "runs recorded.")
+    p.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--json", action="store_true", help="print JSON (for machines)")
+    _workdir_arg(p)
+
     p = verbs.add_parser("relay", help="relay MLflow registry webhooks to Prefect events (deployment triggers)",
                          description="Serve POST /mlflow/webhook: check each delivery's HMAC signature, timestamp "
                                      "and delivery id (replays refused) with $VITRAIL_WEBHOOK_SECRET, and emit a "
@@ -509,6 +518,14 @@ def run(args: argparse.Namespace) -> int:
         receipt = rollback(RollbackParams(**_apply_overrides(payload, overrides)))
         _print_receipt(receipt)
         return 0 if receipt.rolled_back else 1
+    if args.verb == "lineage":
+        from tasks.lineage import format_lineage, model_lineage
+        from tasks.tracking import configure_tracking
+
+        configure_tracking(args.workdir)
+        lineage = model_lineage(args.model_uri)
+        print(json.dumps(lineage, indent=2) if args.json else format_lineage(lineage))
+        return 0
     if args.verb == "relay":
         import uvicorn
 

@@ -145,6 +145,8 @@ def stage_run(domain: str, stage: str, workdir: Path | str, params: dict | None 
     if dataset is not None:
         tags["vitrail.dataset_digest"] = dataset.digest
         tags["vitrail.task"] = dataset.task
+        # What the dataset was built from (the scenes, studies or slides), for `vitrail lineage`.
+        tags["vitrail.dataset_sources"] = json.dumps(list(dataset.sources))[:5000]
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{domain}-{stage}", tags=tags) as run, \
             tempfile.TemporaryDirectory(prefix=f"vitrail-{stage}-") as scratch:
         if params:
@@ -320,6 +322,42 @@ def read_run(run_id: str) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of a run."""
     run = MlflowClient().get_run(run_id)
     return dict(run.data.metrics), dict(run.data.tags)
+
+
+def run_record(run_id: str) -> dict:
+    """What a run recorded, for lineage: name, times, status, params, metrics, tags and dataset inputs.
+
+    Raises:
+        RequestError: no such run in the tracking store.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        raise RequestError(f"run {run_id}: not found in the tracking store ({error.message})") from error
+    datasets = [{"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
+                 "source": d.dataset.source, "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"),
+                                                              None)}
+                for d in (run.inputs.dataset_inputs if run.inputs else [])]
+    return {"run_id": run_id, "run_name": run.info.run_name, "status": run.info.status,
+            "start_time_ms": run.info.start_time, "experiment_id": run.info.experiment_id,
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+            "datasets": datasets}
+
+
+def logged_model_run_id(model_uri: str) -> str | None:
+    """The run that logged ``models:/m-<id>`` (MLflow 3's logged models), ``runs:/<id>/...``'s run; else None."""
+    from mlflow.exceptions import MlflowException
+
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/", 1)[0]
+    if model_uri.startswith("models:/m-"):
+        try:
+            return MlflowClient().get_logged_model(model_uri.removeprefix("models:/").split("/", 1)[0]).source_run_id
+        except MlflowException:
+            return None
+    return None
 
 
 def read_json_artifact(run_id: str, path: str) -> dict:

@@ -12,12 +12,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from domains import get_domain
 from tasks.promotion import registered_model_names
+
+if TYPE_CHECKING:
+    from tasks.dataset import DatasetInfo
 
 DOMAIN = "satellite"
 REFERENCE, EDGE = registered_model_names(get_domain(DOMAIN))
@@ -59,16 +62,34 @@ class CandidateRuns:
                 "workdir": str(workdir), "gate": GATE, **extra}
 
 
+FINETUNE_PARAMS = {"backbone": {"name": "vit_tiny_patch16_224", "weights": "file", "weights_file": "/weights/ssl4eo.pth",
+                                 "patch_size": 4},
+                   "adapter": {"method": "lora", "rank": 8}, "train": {"epochs": 3}}
+
+
+def tiny_dataset(folder: Path) -> "DatasetInfo":
+    """The facts of a dataset as ``dataset.json`` holds them (no arrays: the candidates are not trained here)."""
+    from domains import Channel
+    from tasks.dataset import DatasetInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return DatasetInfo(digest="d" * 64, domain=DOMAIN, task="classification",
+                       channels=tuple(Channel(name=band) for band in ("B04", "B03", "B02")),
+                       class_names=("water", "vegetation", "bare"), tile_size=8,
+                       sources=("/data/satellite/scenes/S2A_T31UFU_20240612", "/data/satellite/labels/t31ufu.tif"),
+                       split_counts={"train": 6, "val": 2, "test": 2}, class_counts={}, dropped={},
+                       channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0))
+
+
 def log_candidate(workdir: Path, label: str, edge_metric: float, scale: float) -> CandidateRuns:
-    """Log a reference + edge model (both the tiny ONNX of ``scale``) and compress/validate runs for them.
+    """Log a reference model in a finetune stage run, an edge model, and compress/validate runs for them.
 
-    The active MLflow store must be ``workdir``'s (``tasks.tracking.configure_tracking``).
+    Both models are the tiny ONNX of ``scale``. The finetune run is a real ``tasks.tracking.stage_run`` (the tags
+    lineage reads: dataset digest and sources, git commit, Prefect flow run). The active MLflow store must be
+    ``workdir``'s (``tasks.tracking.configure_tracking``).
     """
-    import mlflow
-
     from tasks import tracking
 
-    experiment_id = tracking.ensure_experiment(DOMAIN, workdir)
     folder = workdir / "candidates" / label
     folder.mkdir(parents=True)
     onnx_file = write_tiny_onnx(folder / "tiny.onnx", scale)
@@ -76,17 +97,17 @@ def log_candidate(workdir: Path, label: str, edge_metric: float, scale: float) -
     report = folder / "compress_report.json"
     report.write_text(json.dumps({"variants": [{"name": "onnx-int8", "latency_ms_p50": 2.0}],
                                   "parity": {"onnx-fp32": {"max_abs_diff": 1e-6}}}))
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-models"):
+    dataset = workdir / "dataset"
+    with tracking.stage_run(DOMAIN, "finetune", workdir, FINETUNE_PARAMS, tiny_dataset(dataset), dataset,
+                            {"vitrail.backbone": "vit_tiny_patch16_224", "vitrail.peft": "lora"}):
         reference_uri = tracking.log_edge_model(onnx_file, {"variant": "reference"}, example)
-        edge_uri = tracking.log_edge_model(onnx_file, {"variant": "onnx-int8"}, example)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-compress",
-                          tags={"vitrail.stage": "compress", "vitrail.edge_variant": "onnx-int8"}) as compress:
-        mlflow.log_params({"compression.edge_variant": "onnx-int8", "compression.threads": "2"})
+    with tracking.stage_run(DOMAIN, "compress", workdir, {"compression": {"edge_variant": "auto", "threads": 2}},
+                            extra_tags={"vitrail.edge_variant": "onnx-int8"}) as compress:
         tracking.log_artifact(report)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}-validate",
-                          tags={"vitrail.stage": "validate", "vitrail.task": "classification"}) as validate:
+        edge_uri = tracking.log_edge_model(onnx_file, {"variant": "onnx-int8"}, example)
+    with tracking.stage_run(DOMAIN, "validate", workdir, extra_tags={"vitrail.task": "classification"}) as validate:
         tracking.log_metrics({"torch-fp32.test_macro_f1": edge_metric + 0.01, "onnx-int8.test_macro_f1": edge_metric})
-    return CandidateRuns(reference_uri, edge_uri, compress.info.run_id, validate.info.run_id)
+    return CandidateRuns(reference_uri, edge_uri, compress.run_id, validate.run_id)
 
 
 @dataclass
