@@ -209,6 +209,10 @@ def reject_infinite(values: np.ndarray, path: Path, band: str) -> None:
 
 
 def _require_georeference(dataset: Any, path: Path) -> None:
+    if dataset.transform.is_identity and dataset.gcps[0]:
+        # Sentinel-1 SAFE measurements (and other level-1 SAR/optical products) are in sensor geometry.
+        raise DomainInputError(path, "is in sensor geometry (ground control points, no geotransform): "
+                                     "terrain-correct or orthorectify it first (SNAP, gdalwarp)")
     if dataset.crs is None:
         raise DomainInputError(path, "has no CRS: a scene must be georeferenced (set one with gdal_edit.py -a_srs)")
     if dataset.transform.is_identity:

@@ -155,3 +155,20 @@ def test_mtl_rescaling_includes_sun_elevation(tmp_path: Path) -> None:
     assert (scale.scale, scale.offset) == pytest.approx((4e-5, -0.2))
     with pytest.raises(DomainInputError, match="MTL file lacks the rescaling of band B7"):
         landsat_mtl_scaling(mtl, "B7")
+
+
+def test_sentinel1_safe_measurement_in_radar_geometry_is_a_clear_error(tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.control import GroundControlPoint
+
+    product = tmp_path / "S1A_IW_GRDH_1SDV_20230615T225011_20230615T225036_049000_05E4A1_8F2B.SAFE"
+    (product / "measurement").mkdir(parents=True)
+    (product / "manifest.safe").write_text("<xfdu:XFDU/>\n")
+    gcps = [GroundControlPoint(row, col, -75.0 + col / 100, 37.0 + row / 100) for row in (0, 20) for col in (0, 20)]
+    for pol in ("vv", "vh"):
+        path = product / "measurement" / f"s1a-iw-grd-{pol}-20230615t225011-20230615t225036-049000-05e4a1-001.tiff"
+        with rasterio.open(path, "w", driver="GTiff", width=20, height=20, count=1, dtype="uint16") as ds:
+            ds.write(np.ones((1, 20, 20), dtype=np.uint16))
+            ds.gcps = (gcps, "EPSG:4326")
+    with pytest.raises(DomainInputError, match="sensor geometry .*terrain-correct"):
+        inspect_scene(product, None, None, None)
