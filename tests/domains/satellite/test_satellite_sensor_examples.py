@@ -157,6 +157,7 @@ def test_mtl_rescaling_includes_sun_elevation(tmp_path: Path) -> None:
         landsat_mtl_scaling(mtl, "B7")
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_sentinel1_safe_measurement_in_radar_geometry_is_a_clear_error(tmp_path: Path) -> None:
     import rasterio
     from rasterio.control import GroundControlPoint
