@@ -22,9 +22,10 @@ class ConvertOpenVino:
 
     stage = "quantize"
 
-    def __init__(self, kind: OpenVinoKind, calibration_samples: int = 300):
+    def __init__(self, kind: OpenVinoKind, calibration_samples: int = 300, name: str | None = None):
         self.kind = kind
         self.calibration_samples = calibration_samples
+        self.name = name
 
     def apply(self, variant, context):
         from tasks import openvino_runtime
@@ -37,7 +38,7 @@ class ConvertOpenVino:
             raise ValueError(f"{variant.name}: OpenVINO conversion starts from an exported ONNX file")
         # The reference export's OpenVINO variants are plain ``openvino-<kind>`` (the peers of ``onnx-<kind>``).
         suffix = f"openvino-{self.kind}"
-        name = suffix if variant.name in (REFERENCE_ROOT, "onnx-fp32") else f"{variant.name}-{suffix}"
+        name = self.name or (suffix if variant.name in (REFERENCE_ROOT, "onnx-fp32") else f"{variant.name}-{suffix}")
         destination = context.out_dir / openvino_file_name(name)
         if self.kind == "int8":
             train = context.dataset.splits.get("train")

@@ -46,6 +46,13 @@ def test_benchmark_runs_side_by_side_on_a_small_capture(tmp_path):
     json.dumps(result)  # the CLI writes it as JSON
     table = onboard.format_table(result)
     assert "capture seconds" in table and "enhancement correlation" in table
+    # The cascade: the enhancement product screened the tiles, the model saw only candidates.
+    assert 0 < result["vit_tiles"] < result["tiles"] and result["vit_tile_share"] == pytest.approx(
+        result["vit_tiles"] / result["tiles"], abs=1e-4)
+    assert set(result["stage_seconds"]) == {"read_and_products", "screening", "vit", "tile_assembly", "write"}
+    assert result["model_runtime"] == "onnxruntime"
+    assert set(result["goals"]) == {"mask_iou_vs_truth", "speedup_vs_reference", "peak_rss_below_reference"}
+    assert "reached the ViT" in table and "goal speedup_vs_reference" in table
     # A second run reuses the cached capture instead of generating it again.
     cached = onboard.ensure_capture(tmp_path / "bench", "small", 0)
     assert cached["source"].stat().st_mtime == (tmp_path / "bench" / "onboard-capture-small-seed0" / "capture.hdr").stat().st_mtime
@@ -56,3 +63,14 @@ def test_benchmark_without_a_model_tells_the_user_to_run_the_demo(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="vitrail demo --domain hyperspectral"):
         onboard.run_benchmark(tmp_path, {"size": "tiny"})
+
+
+def test_screen_keeps_tiles_with_a_plume_footprint_not_a_single_noisy_pixel():
+    from tasks.benchmarks.onboard import screen_tiles
+
+    batch = np.zeros((3, 4, 16, 16), dtype=np.float32)
+    batch[:, 3] = 100.0  # background enhancement
+    batch[1, 3, 5:9, 5:9] = 2000.0  # a plume footprint
+    batch[2, 3, 3, 3] = 2800.0  # one hot pixel: its 3 x 3 mean is 400, not above a 400 threshold
+    assert screen_tiles(batch, 3, 400.0).tolist() == [False, True, False]
+    assert screen_tiles(batch, 3, None).all() and screen_tiles(batch, None, 400.0).all()
