@@ -277,10 +277,12 @@ def build_task_models(merged: StateDict, constituents: list[Constituent], shared
 def _merged_name(owner: Constituent, shared_head: bool) -> str:
     """Registered name of a merged model: ``<constituent's registered name>-merged`` for a task's own head,
     ``<domain>-merged`` for the shared head."""
-    if not shared_head and owner.ref.registered_name:
+    if shared_head:
+        return f"{owner.metadata['domain']}-merged"
+    if owner.ref.registered_name:
         return f"{owner.ref.registered_name}-merged"
-    suffix = "" if shared_head else "-" + owner.metadata.get("dataset_digest", "model")[:8]
-    return f"{owner.metadata['domain']}-merged{suffix}"
+    # a run's model: named after its dataset, the task it answers to
+    return f"{owner.metadata['domain']}-merged-{owner.metadata.get('dataset_digest', 'model')[:12]}"
 
 
 def merge_lineage(constituents: list[Constituent], params: MergeParams, result: MergeResult) -> dict:
@@ -330,7 +332,9 @@ def fold_arriving(previous: Path | None, arriving: Constituent, alpha: float, he
         raise RequestError(f"{arriving.ref.label} is already merged into this running model")
     everyone = [*known, arriving]
     check_compatible([arriving, *known[:1]])
-    shared_head = decide_heads(everyone, heads if previous is None else records[0]["head_mode"])
+    # The first arrival cannot know the label spaces still to come: "auto" keeps heads per task in a sequence.
+    mode = ("per-task" if heads == "auto" else heads) if previous is None else records[0]["head_mode"]
+    shared_head = decide_heads(everyone, mode)
     base = rebuild_base(arriving)
     if not shared_head:
         base = shared_part(base)
