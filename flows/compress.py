@@ -33,6 +33,8 @@ class CompressReceipt(BaseModel):
     run_id: str
     edge_model_uri: str
     edge_variant: str
+    edge_runtime: str = "onnxruntime"
+    """What runs the edge artifact: ``onnxruntime`` or ``openvino`` (chosen with the variant, per the profile)."""
     report: str
     int8_vs_fp32_latency_ratio: float
 
@@ -52,5 +54,6 @@ def compress(params: CompressFlowParams) -> CompressReceipt:
             report = compress_model_task(model, params.dataset, metadata, params.compression, out_dir)
             edge_uri = record_compression_task(report, metadata, params.workdir, run.artifact_dir)
     return CompressReceipt(run_id=run.run_id, edge_model_uri=edge_uri, edge_variant=report.edge_variant,
+                           edge_runtime=report.variant(report.edge_variant).runtime,
                            report=join_location(params.workdir, "compress_report.json"),
                            int8_vs_fp32_latency_ratio=report.extra["int8_vs_fp32_latency_ratio"])

@@ -118,3 +118,29 @@ def test_drop_is_the_larger_of_accuracy_and_gate_score_drops_with_an_interval() 
     assert same.drop == 0 and same.drop_low == 0 and same.drop_high == 0
     with pytest.raises(ValueError, match="different sample counts"):
         score_drop(reference, _outcomes(labels[:10], labels[:10], 3))
+
+
+def test_edge_choice_picks_runtime_and_variant_together() -> None:
+    from tasks.compression.measure import VariantMeasurement
+    from tasks.compression.profiles import get_profile
+    from tasks.compression.recipe import select_edge_variant
+
+    labels = np.array([0, 1] * 5)
+    images = np.zeros((10, 1, 2, 2), dtype=np.float32)
+    right = np.eye(2, dtype=np.float32)[labels]
+
+    def row(name: str, p50: float, runtime: str) -> VariantMeasurement:
+        return VariantMeasurement(name=name, format="onnx", accuracy=0, macro_f1=0, latency_ms_p50=p50,
+                                  latency_ms_p95=p50, throughput=1, size_bytes=1, precision="int8", runtime=runtime)
+
+    measured = [row("onnx-fp32", 6.0, "onnxruntime"), row("onnx-int8", 4.0, "onnxruntime"),
+                row("openvino-int8", 2.0, "openvino")]
+    predictors = {name: (lambda x: right) for name in ("onnx-fp32", "onnx-int8", "openvino-int8")}
+    reasons: dict = {}
+    assert select_edge_variant(measured, predictors, lambda x: right, images, labels, ("a", "b"), 0.01,
+                               get_profile("cpu-2core"), reasons) == "openvino-int8"
+    # A device without OpenVINO gets the fastest variant of a runtime it has, and says why.
+    reasons = {}
+    assert select_edge_variant(measured, predictors, lambda x: right, images, labels, ("a", "b"), 0.01,
+                               get_profile("jetson-orin-nano"), reasons) == "onnx-int8"
+    assert any("runtime openvino" in r for r in reasons["openvino-int8"])

@@ -22,7 +22,15 @@ from tasks.compression.recipe import BASELINE, CompressParams, compress_model
 from tasks.onnx_runtime import INPUT_NAME, OUTPUT_NAME, open_session, read_metadata, session_predictor, write_metadata
 from tasks.training import predict_logits
 
-REPORT_KEYS = {"accuracy", "latency_ms_p50", "latency_ms_p95", "throughput", "size_bytes", "speedup_vs_fp32"}
+REPORT_KEYS = {"accuracy", "latency_ms_p50", "latency_ms_p95", "throughput", "size_bytes", "speedup_vs_fp32", "runtime",
+               "drop", "drop_low", "drop_high"}
+
+
+def openvino_names() -> list[str]:
+    """The reference model's OpenVINO variants the cpu-2core profile builds on this CPU."""
+    from tasks import openvino_runtime
+
+    return ["openvino-fp32", "openvino-int8"] + (["openvino-bf16"] if openvino_runtime.supports_bf16() else [])
 
 
 def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
@@ -156,7 +164,13 @@ def compress_report(tmp_path_factory: pytest.TempPathFactory, trained_model, dat
 @pytest.mark.slow
 def test_compress_model_measures_every_variant(compress_report, dataset) -> None:
     names = [v.name for v in compress_report.variants]
-    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic"]
+    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic", *openvino_names()]
+    assert {compress_report.variant(n).runtime for n in openvino_names()} == {"openvino"}
+    assert compress_report.variant("onnx-int8").runtime == "onnxruntime"
+    # Drops are max(accuracy drop, gate-score drop) with a bootstrap interval around them.
+    for variant in compress_report.variants:
+        assert variant.drop_low <= variant.drop + 1e-9 <= variant.drop_high + 2e-9
+    assert compress_report.variant("openvino-fp32").drop == pytest.approx(0.0, abs=1e-9)
     for variant in compress_report.variants:
         row = variant.as_dict()
         assert REPORT_KEYS <= set(row)
@@ -166,7 +180,7 @@ def test_compress_model_measures_every_variant(compress_report, dataset) -> None
     assert baseline.speedup_vs_fp32 == 1.0 and baseline.parity_max_abs_diff is None
     assert compress_report.variant("onnx-fp32").accuracy == baseline.accuracy
     assert compress_report.variant("onnx-int8").size_bytes < compress_report.variant("onnx-fp32").size_bytes
-    for name in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic"):
+    for name in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic", *openvino_names()):
         assert compress_report.variant(name).parity_max_abs_diff == compress_report.parity[name].max_abs_diff
         assert compress_report.files[name].is_file()
     assert compress_report.parity["onnx-fp32"].passed
@@ -176,12 +190,14 @@ def test_compress_model_measures_every_variant(compress_report, dataset) -> None
 @pytest.mark.slow
 def test_compress_report_is_json_serialisable(compress_report, tmp_path: Path) -> None:
     payload = json.loads(json.dumps(compress_report.to_json()))
-    assert payload["baseline"] == BASELINE and payload["edge_variant"] in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic")
+    assert payload["baseline"] == BASELINE and payload["edge_variant"] in ("onnx-fp32", "onnx-int8", "onnx-int8-dynamic",
+                                                                         *openvino_names())
+    assert payload["edge_runtime"] == compress_report.variant(payload["edge_variant"]).runtime
     assert [v["name"] for v in payload["variants"]] == [v.name for v in compress_report.variants]
     assert payload["edge_accuracy_drop"] == pytest.approx(
         compress_report.variant(BASELINE).accuracy - compress_report.variant("onnx-int8").accuracy)
     assert payload["int8_vs_fp32_latency_ratio"] > 0
-    assert set(payload["parity"]) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic"}
+    assert set(payload["parity"]) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic", *openvino_names()}
     written = compress_report.write(tmp_path / "compress_report.json")
     assert json.loads(written.read_text()) == payload
 
@@ -284,12 +300,15 @@ def test_compress_model_runs_the_recipe_and_measures_every_step(tmp_path: Path, 
                             token_reduction=TokenReductionParams(method="tome", merge_r=4, min_tokens=4))
     report = compress_model(trained_model, dataset_dir, model_metadata, params, tmp_path)
     names = [v.name for v in report.variants]
-    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-fp16",
-                     "pruned50", "pruned50-tome-r4", "pruned50-tome-r4-int8"]
-    assert report.edge_variant == "pruned50-tome-r4-int8"
+    assert names == [BASELINE, "onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-fp16", *openvino_names(),
+                     "pruned50", "pruned50-tome-r4", "pruned50-tome-r4-int8", "pruned50-tome-r4-openvino-int8"]
+    # 'recipe' takes the recipe's last step on the faster of the profile's runtimes.
+    last = ("pruned50-tome-r4-int8", "pruned50-tome-r4-openvino-int8")
+    assert report.edge_variant == min(last, key=lambda n: report.variant(n).latency_ms_p50)
     assert params.recipe_label() == "export+int8+prune+tome+int8"
     for name in names[1:]:
         assert report.parity[name].samples > 0 and report.files[name].is_file()
+    assert report.variant("pruned50-tome-r4-openvino-int8").runtime == "openvino"
     row = report.variant("pruned50")
     assert row.params < report.variant(BASELINE).params and row.macs < report.variant(BASELINE).macs
     assert report.variant("onnx-fp16").precision == "fp16"
@@ -383,7 +402,9 @@ def test_kill_9_mid_compress_then_rerun_completes_without_using_partial_files(
                             quantization=QuantizationParams(calibration_samples=16))
     rerun = compress_model(trained_model, dataset_dir, model_metadata, params, out)
     assert not partials()
-    assert set(rerun.files) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic"}
+    assert set(rerun.files) == {"onnx-fp32", "onnx-int8", "onnx-int8-dynamic", *openvino_names()}
     for name, path in rerun.files.items():
+        if path.suffix == ".xml":  # OpenVINO IRs are built after the kill point
+            continue
         # Byte-identical to an uninterrupted run elsewhere: nothing of the killed run leaked into the rerun.
         assert path.read_bytes() == compress_report.files[name].read_bytes(), name
