@@ -1,10 +1,11 @@
 """Registry events drive flows: an MLflow tracking server's webhook -> ``vitrail relay`` -> Prefect event ->
-the deployment trigger of deploy/prefect.yaml, all real processes on 127.0.0.1.
+the deployment triggers of deploy/prefect.yaml, all real processes on 127.0.0.1.
 
 Setting ``champion`` on the edge model starts exactly one run of the nightly predict deployment, with that version,
 within 30 s (five times, which gives the trigger latency printed for the closing note); a delivery with a bad
-signature gets 401, one with an old timestamp 401, a replayed one 409, and none of them starts anything. No worker
-runs: a flow run created by the trigger is what is asserted.
+signature gets 401, one with an old timestamp 401, a replayed one 409, and none of them starts anything. A new
+fine-tune version starts one ``merge/sequential`` run with ``arriving`` set; new edge and merged versions start
+none. No worker runs: a flow run created by a trigger is what is asserted.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from integration_support import REPO_ROOT, VENV_BIN, PrefectServer, find_free_po
 
 from tasks.registry_events import SECRET_ENV, WEBHOOK_NAME, WEBHOOK_PATH
 
-EDGE = "satellite-tile-classification-edge"
+REFERENCE = "satellite-tile-classification"
+EDGE = f"{REFERENCE}-edge"
 DEPLOYMENT = "predict/satellite-nightly-drop"
+MERGE_DEPLOYMENT = "merge/sequential"
 SECRET = "integration-test-webhook-secret"
 TRIGGER_WAIT_S = 30
 QUIET_WAIT_S = 6  # triggered runs appear in 1-3 s here; nothing in this long means nothing was started
@@ -117,7 +120,7 @@ def _alias_body(version: str) -> bytes:
 
 
 @pytest.mark.integration
-def test_champion_alias_triggers_one_predict_run_and_forged_or_replayed_deliveries_trigger_none(
+def test_registry_events_start_one_triggered_run_and_forged_or_replayed_deliveries_none(
         prefect_api: PrefectServer, tmp_path: Path, spawned: list[subprocess.Popen]) -> None:
     from mlflow import MlflowClient
     from prefect import get_client
@@ -125,19 +128,29 @@ def test_champion_alias_triggers_one_predict_run_and_forged_or_replayed_deliveri
     started = time.monotonic()
     mlflow_url, mlflow_process, mlflow_log = _start_mlflow(tmp_path, spawned)  # starts while the deployment registers
     prefect_api.cli("work-pool", "create", "vitrail-cpu", "--type", "process", check=False)  # may exist already
-    prefect_api.cli("deploy", "--name", "satellite-nightly-drop", "--prefect-file", "deploy/prefect.yaml",
-                    extra_env={"VITRAIL_HOME": str(REPO_ROOT)})
+    prefect_api.cli("deploy", "--name", "satellite-nightly-drop", "--name", "sequential",
+                    "--prefect-file", "deploy/prefect.yaml", extra_env={"VITRAIL_HOME": str(REPO_ROOT)})
     _wait_healthy(f"{mlflow_url}/health", mlflow_process, mlflow_log)
     relay_url = _start_relay(prefect_api, mlflow_url, tmp_path, spawned)
     registry = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
     assert [hook.name for hook in registry.list_webhooks()] == [WEBHOOK_NAME]
-    registry.create_registered_model(EDGE)
-    for _ in range(2):
-        registry.create_model_version(EDGE, source="s3://vitrail-models/edge_model")  # model_version.created: no trigger
     print(f"\nstack up in {time.monotonic() - started:.1f} s (deploy, MLflow server, relay)")
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
+        merge = client.read_deployment_by_name(MERGE_DEPLOYMENT)
+
+        # New versions: edge and merged models start nothing; a new fine-tune starts one sequential merge.
+        for name, tags in ((EDGE, {}), (EDGE, {}), (f"{REFERENCE}-merged", {"vitrail.merge.method": "opcm"}),
+                           (REFERENCE, {"vitrail.gate": "passed"})):
+            if not registry.search_registered_models(f"name='{name}'"):
+                registry.create_registered_model(name)
+            registry.create_model_version(name, source="s3://vitrail-models/model", tags=tags)
+        merges = _wait_for_runs(client, merge.id, 1, TRIGGER_WAIT_S)
+        time.sleep(QUIET_WAIT_S)
+        merges = _triggered_runs(client, merge.id)
+        assert [run.parameters["arriving"] for run in merges] == [f"models:/{REFERENCE}/1"]
+        assert merges[0].parameters["params"]["running"] == "satellite-opcm"  # the deployment's preset
         assert not _triggered_runs(client, deployment.id)
 
         # The real path: MLflow signs and delivers, the relay checks and emits, the trigger starts one run.
