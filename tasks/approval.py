@@ -125,7 +125,8 @@ def request_review(policy: ApprovalPolicy, form: type[ReviewInput], report: str,
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
-    create_markdown_artifact(markdown=report, key=REPORT_ARTIFACT_KEY, description="What the reviewer is asked to approve")
+    create_markdown_artifact(markdown=report, key=REPORT_ARTIFACT_KEY,
+                             description="What the reviewer is asked to approve")
     try:
         answer = pause_flow_run(wait_for_input=review_form(form, report, **(defaults or {})), timeout=policy.timeout_s,
                                 poll_interval=APPROVAL_POLL_S, key=key)

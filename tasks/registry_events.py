@@ -118,7 +118,8 @@ def verify_delivery(headers: dict[str, str], body: bytes, secret: str, guard: Re
     except ValueError as error:
         raise DeliveryRejected(401, f"timestamp {timestamp!r} is not Unix seconds") from error
     if abs(now - sent) > guard.window_s:
-        raise DeliveryRejected(401, f"timestamp {sent} is {now - sent:+.0f} s from now (allowed +-{guard.window_s:.0f})")
+        raise DeliveryRejected(401, f"timestamp {sent} is {now - sent:+.0f} s from now "
+                                    f"(allowed +-{guard.window_s:.0f})")
     if not guard.first_time(delivery_id, now):
         raise DeliveryRejected(409, f"delivery {delivery_id} was already received (replay)")
     try:
@@ -196,7 +197,8 @@ def create_relay_app(secret: str | None = None, max_skew_s: float | None = None)
 
     secret = secret if secret is not None else os.environ.get(SECRET_ENV, "")
     if not secret:
-        raise RequestError(f"the relay needs the webhook's secret: set {SECRET_ENV} (the same secret MLflow signs with)")
+        raise RequestError(f"the relay needs the webhook's secret: set {SECRET_ENV} "
+                           "(the same secret MLflow signs with)")
     guard = ReplayGuard(float(max_skew_s if max_skew_s is not None
                               else os.environ.get(MAX_SKEW_ENV, DEFAULT_MAX_SKEW_S)))
     app = FastAPI(title="Vitrail registry event relay", docs_url=None, redoc_url=None, openapi_url=None)

@@ -112,7 +112,8 @@ def rollback_report(plan: RollbackPlan, reason: str) -> str:
 
     lines = [f"### Roll back the champion of `{plan.names[0]}` + `{plan.names[1]}`?", "",
              f"- serving now: versions {plan.current[0]} + {plan.current[1]}",
-             f"- to restore: versions {plan.target[0]} + {plan.target[1]} (champion since {plan.target_since or 'never'})",
+             f"- to restore: versions {plan.target[0]} + {plan.target[1]} "
+             f"(champion since {plan.target_since or 'never'})",
              f"- reason given: {reason or 'none'}"]
     for label, version in (("to restore", plan.target[1]), ("serving now", plan.current[1])):
         gate = tracking.model_version(plan.names[1], version).tags.get("vitrail.gate_reasons", "none recorded")

@@ -28,7 +28,7 @@ GATE = {"metric": "macro_f1", "min_metric": 0.6, "max_drop_vs_fp32": 0.05, "late
 
 
 def write_tiny_onnx(path: Path, scale: float) -> Path:
-    """A real ONNX classifier of 3 bands x 8 px: each logit is ``scale`` times its band's mean, with Vitrail metadata."""
+    """A real ONNX classifier of 3 bands x 8 px (logit = ``scale`` x its band's mean) with Vitrail metadata."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -62,8 +62,8 @@ class CandidateRuns:
                 "workdir": str(workdir), "gate": GATE, **extra}
 
 
-FINETUNE_PARAMS = {"backbone": {"name": "vit_tiny_patch16_224", "weights": "file", "weights_file": "/weights/ssl4eo.pth",
-                                 "patch_size": 4},
+FINETUNE_PARAMS = {"backbone": {"name": "vit_tiny_patch16_224", "weights": "file",
+                                 "weights_file": "/weights/ssl4eo.pth", "patch_size": 4},
                    "adapter": {"method": "lora", "rank": 8}, "train": {"epochs": 3}}
 
 

@@ -23,8 +23,8 @@ from tasks.registry_events import (
 )
 
 SECRET = "s3cret"
-BODY = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "t",
-                   "data": {"name": "satellite-tile-classification-edge", "alias": "champion", "version": "3"}}).encode()
+ALIAS = {"name": "satellite-tile-classification-edge", "alias": "champion", "version": "3"}
+BODY = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "t", "data": ALIAS}).encode()
 
 
 def _headers(body: bytes = BODY, secret: str = SECRET, delivery: str | None = None, at: int | None = None) -> dict:
