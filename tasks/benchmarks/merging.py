@@ -24,8 +24,9 @@ models, OPCM loads one arriving model at a time and keeps only its state between
 Options: tasks (water,vegetation,bright,moist), tile (16), block (64), epochs (5), batch_size (32),
 learning_rate (2e-3), threads (2), seed (0), backbone (vit_tiny_patch16_224), patch_size (4), depth (2),
 base (pretrain | seeded | PATH), pretrain_epochs (3), adapter (lora), rank (8), targets (qkv,fc1,fc2),
+train_patch_embed (0),
 methods (all), scaling (0.3), ties_scaling (1.0), density (0.2), drop_rate (0.5), opcm_alpha (0.5),
-fw_steps (6), fw_vertex_scale (1.0), multitask (1).
+fw_steps (4), fw_vertex_scale (1.0), multitask (1).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ import numpy as np
 DEFAULTS = {"tasks": "water,vegetation,bright,moist", "tile": "16", "block": "64", "epochs": "5",
             "batch_size": "32", "learning_rate": "2e-3", "threads": "2", "seed": "0",
             "backbone": "vit_tiny_patch16_224", "patch_size": "4", "depth": "2", "base": "pretrain",
-            "pretrain_epochs": "3", "adapter": "lora", "rank": "8", "targets": "qkv,fc1,fc2", "methods": "",
+            "pretrain_epochs": "3", "adapter": "lora", "rank": "8", "targets": "qkv,fc1,fc2", "train_patch_embed": "0",
+            "methods": "",
             "scaling": "0.3", "ties_scaling": "1.0", "density": "0.2", "drop_rate": "0.5", "opcm_alpha": "0.5",
-            "fw_steps": "6", "fw_vertex_scale": "1.0", "multitask": "1"}
+            "fw_steps": "4", "fw_vertex_scale": "1.0", "multitask": "1"}
 REPO = Path(__file__).resolve().parents[2]
 METRIC = "macro_f1"
 
@@ -171,7 +173,9 @@ def fine_tune(dataset: Path, options: dict[str, str], base_file: Path, out_dir: 
     from tasks.training import TrainParams
 
     method = options["adapter"]
-    knobs = {"method": method}
+    # The base already embeds all 13 bands: the patch embedding stays the base's unless asked (a per-task
+    # embedding under a merged backbone is what merging handles worst).
+    knobs = {"method": method, "train_patch_embed": options["train_patch_embed"] not in ("0", "false", "no")}
     if method in TARGETED_METHODS:
         knobs.update(rank=int(options["rank"]), targets=[t for t in options["targets"].split(",") if t])
     train = TrainParams(epochs=int(options["epochs"]), batch_size=int(options["batch_size"]),
