@@ -33,7 +33,8 @@ import yaml
 from integration_support import REPO_ROOT, VENV_BIN, find_free_port, run_in_group, stop_process_group
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
-# Generous: on a loaded 2-core machine MLflow's first start (its migrations on PostgreSQL) took over a minute.
+# Generous: with a load average of 15-18 on 2 cores, the Prefect and MLflow servers (migrations on PostgreSQL
+# included) took 30-40 s to answer, the whole stack about 50 s.
 START_TIMEOUT_S = 240
 WORK_POOL = "vitrail-cpu"
 BUCKET = "vitrail-artifacts"
