@@ -87,7 +87,8 @@ def inspect_time_series(folder: Path, wanted: tuple[str, ...] | None, table: Any
         raise DomainInputError(folder, f"channels {', '.join(wanted)} mix time-indexed (t0:B04) and plain names")
     else:
         plain = wanted
-    layouts = [inspect_scene(path, plain, table, scaling) for _, path in members]
+    sensor = table.name if table is not None else None
+    layouts = [inspect_scene(path, plain, sensor, scaling) for _, path in members]
     first, first_date = layouts[0], members[0][0]
     for (date, path), layout in zip(members[1:], layouts[1:]):
         if layout.sensor.name != first.sensor.name:

@@ -128,7 +128,8 @@ def test_two_dates_stack_as_time_indexed_channels(landsat: Path, tmp_path: Path)
     channels = tuple(Channel(n, 0.0, 30.0) for n in names)
     summary = predict_scene(PredictionRequest(input=stack, output=out, channels=channels,
                                               class_names=("water", "vegetation", "bare_or_built"), tile_size=12,
-                                              stride=12, infer=_infer))
+                                              stride=12, infer=_infer,
+                                              input_contract={"sensor": "landsat8", "level": "l2sr"}))
     assert summary.samples == 9
     with rasterio.open(out) as ds:
         assert ds.tags()["channels"] == ",".join(names)
