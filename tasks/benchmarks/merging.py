@@ -61,8 +61,15 @@ def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+TASK_RULES = ("water", "vegetation", "bright", "moist", "red-edge")
+
+
 def task_labels(scene, name: str) -> np.ndarray:
     """Pixel labels (1 where the rule holds, 0 elsewhere, -1 off the valid scene) of task ``name``."""
+    if name not in TASK_RULES:
+        from tasks.request_errors import RequestError
+
+        raise RequestError(f"bench merging: unknown task {name!r}; known: {', '.join(TASK_RULES)}")
     band = {c.name: i for i, c in enumerate(scene.channels)}
     d = scene.data
 
@@ -76,10 +83,6 @@ def task_labels(scene, name: str) -> np.ndarray:
         "moist": lambda: above_median(_difference(d[band["B8A"]], d[band["B11"]])),
         "red-edge": lambda: above_median(_difference(d[band["B07"]], d[band["B05"]])),
     }
-    if name not in rules:
-        from tasks.request_errors import RequestError
-
-        raise RequestError(f"bench merging: unknown task {name!r}; known: {', '.join(rules)}")
     labels = rules[name]().astype(np.int64)
     labels[~scene.valid] = -1
     return labels

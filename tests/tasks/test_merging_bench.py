@@ -1,0 +1,41 @@
+"""bench merging's own arithmetic: normalised scores and the printed table, on a result written by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.benchmarks.merging import _normalise, format_table, task_labels
+
+
+def _result() -> dict:
+    rows = [{"method": "individual", "task_scores": {"a": 0.8, "b": 0.5}, "seconds": None, "peak_rss_mb": None},
+            {"method": "ties", "task_scores": {"a": 0.72, "b": 0.5}, "seconds": 1.5, "peak_rss_mb": 900.0},
+            {"method": "opcm", "task_scores": {"a": 0.4, "b": 0.25}, "seconds": 2.0, "peak_rss_mb": 880.0,
+             "memory_per_arrival": [{"arrived": 1, "task": "a", "rss_mb": 870.0, "state_vector_bytes": 4_000_000,
+                                     "heads_file_bytes": 1700}]},
+            {"method": "fw", "error": "boom"}]
+    _normalise(rows, {"a": 0.8, "b": 0.5})
+    return {"cpu": "test cpu", "threads": 2, "tasks": ["a", "b"], "metric": "test macro_f1", "rows": rows,
+            "base": {"kind": "seeded"}, "notes": {"x": "y"},
+            "options": {"tile": "16", "backbone": "vit", "depth": "2", "adapter": "lora", "epochs": "1"}}
+
+
+def test_average_normalised_score_divides_by_each_tasks_own_model():
+    rows = _result()["rows"]
+    assert rows[0]["avg_normalised_score"] == 1.0
+    assert rows[1]["avg_normalised_score"] == pytest.approx((0.9 + 1.0) / 2)
+    assert rows[2]["avg_normalised_score"] == pytest.approx(0.5)
+    assert "avg_normalised_score" not in rows[3]
+
+
+def test_the_table_shows_every_row_and_opcm_memory():
+    table = format_table(_result())
+    assert "ties" in table and "0.950" in table and "fw                     failed: boom" in table
+    assert "opcm after arrival 1 (a): RSS 870 MB, state vector 4.00 MB, heads file 1.7 kB" in table
+
+
+def test_unknown_task_rule_is_refused():
+    from tasks.request_errors import RequestError
+
+    with pytest.raises(RequestError, match="unknown task 'clouds'"):
+        task_labels(None, "clouds")
