@@ -144,3 +144,28 @@ def test_edge_choice_picks_runtime_and_variant_together() -> None:
     assert select_edge_variant(measured, predictors, lambda x: right, images, labels, ("a", "b"), 0.01,
                                get_profile("jetson-orin-nano"), reasons) == "onnx-int8"
     assert any("runtime openvino" in r for r in reasons["openvino-int8"])
+
+
+def test_openvino_edge_model_registers_with_its_runtime_and_predicts_offline(tmp_path: Path, openvino_files,
+                                                                              trained_model, dataset,
+                                                                              model_metadata) -> None:
+    import mlflow
+    from tasks_support import mlflow_sandbox
+
+    from tasks import tracking
+    from tasks.prediction import load_model
+    from tasks.training import predict_logits
+
+    with mlflow_sandbox() as patch:
+        patch.chdir(tmp_path)
+        tracking.configure_tracking(tmp_path)
+        experiment = tracking.ensure_experiment("satellite", tmp_path)
+        with mlflow.start_run(experiment_id=experiment):
+            uri = tracking.log_edge_model(openvino_files["fp32"], {**model_metadata, "variant": "openvino-fp32"},
+                                          np.zeros((1, 3, 16, 16), dtype=np.float32))
+        flavor, metadata = tracking.model_flavor(uri)
+        assert flavor == "openvino" and metadata["runtime"] == "openvino" and metadata["variant"] == "openvino-fp32"
+        model = load_model(uri)
+        images = dataset.splits["test"].images[:]
+        assert model.flavor == "openvino" and model.class_names == dataset.info.class_names
+        np.testing.assert_allclose(model.predict_logits(images), predict_logits(trained_model, images), atol=1e-4)
