@@ -122,12 +122,41 @@ def _alias_body(version: str) -> bytes:
 @pytest.mark.integration
 def test_registry_events_start_one_triggered_run_and_forged_or_replayed_deliveries_none(
         prefect_api: PrefectServer, tmp_path: Path, spawned: list[subprocess.Popen]) -> None:
+    started = time.monotonic()
+    mlflow_url, mlflow_process, mlflow_log = _start_mlflow(tmp_path, spawned)  # starts while the deployment registers
+    pool = prefect_api.cli("work-pool", "create", "vitrail-cpu", "--type", "process", check=False)
+    try:
+        _exercise(prefect_api, tmp_path, spawned, started, mlflow_url, mlflow_process, mlflow_log)
+    finally:
+        _remove_deployments(created_pool=pool.returncode == 0)
+
+
+def _remove_deployments(created_pool: bool) -> None:
+    """Leave the shared server as this test found it: its deployments (and their trigger automations and
+    triggered runs) go, and the work pool too if this test created it (the scheduled-deployments test creates
+    its own)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for name in (DEPLOYMENT, MERGE_DEPLOYMENT):
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            for run in _triggered_runs(client, deployment.id):
+                client.delete_flow_run(run.id)
+            client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
+            client.delete_deployment(deployment.id)
+        if created_pool:
+            client.delete_work_pool("vitrail-cpu")
+
+
+def _exercise(prefect_api: PrefectServer, tmp_path: Path, spawned: list[subprocess.Popen], started: float,
+              mlflow_url: str, mlflow_process: subprocess.Popen, mlflow_log: Path) -> None:
     from mlflow import MlflowClient
     from prefect import get_client
 
-    started = time.monotonic()
-    mlflow_url, mlflow_process, mlflow_log = _start_mlflow(tmp_path, spawned)  # starts while the deployment registers
-    prefect_api.cli("work-pool", "create", "vitrail-cpu", "--type", "process", check=False)  # may exist already
     prefect_api.cli("deploy", "--name", "satellite-nightly-drop", "--name", "sequential",
                     "--prefect-file", "deploy/prefect.yaml", extra_env={"VITRAIL_HOME": str(REPO_ROOT)})
     _wait_healthy(f"{mlflow_url}/health", mlflow_process, mlflow_log)
