@@ -22,7 +22,8 @@ opening the variant and running one batch. The edge choice is the compress stage
 
 Options: ``threads`` (2), ``repeats`` (batch-1 calls per variant, 200), ``student_depth`` (4),
 ``distill_epochs`` (8), ``recovery_epochs`` (4), ``throughput_batch`` (32), ``seed`` (0), ``min_samples``
-(1000), ``max_drop`` (edge choice budget, 0.01), ``preset`` (``demo`` or ``vit-s16-224``: picks the newest
+(1000), ``max_drop`` (edge choice budget, 0.01), ``single_techniques`` (yes: also each technique alone on the
+reference model; no: the reference's exports and the recipe only), ``preset`` (``demo`` or ``vit-s16-224``: picks the newest
 compress run of a model trained with that pipeline preset, e.g. after ``vitrail demo --preset vit-s16-224``,
 and uses its timing settings).
 """
@@ -145,11 +146,14 @@ def _build(model, context, options: dict) -> list:
     if openvino_runtime.supports_bf16():
         reference_openvino.append(ConvertOpenVino("bf16", name="openvino-bf16"))
     built += run_recipe(Variant("unfused-onnx-fp32", model), reference_openvino, context)[1:]  # fp32 ONNX: built
-    for tokens in (TokenReductionParams(method="tome", merge_r=8), TokenReductionParams(method="evit", keep_ratio=0.7)):
-        built += run_recipe(start, [ReduceTokens(tokens), plain, *on_both], context)
-    for ratio in (0.3, 0.5):
-        built += run_recipe(start, [PruneStructured(PruneParams(enabled=True, ratio=ratio, recovery_epochs=recovery)),
-                                    plain, *on_both], context)
+    if options.get("single_techniques", "yes").lower() not in ("no", "false", "0"):
+        for tokens in (TokenReductionParams(method="tome", merge_r=8),
+                       TokenReductionParams(method="evit", keep_ratio=0.7)):
+            built += run_recipe(start, [ReduceTokens(tokens), plain, *on_both], context)
+        for ratio in (0.3, 0.5):
+            built += run_recipe(start, [PruneStructured(PruneParams(enabled=True, ratio=ratio,
+                                                                    recovery_epochs=recovery)), plain, *on_both],
+                                context)
     student_params = DistillParams(enabled=True, student_depth=int(options.get("student_depth", 4)),
                                    epochs=int(options.get("distill_epochs", 8)))
     chain = run_recipe(start, [DistillStudent(student_params),
