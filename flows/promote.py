@@ -10,6 +10,7 @@ from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks import tracking
 from tasks.approval import ApprovalPolicy, fail_on_timeout
+from tasks.backbone_catalog import base_licence_tags
 from tasks.promotion import (
     GateThresholds,
     apply_approval_task,
@@ -67,7 +68,9 @@ def promote(params: PromoteParams) -> PromoteReceipt:
         names = registered_model_names(get_domain(params.domain), candidate.task)
         lineage = {"vitrail.finetune_model": params.model_uri, "vitrail.compress_run_id": params.compress_run_id,
                    "vitrail.validate_run_id": params.validate_run_id, "vitrail.edge_variant": edge_variant,
-                   "vitrail.promote_run_id": run.run_id}
+                   "vitrail.promote_run_id": run.run_id,
+                   # Catalog weights' licence (non-commercial, gated) travels to every registered version.
+                   **base_licence_tags(tracking.logged_model_metadata_task(params.model_uri).get("base_backbone"))}
         with promotion_lock(names[1]):
             repaired = complete_half_promotions_task(names)
             champion = current_champion_metric_task(names[1], candidate.metric)

@@ -881,6 +881,14 @@ def licence_tags(name: str) -> dict[str, str]:
             "vitrail.weights_origin": entry.hub_id + (f"@{entry.revision}" if entry.revision else "")}
 
 
+def base_licence_tags(base_backbone: Mapping[str, Any] | None) -> dict[str, str]:
+    """:func:`licence_tags` of a fine-tuned model's base (its metadata's ``base_backbone`` block): only when
+    the base loaded catalog weights; a catalog architecture with random weights carries no one's licence."""
+    if not base_backbone or base_backbone.get("weights", "none") == "none":
+        return {}
+    return licence_tags(str(base_backbone.get("name", "")))
+
+
 def describe_entry(entry: CatalogEntry) -> dict[str, Any]:
     """An entry as plain JSON-able values (``vitrail backbones NAME``)."""
     from dataclasses import asdict

@@ -19,6 +19,7 @@ from tasks.model_inputs import InputNormalisationName, fit_normalisation, load_d
 from tasks.dataset import DatasetInfo, load_dataset
 from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, get_method, merge_adapter
 from tasks.merging.task_vectors import weights_digest
+from tasks.backbone_catalog import band_adaptation_of
 from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, count_parameters
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
@@ -104,7 +105,9 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     # The base's identity, taken before the adapter changes anything: the merge stage refuses to merge
     # fine-tunes of different bases (a random base is the seed's; heads and pooling are new, so left out).
     base = {"base_digest": weights_digest(net.state_dict()), "base_seed": train.seed,
-            "base_backbone": backbone.model_dump(mode="json")}
+            "base_backbone": backbone.model_dump(mode="json"),
+            # Catalog weights given other bands than their own (kernels copied by band name): every metric row says so.
+            "backbone_adapted": bool((band_adaptation_of(getattr(net, "encoder", net)) or {}).get("adapted"))}
     adapted = attach_adapter(net, adapter)
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
@@ -153,6 +156,7 @@ def record_finetune(outcome: FinetuneOutcome, artifact_dir: Path) -> str:
     from tasks import tracking
 
     tracking.log_metrics({"best_epoch": outcome.fit.best_epoch,
+                          "backbone_adapted": float(outcome.metadata.get("backbone_adapted", False)),
                           **{f"best_{k}": v for k, v in outcome.best_validation_metrics.items()},
                           "trainable_parameters": outcome.trainable_parameters,
                           "total_parameters": outcome.total_parameters})

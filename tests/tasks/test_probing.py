@@ -105,3 +105,14 @@ def test_labels_must_be_unique_and_not_a_baseline(dataset_dir):
 
     with pytest.raises(RequestError, match="unique"):
         probe_backbones(dataset_dir, [ProbeSubject(label="random-init", backbone=tiny_backbone())], FAST, None)
+
+
+def test_licence_tags_name_catalog_weights_and_only_when_they_were_loaded():
+    from tasks.backbone_catalog import base_licence_tags, licence_tags
+
+    tags = licence_tags("uni")
+    assert tags["vitrail.catalog_entry"] == "uni" and tags["vitrail.licence"] == "CC-BY-NC-ND-4.0"
+    assert tags["vitrail.licence_commercial_use"] == "false" and tags["vitrail.licence_gated"] == "true"
+    assert licence_tags("vit_tiny_patch16_224") == {}
+    assert base_licence_tags({"name": "uni", "weights": "file"}) == tags
+    assert base_licence_tags({"name": "uni", "weights": "none"}) == {}  # the architecture alone has no licence

@@ -38,7 +38,8 @@ def test_fit_adapter_trains_a_small_share_of_the_parameters(outcome) -> None:
 def test_model_metadata_carries_bands_classes_geometry_and_lineage(outcome, dataset) -> None:
     metadata = model_metadata(dataset.info, tiny_backbone())
     base = {key: outcome.metadata[key] for key in ("base_digest", "base_seed", "base_backbone")}
-    assert outcome.metadata == {**metadata, **base, "adapter": "lora", "adapter_mergeable": True}
+    assert outcome.metadata == {**metadata, **base, "adapter": "lora", "adapter_mergeable": True,
+                                "backbone_adapted": False}  # random timm weights: no band adaptation
     assert len(base["base_digest"]) == 64 and base["base_backbone"]["name"] == tiny_backbone().name
     assert metadata["channels"][0] == {"name": "B04", "wavelength_nm": 664.6, "resolution_m": 10.0}
     assert metadata["class_names"] == list(dataset.info.class_names) and metadata["tile_size"] == 16
