@@ -21,12 +21,12 @@ fine-tune on its own task (``individual:<task>``; together they define 1.0), the
 Every merge runs in a child process of its own, so its peak RSS (VmHWM) is its alone: batch methods load all K
 models, OPCM loads one arriving model at a time and keeps only its state between arrivals.
 
-Options: tasks (water,vegetation,bright,moist), tile (16), block (64), epochs (5), batch_size (32),
+Options: tasks (water,vegetation,bright,moist), tile (16), block (64), epochs (3), batch_size (32),
 learning_rate (2e-3), threads (2), seed (0), backbone (vit_tiny_patch16_224), patch_size (4), depth (2),
 base (pretrain | seeded | PATH), pretrain_epochs (3), adapter (lora), rank (8), targets (qkv,fc1,fc2),
 train_patch_embed (0),
 methods (all), scaling (0.3), ties_scaling (1.0), density (0.2), drop_rate (0.5), opcm_alpha (0.5),
-fw_steps (4), fw_vertex_scale (1.0), multitask (1).
+fw_steps (3), fw_vertex_scale (1.0), multitask (1).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = {"tasks": "water,vegetation,bright,moist", "tile": "16", "block": "64", "epochs": "5",
+DEFAULTS = {"tasks": "water,vegetation,bright,moist", "tile": "16", "block": "64", "epochs": "3",
             "batch_size": "32", "learning_rate": "2e-3", "threads": "2", "seed": "0",
             "backbone": "vit_tiny_patch16_224", "patch_size": "4", "depth": "2", "base": "pretrain",
             "pretrain_epochs": "3", "adapter": "lora", "rank": "8", "targets": "qkv,fc1,fc2", "train_patch_embed": "0",
             "methods": "",
             "scaling": "0.3", "ties_scaling": "1.0", "density": "0.2", "drop_rate": "0.5", "opcm_alpha": "0.5",
-            "fw_steps": "4", "fw_vertex_scale": "1.0", "multitask": "1"}
+            "fw_steps": "3", "fw_vertex_scale": "1.0", "multitask": "1"}
 REPO = Path(__file__).resolve().parents[2]
 METRIC = "macro_f1"
 

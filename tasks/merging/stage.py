@@ -192,17 +192,23 @@ def rebuild_base(constituent: Constituent) -> StateDict:
 # --- scoring -----------------------------------------------------------------------------------------------
 
 
-def _validation_loss(model: nn.Module, dataset_path: str, max_samples: int) -> float:
-    """Mean loss of ``model`` on (the first ``max_samples`` of) a dataset's validation split."""
+def _validation_split(model: nn.Module, dataset_path: str, max_samples: int) -> tuple[str, np.ndarray, torch.Tensor]:
+    """(task, images, labels) of (the first ``max_samples`` of) a dataset's validation split, read once."""
     from tasks.model_inputs import load_dataset_for
-    from tasks.training import predict_logits
 
     dataset = load_dataset_for(dataset_path, model)
     split = dataset.splits.get("val") or dataset.splits["train"]
     count = min(len(split), max_samples)
-    logits = torch.from_numpy(predict_logits(model, split.images[:count]))
-    labels = torch.from_numpy(np.asarray(split.labels[:count]))
-    if dataset.info.task == "multilabel":
+    return (dataset.info.task, np.asarray(split.images[:count], dtype=np.float32),
+            torch.from_numpy(np.asarray(split.labels[:count])))
+
+
+def _validation_loss(model: nn.Module, task: str, images: np.ndarray, labels: torch.Tensor) -> float:
+    """Mean loss of ``model`` on validation images (cross-entropy; masked binary cross-entropy for multilabel)."""
+    from tasks.training import predict_logits
+
+    logits = torch.from_numpy(predict_logits(model, images))
+    if task == "multilabel":
         known = labels >= 0
         loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).float(), reduction="none")
         return float((loss * known).sum() / known.sum().clamp(min=1))
@@ -213,13 +219,14 @@ def validation_score(constituents: list[Constituent], shared_head: bool, max_sam
     """A score for greedy soup and Frank-Wolfe: minus the mean validation loss over the constituents' tasks,
     each with its own head (or the merged head when it is shared)."""
     models = [copy.deepcopy(c.model).eval() for c in constituents]
+    splits = [_validation_split(c.model, c.dataset, max_samples) for c in constituents]
 
     def score(state: StateDict) -> float:
         losses = []
-        for constituent, model in zip(constituents, models):
+        for constituent, model, split in zip(constituents, models, splits):
             weights = state if shared_head else {**state, **task_part(constituent.model.state_dict())}
             model.load_state_dict(weights)
-            losses.append(_validation_loss(model, constituent.dataset, max_samples))
+            losses.append(_validation_loss(model, *split))
         return -float(np.mean(losses))
 
     return score
