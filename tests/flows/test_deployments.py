@@ -11,9 +11,8 @@ DEPLOYMENTS = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["de
 FLOW_MODULES = ["flows.ingest", "flows.finetune", "flows.pretrain", "flows.probe", "flows.compress", "flows.validate", "flows.promote",
                 "flows.predict", "flows.pipeline", "flows.demo", "flows.merge", "flows.rollback"]
 # Deployments other services address by name (the registry event relay runs merge/sequential), so their names
-# carry no domain; the nightly soup is scheduled like the nightly predictions.
-NAMED_FOR_TRIGGERS = {"sequential", "soup-nightly"}
-SCHEDULED_ENTRYPOINTS = {"flows/predict.py:predict", "flows/merge.py:merge"}
+# carry no domain.
+NAMED_FOR_TRIGGERS = {"sequential"}
 
 
 def _load(entrypoint: str):
@@ -58,9 +57,8 @@ def test_every_flow_has_a_deployment():
 
 def test_nightly_predict_is_scheduled():
     scheduled = [d for d in DEPLOYMENTS if d.get("schedules")]
-    assert scheduled and {d["entrypoint"] for d in scheduled} == SCHEDULED_ENTRYPOINTS
-    predictions = [d for d in scheduled if d["entrypoint"] == "flows/predict.py:predict"]
-    assert {d["parameters"]["params"]["domain"] for d in predictions} == {"satellite", "radiology", "hyperspectral"}
+    assert scheduled and {d["entrypoint"] for d in scheduled} == {"flows/predict.py:predict"}
+    assert {d["parameters"]["params"]["domain"] for d in scheduled} == {"satellite", "radiology", "hyperspectral"}
 
 
 def _walk(schema: dict, defs: dict, where: str):
