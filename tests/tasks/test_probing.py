@@ -116,3 +116,25 @@ def test_licence_tags_name_catalog_weights_and_only_when_they_were_loaded():
     assert licence_tags("vit_tiny_patch16_224") == {}
     assert base_licence_tags({"name": "uni", "weights": "file"}) == tags
     assert base_licence_tags({"name": "uni", "weights": "none"}) == {}  # the architecture alone has no licence
+
+
+def test_other_tasks_are_probed_on_a_tile_target_derived_from_their_labels(dataset):
+    import dataclasses
+
+    from tasks.dataset import Split
+    from tasks.probing.scoring import tile_targets
+
+    masks = np.zeros((3, 4, 4), dtype=np.int64)
+    masks[1, :1] = 1  # a little foreground: the tile's target is that class
+    masks[2] = -1  # ignored pixels only: background
+    info = dataclasses.replace(dataset.info, task="segmentation", class_names=("background", "plume"))
+    segmentation = dataclasses.replace(dataset, info=info, splits={"test": Split(np.zeros((3, 1, 4, 4)), masks,
+                                                                                   np.array(["a", "b", "c"]))})
+    targets, how = tile_targets(segmentation, "test")
+    assert targets.tolist() == [0, 1, 0] and how == "most frequent foreground class of the tile"
+    findings = np.array([[0, 0], [1, -1], [-1, 0]])
+    info = dataclasses.replace(dataset.info, task="multilabel", class_names=("nodule", "effusion"))
+    multilabel = dataclasses.replace(dataset, info=info, splits={"test": Split(np.zeros((3, 1, 4, 4)), findings,
+                                                                                 np.array(["a", "b", "c"]))})
+    targets, how = tile_targets(multilabel, "test")
+    assert targets.tolist() == [0, 1, 0] and how == "any finding"
