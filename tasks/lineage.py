@@ -120,7 +120,10 @@ def model_lineage(model_uri: str) -> dict:
         "parent": {"finetune_model": finetune_uri,
                    "merged_from": json.loads(constituents) if constituents else None,
                    "merge_method": tags.get("vitrail.merge.method")},
-        "foundation_backbone": {**backbone, "tag": (trained or {}).get("tags", {}).get("vitrail.backbone")}
+        # Catalog weights carry their licence to every registered version (tasks.backbone_catalog.licence_tags).
+        "foundation_backbone": {**backbone, "tag": (trained or {}).get("tags", {}).get("vitrail.backbone"),
+                                "catalog": {key: value for key, value in sorted(tags.items())
+                                            if key.startswith(("vitrail.catalog_entry", "vitrail.licence"))} or None}
         if trained else None,
         "adapter": _prefixed(params, ADAPTER_PARAMS) or None,
         # The variant the compress stage chose, and the recipe it was asked for (its edge_variant may be "auto").
@@ -167,6 +170,8 @@ def format_lineage(lineage: dict) -> str:
     backbone = lineage["foundation_backbone"] or {}
     out.append(f"backbone     {backbone.get('name', 'not recorded')}  weights {backbone.get('weights', '?')}"
                + (f" ({backbone['weights_file']})" if backbone.get("weights_file") not in (None, "None") else ""))
+    if backbone.get("catalog"):
+        out.append(f"  licence    {json.dumps(backbone['catalog'])}")
     if lineage["adapter"]:
         out.append(f"adapter      {json.dumps(lineage['adapter'])}")
     out.append(f"compression  {json.dumps(lineage['compression']) if lineage['compression'] else 'not recorded'}")
