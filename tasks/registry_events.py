@@ -91,6 +91,11 @@ class ReplayGuard:
             self._seen[delivery_id] = now
             return True
 
+    def forget(self, delivery_id: str) -> None:
+        """Drop ``delivery_id``: it was not relayed, so MLflow's retry of it (same id) must be accepted."""
+        with self._lock:
+            self._seen.pop(delivery_id, None)
+
 
 def verify_delivery(headers: dict[str, str], body: bytes, secret: str, guard: ReplayGuard,
                     now: float | None = None) -> dict:
@@ -218,7 +223,13 @@ def create_relay_app(secret: str | None = None, max_skew_s: float | None = None)
             return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
         if event is None:
             return JSONResponse({"ignored": f"{payload.get('entity')}.{payload.get('action')}"}, status_code=200)
-        event_id = emit_registry_event(event)
+        try:
+            event_id = emit_registry_event(event)
+        except Exception as error:  # noqa: BLE001 - any failure to hand the event on is answered the same way
+            # MLflow retries a 5xx with the same delivery id: it must not then be refused as a replay.
+            guard.forget(request.headers.get(DELIVERY_ID_HEADER, ""))
+            log.error("could not emit %s to Prefect: %s", event.event, error)
+            return JSONResponse({"error": f"could not emit the Prefect event: {error}"}, status_code=503)
         log.info("relayed %s for %s as Prefect event %s", event.event, event.resource["prefect.resource.name"],
                  event_id)
         return JSONResponse({"event": event.event, "id": event_id}, status_code=202)

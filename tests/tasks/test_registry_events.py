@@ -81,3 +81,18 @@ def test_relay_app_answers_401_409_and_ignores_other_events() -> None:
     headers = _headers(other)
     assert client.post(WEBHOOK_PATH, content=other, headers=headers).json() == {"ignored": "model_version_tag.set"}
     assert client.post(WEBHOOK_PATH, content=other, headers=headers).status_code == 409
+
+
+def test_a_delivery_that_could_not_be_relayed_may_be_retried(monkeypatch) -> None:
+    import tasks.registry_events
+
+    def unreachable(event):
+        raise ConnectionError("Prefect API unreachable")
+
+    monkeypatch.setattr(tasks.registry_events, "emit_registry_event", unreachable)
+    client = TestClient(create_relay_app(secret=SECRET))
+    headers = _headers()
+    failed = client.post(WEBHOOK_PATH, content=BODY, headers=headers)
+    assert failed.status_code == 503 and "unreachable" in failed.json()["error"]
+    # MLflow's retry carries the same delivery id: not a replay, since nothing was relayed.
+    assert client.post(WEBHOOK_PATH, content=BODY, headers=headers).status_code == 503
