@@ -366,7 +366,8 @@ def _constituent_from_record(record: dict, heads_state: StateDict, template: Con
     from tasks.models import ReferenceArchitecture, build_reference_model
 
     model = build_reference_model(ReferenceArchitecture(**record["architecture"]))
-    own = {k.split("/", 1)[1]: v for k, v in heads_state.items() if k.split("/", 1)[0] == record["label"]}
+    # keys are "<label>/<tensor>"; labels hold slashes (name/version), tensor names never do
+    own = {k.rsplit("/", 1)[1]: v for k, v in heads_state.items() if k.rsplit("/", 1)[0] == record["label"]}
     model.load_state_dict({**model.state_dict(), **shared_part(template.model.state_dict()), **own})
     return Constituent(ref=ModelRef(**record["ref"]), model=model.eval(), metadata=record["metadata"],
                        dataset=record["dataset"], own_score=record.get("own_score"))

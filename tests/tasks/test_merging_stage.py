@@ -88,3 +88,69 @@ def test_the_gate_needs_every_constituent_to_keep_its_share():
     assert "b/1: merged macro_f1 0.8000 is 84.2% of its own 0.9500 (< 90%)" in gate.reasons[1]
     assert decide_merge_gate(scores, MergeGateParams(min_share=0.8)).passed
     assert not decide_merge_gate([], MergeGateParams()).passed
+
+
+def _fine_tunes_of_one_base(tmp_path, classes_per_task=((2,), (3,))):
+    """Constituents as the fine-tune stage leaves them: a base checkpoint file, its digest recorded, each model
+    the base moved a little, with its own head."""
+    import timm
+    from safetensors.torch import save_file
+
+    from domains import Channel  # noqa: F401
+    from tasks.merging.task_vectors import weights_digest
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, in_chans=3, num_classes=0)
+    file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(file))
+    backbone = tiny_backbone(weights="file", weights_file=str(file))
+    constituents = []
+    for i, (classes,) in enumerate(classes_per_task):
+        net = build_backbone(backbone, CHANNELS, classes, 16)
+        digest = weights_digest(net.state_dict())
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if not name.startswith("head."):
+                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i * 100 + len(name))))
+        model = NormalizedClassifier(net, (0.1,) * 3, (1.0,) * 3).eval()
+        meta = {"domain": "satellite", "task": "classification",
+                "channels": [{"name": c.name, "wavelength_nm": c.wavelength_nm, "resolution_m": c.resolution_m}
+                             for c in CHANNELS],
+                "class_names": [f"c{k}" for k in range(classes)], "tile_size": 16, "backbone": backbone.name,
+                "base_digest": digest, "base_seed": 0, "base_backbone": backbone.model_dump(mode="json")}
+        ref = ModelRef(label=f"sat-{i}/1", uri=f"models:/sat-{i}/1", registered_name=f"sat-{i}", version="1")
+        constituents.append(Constituent(ref=ref, model=model, metadata=meta, dataset="d"))
+    return constituents
+
+
+def test_sequential_fold_reads_only_the_saved_state_and_the_arriving_model(tmp_path):
+    from tasks.merging.stage import constituents_of, fold_arriving, rebuild_base, save_running_state
+
+    first, second = _fine_tunes_of_one_base(tmp_path)
+    base = rebuild_base(first)  # the recorded digest matches the checkpoint's, or this raises
+    assert not torch.equal(base["net.blocks.0.attn.qkv.weight"], first.model.state_dict()["net.blocks.0.attn.qkv.weight"])
+    one = fold_arriving(None, first, alpha=0.5)
+    assert one.shared_head is False and one.opcm_state.count == 1
+    # OPCM of one model is that model
+    for key, value in first.model.state_dict().items():
+        torch.testing.assert_close(one.task_models[0].model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    saved = save_running_state(one, constituents_of(one), tmp_path / "state-1")
+    two = fold_arriving(saved, second, alpha=0.5)
+    assert two.opcm_state.count == 2 and [m.name for m in two.task_models] == ["sat-0-merged", "sat-1-merged"]
+    assert two.task_models[0].model.net.head.out_features == 2 and two.task_models[1].model.net.head.out_features == 3
+    # the first task's head came back from the state file, not from its model
+    torch.testing.assert_close(two.task_models[0].model.state_dict()["net.head.weight"],
+                               first.model.state_dict()["net.head.weight"])
+    assert {k: v.shape for k, v in two.opcm_state.vector.items()} == {k: v.shape for k, v in one.opcm_state.vector.items()}
+    saved_two = save_running_state(two, constituents_of(two), tmp_path / "state-2")
+    with pytest.raises(RequestError, match="sat-1/1 is already merged"):
+        fold_arriving(saved_two, second, alpha=0.5)
+
+
+def test_a_different_base_is_refused_when_rebuilt(tmp_path):
+    from tasks.merging.stage import rebuild_base
+
+    first, _ = _fine_tunes_of_one_base(tmp_path)
+    first.metadata["base_digest"] = "0" * 64
+    with pytest.raises(RequestError, match="has digest .* not the recorded 000000000000"):
+        rebuild_base(first)
