@@ -107,5 +107,5 @@ def pretrain(params: PretrainParams) -> PretrainReceipt:
                            model_uri=f"models:/{name}@{alias}", encoder_file=str(outcome.encoder_file),
                            description_file=str(outcome.description_file), best_epoch=outcome.fit.best_epoch,
                            val_reconstruction_loss=outcome.description["val_reconstruction_loss"],
-                           samples_seen=outcome.description["samples_seen"], probe_gate=verdict, champion=promoted is not None,
-                           probe_table=table)
+                           samples_seen=outcome.description["samples_seen"], probe_gate=verdict,
+                           champion=promoted is not None, probe_table=table)

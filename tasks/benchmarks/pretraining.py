@@ -239,7 +239,8 @@ def measure_seed(dataset, options: dict[str, str], seed: int, out_dir: Path, mae
     test_labels = np.asarray(dataset.splits["test"].labels)
     accuracy = {k: float(np.mean(v == test_labels)) for k, v in predictions.items()}
     return {"seed": seed, "labelled_train_tiles": int(len(keep)), "mae_seed": mae["seed"],
-            "pretraining_tiles": mae["pretraining_tiles"], "excluded_from_pretraining": mae["excluded_from_pretraining"],
+            "pretraining_tiles": mae["pretraining_tiles"],
+            "excluded_from_pretraining": mae["excluded_from_pretraining"],
             "mae_val_reconstruction_loss": mae["val_reconstruction_loss"], "accuracy": accuracy,
             "best_epoch": {**best_epochs, "mae_pretraining": mae["best_epoch"]},
             "seconds": {**seconds, "mae_pretraining": mae["seconds"]},

@@ -52,19 +52,26 @@ class ProbeFinetuneParams(BaseModel):
     train: TrainParams = Field(default_factory=_finetune_train, description="Training settings of the fine-tunes")
 
 
+Count = Annotated[int, Field(ge=1, le=1000)]
+Strength = Annotated[float, Field(gt=0, le=1e6)]
+Share = Annotated[float, Field(gt=0, le=1)]
+
+
 class ProbeSettings(BaseModel):
     """Which protocols run and how (defaults: the field's usual ones)."""
 
-    knn_k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [5, 20], min_length=1, max_length=6,
-                             description="Neighbour counts of the cosine kNN vote")
-    c_grid: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(default_factory=lambda: list(protocols.DEFAULT_C_GRID), min_length=1, max_length=12,
-                                description="Inverse L2 strengths of the logistic regression, chosen on validation")
-    shots: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 5, 10], max_length=6,
-                             description="Labelled samples per class of the few-shot probes (empty: none)")
+    knn_k: list[Count] = Field(default_factory=lambda: [5, 20], min_length=1, max_length=6,
+                               description="Neighbour counts of the cosine kNN vote")
+    c_grid: list[Strength] = Field(default_factory=lambda: list(protocols.DEFAULT_C_GRID), min_length=1,
+                                   max_length=12, description="Inverse L2 strengths of the logistic regression, "
+                                                              "chosen on validation")
+    shots: list[Count] = Field(default_factory=lambda: [1, 5, 10], max_length=6,
+                               description="Labelled samples per class of the few-shot probes (empty: none)")
     few_shot_draws: int = Field(5, ge=1, le=100, description="Random draws of each few-shot setting (averaged)")
-    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0], max_length=12,
+    label_fractions: list[Share] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0], max_length=12,
                                          description="Shares of the training labels of the label-fraction curve")
-    gate_metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="Score the gate compares (macro_f1 or accuracy) on the linear probe")
+    gate_metric: Literal["macro_f1", "accuracy"] = Field(
+        "macro_f1", description="Score the gate compares (macro_f1 or accuracy) on the linear probe")
     bootstrap: int = Field(1000, ge=100, le=20000, description="Bootstrap resamples of every 95% interval")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the baselines' weights, draws and resamples")
     threads: int = Field(2, ge=1, le=256, description="CPU threads for embedding and fine-tuning")
@@ -88,7 +95,8 @@ class ProbeOutcome:
 
     def value(self, backbone: str, protocol: str, setting: str, metric: str) -> float:
         for row in self.rows:
-            if (row["backbone"], row["protocol"], row["setting"], row["metric"]) == (backbone, protocol, setting, metric):
+            if (row["backbone"], row["protocol"], row["setting"], row["metric"]) == \
+                    (backbone, protocol, setting, metric):
                 return row["value"]
         raise KeyError((backbone, protocol, setting, metric))
 
@@ -248,9 +256,22 @@ def probe_backbones(dataset_path: Path | str, subjects: list[ProbeSubject], sett
         raise RequestError(f"{dataset_path}: probing needs labelled train tiles and a fully labelled test split")
     class_names = target_class_names(dataset)
 
+    # Registered encoders are downloaded into the cache (a fine-tune may read them), else into a scratch folder.
+    with tempfile.TemporaryDirectory(prefix="vitrail-probe-") as scratch:
+        downloads = Path(cache_dir) / "encoders" if cache_dir is not None else Path(scratch)
+        rows, gate, cached, predictions = _score_all(dataset, dataset_path, subjects, settings, labels, keep, target,
+                                                     class_names, downloads, cache_dir, checkpoint_dir)
+    return ProbeOutcome(rows=rows, gate=gate, target=target, class_names=class_names, dataset_digest=info.digest,
+                        cached=cached, predictions=predictions)
+
+
+def _score_all(dataset: Dataset, dataset_path: Path | str, subjects: list[ProbeSubject], settings: ProbeSettings,
+               labels: dict[str, np.ndarray], keep: dict[str, np.ndarray], target: str, class_names: tuple[str, ...],
+               downloads: Path, cache_dir: Path | None, checkpoint_dir: Path | None):
+    """Embed and score every subject and baseline; ``(rows, gate, cached, predictions)``."""
+    info = dataset.info
     featurizers: list[tuple[Featurizer, object]] = []
     random_backbone = None
-    downloads = Path(cache_dir) / "encoders" if cache_dir is not None else Path(tempfile.mkdtemp(prefix="vitrail-probe-"))
     for subject in subjects:
         featurizer, backbone = load_subject(subject, dataset, downloads)
         featurizers.append((featurizer, backbone))
@@ -298,8 +319,7 @@ def probe_backbones(dataset_path: Path | str, subjects: list[ProbeSubject], sett
                          "n_test": len(labels["test"]), "target": target, "adapted": featurizer.adapted,
                          "model_digest": featurizer.model_digest, "dataset_digest": info.digest,
                          "preprocessing_digest": featurizer.preprocessing_digest, "seed": settings.seed})
-    return ProbeOutcome(rows=rows, gate=gate, target=target, class_names=class_names, dataset_digest=info.digest,
-                        cached=cached, predictions=predictions)
+    return rows, gate, cached, predictions
 
 
 def _random_init_alone(backbone, dataset: Dataset, seed: int) -> Featurizer:

@@ -17,7 +17,8 @@ def test_knn_votes_for_the_nearest_class_by_cosine():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])
     # Length does not matter for cosine similarity: a long vector along the first axis is class 0.
-    assert protocols.knn_predict(train, labels, np.array([[10.0, 0.5], [0.2, 3.0]]), k=2, num_classes=2).tolist() == [0, 1]
+    queries = np.array([[10.0, 0.5], [0.2, 3.0]])
+    assert protocols.knn_predict(train, labels, queries, k=2, num_classes=2).tolist() == [0, 1]
 
 
 def test_linear_probe_picks_c_on_validation_and_separates_separable_data():
