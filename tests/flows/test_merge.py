@@ -136,7 +136,7 @@ def test_sequential_merge_folds_one_arriving_model_at_a_time(registry):
               / "opcm-task-vector.safetensors").stat().st_size for s in states]
     assert sizes[0] == sizes[1]
     assert second.gate_passed  # min_share 0: the fold becomes the running state
-    assert client.get_model_version_by_alias("satellite-seq-state", "current").version == second.state_version
+    assert str(client.get_model_version_by_alias("satellite-seq-state", "current").version) == second.state_version
     # compressed and validated on each constituent's own test split
     assert all(m.edge_model_uri and len(m.validate_run_ids) == 1 for m in second.models)
     with pytest.raises(Exception, match="already merged"):
