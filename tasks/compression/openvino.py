@@ -22,8 +22,10 @@ class ConvertOpenVino:
 
     stage = "quantize"
 
-    def __init__(self, kind: OpenVinoKind, calibration_samples: int = 300, name: str | None = None):
+    def __init__(self, kind: OpenVinoKind, calibration_samples: int = 300, name: str | None = None,
+                 plain: bool = False):
         self.kind = kind
+        self.plain = plain  # NNCF as a user would call it (the benchmark's peer), not Vitrail's settings
         self.calibration_samples = calibration_samples
         self.name = name
 
@@ -44,7 +46,7 @@ class ConvertOpenVino:
             train = context.dataset.splits.get("train")
             calibration = train.images[:self.calibration_samples] if train is not None else None
             path = openvino_runtime.quantize_nncf(variant.onnx, calibration, destination, context.metadata,
-                                                  self.calibration_samples)
+                                                  self.calibration_samples, plain=self.plain)
         else:
             path = openvino_runtime.convert_onnx(variant.onnx, destination, context.metadata, self.kind)
         # Parity per hop: against the ONNX file this IR was made from.
@@ -54,7 +56,7 @@ class ConvertOpenVino:
         if self.kind == "fp32" and not parity.passed:
             raise ParityError(f"{path}: OpenVINO fp32 differs from {variant.onnx.name} by {parity.max_abs_diff:.3g} "
                               f"> tolerance {parity.tolerance:g}")
-        record = {"kind": f"openvino-{self.kind}", "runtime": "openvino", "parity": parity.as_dict(),
+        record = {"kind": f"openvino-{self.kind}", "runtime": "openvino", "parity": parity.as_dict(), "plain": self.plain,
                   "parity_against": variant.onnx.name}
         return variant.then("quantize", name, record, onnx=path, precision=self.kind if self.kind != "fp32" else "fp32",
                             runtime="openvino")

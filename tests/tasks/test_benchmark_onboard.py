@@ -36,7 +36,8 @@ def test_benchmark_runs_side_by_side_on_a_small_capture(tmp_path):
     from tasks.benchmarks import onboard
 
     model = _tiny_edge_model(tmp_path / "edge.onnx")
-    result = onboard.run_benchmark(tmp_path, {"size": "small", "model_file": str(model), "threads": "2"})
+    result = onboard.run_benchmark(tmp_path, {"size": "small", "model_file": str(model), "threads": "2",
+                                              "rounds": "1"})
     assert result["capture_shape"] == {"lines": 256, "samples": 256, "bands": 285}
     for key in ("capture_seconds", "peak_rss_mb", "reference_seconds", "speedup_vs_reference"):
         assert result[key] > 0
