@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, unmapped
 from pydantic import BaseModel, Field, field_validator
 
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
 from tasks.dataset import require_utf8_path
 from tasks.prediction import predict_inputs_task
+from tasks.prediction_fanout import merge_batches, plan_predictions_task, predict_scene_task
 from tasks.promotion import resolve_model_uri
+from tasks.task_runners import TaskRunnerParams, open_task_runner
 from tasks.tracking import configure_tracking
 
 
@@ -32,6 +34,10 @@ class PredictParams(BaseModel):
     mpp: float | None = Field(None, gt=0.02, lt=100.0,
                               description="Resolution of the input in microns per pixel, for whole-slide images whose metadata states none "
                                                  "(never guessed from objective power); empty reads it from the slide")
+    runner: TaskRunnerParams | None = Field(None, description="Where the scenes are predicted: empty, one task "
+                                                              "predicts them in turn with the model loaded once; "
+                                                              "given, one task per scene on threads here or on a "
+                                                              "Dask cluster (each task loads the model)")
 
     @field_validator("input", "output", mode="before")
     @classmethod
@@ -53,6 +59,14 @@ def predict(params: PredictParams) -> PredictReceipt:
     """Predict with the promoted edge model by default; bad inputs are reported, the rest still run."""
     configure_tracking(params.workdir)
     model_uri = resolve_model_uri(params.domain, params.model_uri)
-    batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
-                                params.threads, params.mpp)
+    if params.runner is None:
+        batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
+                                    params.threads, params.mpp)
+    else:
+        pinned_uri, jobs = plan_predictions_task(params.domain, model_uri, Path(params.input), params.output)
+        with open_task_runner(params.runner) as runner:
+            scenes = runner.map(predict_scene_task, {
+                "domain_name": unmapped(params.domain), "model_uri": unmapped(pinned_uri), "job": jobs,
+                "stride": unmapped(params.stride), "threads": unmapped(params.threads), "mpp": unmapped(params.mpp)})
+            batch = merge_batches([scene.result() for scene in scenes])
     return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)
