@@ -88,3 +88,14 @@ def test_domain_field_is_a_registry_dropdown():
     assert domain["enum"] == domain_names()
     with pytest.raises(Exception, match="unknown domain"):
         IngestParams(domain="astronomy", source="x", out="y")
+
+
+def test_scale_out_presets_fan_out_on_dask_and_train_on_two_processes():
+    by_flow = {(d["entrypoint"], d["name"]): d["parameters"]["params"] for d in DEPLOYMENTS}
+    for entrypoint in ("flows/ingest.py:ingest_dataset", "flows/predict.py:predict"):
+        runner = _load(entrypoint).validate_parameters(
+            {"params": by_flow[(entrypoint, "satellite-dask")]})["params"].runner
+        assert runner.kind == "dask" and runner.workers > 1, entrypoint
+    finetune = by_flow[("flows/finetune.py:finetune_backbone", "satellite-vit-tiny-lora-ddp2")]
+    assert _load("flows/finetune.py:finetune_backbone").validate_parameters(
+        {"params": finetune})["params"].train.processes == 2
