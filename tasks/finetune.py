@@ -70,7 +70,8 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
 
 def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: AdapterParams | LoraParams,
                 train: TrainParams, checkpoint_dir: Path | str, on_epoch: EpochCallback | None = None,
-                bags: BagParams | None = None, input_normalisation: InputNormalisationName = "none") -> FinetuneOutcome:
+                bags: BagParams | None = None, input_normalisation: InputNormalisationName = "none",
+                frozen_head: dict | None = None) -> FinetuneOutcome:
     """Fine-tune the backbone with an adapter on the dataset and return the merged, normalising model.
 
     ``adapter`` names the method and its settings (a legacy :class:`LoraParams` means LoRA). A misspelt
@@ -88,6 +89,10 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     :mod:`tasks.bags`); the training loop is the same, its samples are bags. An ``input_normalisation``
     other than "none" (histopathology: stain normalisation) is fitted on the training tiles, applied to
     every tile the model sees, and kept with the model (:mod:`tasks.model_inputs`).
+
+    ``frozen_head`` (the head's own state dict, e.g. ``net.head`` of a linear probe of the same base) is loaded
+    into the head, which then stays fixed while the adapter trains (LP-FT with a frozen head): a fine-tune made
+    to merge, whose backbone change stays relative to a head that any merge of such fine-tunes keeps valid.
     """
     adapter = as_adapter_params(adapter)
     pin_determinism(train.seed, train.threads)
@@ -108,7 +113,14 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
             "base_backbone": backbone.model_dump(mode="json"),
             # Catalog weights given other bands than their own (kernels copied by band name): every metric row says so.
             "backbone_adapted": bool((band_adaptation_of(getattr(net, "encoder", net)) or {}).get("adapted"))}
+    head = getattr(net, "head", None) if frozen_head is not None else None
+    if frozen_head is not None:
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"frozen_head given, but the {info.task} network has no head module to load it into")
+        head.load_state_dict(frozen_head)
     adapted = attach_adapter(net, adapter)
+    if head is not None:
+        head.requires_grad_(False)  # after attach_adapter, which unfreezes the head in place
     model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
     trainable, total = count_parameters(model)
     model_key = f"{info.task}|{backbone.model_dump_json()}|{adapter.model_dump_json()}"
@@ -116,6 +128,8 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
         model_key += f"|{bags.model_dump_json()}"
     if normalisation:
         model_key += f"|{json.dumps(normalisation, sort_keys=True)}"
+    if frozen_head is not None:  # another head is another run: never resume one from the other's checkpoint
+        model_key += f"|frozen-head:{weights_digest(frozen_head)}"
     result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
     merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std,
                                   input_normalisation=normalisation).eval()

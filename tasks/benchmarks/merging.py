@@ -42,9 +42,9 @@ import numpy as np
 
 DEFAULTS = {"tasks": "water,vegetation,bright,moist", "tile": "16", "block": "64", "epochs": "3",
             "batch_size": "32", "learning_rate": "2e-3", "threads": "2", "seed": "0",
-            "backbone": "vit_tiny_patch16_224", "patch_size": "4", "depth": "2", "base": "pretrain",
+            "backbone": "vit_tiny_patch16_224", "patch_size": "8", "depth": "2", "base": "pretrain",
             "pretrain_epochs": "3", "adapter": "lora", "rank": "8", "targets": "qkv,fc1,fc2", "train_patch_embed": "0",
-            "methods": "",
+            "head": "frozen-lp", "lp_epochs": "3", "lp_learning_rate": "1e-2", "methods": "",
             "scaling": "0.3", "ties_scaling": "1.0", "density": "0.2", "drop_rate": "0.5", "opcm_alpha": "0.5",
             "fw_steps": "3", "fw_vertex_scale": "1.0", "multitask": "1"}
 REPO = Path(__file__).resolve().parents[2]
@@ -169,22 +169,54 @@ def prepare_base(bench_dir: Path, dataset: Path, options: dict[str, str]) -> tup
     return file, {"kind": kind, "path": str(file), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def fine_tune(dataset: Path, options: dict[str, str], base_file: Path, out_dir: Path, multilabel: bool = False):
-    """One fine-tune through the project's fine-tune stage (the one training loop); returns its outcome."""
-    from tasks.adapters import TARGETED_METHODS, AdapterParams
-    from tasks.finetune import fit_adapter
+def _train_params(options: dict[str, str], epochs: str, learning_rate: str):
     from tasks.training import TrainParams
 
+    return TrainParams(epochs=int(options[epochs]), batch_size=int(options["batch_size"]),
+                       learning_rate=float(options[learning_rate]), warmup_epochs=0.5, seed=int(options["seed"]),
+                       threads=int(options["threads"]), resume=True)
+
+
+def linear_probe_head(dataset: Path, options: dict[str, str], base_file: Path, out_dir: Path) -> dict:
+    """The head of a linear probe on the base's frozen features (same loop, method ``linear-probe``)."""
+    from tasks.adapters import AdapterParams
+    from tasks.finetune import fit_adapter
+
+    outcome = fit_adapter(dataset, backbone_params(options, base_file), AdapterParams(method="linear-probe"),
+                          _train_params(options, "lp_epochs", "lp_learning_rate"), out_dir)
+    prefix = "net.head."
+    head = {k.removeprefix(prefix): v.detach().clone() for k, v in outcome.model.state_dict().items()
+            if k.startswith(prefix)}
+    if not head:
+        raise RuntimeError("bench merging: the linear probe's model has no net.head tensors")
+    return head
+
+
+def fine_tune(dataset: Path, options: dict[str, str], base_file: Path, out_dir: Path):
+    """One fine-tune through the project's fine-tune stage (the one training loop); returns its outcome.
+
+    With ``head=frozen-lp`` (the default) the head is first fitted by a linear probe of the base and then kept
+    fixed while the adapter trains (LP-FT, frozen head): the papers' setting (a fixed zero-shot head per
+    task), in which every task vector is relative to a head that still holds under the merged backbone. With
+    ``head=joint`` head and adapter train together (each head then fits only its own fine-tuned backbone).
+    """
+    from tasks.adapters import TARGETED_METHODS, AdapterParams
+    from tasks.finetune import fit_adapter
+
+    protocol = options["head"]
+    if protocol not in ("frozen-lp", "joint"):
+        from tasks.request_errors import RequestError
+
+        raise RequestError(f"bench merging: head={protocol!r}; give frozen-lp or joint")
     method = options["adapter"]
     # The base already embeds all 13 bands: the patch embedding stays the base's unless asked (a per-task
     # embedding under a merged backbone is what merging handles worst).
     knobs = {"method": method, "train_patch_embed": options["train_patch_embed"] not in ("0", "false", "no")}
     if method in TARGETED_METHODS:
         knobs.update(rank=int(options["rank"]), targets=[t for t in options["targets"].split(",") if t])
-    train = TrainParams(epochs=int(options["epochs"]), batch_size=int(options["batch_size"]),
-                        learning_rate=float(options["learning_rate"]), warmup_epochs=0.5, seed=int(options["seed"]),
-                        threads=int(options["threads"]), resume=True)
-    return fit_adapter(dataset, backbone_params(options, base_file), AdapterParams(**knobs), train, out_dir)
+    head = linear_probe_head(dataset, options, base_file, out_dir / "lp") if protocol == "frozen-lp" else None
+    return fit_adapter(dataset, backbone_params(options, base_file), AdapterParams(**knobs),
+                       _train_params(options, "epochs", "learning_rate"), out_dir / "ft", frozen_head=head)
 
 
 # --- scoring -------------------------------------------------------------------------------------------------

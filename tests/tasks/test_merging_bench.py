@@ -39,3 +39,37 @@ def test_unknown_task_rule_is_refused():
 
     with pytest.raises(RequestError, match="unknown task 'clouds'"):
         task_labels(None, "clouds")
+
+
+def test_unknown_head_protocol_is_refused(tmp_path):
+    from tasks.benchmarks.merging import DEFAULTS, fine_tune
+    from tasks.request_errors import RequestError
+
+    with pytest.raises(RequestError, match="head='free'"):
+        fine_tune(tmp_path, {**DEFAULTS, "head": "free"}, tmp_path / "base.safetensors", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_frozen_head_stays_as_given_while_the_adapter_trains(tmp_path, dataset_dir):
+    """LP-FT with a frozen head (the bench's protocol): the linear probe's head comes back unchanged from the
+    adapter's fine-tune, whose backbone did move; without the option the head trains."""
+    import torch
+    from tasks_support import FAST_TRAIN, tiny_backbone
+
+    from tasks.adapters import AdapterParams
+    from tasks.finetune import fit_adapter
+    from tasks.training import TrainParams
+
+    train = TrainParams(**{**FAST_TRAIN, "epochs": 1})
+    probe = fit_adapter(dataset_dir, tiny_backbone(), AdapterParams(method="linear-probe"), train, tmp_path / "lp")
+    head = {k.removeprefix("net.head."): v.clone() for k, v in probe.model.state_dict().items()
+            if k.startswith("net.head.")}
+    lora = AdapterParams(method="lora", rank=4, targets=["qkv"], train_patch_embed=False)
+    frozen = fit_adapter(dataset_dir, tiny_backbone(), lora, train, tmp_path / "ft", frozen_head=head)
+    state = frozen.model.state_dict()
+    for key, value in head.items():
+        assert torch.equal(state[f"net.head.{key}"], value)
+    moved = [k for k, v in state.items() if "qkv.weight" in k and not torch.equal(v, probe.model.state_dict()[k])]
+    assert moved, "the adapter did not change the backbone"
+    joint = fit_adapter(dataset_dir, tiny_backbone(), lora, train, tmp_path / "joint")
+    assert not torch.equal(joint.model.state_dict()["net.head.weight"], probe.model.state_dict()["net.head.weight"])
