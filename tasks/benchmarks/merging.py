@@ -26,7 +26,14 @@ learning_rate (2e-3), threads (2), seed (0), backbone (vit_tiny_patch16_224), pa
 base (pretrain | seeded | PATH), pretrain_epochs (3), adapter (lora), rank (8), targets (qkv,fc1,fc2),
 train_patch_embed (0),
 methods (all), scaling (0.3), ties_scaling (1.0), density (0.2), drop_rate (0.5), opcm_alpha (0.5),
-fw_steps (3), fw_vertex_scale (1.0), multitask (1).
+fw_steps (3), fw_vertex_scale (1.0), multitask (1), head (frozen-lp | joint), lp_epochs (3),
+lp_learning_rate (1e-2), scaling_grid (empty: the fixed scalings above; e.g. 0.3,0.5,0.7,1.0: task arithmetic's,
+DARE's and TIES's scaling chosen per method by the validation score, never the test split).
+
+Fine-tunes follow LP-FT with a frozen head by default (``head=frozen-lp``): each task's head is a linear probe of
+the base's frozen features, then stays fixed while the adapter trains, so task vectors are relative to heads that
+still hold under a merged backbone (the papers' setting: a fixed zero-shot head per task). The individual and
+multi-task reference rows are trained the same way; ``base+heads`` is then the linear probes themselves.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ DEFAULTS = {"tasks": "water,vegetation,bright,moist", "tile": "16", "block": "64
             "backbone": "vit_tiny_patch16_224", "patch_size": "8", "depth": "2", "base": "pretrain",
             "pretrain_epochs": "3", "adapter": "lora", "rank": "8", "targets": "qkv,fc1,fc2", "train_patch_embed": "0",
             "head": "frozen-lp", "lp_epochs": "3", "lp_learning_rate": "1e-2", "methods": "",
-            "scaling": "0.3", "ties_scaling": "1.0", "density": "0.2", "drop_rate": "0.5", "opcm_alpha": "0.5",
+            "scaling": "0.3", "ties_scaling": "1.0", "scaling_grid": "", "density": "0.2", "drop_rate": "0.5", "opcm_alpha": "0.5",
             "fw_steps": "3", "fw_vertex_scale": "1.0", "multitask": "1"}
 REPO = Path(__file__).resolve().parents[2]
 METRIC = "macro_f1"
@@ -261,6 +268,26 @@ def _load_constituent(record: dict):
                        metadata=record["metadata"], dataset=record["dataset"])
 
 
+# The scaling each batch method's merged task vector takes (OPCM scales itself; the soups and FW have none).
+SCALED_BY = {"task-arithmetic": "scaling", "dare": "scaling", "ties": "ties_scaling"}
+
+
+def select_scaling(constituents: list, params, grid: list[float]) -> tuple:
+    """(params with the best scaling of ``grid``, the validation score of each): as in the papers, lambda is
+    chosen on held-out validation data (minus the mean validation loss over the tasks, each task with its own
+    head; the merge stage's score for greedy soup and Frank-Wolfe), never on the test split."""
+    from tasks.merging.stage import merge_constituents, validation_score
+
+    score = validation_score(constituents, shared_head=False)
+    field = SCALED_BY[params.method]
+    trials = {}
+    for value in grid:
+        outcome = merge_constituents(constituents, params.model_copy(update={field: value}), heads="per-task")
+        trials[value] = round(score(outcome.result.state), 5)
+    best = max(trials, key=lambda v: (trials[v], -v))
+    return params.model_copy(update={field: best}), trials
+
+
 def measure_method(spec_file: Path, method: str) -> dict:
     """Merge the fine-tunes listed in ``spec_file`` with ``method`` in this process; its row."""
     import gc
@@ -280,7 +307,7 @@ def measure_method(spec_file: Path, method: str) -> dict:
                          opcm_alpha=float(options["opcm_alpha"]), fw_steps=int(options["fw_steps"]),
                          fw_vertex_scale=float(options["fw_vertex_scale"]), seed=int(options["seed"]))
     records = spec["constituents"]
-    arrivals = []
+    arrivals, selection = [], {}
     started = time.perf_counter()
     if method == "opcm":
         # The sequential path of the merge stage: the state on disk, one arriving model in memory at a time.
@@ -298,6 +325,11 @@ def measure_method(spec_file: Path, method: str) -> dict:
         coefficients = outcome.result.coefficients
     else:
         constituents = [_load_constituent(r) for r in records]
+        grid = [float(v) for v in options.get("scaling_grid", "").split(",") if v.strip()]
+        if grid and method in SCALED_BY:
+            params, trials = select_scaling(constituents, params, grid)
+            selection = {"scaling_chosen_on_val": getattr(params, SCALED_BY[method]),
+                         "val_score_by_scaling": {str(k): v for k, v in trials.items()}}
         outcome = merge_constituents(constituents, params, heads="per-task")
         seconds = time.perf_counter() - started
         coefficients = outcome.result.coefficients
@@ -311,7 +343,7 @@ def measure_method(spec_file: Path, method: str) -> dict:
            "coefficients": [round(float(c), 4) for c in coefficients]}
     if arrivals:
         row["memory_per_arrival"] = arrivals
-    return row
+    return {**row, **selection}
 
 
 def _run_child(spec_file: Path, method: str) -> dict:
