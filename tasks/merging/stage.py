@@ -6,6 +6,11 @@ Heads: a classifier head (and a slide model's attention pooling) belongs to its 
 has the same label space (task type and class names), the head is merged like the rest and one model serves
 all; otherwise the backbone is merged and each constituent's head is put back on it, giving one merged model
 per constituent task.
+
+Recommended fine-tune protocol for models meant to be merged (what ``vitrail bench merging`` does by default):
+fit each task's head first by a linear probe of the base's frozen features, then train the adapter with that
+head frozen (``tasks.finetune.fit_adapter(..., frozen_head=...)``). A head trained jointly with its own
+fine-tuned backbone fits only that backbone; a frozen linear-probe head stays valid under the merged one.
 """
 
 from __future__ import annotations
