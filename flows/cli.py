@@ -298,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="scene folder, multi-band GeoTIFF, or a drop folder of scenes")
     p.add_argument("--output", required=True, help="output .tif for one scene, or a folder for a drop folder")
     p.add_argument("--stride", type=int, help="tile step in pixels (default: the model's tile size)")
+    p.add_argument("--task-runner", choices=("none", "local", "dask"), default="none",
+                   help="a drop folder's scenes as one task each, on threads here (local) or a Dask cluster; "
+                   "none predicts them in one task (default: %(default)s)")
+    p.add_argument("--dask-address", default="", help="Dask scheduler address (tcp://host:8786); omit to start a "
+                   "temporary Dask cluster on this machine")
     _mpp_arg(p)
     _workdir_arg(p)
 
@@ -541,7 +546,8 @@ def run(args: argparse.Namespace) -> int:
 
         receipt = predict(PredictParams(domain=args.domain, model_uri=args.model, input=args.input,
                                         output=args.output, stride=args.stride, workdir=args.workdir,
-                                        mpp=args.mpp))
+                                        mpp=args.mpp, runner=None if args.task_runner == "none" else
+                                        {"kind": args.task_runner, "address": args.dask_address}))
         _print_receipt(receipt)
         return 1 if receipt.failed else 0
     if args.verb == "pipeline":
