@@ -73,3 +73,27 @@ def test_a_frozen_head_stays_as_given_while_the_adapter_trains(tmp_path, dataset
     assert moved, "the adapter did not change the backbone"
     joint = fit_adapter(dataset_dir, tiny_backbone(), lora, train, tmp_path / "joint")
     assert not torch.equal(joint.model.state_dict()["net.head.weight"], probe.model.state_dict()["net.head.weight"])
+
+
+def test_the_scaling_is_chosen_by_the_validation_score(tmp_path, dataset_dir):
+    """scaling_grid: every value is merged and scored on the validation split (the stage's score), the best
+    one kept; only the method's own scaling changes."""
+    import dataclasses
+
+    from test_merging_stage import _fine_tunes_of_one_base
+
+    from tasks.benchmarks.merging import select_scaling
+    from tasks.merging import MergeParams
+    from tasks.merging.stage import merge_constituents, validation_score
+
+    constituents = [dataclasses.replace(c, dataset=str(dataset_dir))
+                    for c in _fine_tunes_of_one_base(tmp_path, ((3,), (3,)))]
+    grid = [0.0, 0.5, 4.0]
+    chosen, trials = select_scaling(constituents, MergeParams(method="ties"), grid)
+    assert list(trials) == grid
+    assert chosen.ties_scaling == max(grid, key=trials.get) and chosen.scaling == MergeParams().scaling
+    score = validation_score(constituents, shared_head=False)
+    for value in (0.0, 4.0):
+        merged = merge_constituents(constituents, MergeParams(method="ties", ties_scaling=value), heads="per-task")
+        assert trials[value] == pytest.approx(score(merged.result.state), abs=1e-4)
+    assert trials[0.0] != trials[4.0]
