@@ -22,7 +22,7 @@ Every merge runs in a child process of its own, so its peak RSS (VmHWM) is its a
 models, OPCM loads one arriving model at a time and keeps only its state between arrivals.
 
 Options: tasks (water,vegetation,bright,moist), tile (16), block (64), epochs (3), batch_size (32),
-learning_rate (2e-3), threads (2), seed (0), backbone (vit_tiny_patch16_224), patch_size (4), depth (2),
+learning_rate (2e-3), threads (2), seed (0), backbone (vit_tiny_patch16_224), patch_size (8), depth (2),
 base (pretrain | seeded | PATH), pretrain_epochs (3), adapter (lora), rank (8), targets (qkv,fc1,fc2),
 train_patch_embed (0),
 methods (all), scaling (0.3), ties_scaling (1.0), density (0.2), drop_rate (0.5), opcm_alpha (0.5),
