@@ -251,7 +251,7 @@ def test_selection_fails_clearly_when_no_variant_fits_the_budget() -> None:
     labels = np.array([0, 1, 0, 1])
     right = np.eye(2, dtype=np.float32)[labels]
     row = VariantMeasurement(name="onnx-fp32", format="onnx", accuracy=1, macro_f1=1, latency_ms_p50=5.0,
-                             latency_ms_p95=5.0, throughput=1, size_bytes=int(900e6))
+                             latency_ms_p95=5.0, throughput=1, size_bytes=int(900e6), runtime="onnxruntime")
     measured = [row, replace(row, name="onnx-int8", precision="int8", size_bytes=int(600e6))]
     predictors = {"onnx-fp32": lambda x: right, "onnx-int8": lambda x: right}
     with pytest.raises(ProfileError, match="no variant meets the budget of profile arm-a76-4core") as caught:
