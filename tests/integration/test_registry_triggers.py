@@ -77,7 +77,10 @@ def _start_relay(server: PrefectServer, mlflow_url: str, tmp_path: Path, spawned
     """``vitrail relay``, registering its own webhook on the MLflow server first (--register-url)."""
     port = find_free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**server.env, SECRET_ENV: SECRET, "MLFLOW_TRACKING_URI": mlflow_url}
+    # Only this test's MLflow: an MLFLOW_* URI left in the environment by an earlier test (a server since
+    # stopped) must not reach the relay.
+    env = {**{k: v for k, v in server.env.items() if not k.startswith("MLFLOW_")}, SECRET_ENV: SECRET,
+           "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_REGISTRY_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = tmp_path / "relay.log"
     process = _start([sys.executable, "-m", "flows.cli", "relay", "--port", str(port),
                       "--register-url", f"{url}{WEBHOOK_PATH}"], env, log, spawned)
