@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+from mlflow_isolation import mlflow_store as registry_store  # noqa: F401  (the flow tests' name for it)
 
 from domains import get_domain
 from tasks.promotion import registered_model_names
@@ -162,24 +162,6 @@ def wait_for_paused_run(flow_name: str, timeout: float = 120, since: float | Non
                 return runs[0]
             assert time.monotonic() < deadline, f"no paused {flow_name} run within {timeout} s"
             time.sleep(0.3)
-
-
-@contextmanager
-def registry_store(workdir: Path) -> Iterator[str]:
-    """Point this process's MLflow at ``<workdir>/mlflow.db``; every global change is undone on exit."""
-    import pytest
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    from tasks import tracking
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            patch.setenv(name, "placeholder")  # records the original value (or its absence) for undo
-            patch.delenv(name)
-        patch.setattr(tracking_utils, "_tracking_uri", None)
-        patch.setattr(registry_utils, "_registry_uri", None)
-        yield tracking.configure_tracking(workdir)
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+from mlflow_isolation import mlflow_store  # noqa: F401  (re-exported: integration tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -177,28 +178,6 @@ def _healthy(api_url: str) -> bool:
         return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-@contextmanager
-def mlflow_store(workdir: Path) -> Iterator[str]:
-    """Point this process's MLflow at ``<workdir>/mlflow.db`` and undo every global change on exit.
-
-    ``mlflow.set_tracking_uri`` keeps the URI in module globals and exports ``MLFLOW_TRACKING_URI``; both are
-    restored, so the store never leaks into later tests or into the environment of subprocesses.
-    """
-    import pytest
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    from tasks import tracking
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            patch.setenv(name, "placeholder")  # records the original value (or its absence) for undo
-            patch.delenv(name)
-        patch.setattr(tracking_utils, "_tracking_uri", None)
-        patch.setattr(registry_utils, "_registry_uri", None)
-        yield tracking.configure_tracking(workdir)
 
 
 def without_mlflow_uri(env: dict[str, str]) -> dict[str, str]:
