@@ -352,3 +352,121 @@ def write_philips_tiff(path: Path | str, rgb: np.ndarray, mpp: float, levels: in
             tif.write(np.ascontiguousarray(label, dtype=np.uint8), photometric="rgb", metadata=None,
                       software="Philips DP v1.0", description="Label")
     return path
+
+
+
+# Hamamatsu NDPI private tags (OpenSlide's hamamatsu reader: the flag marks the format, the lens tells a
+# pyramid level (> 0) from the macro photo (-1), the MCU starts let a reader seek to a restart interval).
+NDPI_FORMAT_FLAG, NDPI_SOURCELENS, NDPI_FOCAL_PLANE, NDPI_MCU_STARTS = 65420, 65421, 65424, 65426
+NDPI_PROPERTY_MAP = 65449
+
+
+def _ndpi_jpeg(rgb: np.ndarray, tile: int | None) -> tuple[bytes, list[int]]:
+    """A baseline 4:4:4 JPEG of ``rgb`` with a restart marker every ``tile`` px of an 8 px MCU row (None: no
+    markers), and the byte offset of each restart interval's first MCU (the scan start, then after each RSTn).
+
+    4:4:4 as the scanner writes it: with vertical chroma subsampling libjpeg's smooth upsampling reads the
+    next MCU row too, which a reader decoding one restart interval does not have."""
+    from PIL import Image
+
+    options = {"restart_marker_blocks": tile // 8} if tile else {}
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=90, subsampling="4:4:4", **options)
+    data = buffer.getvalue()
+    sos = data.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    starts, at = [scan], scan
+    while tile:
+        at = data.find(b"\xff", at)
+        if at < 0 or data[at + 1] == 0xD9:  # end of image
+            break
+        if 0xD0 <= data[at + 1] <= 0xD7:
+            starts.append(at + 2)
+        at += 2
+    return data, starts
+
+
+def _ndpi_file(pages: list[tuple[bytes, list[tuple[int, int, object]]]]) -> bytes:
+    """A classic little-endian TIFF laid out as NDPI is: 8-byte offsets to the first and each next directory
+    (the header's 4 high bytes zero), after each directory a block of the entries' high offset bytes, each
+    page's strip and out-of-line values before its directory.
+
+    ``pages``: (strip bytes, [(tag, TIFF type, values)]); StripOffsets and StripByteCounts are added."""
+    import struct
+
+    formats = {2: "s", 3: "H", 4: "I", 5: "II", 9: "i", 11: "f"}
+    out = bytearray(b"II*\x00" + bytes(8))
+    next_pointer = 4
+    for strip, tags in pages:
+        strip_at = len(out)
+        out += strip
+        entries = []
+        for tag, kind, values in sorted(tags + [(273, 4, [strip_at]), (279, 4, [len(strip)])], key=lambda t: t[0]):
+            if kind == 2:
+                payload, count = values.encode("ascii") + b"\x00", len(values) + 1
+            else:
+                flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+                payload, count = struct.pack("<" + formats[kind][0] * len(flat), *flat), len(values)
+            if len(payload) <= 4:
+                entries.append(struct.pack("<HHI", tag, kind, count) + payload.ljust(4, b"\x00"))
+            else:
+                if len(out) % 2:
+                    out += b"\x00"
+                entries.append(struct.pack("<HHII", tag, kind, count, len(out)))
+                out += payload
+        if len(out) % 2:
+            out += b"\x00"
+        out[next_pointer:next_pointer + 8] = struct.pack("<Q", len(out))
+        out += struct.pack("<H", len(entries)) + b"".join(entries)
+        next_pointer = len(out)
+        out += bytes(8) + bytes(4 * len(entries))  # then the high 4 bytes of each entry's value (all zero here)
+    return bytes(out)
+
+
+def write_ndpi(path: Path | str, rgb: np.ndarray, mpp: float | None, levels: int = 2, tile: int = 128,
+               lens: float = 20.0, macro: np.ndarray | None = None, properties: dict[str, str] | None = None) -> Path:
+    """Write ``rgb`` (H, W, 3) uint8 as a Hamamatsu NDPI (OpenSlide's ``hamamatsu-ndpi`` reader).
+
+    The layout that reader checks: TIFF pages carrying tag 65420, 8-byte directory offsets; each pyramid level
+    (widest first) one JPEG strip of the whole level with a restart marker every ``tile`` px of an MCU row
+    (OpenSlide's tiles are those restart intervals), its ``SourceLens`` (65421) the objective power over the
+    downsample, focal plane (65424) 0 and the offset of every restart interval (65426); the resolution tags
+    in pixels per centimetre (OpenSlide's mpp; none when ``mpp`` is None). ``macro`` is stored as a page with
+    lens -1 (OpenSlide's ``macro`` associated image) and ``properties`` as the ``key=value`` map of tag 65449
+    (scanner metadata; tests plant identifiers in both). Every level's sides must be multiples of ``tile`` and 8.
+    """
+    from fractions import Fraction
+
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pyramid = [np.ascontiguousarray(rgb, dtype=np.uint8)]
+    for _ in range(1, levels):
+        h, w = pyramid[-1].shape[:2]
+        pyramid.append(np.asarray(Image.fromarray(pyramid[-1]).resize((w // 2, h // 2), Image.Resampling.BOX)))
+    for level in pyramid:
+        if level.shape[1] % tile or level.shape[0] % 8:
+            raise ValueError(f"an NDPI level of {level.shape[1]} x {level.shape[0]} px is not a whole number of "
+                             f"{tile} x 8 px restart intervals")
+    pages = [(level, lens / 2**index, tile) for index, level in enumerate(pyramid)]
+    if macro is not None:
+        pages.append((np.ascontiguousarray(macro, dtype=np.uint8), -1.0, None))
+    encoded = []
+    for index, (image, page_lens, page_tile) in enumerate(pages):
+        data, starts = _ndpi_jpeg(image, page_tile)
+        height, width = image.shape[:2]
+        tags = [(254, 4, [0]), (256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]), (259, 3, [7]),
+                (262, 3, [6]), (277, 3, [3]), (278, 4, [height]), (305, 2, "NDP.scan 3.2.4"),
+                (NDPI_FORMAT_FLAG, 4, [1]), (NDPI_SOURCELENS, 11, [page_lens]), (NDPI_FOCAL_PLANE, 9, [0])]
+        if page_lens > 0 and mpp is not None:
+            per_cm = Fraction(1e4 * width / (mpp * rgb.shape[1])).limit_denominator(10_000)
+            ratio = (per_cm.numerator, per_cm.denominator)
+            tags += [(282, 5, [ratio]), (283, 5, [ratio]), (296, 3, [3])]
+        if page_tile:
+            tags.append((NDPI_MCU_STARTS, 4, starts))
+        if index == 0 and properties:
+            tags.append((NDPI_PROPERTY_MAP, 2, "".join(f"{k}={v}\r\n" for k, v in properties.items())))
+        encoded.append((data, tags))
+    path.write_bytes(_ndpi_file(encoded))
+    return path
