@@ -470,3 +470,106 @@ def write_ndpi(path: Path | str, rgb: np.ndarray, mpp: float | None, levels: int
         encoded.append((data, tags))
     path.write_bytes(_ndpi_file(encoded))
     return path
+
+
+def _le32(*values: int) -> bytes:
+    import struct
+
+    return struct.pack(f"<{len(values)}i", *values)
+
+
+def write_mrxs(path: Path | str, rgb: np.ndarray, mpp: float, image: int = 128, levels: int = 3,
+               missing: tuple[tuple[int, int], ...] = (), label: np.ndarray | None = None,
+               general: dict[str, str] | None = None, slide_id: str = "5c1de0f7-0d6a-4d1a-9f4e-000000000001") -> Path:
+    """Write ``rgb`` (H, W, 3) uint8 as a 3DHISTECH MIRAX slide (OpenSlide's ``mirax`` reader).
+
+    A MIRAX slide is ``slide.mrxs`` plus a folder ``slide/`` holding ``Slidedat.ini`` (the layout),
+    ``Index.dat`` (where each image is) and ``Data0000.dat`` (the JPEG images). Level 0 is a grid of camera
+    images of ``image`` px, one per camera position, without overlap (so no position buffer is needed);
+    each next level halves the previous one and concatenates 2 x 2 of its images into one image of the same
+    size (``IMAGE_CONCAT_FACTOR`` 1), as the scanner stores them. ``missing`` lists grid cells (column, row)
+    the scanner skipped (no image at any level unless a sibling is present): OpenSlide's bounds then start
+    at the first scanned image, the offset QuPath applies. ``label`` is stored as the slide barcode image
+    (OpenSlide's ``label``) and ``general`` as extra ``[GENERAL]`` keys (tests plant identifiers in both).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = rgb.shape[:2]
+    if width % image or height % image:
+        raise ValueError(f"a {width} x {height} px slide is not a whole number of {image} px camera images")
+    across, down = width // image, height // image
+    present = np.ones((down, across), bool)
+    for column, row in missing:
+        present[row, column] = False
+
+    data, records = bytearray(), []  # records[level] = [(image index, offset, length)]
+    for level in range(levels):
+        concat = 2**level
+        records.append([])
+        for y in range(0, down, concat):
+            for x in range(0, across, concat):
+                if not present[y:y + concat, x:x + concat].any():
+                    continue
+                block = np.full((image * concat, image * concat, 3), 255, np.uint8)
+                part = rgb[y * image:(y + concat) * image, x * image:(x + concat) * image]
+                block[:part.shape[0], :part.shape[1]] = part
+                for row, column in zip(*np.nonzero(~present[y:y + concat, x:x + concat])):
+                    block[row * image:(row + 1) * image, column * image:(column + 1) * image] = 255
+                picture = Image.fromarray(block).resize((image, image), Image.Resampling.BOX)
+                buffer = io.BytesIO()
+                picture.save(buffer, "JPEG", quality=90)
+                records[-1].append((y * across + x, len(data), len(buffer.getvalue())))
+                data += buffer.getvalue()
+    label_record = None
+    if label is not None:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+        label_record = (len(data), len(buffer.getvalue()))
+        data += buffer.getvalue()
+    (folder / "Data0000.dat").write_bytes(bytes(data))
+
+    # Index.dat: version, slide id, then a pointer to the table of zoom-level lists and one to the table of
+    # non-hierarchical records; each list is a head (0, first page) and pages (count, next, records...).
+    head = b"01.02" + slide_id.encode("ascii")
+    index = bytearray(head + bytes(8))
+    hier_table = len(index)
+    index += bytes(4 * levels)
+    for level, level_records in enumerate(records):
+        page = len(index) + 8
+        index[hier_table + 4 * level:hier_table + 4 * level + 4] = _le32(len(index))
+        index += _le32(0, page) + _le32(len(level_records), 0)
+        for image_index, offset, length in level_records:
+            index += _le32(image_index, offset, length, 0)
+    nonhier_table = len(index)
+    if label_record is not None:
+        index += _le32(nonhier_table + 4)
+        index += _le32(0, len(index) + 8) + _le32(1, 0, 0, 0, label_record[0], label_record[1], 0)
+    index[len(head):len(head) + 8] = _le32(hier_table, nonhier_table)
+    (folder / "Index.dat").write_bytes(bytes(index))
+
+    lines = ["[GENERAL]", f"SLIDE_ID = {slide_id}", f"IMAGENUMBER_X = {across}", f"IMAGENUMBER_Y = {down}",
+             "OBJECTIVE_MAGNIFICATION = 20", "CameraImageDivisionsPerSide = 1",
+             *(f"{k} = {v}" for k, v in (general or {}).items()),
+             "[HIERARCHICAL]", "HIER_COUNT = 1", f"NONHIER_COUNT = {0 if label is None else 1}",
+             "INDEXFILE = Index.dat", "HIER_0_NAME = Slide zoom level", f"HIER_0_COUNT = {levels}"]
+    for level in range(levels):
+        lines += [f"HIER_0_VAL_{level} = ZoomLevel_{level}",
+                  f"HIER_0_VAL_{level}_SECTION = LAYER_0_LEVEL_{level}_SECTION"]
+    if label is not None:
+        lines += ["NONHIER_0_NAME = Scan data layer", "NONHIER_0_COUNT = 1",
+                  "NONHIER_0_VAL_0 = ScanDataLayer_SlideBarcode",
+                  "NONHIER_0_VAL_0_SECTION = NONHIERLAYER_0_VAL_0_SECTION"]
+    lines += ["[DATAFILE]", "FILE_COUNT = 1", "FILE_0 = Data0000.dat"]
+    for level in range(levels):
+        lines += [f"[LAYER_0_LEVEL_{level}_SECTION]", f"IMAGE_CONCAT_FACTOR = {0 if level == 0 else 1}",
+                  "OVERLAP_X = 0", "OVERLAP_Y = 0", f"MICROMETER_PER_PIXEL_X = {mpp * 2**level:.6g}",
+                  f"MICROMETER_PER_PIXEL_Y = {mpp * 2**level:.6g}", "IMAGE_FILL_COLOR_BGR = 16777215",
+                  f"DIGITIZER_WIDTH = {image}", f"DIGITIZER_HEIGHT = {image}", "IMAGE_FORMAT = JPEG"]
+    if label is not None:
+        lines += ["[NONHIERLAYER_0_VAL_0_SECTION]", "BARCODE_IMAGE_TYPE = JPEG"]
+    (folder / "Slidedat.ini").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    path.write_bytes(b"")  # OpenSlide only checks that the .mrxs exists; it reads the folder beside it
+    return path

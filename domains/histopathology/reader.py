@@ -199,6 +199,12 @@ def slide_fingerprint(path: Path) -> str | None:
     """
     import hashlib
 
+    if path.suffix.lower() == ".mrxs":
+        # A MIRAX slide's .mrxs is a stub (often the same bytes for every slide); its content is the folder
+        # beside it, whose Slidedat.ini names the slide's id and layout and Index.dat where every image is.
+        parts = [fingerprint for name in ("Slidedat.ini", "Index.dat")
+                 if (fingerprint := slide_fingerprint(path.with_suffix("") / name)) is not None]
+        return hashlib.sha256("".join(parts).encode()).hexdigest() if len(parts) == 2 else None
     try:
         size = path.stat().st_size
         digest = hashlib.sha256(str(size).encode())

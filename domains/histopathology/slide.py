@@ -407,6 +407,13 @@ def _check_file(path: Path) -> None:
     if suffix not in SLIDE_EXTENSIONS:
         raise DomainInputError(path, f"extension {suffix or '(none)'!r} is not a whole-slide image format; "
                                      f"expected one of {', '.join(SLIDE_EXTENSIONS)}")
+    if suffix == ".mrxs":
+        # OpenSlide reads a MIRAX slide from the folder beside the .mrxs (which may be empty): check that.
+        slidedat = path.with_suffix("") / "Slidedat.ini"
+        if not slidedat.is_file() or slidedat.stat().st_size == 0:
+            raise DomainInputError(path, "MIRAX slide without its data: the Slidedat.ini of the folder of the same "
+                                         "name beside the .mrxs is missing or empty (copy that folder with it)")
+        return
     if path.stat().st_size == 0:
         raise DomainInputError(path, "empty file (0 bytes): the slide was not copied or not written")
 
