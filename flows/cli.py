@@ -181,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p)
     _overrides_arg(p)
 
-    p = verbs.add_parser("finetune", help="fine-tune a backbone with LoRA on a dataset",
-                         description="Fine-tune a timm ViT with a LoRA adapter; logs the run and model to MLflow.")
+    p = verbs.add_parser("finetune", help="fine-tune a backbone with an adapter (LoRA by default) on a dataset",
+                         description="Fine-tune a timm ViT with the adapter method set by adapter.method (LoRA by "
+                                     "default; the peft families, BitFit, SSF, VPT, AdaptFormer, DVPT, full, "
+                                     "linear-probe); logs the run and model to MLflow.")
     _domain_arg(p)
     p.add_argument("--dataset", required=True, help="dataset folder written by `vitrail ingest`")
     _workdir_arg(p)
