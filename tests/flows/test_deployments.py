@@ -99,3 +99,25 @@ def test_scale_out_presets_fan_out_on_dask_and_train_on_two_processes():
     finetune = by_flow[("flows/finetune.py:finetune_backbone", "satellite-vit-tiny-lora-ddp2")]
     assert _load("flows/finetune.py:finetune_backbone").validate_parameters(
         {"params": finetune})["params"].train.processes == 2
+
+
+def test_one_adapter_block_in_every_form_offering_every_registered_method():
+    """The forms show one `adapter` block (method + knobs), never the LoRA-only `lora` block it replaced."""
+    from tasks.adapters import METHODS
+
+    with_adapter = set()
+    for flow in _public_flows():
+        schema = flow.parameters.model_dump()
+        params = schema["properties"]["params"]
+        defs = schema.get("definitions", {})
+        root = defs[params["$ref"].split("/")[-1]] if "$ref" in params else params
+        for path, field in _walk(root, defs, flow.name):
+            name = path.rsplit(".", 1)[-1]
+            assert name != "lora", f"{path}: the LoRA-only block is still in the form"
+            ref = field.get("$ref") or next((a.get("$ref") for a in field.get("anyOf", []) if "$ref" in a), "")
+            if ref.endswith("/AdapterParams"):
+                assert name == "adapter", f"{path}: an adapter block under another name"
+                method = defs["AdapterParams"]["properties"]["method"]
+                assert set(method["enum"]) == set(METHODS), path
+                with_adapter.add(flow.name)
+    assert {"finetune-backbone", "pipeline"} <= with_adapter, with_adapter
