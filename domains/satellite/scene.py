@@ -175,15 +175,15 @@ def open_raster(path: Path) -> Iterator[Any]:
         yield dataset
 
 
-def read_band(dataset: Any, index: int, path: Path, window: Any = None) -> np.ndarray:
-    """Read band ``index`` (1-based) of an open dataset, whole or a rasterio ``window`` of it.
+def read_band(dataset: Any, index: int, path: Path, window: Any = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Read band ``index`` (1-based) of an open dataset, whole or a rasterio ``window`` of it (into ``out`` if given).
 
     Read failures become :class:`DomainInputError`.
     """
     from rasterio.errors import RasterioError
 
     try:
-        return dataset.read(index, window=window)
+        return dataset.read(index, window=window, out=out)
     except RasterioError as error:
         # Truncated files usually open (the header is intact) and fail here, on the missing tiles.
         raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {error}") from None

@@ -6,7 +6,10 @@ reads like a demo crop, only for longer.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -66,6 +69,42 @@ def _malloc_trim():
 _MALLOC_TRIM: Any = None
 
 
+class ReusableArrays:
+    """Multi-MiB arrays handed out again once nothing but this pool references them.
+
+    A fresh array of a few MiB is not free: the kernel zeroes each of its (huge) pages on first touch,
+    which took about a fifth of an ingest's CPU time when every strip, band window and batch of tiles
+    was a new array. An array is reused only when its reference count says that nobody else (a caller
+    still holding a strip, a dataset writer storing a batch) can see it, so a caller that keeps an
+    array simply gets a new one next time. :meth:`take` of another shape returns a view of a pooled
+    buffer large enough; of the pool's own shape, the buffer itself (an array owning its memory).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, keep: int):
+        self.shape, self.dtype, self.keep = tuple(int(s) for s in shape), np.dtype(dtype), keep
+        self._arrays: list[np.ndarray] = [np.empty(0, dtype=self.dtype)]
+        # What "held by the pool only" reads as on this interpreter: the list's reference and the argument's.
+        self._alone = sys.getrefcount(self._arrays[0])
+        self._arrays.clear()
+
+    def take(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A writeable array of ``shape`` (the pool's by default) that nobody else references; contents arbitrary."""
+        shape = self.shape if shape is None else tuple(int(s) for s in shape)
+        size = math.prod(shape)
+        for index in range(len(self._arrays)):
+            if self._arrays[index].size >= size and sys.getrefcount(self._arrays[index]) <= self._alone:
+                array = self._arrays[index]
+                break
+        else:
+            array = np.empty(shape if shape == self.shape else max(size, math.prod(self.shape)), dtype=self.dtype)
+            if len(self._arrays) < self.keep:
+                self._arrays.append(array)
+        array.flags.writeable = True  # an array handed over read-only before, now referenced by nobody else
+        if array.shape == shape:
+            return array
+        return array.reshape(-1)[:size].reshape(shape)
+
+
 def shifted_transform(transform: Any, col: int, row: int) -> Any:
     """The transform of a window whose top-left pixel is (``col``, ``row``) of ``transform``'s grid."""
     from affine import Affine
@@ -110,6 +149,30 @@ def _phase_weights(factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 RESAMPLE_BLOCK_BYTES = 2 * 2**20
 
 
+class _Scratch(threading.local):
+    """Per-thread scratch arrays of :func:`upsample_into`, kept from call to call.
+
+    Made afresh for every band of every strip, they cost a page fault per 4 KiB (too small for numpy's huge
+    pages, and handed back to the system by :func:`release_free_memory`): about as much system time as the
+    arithmetic took. Kept, they cost a few MiB per reading thread.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        buffer = self.buffers.get((name, dtype.str))
+        if buffer is None or buffer.size < size:
+            buffer = np.empty(size, dtype=dtype)
+            self.buffers[(name, dtype.str)] = buffer
+        return buffer[:size].reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
 def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: int, top: int,
                   round_values: bool) -> None:
     """Bilinear upsampling of ``coarse`` by an integer ``factor`` onto fine rows ``top:top + len(out)``, into ``out``.
@@ -121,8 +184,8 @@ def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: 
 
     The arithmetic is that of a separable float32 resampling, columns first, ``lower * (1 - w) +
     upper * w`` per axis, bit for bit; it runs phase by phase (fine pixels ``j``, ``j + factor``, ...
-    share their weights) over cache-sized blocks of rows, so no index gathers and no strip-sized
-    temporaries are made.
+    share their weights) over cache-sized blocks of rows in per-thread scratch arrays, so no index
+    gathers, no strip-sized temporaries and no fresh memory are needed.
     """
     rows_in, cols_in = coarse.shape
     rows_out, width = out.shape
@@ -131,18 +194,26 @@ def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: 
     offset, weight, keep = _phase_weights(factor)
     per_phase = [len(range(j, width, factor)) for j in range(factor)]
     # Coarse columns -1 .. per_phase[0] with the edge repeated: every phase's neighbours are plain slices.
-    columns = np.clip(np.arange(-1, per_phase[0] + 1), 0, cols_in - 1)
+    inner = min(per_phase[0] + 1, cols_in)
     block = max(1, RESAMPLE_BLOCK_BYTES // (4 * width * factor))
     first, last = top // factor, (top + rows_out - 1) // factor
-    fine = np.empty((block * factor, width), dtype=np.float32)
-    widened = np.empty((block + 2, width), dtype=np.float32)
-    scratch_cols = np.empty((block + 2, per_phase[0]), dtype=np.float32)
-    scratch_rows = np.empty((block, width), dtype=np.float32)
+    scratch = _SCRATCH
+    fine = scratch.get("fine", (block * factor, width))
+    widened = scratch.get("widened", (block + 2, width))
+    scratch_cols = scratch.get("cols", (block + 2, per_phase[0]))
+    scratch_rows = scratch.get("rows", (block, width))
+    picked = scratch.get("picked", (block + 2, cols_in), coarse.dtype)
+    source_block = scratch.get("source", (block + 2, per_phase[0] + 2))
     for start in range(first, last + 1, block):
         stop = min(start + block, last + 1)
         count = stop - start
         rows = np.clip(np.arange(start - 1, stop + 1) - source_row, 0, rows_in - 1)
-        source = coarse[rows][:, columns].astype(np.float32, copy=False)
+        # The rows (edge rows repeated) and columns -1 .. per_phase[0] (edge repeated) of the block, as float32.
+        taken = np.take(coarse, rows, axis=0, out=picked[:count + 2])
+        source = source_block[:count + 2]
+        source[:, 1:1 + inner] = taken[:, :inner]
+        source[:, 1 + inner:] = taken[:, cols_in - 1:cols_in]
+        source[:, 0] = taken[:, 0]
         wide = widened[:count + 2]
         for j in range(factor):
             lo, n = 1 + offset[j], per_phase[j]
@@ -159,10 +230,24 @@ def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: 
             np.multiply(wide[lo:lo + count], keep[j], out=target)
             np.multiply(wide[lo + 1:lo + 1 + count], weight[j], out=upper)
             np.add(target, upper, out=target)
-        if round_values:
-            np.rint(block_out, out=block_out)
         begin, end = max(top, start * factor), min(top + rows_out, stop * factor)
-        out[begin - top:end - top] = block_out[begin - start * factor:end - start * factor]
+        result = block_out[begin - start * factor:end - start * factor]
+        if round_values:
+            # Rounded in float32 and cast on the way out: one pass, the values of rint then a cast.
+            np.rint(result, out=out[begin - top:end - top], casting="unsafe")
+        else:
+            out[begin - top:end - top] = result
+
+
+@functools.cache
+def _unit_norm(factor: int) -> bool:
+    """Whether the bilinear weights of every phase of ``factor`` add up to exactly 1.0 in float32, per axis and
+    both axes together: then a fine pixel whose neighbours are all valid has the value a plain (unweighted by
+    validity) upsampling gives it, bit for bit. True for the factors of Sentinel-2 and Landsat grids."""
+    _, weight, keep = _phase_weights(factor)
+    ones = [np.float32(keep[j] * np.float32(1)) + np.float32(weight[j] * np.float32(1)) for j in range(factor)]
+    return all(np.float32(np.float32(keep[r] * c) + np.float32(weight[r] * c)) == 1
+               for r in range(factor) for c in ones)
 
 
 def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int,
@@ -197,6 +282,58 @@ def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row
     mask = valid[nearest_rows][:, nearest_cols] & np.isfinite(out)
     out[~mask] = np.nan
     return out, mask
+
+
+def _dirty_fine_rows(valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int) -> list[tuple[int, int]]:
+    """Runs ``(first, stop)`` of fine rows in ``top:bottom`` whose bilinear neighbours include an invalid pixel.
+
+    Fine row ``i`` reads coarse rows ``floor((i + 0.5) / factor - 0.5)`` and the one below (clipped to the
+    window), which include the coarse row under its centre; a fine row is dirty when one of them holds an
+    invalid pixel anywhere in the band's width.
+    """
+    bad = ~valid.all(axis=1)
+    fine = np.arange(top, bottom)
+    lower = np.floor((fine + 0.5) / factor - 0.5).astype(np.int64) - source_row
+    last = len(bad) - 1
+    dirty = bad[np.clip(lower, 0, last)] | bad[np.clip(lower + 1, 0, last)]
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], dirty, [False])).astype(np.int8)))
+    return [(top + int(a), top + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def upsample_valid_into(out: np.ndarray, dn: np.ndarray, valid: np.ndarray, factor: int, source_row: int,
+                        top: int, round_values: bool) -> np.ndarray | None:
+    """:func:`upsample_bilinear` of ``dn`` (valid where ``valid``) written into ``out``; its valid mask, or None.
+
+    Only the fine rows whose neighbours include an invalid pixel (a few rows per nodata pixel) go
+    through the weighted, masked resampling; every other row is a plain :func:`upsample_into`, which
+    gives the same values bit for bit there (see :func:`_unit_norm`). Values are rounded when
+    ``round_values`` (as :func:`upsample_into`); invalid pixels of ``out`` hold an arbitrary value.
+    """
+    bottom = top + len(out)
+    if not _unit_norm(factor):
+        values, mask = upsample_bilinear(dn, valid, factor, source_row, top, bottom, out.shape[1])
+        if round_values:
+            np.rint(values, out=values)
+        with np.errstate(invalid="ignore"):
+            out[...] = values
+        return mask
+    upsample_into(out, dn, factor, source_row, top, round_values)
+    runs = _dirty_fine_rows(valid, factor, source_row, top, bottom)
+    if not runs:
+        return None
+    mask = np.ones(out.shape, dtype=bool)
+    for first, stop in runs:
+        # The coarse rows these fine rows (and upsample_into's blocks) read, edge clipping left as it was.
+        low = max(0, first // factor - 1 - source_row)
+        high = min(len(dn), (stop - 1) // factor + 2 - source_row)
+        values, run_mask = upsample_bilinear(dn[low:high], valid[low:high], factor, source_row + low, first,
+                                             stop, out.shape[1])
+        if round_values:
+            np.rint(values, out=values)
+        with np.errstate(invalid="ignore"):
+            out[first - top:stop - top] = values
+        mask[first - top:stop - top] = run_mask
+    return mask
 
 
 def strip_dtype(layout: SceneLayout) -> np.dtype:
@@ -242,6 +379,11 @@ class StripReader:
         self._pool = None
         # Per band: (first row, rows) decoded past the last window read, up to the end of its row of blocks.
         self._carried: dict[int, tuple[int, np.ndarray]] = {}
+        # Reused memory (see ReusableArrays): strips and their masks, made on the first strip's shape (a
+        # strip being read, one read ahead, one the caller still holds); per band, the window GDAL decodes into.
+        self._strips: ReusableArrays | None = None
+        self._masks: ReusableArrays | None = None
+        self._windows: dict[int, ReusableArrays] = {}
 
     def __enter__(self) -> StripReader:
         from concurrent.futures import ThreadPoolExecutor
@@ -312,7 +454,11 @@ class StripReader:
         from concurrent.futures import wait
 
         height, width = bottom - top, self.layout.shape[1]
-        raw = np.empty((len(self.layout.bands), height, width), dtype=self.dtype)
+        shape = (len(self.layout.bands), height, width)
+        if self._strips is None:
+            self._strips = ReusableArrays(shape, self.dtype, keep=3)
+            self._masks = ReusableArrays(shape[1:], bool, keep=3)
+        raw = self._strips.take(shape)
         # One job per file (a GDAL dataset handle is not safe to share between threads); decoding and the
         # numpy resampling release the GIL, so the files of a strip are read on several cores at once.
         by_file: dict[Any, list[int]] = {}
@@ -320,15 +466,20 @@ class StripReader:
             by_file.setdefault(band.path, []).append(i)
         jobs = [self._pool.submit(self._read_bands, raw, members, top, bottom) for members in by_file.values()]
         wait(jobs)  # every job is done with ``raw`` before anything (an error included) leaves this method
-        valid = np.ones((height, width), dtype=bool)
+        valid = self._masks.take((height, width))
+        valid[...] = True
         for job in jobs:
             for band_valid in job.result():
                 if band_valid is not None and not band_valid.all():
                     valid &= band_valid
-        if not valid.all():
-            invalid = ~valid
-            for i, fill in enumerate(self.fill):
-                raw[i][invalid] = fill
+        # Only the rows holding an invalid pixel are visited (a nodata pixel here and there is common).
+        bad_rows = np.flatnonzero(~valid.all(axis=1))
+        if len(bad_rows):
+            breaks = np.flatnonzero(np.diff(bad_rows) > 1)
+            for first, last in zip(bad_rows[np.r_[0, breaks + 1]], bad_rows[np.r_[breaks, len(bad_rows) - 1]]):
+                invalid = ~valid[first:last + 1]
+                for i, fill in enumerate(self.fill):
+                    np.copyto(raw[i, first:last + 1], fill, where=invalid)
         return raw, valid
 
     def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int) -> list[np.ndarray | None]:
@@ -346,13 +497,17 @@ class StripReader:
                 if not self.layout.on_grid(band):
                     masks.append(self._resample_into(raw[i], dataset, band, top, bottom))
                     continue
-                dn = self._read_window(i, dataset, top, bottom, keep=0)
+                # Straight into the strip when the band has its dtype (a cast could change what nodata matches).
+                dn = self._read_window(i, dataset, top, bottom, keep=0,
+                                       out=raw[i] if band.dtype == raw.dtype else None)
+                if dn.dtype != raw.dtype:
+                    raw[i] = dn
                 reject_infinite(dn, band.path, band.name)
                 masks.append(valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale))
-                raw[i] = dn
         return masks
 
-    def _read_window(self, i: int, dataset: Any, first: int, last: int, keep: int) -> np.ndarray:
+    def _read_window(self, i: int, dataset: Any, first: int, last: int, keep: int,
+                     out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``first:last`` of band ``i`` (full width), decoding every row of blocks once when read in order.
 
         GDAL decodes a whole block for any part of it and does not keep it for the next window, so a strip
@@ -360,7 +515,7 @@ class StripReader:
         to a half more decoding for strips a few hundred rows tall). The window is therefore read on to
         the end of its last row of blocks, and the rows past ``last`` (and ``keep`` rows before it, where
         the next window may start) are kept for the next call. Any other order of windows still reads
-        correctly, from the file.
+        correctly, from the file. The rows are written into ``out`` when given (and returned).
         """
         from rasterio.windows import Window
 
@@ -376,10 +531,14 @@ class StripReader:
             pieces.append((first, carried[1][first - carried[0]:]))
             read_from = carried[0] + len(carried[1])
         if read_from < last:
-            pieces.append((read_from, read_band(dataset, band.index, band.path,
-                                                Window(0, read_from, width, end - read_from))))
+            window = (end - read_from, width)
+            if i not in self._windows:
+                self._windows[i] = ReusableArrays(window, band.dtype, keep=1)
+            decoded = read_band(dataset, band.index, band.path, Window(0, read_from, width, end - read_from),
+                                out=self._windows[i].take(window))
+            pieces.append((read_from, decoded))
         # One window-sized array per call (not a concatenation of varying size): the allocator reuses it.
-        rows = np.empty((last - first, width), dtype=pieces[0][1].dtype)
+        rows = out if out is not None else np.empty((last - first, width), dtype=pieces[0][1].dtype)
         for start, piece in pieces:
             stop = min(last, start + len(piece))
             rows[start - first:stop - first] = piece[:stop - start]
@@ -418,9 +577,8 @@ class StripReader:
             upsample_into(out, dn, factor, start, top, round_values)
             return None
         if factor is not None:
-            values, fine_valid = upsample_bilinear(dn, band_valid, factor, start, top, bottom, width)
-        else:
-            values, fine_valid = self._warp_rows(dn, band_valid, band, start, top, bottom)
+            return upsample_valid_into(out, dn, band_valid, factor, start, top, round_values)
+        values, fine_valid = self._warp_rows(dn, band_valid, band, start, top, bottom)
         if round_values:
             np.rint(values, out=values)
         # NaN (invalid) pixels cast to an arbitrary value here; the caller fills every invalid pixel.

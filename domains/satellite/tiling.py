@@ -12,7 +12,7 @@ from domains.input_guards import check_readable, input_errors_named
 from domains.satellite.clouds import CloudMasker, CloudRows, plan_cloud_mask
 from domains.satellite.labels import LabelWindows
 from domains.satellite.scene import Scene, SceneLayout, describe_scales, inspect_scene
-from domains.satellite.strips import StripReader
+from domains.satellite.strips import ReusableArrays, StripReader
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("water", "vegetation", "bare_or_built")
@@ -325,7 +325,10 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                 provenance=provenance, scaling=reader.scaling,
             )
 
-        images = np.empty((capacity, len(channels), size, size), dtype=reader.dtype)
+        # Batches are handed over read-only; a batch that its consumer (the dataset writer) has let go of is
+        # filled again instead of a fresh one (whose pages the kernel would zero first).
+        batch_arrays = ReusableArrays((capacity, len(channels), size, size), reader.dtype, keep=4)
+        images = batch_arrays.take()
         kept: list[tuple[int, int, int]] = []
         dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
         valid_pixels_seen = 0
@@ -360,7 +363,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                     # Read-only: never written again, so a dataset writer may keep it without a copy.
                     images.flags.writeable = False
                     yield batch(images, kept, dropped, base_provenance)
-                    images = np.empty_like(images)
+                    images = batch_arrays.take()
                     kept = []
                     pixel_labels = []
                     dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}

@@ -217,3 +217,51 @@ def test_strips_read_in_order_reuse_block_rows_and_equal_strips_read_alone(tmp_p
             expected_raw, expected_valid = alone.read_rows(top, bottom)
         np.testing.assert_array_equal(raw, expected_raw, err_msg=f"rows {top}:{bottom}")
         np.testing.assert_array_equal(valid, expected_valid, err_msg=f"rows {top}:{bottom}")
+
+
+@pytest.mark.parametrize("factor", [2, 6])
+def test_masked_upsampling_by_dirty_rows_is_the_whole_window_result_bit_for_bit(factor: int) -> None:
+    from domains.satellite import strips
+
+    rng = np.random.default_rng(10 + factor)
+    coarse = rng.integers(1, 10000, size=(30, 13), dtype=np.uint16)
+    valid = np.ones(coarse.shape, dtype=bool)
+    valid[[4, 5, 17], [3, 12, 0]] = False  # nodata inside, at the right edge and at the left edge
+    valid[29, 6] = False  # and on the window's last row
+    width = 13 * factor - 1
+    for source_row, top, bottom in [(0, 0, 30 * factor), (2, 2 * factor + 3, 25 * factor), (0, 0, 3 * factor)]:
+        window, window_valid = coarse[source_row:], valid[source_row:]
+        values, mask = strips.upsample_bilinear(window, window_valid, factor, source_row, top, bottom, width)
+        rounded = np.empty((bottom - top, width), dtype=np.uint16)
+        rounded_mask = strips.upsample_valid_into(rounded, window, window_valid, factor, source_row, top, True)
+        exact = np.empty((bottom - top, width), dtype=np.float32)
+        exact_mask = strips.upsample_valid_into(exact, window, window_valid, factor, source_row, top, False)
+        expected_mask = mask if not mask.all() else None
+        for got in (rounded_mask, exact_mask):
+            if expected_mask is None:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got, expected_mask)
+        np.testing.assert_array_equal(exact[mask], values[mask])
+        np.testing.assert_array_equal(rounded[mask], np.rint(values[mask]).astype(np.uint16))
+
+
+def test_reusable_arrays_hand_out_only_arrays_nobody_else_holds() -> None:
+    from domains.satellite.strips import ReusableArrays
+
+    pool = ReusableArrays((4, 5), np.uint16, keep=2)
+    first = pool.take()
+    assert first.shape == (4, 5) and first.flags.owndata and first.flags.writeable
+    first.flags.writeable = False  # handed over read-only, still held
+    second = pool.take()
+    assert second is not first
+    kept = second[1:]  # a view keeps its base alive
+    del second
+    third = pool.take()
+    assert third is not kept.base and third is not first
+    address = first.__array_interface__["data"][0]
+    del first
+    again = pool.take()
+    assert again.__array_interface__["data"][0] == address and again.flags.writeable
+    smaller = pool.take((2, 3))  # another shape: a view of a free buffer large enough
+    assert smaller.shape == (2, 3) and smaller.base is not None
