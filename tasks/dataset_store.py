@@ -26,6 +26,7 @@ its name instead of being silently trained on.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -168,6 +169,9 @@ class ChunkedArrayWriter:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitrail-write-{name}")
         self._chunk_pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix=f"vitrail-chunk-{name}")
         self._pending: deque = deque()
+        # Local chunk files written so far, made durable together when the writer closes.
+        self._written: list[str] = []
+        self._written_lock = threading.Lock()
 
     def append(self, block: np.ndarray) -> None:
         """Queue ``block`` (N, *sample_shape) for storing; raises what storing an earlier batch raised.
@@ -212,6 +216,7 @@ class ChunkedArrayWriter:
             if self.filled:
                 self._store_chunk(self.buffer[:self.filled])
                 self.filled = 0
+            self._make_durable()
             self.array.resize((self.length, *self.sample_shape))
         finally:
             self._worker.shutdown(wait=True)
@@ -266,8 +271,57 @@ class ChunkedArrayWriter:
         else:
             encoded = self._codec.encode(samples)
         digest = chunk_digest(samples)
-        self.files.write_bytes(chunk_key(self.name, index, 1 + len(self.sample_shape)), encoded)
+        self._write_chunk(chunk_key(self.name, index, 1 + len(self.sample_shape)), encoded)
         return digest
+
+    def _write_chunk(self, key: str, encoded: bytes) -> None:
+        """Write one encoded chunk: on an object store a whole put; locally a plain file, flushed at close.
+
+        A writer fills a location nobody reads yet (a dataset's partial folder, renamed into place once
+        complete; a part, finished by its ``part.json``), so a chunk file needs no temporary name of its
+        own. Nor a disk flush each: one per chunk (file and folder) kept the chunk threads waiting on the
+        disk for most of an ingest's time; :meth:`close` flushes them all at the end, before the metadata
+        that publishes them is written. Writeback of each file is started at once (``POSIX_FADV_DONTNEED``
+        starts it without waiting), so little is left to wait for then.
+        """
+        if self.files.remote:
+            self.files.write_bytes(key, encoded)
+            return
+        path = os.path.join(self.files.location, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(encoded)
+            handle.flush()
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with self._written_lock:
+            self._written.append(path)
+
+    def _make_durable(self) -> None:
+        """fsync every chunk file written locally, and the folders holding them, on the chunk threads."""
+        with self._written_lock:
+            files, self._written = self._written, []
+        if not files:
+            return
+        root = os.path.join(self.files.location, self.name)
+        folders = {root}
+        for path in files:
+            folder = os.path.dirname(path)
+            while folder.startswith(root) and folder not in folders:
+                folders.add(folder)
+                folder = os.path.dirname(folder)
+        list(self._chunk_pool.map(_fsync, [*files, *sorted(folders, key=len, reverse=True)]))
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # a folder some file systems cannot sync; the file data is what matters
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(descriptor)
 
 
 class ChunkSource:
