@@ -24,6 +24,7 @@ from domains.satellite.scene import (
     reject_infinite,
     valid_pixels,
 )
+from domains.satellite.sensors import IDENTITY
 
 # GDAL keeps decoded blocks in a cache that defaults to 5% of RAM: left alone, it grows with the scene until
 # that cap. A bounded cache that still holds one row of blocks of every band keeps memory flat.
@@ -336,6 +337,23 @@ def upsample_valid_into(out: np.ndarray, dn: np.ndarray, valid: np.ndarray, fact
     return mask
 
 
+def window_valid(dn: np.ndarray, band: BandSource, fill_dn: int | None) -> np.ndarray | None:
+    """:func:`~domains.satellite.scene.valid_pixels` of a band window, or None when every pixel holds data.
+
+    For integer bands the window's range is looked at first: a nodata or fill value outside
+    ``[min, max]`` matches no pixel, and two reductions cost far less than the masks they spare (a
+    window-sized array or three per band and strip, each a fresh page-zeroed allocation).
+    """
+    if dn.dtype.kind in "ui" and dn.size:
+        low, high = int(dn.min()), int(dn.max())
+        markers = [band.nodata, fill_dn if band.scale != IDENTITY else None]
+        if not any(v is not None and not np.isnan(v) and float(v).is_integer() and low <= v <= high
+                   for v in markers):
+            return None
+    valid = valid_pixels(dn, band.nodata, fill_dn, band.scale)
+    return None if valid.all() else valid
+
+
 def strip_dtype(layout: SceneLayout) -> np.dtype:
     """The dtype samples of ``layout`` are stored in: the bands' own, float32 for floating-point data."""
     dtypes = [band.dtype for band in layout.bands]
@@ -503,7 +521,7 @@ class StripReader:
                 if dn.dtype != raw.dtype:
                     raw[i] = dn
                 reject_infinite(dn, band.path, band.name)
-                masks.append(valid_pixels(dn, band.nodata, self.layout.sensor.fill_dn, band.scale))
+                masks.append(window_valid(dn, band, self.layout.sensor.fill_dn))
         return masks
 
     def _read_window(self, i: int, dataset: Any, first: int, last: int, keep: int,
@@ -569,13 +587,15 @@ class StripReader:
         # The next strip's window starts up to two margins (and a rounding) before this one's end.
         dn = self._read_window(self.layout.bands.index(band), dataset, start, stop, keep=2 * WINDOW_MARGIN + 2)
         reject_infinite(dn, band.path, band.name)
-        band_valid = valid_pixels(dn, band.nodata, layout.sensor.fill_dn, band.scale)
+        band_valid = window_valid(dn, band, layout.sensor.fill_dn)
         factor = integer_upsampling(band.transform, layout.transform)
         # Bilinear weights are convex, so a rounded value stays within the range of the stored dtype.
         round_values = bool(np.issubdtype(out.dtype, np.integer))
-        if factor is not None and band_valid.all():
+        if factor is not None and band_valid is None:
             upsample_into(out, dn, factor, start, top, round_values)
             return None
+        if band_valid is None:
+            band_valid = np.ones(dn.shape, dtype=bool)
         if factor is not None:
             return upsample_valid_into(out, dn, band_valid, factor, start, top, round_values)
         values, fine_valid = self._warp_rows(dn, band_valid, band, start, top, bottom)

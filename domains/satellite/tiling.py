@@ -106,7 +106,9 @@ def checked_labels(labels: np.ndarray, valid: np.ndarray, class_names: tuple[str
             path, f"label value {top} is outside 0..{len(class_names) - 1} for classes {', '.join(class_names)}"
         )
     # Labels under invalid pixels describe pixels the model never sees.
-    return np.where(valid, labels, -1)
+    if valid.all():
+        return labels
+    return np.where(valid, labels, labels.dtype.type(-1))
 
 
 def select_tiles(
@@ -350,7 +352,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             strip_labels = None
             if labels is not None:
                 label_path = request.labels if request.labels is not None else layout.path
-                strip_labels = checked_labels(labels.read_rows(top, bottom), valid, class_names, label_path)
+                strip_labels = checked_labels(labels.read_rows(top, bottom, compact=True), valid, class_names, label_path)
             for row, col, label in select_tiles(valid, strip_labels, top, rows, width, request, len(class_names),
                                                 dropped, cloudy):
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]

@@ -265,3 +265,25 @@ def test_reusable_arrays_hand_out_only_arrays_nobody_else_holds() -> None:
     assert again.__array_interface__["data"][0] == address and again.flags.writeable
     smaller = pool.take((2, 3))  # another shape: a view of a free buffer large enough
     assert smaller.shape == (2, 3) and smaller.base is not None
+
+
+@pytest.mark.parametrize("nodata", [None, 0.0, 7.0, 65535.0, 2.5])
+def test_window_valid_is_valid_pixels_or_none_when_all_valid(nodata: float | None) -> None:
+    from affine import Affine
+
+    from domains.satellite.scene import BandSource, valid_pixels
+    from domains.satellite.sensors import IDENTITY, SENTINEL2_L1C
+    from domains.satellite.strips import window_valid
+
+    rng = np.random.default_rng(3)
+    dn = rng.integers(5, 9, size=(6, 7), dtype=np.uint16)
+    for scale in (SENTINEL2_L1C, IDENTITY):
+        band = BandSource(path=Path("b.tif"), index=1, name="B04", transform=Affine.identity(), shape=dn.shape,
+                          nodata=nodata, dtype=dn.dtype, scale=scale)
+        for window in (dn, np.where(dn == 8, 0, dn).astype(np.uint16)):
+            expected = valid_pixels(window, nodata, 0, scale)
+            got = window_valid(window, band, 0)
+            if expected.all():
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got, expected)
