@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from domains.input_guards import check_readable
 from domains.spec import DomainInputError
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -399,10 +400,13 @@ def open_slide(path: Path | str, mpp: float | None = None, workers: int | None =
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise DomainInputError(path, "no such slide file")
     if path.is_dir():
         raise DomainInputError(path, "is a folder, not a slide file (for DICOM WSI give one of its .dcm files)")
+    # A looping or dangling link, or a file this process may not read, is named here: otherwise the first
+    # open() raises a bare OSError, which predict reports as an unexpected error with a traceback.
+    check_readable(path, "file")
     suffix = path.suffix.lower()
     if suffix not in SLIDE_EXTENSIONS:
         raise DomainInputError(path, f"extension {suffix or '(none)'!r} is not a whole-slide image format; "

@@ -333,3 +333,37 @@ def test_wrong_extension_or_not_a_slide_is_refused(tmp_path: Path, content) -> N
         open_slide(fake)
     with pytest.raises(DomainInputError, match="no such slide file"):
         open_slide(tmp_path / "missing.svs")
+
+
+def test_a_slide_this_process_may_not_read_is_named_not_an_os_error() -> None:
+    """Issue 9: a drop folder holding a slide without read permission made predict print a PermissionError
+    traceback ("unexpected PermissionError") instead of one line naming the slide.
+
+    The slide is opened in a child process; as root (which reads any file) the child runs as ``nobody``
+    through util-linux's ``setpriv``, so the permission bits mean something wherever the suite runs.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    if as_root and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no way to open the file as a user without read permission")
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if as_root else []
+    folder = Path(tempfile.mkdtemp(prefix="vitrail-locked-slide-"))  # under /tmp: reachable by another user
+    try:
+        folder.chmod(0o755)
+        slide = write_pages_pyramid(folder / "locked.tif", smooth_rgb(64, 64), mpp=0.5, factors=(1,), tile=32)
+        slide.chmod(0)
+        probe = ("import sys\nfrom domains.histopathology.slide import open_slide\nfrom domains.spec import "
+                 "DomainInputError\ntry:\n    open_slide(sys.argv[1])\nexcept DomainInputError as error:\n"
+                 "    print(error)\n")
+        child = subprocess.run([*as_nobody, sys.executable, "-c", probe, str(slide)], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parents[3], timeout=120)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    assert "locked.tif: cannot be read: permission denied" in child.stdout, child.stdout
