@@ -287,3 +287,23 @@ def test_window_valid_is_valid_pixels_or_none_when_all_valid(nodata: float | Non
                 assert got is None
             else:
                 np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+def test_factor_two_integer_upsampling_is_the_general_float32_result_bit_for_bit(dtype, monkeypatch) -> None:
+    from domains.satellite import strips
+
+    monkeypatch.setattr(strips, "RESAMPLE_BLOCK_BYTES", 4 * 50 * 2 * 3)
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    coarse = rng.integers(info.min, info.max, size=(40, 17), endpoint=True).astype(dtype)
+    coarse[0, :3] = [info.min, info.max, info.min]  # the extremes side by side
+    for width in (34, 33):
+        for source_row, top, bottom in [(0, 0, 80), (5, 11, 62), (3, 7, 9)]:
+            expected = _gathered_bilinear(coarse, 2, source_row, top, bottom, width)
+            out = np.empty((bottom - top, width), dtype=np.float32)
+            strips.upsample_into(out, coarse, 2, source_row, top, round_values=False)
+            np.testing.assert_array_equal(out, expected)
+            rounded = np.empty((bottom - top, width), dtype=dtype)
+            strips.upsample_into(rounded, coarse, 2, source_row, top, round_values=True)
+            np.testing.assert_array_equal(rounded, np.rint(expected).astype(dtype))
