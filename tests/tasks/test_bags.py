@@ -201,3 +201,23 @@ def test_slide_labels_are_learned_from_bags_through_the_one_training_loop(slide_
     assert report.samples == len(load_dataset_for(slide_dataset, outcome.model).splits["test"])
     assert report.macro_auroc == 1.0
     assert "torch-fp32.test_group_macro_auroc" in result.flat_metrics()
+
+
+def test_per_patient_scores_combine_a_patients_slides_tumour_first() -> None:
+    from tasks.validation import score_per_patient
+
+    # Patient a: a normal slide and a tumour slide the model finds; b: one normal slide; c: one tumour slide
+    # the model misses. Logits are (normal, tumour).
+    labels = np.array([0, 1, 0, 1])
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]]))
+    report = score_per_patient(labels, logits, np.array(["a", "a", "b", "c"]), CLASSES)
+    assert report.samples == 3  # patients, not slides
+    # a is tumour (its worst slide) and predicted so; b normal, right; c tumour, missed.
+    assert report.accuracy == pytest.approx(2 / 3)
+    # Tumour probabilities per patient 0.8 (a), 0.3 (b), 0.4 (c): both tumour patients above the normal one,
+    # and the normal probabilities their complements, so both classes' AUROCs are 1.
+    assert report.macro_auroc == pytest.approx(1.0)
+    # Three classes: P(>= k) per patient is the highest of its slides', the probabilities their differences.
+    three = np.log(np.array([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3], [0.8, 0.1, 0.1]]))
+    report = score_per_patient(np.array([2, 1, 0]), three, np.array(["a", "a", "b"]), ("x", "y", "z"))
+    assert report.samples == 2 and report.accuracy == pytest.approx(0.5)  # a: slides called x, y -> y; is z
