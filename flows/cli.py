@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("bench", help="run a benchmark side by side and write DIR/bench/NAME.json",
                          description="Benchmarks measure variants side by side in one run on this machine and "
                                      "print ratios; they are not tests. Known: compression, ingest, merging, onboard, "
-                                     "peft, pretraining, train.")
-    p.add_argument("name", help="benchmark name (compression, ingest, merging, onboard, peft, pretraining, train)")
+                                     "peft, pretraining, train, wsi.")
+    p.add_argument("name", help="benchmark name (compression, ingest, merging, onboard, peft, pretraining, train, wsi)")
     _workdir_arg(p)
     _overrides_arg(p, "benchmark option, e.g. --set repeats=50 (see the benchmark's docs)")
     return parser
