@@ -170,6 +170,8 @@ class CompressReport:
             "profile": self.profile,
             "selection": self.selection,
             "recipe": self.recipe,
+            # How the fine-tune's adapter reached the graphs (merged, kept as operations, or distilled away).
+            "adapter": self.extra.get("adapter"),
         }
 
     def write(self, path: Path) -> Path:
