@@ -32,6 +32,10 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".
                     ".dcm", ".btf", ".tf2", ".tf8", ".qptiff")
 # Plausible scanner resolutions; a value outside is a unit mistake (e.g. a TIFF "resolution" of 1 dpi).
 MPP_RANGE = (0.02, 100.0)
+# Longest side a slide may cover, in mm: glass slides are 75 x 25 mm, large-format ones about 127 x 102 mm.
+# A header declaring more is damaged (or its resolution is wrong) and is refused before any read; anything
+# within it also keeps the tissue-mask thumbnail (2048 px on its longest side) inside MPP_RANGE.
+MAX_SLIDE_MM = 200.0
 # A pyramid level this close to the requested mpp (relative) is used as is, not passed over for a finer one.
 LEVEL_MPP_TOLERANCE = 0.01
 # Largest side, in pixels of the level read, of one region read: bounds the memory of a read (4 bytes/px
@@ -387,6 +391,7 @@ def open_slide(path: Path | str, mpp: float | None = None, workers: int | None =
             raise DomainInputError(path, f"resolution {mpp_x} x {mpp_y} um/px from {source} is outside the plausible "
                                          f"{MPP_RANGE[0]}..{MPP_RANGE[1]}; pass --mpp")
         levels = backend.levels()
+        _check_extent(path, levels[0][0], levels[0][1], mpp_x, mpp_y)
         _check_pyramid(path, levels)
         bounds_x, bounds_y, bounds_width, bounds_height = backend.bounds()
         geometry = SlideGeometry(width=levels[0][0], height=levels[0][1], mpp_x=mpp_x, mpp_y=mpp_y,
@@ -397,6 +402,15 @@ def open_slide(path: Path | str, mpp: float | None = None, workers: int | None =
         backend.close()
         raise
     return Slide(path, backend, geometry, workers)
+
+
+def _check_extent(path: Path, width: int, height: int, mpp_x: float, mpp_y: float) -> None:
+    """Refuse a slide whose declared size and resolution make it larger than any glass slide."""
+    width_mm, height_mm = width * mpp_x / 1000, height * mpp_y / 1000
+    if max(width_mm, height_mm) > MAX_SLIDE_MM:
+        raise DomainInputError(path, f"header declares {width} x {height} px at {mpp_x:g} x {mpp_y:g} um/px, "
+                                     f"{width_mm:.0f} x {height_mm:.0f} mm: larger than any glass slide (limit "
+                                     f"{MAX_SLIDE_MM:g} mm); the file is damaged or its resolution is wrong")
 
 
 def _check_file(path: Path) -> None:

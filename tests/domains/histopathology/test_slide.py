@@ -367,3 +367,21 @@ def test_a_slide_this_process_may_not_read_is_named_not_an_os_error() -> None:
     assert child.returncode == 0, child.stderr[-2000:]
     assert "Traceback" not in child.stderr
     assert "locked.tif: cannot be read: permission denied" in child.stdout, child.stdout
+
+
+def test_a_header_declaring_a_slide_larger_than_any_glass_is_refused_with_the_numbers(tmp_path: Path) -> None:
+    """Issue 9: an 8-bit RGB header of 10^6 x 10^6 px at 0.5 um/px (16 bytes of data) passed open_slide and
+    failed later in the tissue mask with a bare ValueError, which predict printed with a traceback."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures"))
+    from write_bad_inputs import write_huge_tiff_header
+
+    huge = write_huge_tiff_header(tmp_path / "huge.tif", 10**6, 10**6, 3, bits=8, microns_per_pixel=0.5)
+    with pytest.raises(DomainInputError, match=r"huge\.tif: header declares 1000000 x 1000000 px at 0\.5 x 0\.5 "
+                                               r"um/px, 500 x 500 mm: larger than any glass slide"):
+        open_slide(huge)
+    # The same header is a plausible slide at a plausible size (100 mm at 0.5 um/px): opened, not refused.
+    plausible = write_huge_tiff_header(tmp_path / "large.tif", 200_000, 50_000, 3, bits=8, microns_per_pixel=0.5)
+    with open_slide(plausible) as slide:
+        assert (slide.geometry.width, slide.geometry.height) == (200_000, 50_000)
