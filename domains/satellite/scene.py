@@ -185,8 +185,11 @@ def read_band(dataset: Any, index: int, path: Path, window: Any = None, out: np.
     try:
         return dataset.read(index, window=window, out=out)
     except RasterioError as error:
-        # Truncated files usually open (the header is intact) and fail here, on the missing tiles.
-        raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {error}") from None
+        # Truncated files usually open (the header is intact) and fail here, on the missing tiles. rasterio's
+        # own text is "Read failed. See previous exception for details.", and that exception (GDAL's reason)
+        # is not shown to the user: quote it instead.
+        reason = error.__cause__ or error
+        raise DomainInputError(path, f"band {index} cannot be read (truncated or corrupt file?): {reason}") from None
 
 
 def check_raster_header(dataset: Any, path: Path) -> None:
