@@ -95,7 +95,7 @@ def plain_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        tmp_path_factory.mktemp("plain") / "plain.onnx", {})
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)  # full and linear-probe merge as the identity
+@pytest.mark.parametrize("method", OWN_METHODS)  # full and linear-probe too: their merge is the identity
 def test_merged_model_is_a_plain_vit_with_onnx_parity_to_the_unmerged_one(method: str, tmp_path: Path,
                                                                            plain_onnx: Path) -> None:
     from tasks.compression.export import check_parity, export_onnx
