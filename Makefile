@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitrail-installed
 DOMAIN ?= satellite
+# Test processes: the suite waits on servers and subprocesses much of the time, so two workers pay off even on two cores.
+TEST_WORKERS ?= 2
 WORKDIR ?= vitrail-demo$(if $(filter-out satellite,$(DOMAIN)),-$(DOMAIN))
 
 export HF_HUB_OFFLINE ?= 1
@@ -30,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/vitrail demo --domain $(DOMAIN) --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"

@@ -29,3 +29,16 @@ def _log_handlers_never_keep_a_closed_capture():
         console = getattr(handler, "console", None)  # Prefect's rich console handler writes through this
         if console is not None and _closed(getattr(console, "file", None)):
             console.file = sys.stderr
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduling groups for ``pytest -n N --dist loadgroup`` (what ``make test`` runs).
+
+    A file's tests stay on one worker, so module fixtures (trained models, datasets) are built once; every
+    test that starts real servers shares one group, so the session's Prefect server and team stack start once.
+    Without xdist the marks are inert.
+    """
+    for item in items:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        group = "servers" if path.startswith("tests/integration/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
