@@ -376,6 +376,15 @@ class UnsplitWrite:
     quarantine: list[dict[str, str]]
 
 
+def _without_samples(batch: SampleSet) -> SampleSet:
+    """``batch`` with its metadata (channels, classes, task, scaling, source, sample shape) and no sample."""
+    def empty(values):
+        return None if values is None else np.asarray(values)[:0].copy()
+
+    return replace(batch, images=empty(batch.images), labels=empty(batch.labels), groups=empty(batch.groups),
+                   locations=empty(batch.locations), sample_ids=empty(batch.sample_ids))
+
+
 class _StreamingWriter:
     """Appends a reader's batches to the stored arrays and keeps what the end of the write needs.
 
@@ -451,7 +460,8 @@ class _StreamingWriter:
 
     def _check_batch(self, batch: SampleSet) -> None:
         if self.first is None:
-            self.first = batch
+            # Its metadata only: the batch itself would keep a whole batch of pixels in memory until the end.
+            self.first = _without_samples(batch)
             if LABEL_RANKS.get(self.task) != batch.labels.ndim:
                 raise DatasetError(f"{printable_path(batch.source)}: labels of shape {batch.labels.shape} do not fit "
                                    f"task {self.task!r}")

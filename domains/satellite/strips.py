@@ -151,7 +151,7 @@ RESAMPLE_BLOCK_BYTES = 2 * 2**20
 
 
 class _Scratch(threading.local):
-    """Per-thread scratch arrays of :func:`upsample_into`, kept from call to call.
+    """Per-thread scratch arrays (of :func:`upsample_into`, and the windows GDAL decodes into), kept from call to call.
 
     Made afresh for every band of every strip, they cost a page fault per 4 KiB (too small for numpy's huge
     pages, and handed back to the system by :func:`release_free_memory`): about as much system time as the
@@ -443,10 +443,9 @@ class StripReader:
         # Per band: (first row, rows) decoded past the last window read, up to the end of its row of blocks.
         self._carried: dict[int, tuple[int, np.ndarray]] = {}
         # Reused memory (see ReusableArrays): strips and their masks, made on the first strip's shape (a
-        # strip being read, one read ahead, one the caller still holds); per band, the window GDAL decodes into.
+        # strip being read, one read ahead, one the caller still holds).
         self._strips: ReusableArrays | None = None
         self._masks: ReusableArrays | None = None
-        self._windows: dict[int, ReusableArrays] = {}
 
     def __enter__(self) -> StripReader:
         from concurrent.futures import ThreadPoolExecutor
@@ -594,11 +593,9 @@ class StripReader:
             pieces.append((first, carried[1][first - carried[0]:]))
             read_from = carried[0] + len(carried[1])
         if read_from < last:
-            window = (end - read_from, width)
-            if i not in self._windows:
-                self._windows[i] = ReusableArrays(window, band.dtype, keep=1)
+            # Decoded into this thread's scratch (copied out below): one buffer per reading thread, not per band.
             decoded = read_band(dataset, band.index, band.path, Window(0, read_from, width, end - read_from),
-                                out=self._windows[i].take(window))
+                                out=_SCRATCH.get("window", (end - read_from, width), band.dtype))
             pieces.append((read_from, decoded))
         # One window-sized array per call (not a concatenation of varying size): the allocator reuses it.
         rows = out if out is not None else np.empty((last - first, width), dtype=pieces[0][1].dtype)
