@@ -266,6 +266,10 @@ class DomainSpec:
             or folder name. Domains whose file names may carry identity (radiology) give a pseudonym.
         write_ingest_reports: writes extra reports about a read (e.g. radiology's de-identification
             audit) into the dataset folder after it is written; returns the files.
+        ingest_table: ``provenance -> rows``: one plain row per input read (histopathology: slide pseudonym,
+            tissue fraction, kept tiles, mask PNG), which the ingest task logs and publishes as a table;
+            a column whose name ends in ``_png`` holds a path relative to the folder ``write_ingest_reports``
+            wrote into (the task makes it full). None when the domain has none.
         demo_settings: pipeline parameters the domain's demo sets beyond the common ones, as plain nested
             data (histopathology: slide-level learning, ``{"bags": {"enabled": True, ...}}``).
         input_normalisations: names of the input normalisations the domain offers, fitted on a model's
@@ -304,6 +308,7 @@ class DomainSpec:
     default_block_size: int = 128
     name_prediction: Callable[[Path], str] | None = None
     write_ingest_reports: Callable[[SampleSet, Path], list[Path]] | None = None
+    ingest_table: Callable[[dict[str, str]], list[dict]] | None = None
     demo_settings: dict = field(default_factory=dict)
     input_normalisations: tuple[str, ...] = ()
     fit_input_normalisation: Callable[[str, np.ndarray], dict] | None = None

@@ -277,7 +277,66 @@ def assemble_dataset(plan: IngestPlan, outcomes: list[SourceOutcome], params: Sp
     return info
 
 
+def _source_provenance(info: DatasetInfo, source: str) -> dict[str, str]:
+    """One source's own facts out of a several-source dataset's merged provenance (a fact on which the
+    sources differ was stored as a JSON object by source)."""
+    facts = {}
+    for key, value in info.provenance.items():
+        try:
+            by_source = json.loads(value)
+        except ValueError:
+            by_source = None
+        if isinstance(by_source, dict) and by_source and set(by_source) <= set(info.sources):
+            if source in by_source:
+                facts[key] = by_source[source]
+        else:
+            facts[key] = value
+    return facts
+
+
+def ingest_table_rows(domain_name: str, info: DatasetInfo, dataset: str) -> list[dict]:
+    """The domain's per-input rows of a written dataset (empty when it has none), their report paths made
+    full: beside ``dataset.json`` for one source, under ``sources/<i>/`` for source ``i`` of several."""
+    table = get_domain(domain_name).ingest_table
+    if table is None:
+        return []
+    if len(info.sources) <= 1:
+        located = [(info.provenance, f"{dataset}/")]
+    else:
+        located = [(_source_provenance(info, source), f"{dataset}/sources/{i:03d}/")
+                   for i, source in enumerate(info.sources)]
+    rows = []
+    for provenance, prefix in located:
+        for row in table(provenance):
+            rows.append({key: prefix + value if key.endswith("_png") and value else value
+                         for key, value in row.items()})
+    return rows
+
+
+def publish_ingest_table(domain_name: str, rows: list[dict]) -> None:
+    """One line per row on the run logger and the rows as a Prefect table artifact (e.g. each slide's tissue
+    fraction, kept tiles and mask PNG), where a user of the UI or the logs looks."""
+    if not rows:
+        return
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    logger = _run_logger()
+    for row in rows:
+        logger.info("ingest %s", "  ".join(f"{key} {value}" for key, value in row.items()))
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        create_table_artifact(table=rows, key=f"{domain_name}-ingest-inputs",
+                              description=f"{domain_name} ingest: one row per input read")
+
+
+def _assemble_and_publish(plan: IngestPlan, outcomes: list[SourceOutcome], params: SplitParams,
+                          keep_parts: bool = False) -> DatasetInfo:
+    info = assemble_dataset(plan, outcomes, params, keep_parts)
+    publish_ingest_table(plan.domain, ingest_table_rows(plan.domain, info, plan.dataset))
+    return info
+
+
 plan_ingest_task = task(plan_ingest, name="plan-ingest", cache_policy=NONE)
 ingest_source_task = task(ingest_source, name="ingest-source", cache_policy=NONE,
                           task_run_name="ingest-source-{job.key}")
-assemble_dataset_task = task(assemble_dataset, name="assemble-dataset", cache_policy=NONE)
+assemble_dataset_task = task(_assemble_and_publish, name="assemble-dataset", cache_policy=NONE)

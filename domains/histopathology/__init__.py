@@ -5,7 +5,7 @@ from __future__ import annotations
 from domains.histopathology.demo import DEMO_NOTES, DEMO_SETTINGS, prepare_demo
 from domains.histopathology.examples import write_example
 from domains.histopathology.prediction import list_prediction_inputs, predict_slide, prediction_name
-from domains.histopathology.reader import CHANNELS, DEFAULT_CLASS_NAMES, read_samples, write_ingest_reports
+from domains.histopathology.reader import CHANNELS, DEFAULT_CLASS_NAMES, ingest_table, read_samples, write_ingest_reports
 from domains.histopathology.stain import METHODS, apply_model_normalisation, fit_model_normalisation
 from domains.spec import DomainSpec
 
@@ -40,6 +40,7 @@ SPEC = DomainSpec(
     train_flips=True,
     name_prediction=prediction_name,
     write_ingest_reports=write_ingest_reports,
+    ingest_table=ingest_table,
     demo_settings=DEMO_SETTINGS,
     input_normalisations=METHODS,
     fit_input_normalisation=fit_model_normalisation,

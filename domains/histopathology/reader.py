@@ -42,6 +42,8 @@ MASK_MAX_SIDE = 2048
 # their radius in pixels; 4 um/px keeps them ~10 px while resolving tissue edges well below a tile.
 MASK_MIN_MPP = 4.0
 MASKS_PROVENANCE_KEY = "tissue_masks"
+SLIDE_TILES_PROVENANCE_KEY = "slide_tiles"
+"""Per slide pseudonym: its tissue fraction (share of the mask) and the tiles kept from it."""
 AUDIT_PROVENANCE_KEY = "deidentification_audit"
 AUDIT_FILE_NAME = "deidentification_audit.json"
 MASK_FOLDER = "tissue_masks"
@@ -413,6 +415,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
     pending = _Pending()
     held: SampleSet | None = None
     masks: dict[str, str] = {}
+    slide_tiles: dict[str, dict] = {}
     facts: dict[str, dict] = {}
     audits: dict[str, dict] = {}
     slide_labels: dict[str, str] = {}
@@ -470,6 +473,8 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
                 dropped.update(tiles_plan.dropped)
                 read_ok += 1
                 slide_patients[name] = patient
+                slide_tiles[name] = {"tissue_fraction": round(tiles_plan.mask.tissue_fraction, 4),
+                                     "kept_tiles": added}
                 if entry is not None and entry.label:
                     slide_labels[name] = entry.label
         except MemoryError:
@@ -515,6 +520,7 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
         "bag_labels": json.dumps(slide_labels, sort_keys=True),  # tiles are named <slide>/<x>,<y>: slide bags
         "annotation_features_skipped": json.dumps(dict(skipped_regions), sort_keys=True),
         MASKS_PROVENANCE_KEY: json.dumps(masks, sort_keys=True),
+        SLIDE_TILES_PROVENANCE_KEY: json.dumps(slide_tiles, sort_keys=True),
         AUDIT_PROVENANCE_KEY: json.dumps(_grouped_audits(audits), sort_keys=True, separators=(",", ":")),
     }
     last.dropped = {k: int(v) for k, v in dropped.items() if v}
@@ -552,3 +558,16 @@ def write_ingest_reports(samples: SampleSet, out_dir: Path) -> list[Path]:
     path.write_text(json.dumps(audit, indent=2, sort_keys=True))
     written.append(path)
     return written
+
+
+def ingest_table(provenance: dict[str, str]) -> list[dict]:
+    """One row per slide read, by pseudonym: tissue fraction, tiles kept and its mask PNG.
+
+    ``mask_png`` is relative to the folder :func:`write_ingest_reports` wrote into (a slide whose mask was
+    not kept has none); no name or identifier of the source appears.
+    """
+    masks = json.loads(provenance.get(MASKS_PROVENANCE_KEY, "{}"))
+    slides = json.loads(provenance.get(SLIDE_TILES_PROVENANCE_KEY, "{}"))
+    return [{"slide": name, "tissue_fraction": row["tissue_fraction"], "kept_tiles": row["kept_tiles"],
+             "mask_png": f"{MASK_FOLDER}/{name}.png" if name in masks else ""}
+            for name, row in sorted(slides.items())]
