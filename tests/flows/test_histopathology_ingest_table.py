@@ -19,19 +19,22 @@ ARTIFACT_KEY = "histopathology-ingest-inputs"
 
 def test_ingest_logs_and_tables_one_row_per_slide_with_its_mask_png(tmp_path: Path, caplog) -> None:
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     example = write_example(tmp_path / "example", seed=0)
     with open(example["labels"], newline="") as handle:
         manifest = list(csv.DictReader(handle))
     with caplog.at_level(logging.INFO):
-        receipt = ingest_dataset(IngestParams(domain="histopathology", source=str(example["source"]),
-                                              labels=str(example["labels"]), out=str(tmp_path / "dataset"),
-                                              tiling=TilingParams(tile_size=32, stride=32)))
+        state = ingest_dataset(IngestParams(domain="histopathology", source=str(example["source"]),
+                                            labels=str(example["labels"]), out=str(tmp_path / "dataset"),
+                                            tiling=TilingParams(tile_size=32, stride=32)), return_state=True)
+    receipt = state.result()
     info = read_dataset_info(receipt.dataset)
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[ARTIFACT_KEY]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert len(artifacts) == 1 and artifacts[0].type == "table"
     data = artifacts[0].data
     rows = json.loads(data) if isinstance(data, str) else data
