@@ -485,6 +485,9 @@ class StripReader:
 
         if not ranges:
             return
+        # Pooled strips sized for the tallest strip (the last one runs to the scene's edge): every strip then
+        # reuses one, touching only the rows it has, instead of a taller strip needing an array of its own.
+        self._pool_strips(max(bottom - top for top, bottom in ranges))
         # A thread of its own submits the next strip's band jobs and waits for them, as the caller would.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-strip-ahead") as ahead:
             pending = ahead.submit(self.read_rows, *ranges[0])
@@ -518,8 +521,7 @@ class StripReader:
         height, width = bottom - top, self.layout.shape[1]
         shape = (len(self.layout.bands), height, width)
         if self._strips is None:
-            self._strips = ReusableArrays(shape, self.dtype, keep=3)
-            self._masks = ReusableArrays(shape[1:], bool, keep=3)
+            self._pool_strips(height)
         raw = self._strips.take(shape)
         # One job per file (a GDAL dataset handle is not safe to share between threads); decoding and the
         # numpy resampling release the GIL, so the files of a strip are read on several cores at once.
@@ -543,6 +545,13 @@ class StripReader:
                 for i, fill in enumerate(self.fill):
                     np.copyto(raw[i, first:last + 1], fill, where=invalid)
         return raw, valid
+
+    def _pool_strips(self, height: int) -> None:
+        """Pool strips of up to ``height`` rows: one being read, one read ahead, one the caller still holds."""
+        if self._strips is None or self._strips.shape[1] < height:
+            shape = (len(self.layout.bands), height, self.layout.shape[1])
+            self._strips = ReusableArrays(shape, self.dtype, keep=3)
+            self._masks = ReusableArrays(shape[1:], bool, keep=3)
 
     def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int) -> list[np.ndarray | None]:
         """Read bands ``members`` (all of one file) into ``raw``; their valid masks (None: all valid)."""
