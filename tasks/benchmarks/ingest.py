@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.benchmarks.process_metrics import cpu_seconds, load_average, peak_rss_mb
+from tasks.benchmarks._process_metrics import cpu_seconds, load_average, peak_rss_mb
 from tasks.reproducibility import cpu_model
 
 DEMO_SIDE = 720

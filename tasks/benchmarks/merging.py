@@ -375,7 +375,7 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
 
     import torch
 
-    from tasks.benchmarks.process_metrics import load_average
+    from tasks.benchmarks._process_metrics import load_average
     from tasks.merging import METHODS
     from tasks.merging.stage import rebuild_base
     from tasks.merging.task_vectors import task_part

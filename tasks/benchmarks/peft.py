@@ -116,7 +116,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     """Train, score and export one method in this process; its row of the table."""
     import numpy as np
 
-    from tasks.benchmarks.process_metrics import peak_rss_mb
+    from tasks.benchmarks._process_metrics import peak_rss_mb
     from tasks.compression.export import check_parity, export_onnx
     from tasks.dataset import load_dataset
     from tasks.evaluation import evaluate_predictor

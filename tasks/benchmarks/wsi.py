@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from domains.histopathology.slide import usable_cpus
-from tasks.benchmarks.process_metrics import cpu_seconds, peak_rss_mb
+from tasks.benchmarks._process_metrics import cpu_seconds, peak_rss_mb
 from tasks.reproducibility import cpu_model
 
 GOALS = {"tiles_per_second_min": 250.0, "peak_rss_mb_max": 1024.0, "speedup_vs_naive_min": 2.0}
