@@ -101,10 +101,12 @@ def test_a_failed_chunk_store_is_raised_by_a_later_append(tmp_path: Path, monkey
     files = DatasetFiles(tmp_path)
     writer = ChunkedArrayWriter(files.zarr_group("w"), "x", (4,), np.dtype(np.uint16), 2, files=files)
 
-    def disk_full(key: str, data: bytes) -> None:
+    def disk_full(key: str, encoded: bytes) -> None:
         raise OSError(f"{key}: no space left on device")
 
-    monkeypatch.setattr(files, "write_bytes", disk_full)
+    # The chunk threads' write, local file or object-store put alike (a local chunk is no longer written
+    # through files.write_bytes, so patching that would never fail).
+    monkeypatch.setattr(writer, "_write_chunk", disk_full)
     with pytest.raises(OSError, match="no space left"):  # at the latest once the queue of batches is full
         for _ in range(BATCHES_IN_FLIGHT + 1):
             writer.append(np.zeros((4, 4), dtype=np.uint16))
