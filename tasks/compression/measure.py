@@ -60,10 +60,16 @@ def plot_pareto(rows: list[dict], title: str, path) -> object:
     if len(points) < len(rows):
         title = f"{title}\n({len(rows) - len(points)} variants without a defined score are not shown)"
     front = set(pareto_front(points))
+    # Names only where a reader looks (the front, the fp32 reference, a peer): thirty labels on a few
+    # milliseconds overprint one another; every variant is in the report's table.
+    labelled = front | {points[0][0]} if points else front
+    labelled |= {name for name, _, _ in points if name.startswith("peer")}
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, latency, accuracy in points:
+    for index, (name, latency, accuracy) in enumerate(sorted(points, key=lambda p: p[1])):
         ax.scatter(latency, accuracy, color="tab:red" if name in front else "tab:gray", zorder=3)
-        ax.annotate(name, (latency, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if name in labelled:
+            ax.annotate(name, (latency, accuracy), fontsize=7, xytext=(4, 3 + 9 * (index % 2)),
+                        textcoords="offset points")
     line = sorted((lat, acc) for name, lat, acc in points if name in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", lw=1, zorder=2, label="Pareto front")
     if points:
