@@ -223,28 +223,22 @@ def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: 
             _halves_columns(wide, source, per_phase, scratch.get("steps", (block + 2, per_phase[0] + 1)))
             block_out = fine[:count * factor]
             _halves_rows(block_out, wide, count, scratch.get("row_steps", (block + 1, width)))
-            begin, end = max(top, start * factor), min(top + rows_out, stop * factor)
-            result = block_out[begin - start * factor:end - start * factor]
-            if round_values:
-                np.rint(result, out=out[begin - top:end - top], casting="unsafe")
-            else:
-                out[begin - top:end - top] = result
-            continue
-        for j in range(factor):
-            lo, n = 1 + offset[j], per_phase[j]
-            target = wide[:, j::factor]
-            np.multiply(source[:, lo:lo + n], keep[j], out=target)
-            upper = scratch_cols[:count + 2, :n]
-            np.multiply(source[:, lo + 1:lo + 1 + n], weight[j], out=upper)
-            np.add(target, upper, out=target)
-        block_out = fine[:count * factor]
-        upper = scratch_rows[:count]
-        for j in range(factor):
-            lo = 1 + offset[j]
-            target = block_out[j::factor]
-            np.multiply(wide[lo:lo + count], keep[j], out=target)
-            np.multiply(wide[lo + 1:lo + 1 + count], weight[j], out=upper)
-            np.add(target, upper, out=target)
+        else:
+            for j in range(factor):
+                lo, n = 1 + offset[j], per_phase[j]
+                target = wide[:, j::factor]
+                np.multiply(source[:, lo:lo + n], keep[j], out=target)
+                upper = scratch_cols[:count + 2, :n]
+                np.multiply(source[:, lo + 1:lo + 1 + n], weight[j], out=upper)
+                np.add(target, upper, out=target)
+            block_out = fine[:count * factor]
+            upper = scratch_rows[:count]
+            for j in range(factor):
+                lo = 1 + offset[j]
+                target = block_out[j::factor]
+                np.multiply(wide[lo:lo + count], keep[j], out=target)
+                np.multiply(wide[lo + 1:lo + 1 + count], weight[j], out=upper)
+                np.add(target, upper, out=target)
         begin, end = max(top, start * factor), min(top + rows_out, stop * factor)
         result = block_out[begin - start * factor:end - start * factor]
         if round_values:
