@@ -84,14 +84,25 @@ def test_pretrain_cli_registers_the_encoder_as_a_candidate(tmp_path, tiny_datase
     assert images == ["reconstructions/reconstruction-epoch-001.png", "reconstructions/reconstruction-epoch-002.png"]
 
 
-def test_smoke_deployment_holds_the_smoke_preset():
+def test_every_domain_has_a_smoke_pretrain_and_a_probe_deployment():
+    from domains import domain_names
     from flows.presets import PRETRAIN_PRESETS
 
     deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-    [smoke] = [d for d in deployments
-               if d["entrypoint"] == "flows/pretrain.py:pretrain" and d["name"].endswith("-mae-smoke")]
-    params = {k: v for k, v in smoke["parameters"]["params"].items() if k not in ("domain", "dataset", "workdir")}
-    assert params == PRETRAIN_PRESETS["smoke"].params
+    smoke = {d["parameters"]["params"]["domain"]: d for d in deployments
+             if d["entrypoint"] == "flows/pretrain.py:pretrain" and d["name"].endswith("-mae-smoke")}
+    probes = {d["parameters"]["params"]["domain"]: d for d in deployments
+              if d["entrypoint"] == "flows/probe.py:probe" and d["name"].endswith("-foundation-probe")}
+    assert set(smoke) == set(probes) == set(domain_names())
+    for domain, deployment in smoke.items():
+        params = deployment["parameters"]["params"]
+        assert deployment["name"] == f"{domain}-mae-smoke" and domain in deployment["tags"]
+        assert {k: v for k, v in params.items() if k not in ("domain", "dataset", "workdir")} == \
+            PRETRAIN_PRESETS["smoke"].params, domain
+        # The probe scores what this pretraining registered: same dataset, same work folder (MLflow store).
+        probe = probes[domain]["parameters"]["params"]
+        assert (probe["dataset"], probe["workdir"]) == (params["dataset"], params["workdir"]), domain
+        assert [b["model_uri"] for b in probe["backbones"]] == [f"models:/foundation-{domain}@candidate"], domain
 
 
 def test_pretrain_form_fields_are_documented():
