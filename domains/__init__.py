@@ -19,8 +19,11 @@ from domains.spec import (
     PredictionRequest,
     PredictionSummary,
     SampleSet,
+    Scaling,
     TaskType,
+    convert_units,
     labelled_samples,
+    same_scaling,
 )
 
 __all__ = [
@@ -32,6 +35,9 @@ __all__ = [
     "PredictionRequest",
     "PredictionSummary",
     "SampleSet",
+    "Scaling",
+    "convert_units",
+    "same_scaling",
     "TaskType",
     "labelled_samples",
     "domain_names",

@@ -52,6 +52,44 @@ class DomainInputError(ValueError):
         super().__init__(f"{printable_path(path)}: {printable_path(problem)}")
 
 
+Scaling = tuple[tuple[float, float], ...] | None
+"""Per channel ``(scale, offset)`` of values: physical = value * scale + offset; None: values are physical.
+
+A dataset records the scaling of its stored samples (:attr:`SampleSet.scaling`) and a model the scaling of
+the values it takes (its raw input units, ``input_scaling``): a model trained on a dataset takes the
+dataset's stored units, its normalisation folded into its own buffers.
+"""
+
+
+def convert_units(values: np.ndarray, source: Scaling, target: Scaling) -> np.ndarray:
+    """``values`` (N, C, ...) under the ``source`` scaling, as float32 under the ``target`` scaling.
+
+    Both name a per-channel affine map to physical units (None: already physical), so the result is
+    ``((values * s_src + o_src) - o_tgt) / s_tgt``. When both are the same the values are only cast to
+    float32, which is exact for the integers a source stores (uint8, int16, uint16): a raw-in model fed
+    from a source of its own convention sees exactly the stored numbers. Sources of another convention
+    (a Sentinel-2 product of another processing baseline, a Landsat scene's own MTL coefficients) go
+    through physical units in float64, so a model sees what it was trained on whatever the source wrote.
+    """
+    values = np.asarray(values)
+    if same_scaling(source, target):
+        return values.astype(np.float32, copy=False)
+    shape = (1, -1) + (1,) * (values.ndim - 2)
+    out = values.astype(np.float64)
+    if source is not None:
+        out = out * np.array([s for s, _ in source]).reshape(shape) + np.array([o for _, o in source]).reshape(shape)
+    if target is not None:
+        out = (out - np.array([o for _, o in target]).reshape(shape)) / np.array([s for s, _ in target]).reshape(shape)
+    return out.astype(np.float32)
+
+
+def same_scaling(a: Scaling, b: Scaling) -> bool:
+    """Whether two scalings are the same map (both None, or the same (scale, offset) per channel)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(float(x) == float(y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
 @dataclass(frozen=True)
 class Channel:
     """One input channel of a model (a spectral band, a CT window, a stain...)."""
@@ -158,6 +196,11 @@ class SampleSet:
         offset = np.array([o for _, o in self.scaling], dtype=np.float32).reshape(1, -1, 1, 1)
         return raw.astype(np.float32) * scale + offset
 
+    def in_units(self, target: Scaling, index: slice | np.ndarray | None = None) -> np.ndarray:
+        """Images (all, or ``images[index]``) as float32 under the ``target`` scaling (a model's raw units)."""
+        raw = self.images if index is None else self.images[index]
+        return convert_units(raw, self.scaling, target)
+
     def __post_init__(self) -> None:
         n = len(self.images)
         if self.scaling is not None and len(self.scaling) != len(self.channels):
@@ -183,14 +226,15 @@ class PredictionRequest:
 
     The domain reads ``input`` with the channels the model was trained on, runs ``infer`` over
     samples of ``tile_size`` moved by ``stride``, and writes a result in the input's geometry.
-    ``infer`` maps a float32 batch (N, C, H, W) in physical units to probabilities shaped by ``task``:
+    ``infer`` maps a float32 batch (N, C, H, W) in the model's input units (``input_scaling``: the raw units
+    it was trained on, see :func:`convert_units`) to probabilities shaped by ``task``:
     (N, K) softmax for classification, (N, K) independent sigmoids for multilabel, (N, K, H, W)
     per-pixel softmax for segmentation. ``mpp`` and ``tile_mpp`` mean what they mean in
     :class:`IngestRequest` (the slide's resolution when its metadata has none; the resolution samples are
     cut at, None for the domain default); domains without a micron scale ignore them.
 
     A slide-level model (trained on bags of a slide's tiles) comes with ``infer_bag`` instead of a tile
-    classifier: it maps the tiles of one slide, float32 (N, C, H, W) in physical units, to the slide's class
+    classifier: it maps the tiles of one slide, float32 (N, C, H, W) in the model's input units, to the slide's class
     probabilities (K,) and each tile's attention weight (N,), summing to 1. ``bag_max_tiles`` is the most
     tiles one call may take (a slide with more is scored on an even spread of its tiles). Domains
     without slide-level inputs refuse such a model.
@@ -212,6 +256,10 @@ class PredictionRequest:
     input_contract: dict | None = None
     """What the model's inputs must be (satellite: sensor, processing level, band order, scaling, cloud
     policy), as recorded at training; the domain refuses an input that differs and applies the rest."""
+    input_scaling: Scaling = None
+    """The units ``infer`` takes, per channel ``(scale, offset)`` to physical (None: physical units): the
+    stored units of the model's training dataset. A domain converts what it reads into these units
+    (:func:`convert_units`), whatever scaling its source writes, and applies nothing else."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tasks.dataset import DatasetInfo, load_dataset
 from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, get_method, merge_adapter
 from tasks.merging.task_vectors import weights_digest
 from tasks.backbone_catalog import band_adaptation_of
-from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, count_parameters
+from tasks.models import BackboneParams, build_backbone, count_parameters, normalizing_model
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
 
@@ -49,7 +49,9 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
 
     A slide-level model also carries its bag settings (``bags``): predict then scores whole slides. A model
     trained on normalised inputs carries the fitted normalisation (``input_normalisation``), which predict
-    applies before the model sees a tile.
+    applies before the model sees a tile. ``input_scaling`` is the raw units the model takes (the dataset's
+    stored units, per channel ``(scale, offset)`` to physical; None when stored physical): readers of new
+    inputs convert what they read to these units.
     """
     return {
         "domain": info.domain,
@@ -59,6 +61,7 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
         "tile_size": info.tile_size,
         "backbone": backbone.name,
         "dataset_digest": info.digest,
+        "input_scaling": [[float(a), float(b)] for a, b in info.scaling] if info.scaling is not None else None,
         **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
         **({"bags": bags.model_dump()} if bags is not None and bags.enabled else {}),
         **({"input_normalisation": normalisation} if normalisation else {}),
@@ -121,9 +124,10 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     adapted = attach_adapter(net, adapter)
     if head is not None:
         head.requires_grad_(False)  # after attach_adapter, which unfreezes the head in place
-    model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
+    model = normalizing_model(adapted, info)  # raw (stored) units in: the dataset's scaling folded into its buffers
     trainable, total = count_parameters(model)
-    model_key = f"{info.task}|{backbone.model_dump_json()}|{adapter.model_dump_json()}"
+    # "raw-in": checkpoints of models that took physical units (before input_scaling) are another model.
+    model_key = f"{info.task}|{backbone.model_dump_json()}|{adapter.model_dump_json()}|raw-in"
     if bags is not None and bags.enabled:
         model_key += f"|{bags.model_dump_json()}"
     if normalisation:
@@ -131,8 +135,7 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
     if frozen_head is not None:  # another head is another run: never resume one from the other's checkpoint
         model_key += f"|frozen-head:{weights_digest(frozen_head)}"
     result = fit(model, dataset, train, checkpoint_dir, model_key, on_epoch)
-    merged = NormalizedClassifier(merge_adapter(adapted), info.channel_mean, info.channel_std,
-                                  input_normalisation=normalisation).eval()
+    merged = normalizing_model(merge_adapter(adapted), info, input_normalisation=normalisation).eval()
     return FinetuneOutcome(model=merged, fit=result, trainable_parameters=trainable, total_parameters=total,
                            metadata={**model_metadata(info, backbone, bags, normalisation), **base,
                                      "adapter": adapter.method, "adapter_mergeable": get_method(adapter.method).mergeable})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -243,24 +245,73 @@ def attach_lora(model: nn.Module, params: LoraParams) -> nn.Module:
 
 
 class NormalizedClassifier(nn.Module):
-    """A network that takes physical units (reflectance, HU...) and normalises them itself.
+    """A network that takes raw pixels (the stored units of its training dataset) and normalises them itself.
 
-    Shipping normalisation inside the model keeps the edge artifact self-contained: ONNX consumers
-    feed raw scaled pixels and cannot get the statistics wrong.
+    Raw means what the dataset stores: Sentinel-2 digital numbers (uint16), 8-bit RGB tiles, integer
+    radiance counts; ``input_scaling`` records their map to physical units (per channel ``(scale, offset)``,
+    physical = raw * scale + offset; None when the dataset stores physical values, as radiology's windowed
+    views). The per-channel standardisation of physical values, ``(raw * s + o - mean) / std``, is folded
+    into the buffers (:func:`fold_scaling`): ``mean`` and ``std`` are in raw units, so the graph is one
+    subtract and one divide whatever the sensor. Shipping this inside the model keeps every artifact made
+    from it (the registered model, its ONNX and OpenVINO exports) self-contained: a consumer feeds the
+    numbers the source stores and cannot apply the wrong normalisation, or apply one twice.
     """
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 input_normalisation: dict | None = None):
+                 input_normalisation: dict | None = None,
+                 input_scaling: tuple[tuple[float, float], ...] | None = None):
         super().__init__()
         self.net = net
         # A domain normalisation fitted on the training tiles (stain normalisation), applied before the
         # model by every stage (tasks.model_inputs); kept here so it travels with the weights.
         self.input_normalisation = input_normalisation
+        # The units the model takes (see the class docstring): readers convert their source to these.
+        self.input_scaling = (tuple((float(s), float(o)) for s, o in input_scaling)
+                              if input_scaling is not None else None)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
+
+
+def fold_scaling(mean: tuple[float, ...], std: tuple[float, ...],
+                 scaling: tuple[tuple[float, float], ...] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Physical-unit statistics as raw-unit ones: ``(raw*s + o - m) / sd == (raw - (m - o)/s) / (sd/s)``.
+
+    With a positive scale the two standardisations are the same number; a negative scale (none of the
+    readers writes one) flips its channel's sign, which a model trained on raw inputs learns as it is.
+    None (values stored physical) leaves the statistics as they are.
+    """
+    if scaling is None:
+        return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+    if len(scaling) != len(mean) or len(std) != len(mean):
+        raise ValueError(f"scaling has {len(scaling)} channels for {len(mean)} means and {len(std)} stds")
+    if any(float(s) == 0.0 for s, _ in scaling):
+        raise ValueError(f"a channel's scale is 0 in {scaling}: its raw values carry no information")
+    folded_mean = tuple((float(m) - float(o)) / float(s) for m, (s, o) in zip(mean, scaling))
+    folded_std = tuple(float(v) / abs(float(s)) for v, (s, _) in zip(std, scaling))
+    return folded_mean, folded_std
+
+
+def normalizing_model(net: nn.Module, info, input_normalisation: dict | None = None) -> NormalizedClassifier:
+    """``net`` wrapped to take the raw (stored) units of the dataset ``info`` describes.
+
+    ``info`` is a :class:`tasks.dataset.DatasetInfo`: its training-split statistics (physical units) are
+    folded with its stored scaling into the model's buffers and the scaling is recorded as the model's
+    ``input_scaling``. Every stage that builds a model for a dataset builds it here, so the units the model
+    takes and the units the dataset hands out (:func:`tasks.model_inputs.load_dataset_for`) are one convention.
+    """
+    mean, std = fold_scaling(info.channel_mean, info.channel_std, info.scaling)
+    return NormalizedClassifier(net, mean, std, input_normalisation=input_normalisation, input_scaling=info.scaling)
+
+
+def input_scaling_of(model: nn.Module) -> tuple[tuple[float, float], ...] | None:
+    """The raw units a model takes (its ``input_scaling``); None for a model of physical units."""
+    for module in model.modules():
+        if isinstance(module, NormalizedClassifier):
+            return module.input_scaling
+    return None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -305,8 +356,12 @@ class ReferenceArchitecture(BaseModel):
     depth: int = Field(ge=1, le=48, description="Number of transformer blocks (the bounds of BackboneParams)")
     channels: tuple[Channel, ...] = Field(min_length=1, max_length=1024, description="Input bands, in order")
     num_classes: int = Field(ge=1, le=100_000, description="Logits per sample (or per pixel for segmentation)")
-    mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input")
-    std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by")
+    mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input (raw units)")
+    std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by "
+                                               "(raw units)")
+    input_scaling: tuple[tuple[float, float], ...] | None = Field(
+        None, description="The units the model takes: per channel (scale, offset) with physical = raw * scale + "
+                          "offset (the stored units of its training dataset); None when it takes physical values")
     bags: BagParams | None = Field(None, description="For a slide-level model (attention MIL over bags of tiles): "
                                                      "the bag settings it was trained with; None for tile models")
     input_normalisation: dict | None = Field(None, description="The domain input normalisation fitted on the "
@@ -324,6 +379,12 @@ class ReferenceArchitecture(BaseModel):
                              f"({len(self.channels)})")
         if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
             raise ValueError("mean must be finite and std finite and positive")
+        if self.input_scaling is not None:
+            if len(self.input_scaling) != len(self.channels):
+                raise ValueError(f"input_scaling ({len(self.input_scaling)}) needs one (scale, offset) per channel "
+                                 f"({len(self.channels)})")
+            if not all(math.isfinite(s) and s != 0 and math.isfinite(o) for s, o in self.input_scaling):
+                raise ValueError("input_scaling needs finite, non-zero scales and finite offsets")
         return self
 
 
@@ -358,7 +419,8 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
         backbone=encoder.pretrained_cfg["architecture"], task=task, img_size=img_size[0],
         patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
         mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags,
-        input_normalisation=getattr(model, "input_normalisation", None), adapter=adapter)
+        input_normalisation=getattr(model, "input_normalisation", None),
+        input_scaling=getattr(model, "input_scaling", None), adapter=adapter)
     _check_rebuilds(model, architecture)
     return architecture
 
@@ -418,7 +480,8 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
     if architecture.adapter is not None:  # a non-mergeable method: its structure, so the saved weights load
         net = rebuild_adapted(net, architecture.adapter)
     return NormalizedClassifier(net, architecture.mean, architecture.std,
-                                input_normalisation=architecture.input_normalisation).eval()
+                                input_normalisation=architecture.input_normalisation,
+                                input_scaling=architecture.input_scaling).eval()
 
 
 def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, folder: Path) -> tuple[Path, Path]:
@@ -432,6 +495,26 @@ def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, 
               metadata={"format": "pt"})
     description.write_text(architecture.model_dump_json(indent=2) + "\n")
     return weights, description
+
+
+def model_digest(model: nn.Module, architecture: ReferenceArchitecture) -> str:
+    """SHA-256 of everything that decides a reference model's outputs for a given raw input.
+
+    Every tensor of the state dict (weights and the preprocessing buffers ``mean`` and ``std``) by name,
+    dtype, shape and bytes, then the architecture description (channels, ``input_scaling``, the input
+    normalisation, ...) as canonical JSON. Changing a preprocessing constant (a mean, a std, a scale or
+    an offset) changes the digest, so two models with one digest take the same raw pixels to the same
+    logits. Recorded with the registered model (``model_digest`` in its metadata, tag
+    ``vitrail.model_digest``) and in its ONNX export's metadata.
+    """
+    digest = hashlib.sha256(b"vitrail-model-digest/1\n")
+    state = model.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(architecture.model_dump(mode="json"), sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def read_reference_architecture(path: Path) -> ReferenceArchitecture:

@@ -14,7 +14,8 @@ from mlflow.pyfunc import PythonModel
 
 
 class OpenVinoEdgePyfunc(PythonModel):
-    """Logits of the edge model for a float32 batch (N, C, H, W) in physical units."""
+    """Logits of the edge model for a float32 batch (N, C, H, W) in its raw input units (``input_scaling`` in
+    its metadata: the stored units of the training dataset; the normalisation is inside the graph)."""
 
     def load_context(self, context) -> None:
         from tasks.openvino_runtime import compile_model, compiled_predictor

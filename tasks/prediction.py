@@ -44,6 +44,8 @@ class LoadedModel:
     """For a slide model: the bag settings it was trained with (:class:`tasks.bags.BagParams`)."""
     input_contract: dict | None = None
     """What inputs must be (satellite: sensor, level, bands, scaling units, cloud policy), from training."""
+    input_scaling: tuple[tuple[float, float], ...] | None = None
+    """The raw units the model takes (per channel (scale, offset) to physical; None: physical units)."""
 
     def bag_probabilities(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A slide model's class probabilities (K,) and attention weights (T,) for one slide's tiles."""
@@ -116,10 +118,14 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
 
         if not metadata.get("bags"):
             predict_bag = None
+        # The units the weights were trained on, from the model itself (architecture.json), not its metadata.
+        metadata = {**metadata, "input_scaling": getattr(model, "input_scaling", None)}
 
+    input_scaling = _scaling(metadata.get("input_scaling"))
     normalisation = metadata.get("input_normalisation")
     if normalisation:  # what the model was trained on: normalise every tile before it sees one
-        predict, predict_bag = _normalising(predict, predict_bag, str(metadata.get("domain")), normalisation)
+        predict, predict_bag = _normalising(predict, predict_bag, str(metadata.get("domain")), normalisation,
+                                            input_scaling)
     missing = {"channels", "class_names", "tile_size", "domain"} - set(metadata)
     if missing:
         raise RequestError(f"{model_uri}: model metadata lacks {sorted(missing)}; was it logged by Vitrail?")
@@ -129,18 +135,28 @@ def load_model(model_uri: str, threads: int = 2) -> LoadedModel:
                        domain=str(metadata["domain"]), task=str(metadata.get("task", "classification")),
                        tile_mpp=float(metadata["tile_mpp"]) if metadata.get("tile_mpp") else None,
                        predict_bag=predict_bag, bags=metadata.get("bags"),
-                       input_contract=metadata.get("input_contract"))
+                       input_contract=metadata.get("input_contract"), input_scaling=input_scaling)
 
 
-def _normalising(predict, predict_bag, domain: str, normalisation: dict):
-    """The predictors with the model's input normalisation applied to their tiles first."""
+def _scaling(value) -> tuple[tuple[float, float], ...] | None:
+    """A recorded ``input_scaling`` (lists from JSON metadata, or tuples) as tuples; None stays None."""
+    return tuple((float(s), float(o)) for s, o in value) if value else None
+
+
+def _normalising(predict, predict_bag, domain: str, normalisation: dict, scaling=None):
+    """The predictors with the model's input normalisation applied to their tiles (in ``scaling`` units) first.
+
+    The one preprocessing step that stays outside the model's graph (stain normalisation fits a per-tile
+    stain matrix by an eigendecomposition, which ONNX cannot express); it is recorded with the model and
+    applied here exactly as training applied it (:mod:`tasks.model_inputs`).
+    """
     from tasks.model_inputs import apply_normalisation
 
     def normalised_predict(images: np.ndarray) -> np.ndarray:
-        return predict(apply_normalisation(domain, normalisation, images))
+        return predict(apply_normalisation(domain, normalisation, images, scaling))
 
     def normalised_bag(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return predict_bag(apply_normalisation(domain, normalisation, tiles))
+        return predict_bag(apply_normalisation(domain, normalisation, tiles, scaling))
 
     return normalised_predict, (normalised_bag if predict_bag is not None else None)
 
@@ -188,7 +204,8 @@ def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], si
                                         mpp=mpp, tile_mpp=model.tile_mpp,
                                         infer_bag=model.bag_probabilities if model.predict_bag else None,
                                         bag_max_tiles=int((model.bags or {}).get("predict_max_tiles", 1024)),
-                                        input_contract=model.input_contract)
+                                        input_contract=model.input_contract,
+                                        input_scaling=model.input_scaling)
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
             log.error("skipping %s: %s", printable_path(item), error)

@@ -18,7 +18,11 @@ from mlflow.pyfunc import PythonModel
 
 
 class ReferenceModelPyfunc(PythonModel):
-    """Logits of the reference model for a float32 batch (N, C, H, W) in physical units."""
+    """Logits of the reference model for a float32 batch (N, C, H, W) in its raw input units.
+
+    The units are the stored units of its training dataset (``input_scaling`` in its metadata and
+    ``architecture.json``: Sentinel-2 digital numbers, 8-bit RGB values...); the normalisation is inside.
+    """
 
     def load_context(self, context) -> None:
         from tasks.models import load_reference_files

@@ -218,10 +218,15 @@ def log_reference_model(model, input_example, metadata: dict) -> str:
     import mlflow.pyfunc
 
     from domains import Channel
-    from tasks.models import reference_architecture, save_reference_model
+    from tasks.models import model_digest, reference_architecture, save_reference_model
 
     channels = tuple(Channel(**c) for c in metadata["channels"])
     architecture = reference_architecture(model, channels, metadata.get("task", "classification"))
+    # The model's identity covers its preprocessing (raw-unit mean/std buffers, input scaling): see model_digest.
+    digest = model_digest(model, architecture)
+    metadata = {**metadata, "model_digest": digest, "input_scaling": _as_lists(architecture.input_scaling)}
+    if mlflow.active_run() is not None:
+        mlflow.set_tag("vitrail.model_digest", digest)
     with tempfile.TemporaryDirectory(prefix="vitrail-reference-") as scratch:
         weights, description = save_reference_model(model, architecture, Path(scratch))
         info = mlflow.pyfunc.log_model(name="model", python_model=str(REFERENCE_MODEL_CODE),
@@ -229,6 +234,10 @@ def log_reference_model(model, input_example, metadata: dict) -> str:
                                        input_example=input_example, metadata=metadata,
                                        pip_requirements=[*MODEL_REQUIREMENTS, "safetensors"])
     return info.model_uri
+
+
+def _as_lists(scaling) -> list[list[float]] | None:
+    return [[float(a), float(b)] for a, b in scaling] if scaling is not None else None
 
 
 OPENVINO_EDGE_CODE = Path(__file__).with_name("openvino_pyfunc.py")

@@ -620,7 +620,8 @@ def fit(model: nn.Module, dataset: Dataset, params: TrainParams, checkpoint_dir:
     trained weights, checked equal on every process.
 
     Args:
-        model: a module mapping (N, C, H, W) physical-unit images to logits ((N, K), or (N, K, H, W)
+        model: a module mapping (N, C, H, W) images in its input units (the dataset's stored units for a model
+            built by :func:`tasks.models.normalizing_model`) to logits ((N, K), or (N, K, H, W)
             for segmentation); only parameters with ``requires_grad`` are optimised (adapters, head).
             With ``params.objective == "model-loss"`` it maps images to its own scalar loss instead; the
             validation score is then minus the mean validation loss, computed under a fixed seed (see

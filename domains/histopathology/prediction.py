@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from domains.confinement import confined_path
-from domains.histopathology.reader import DEFAULT_TILE_MPP, list_slides, plan_slide_tiles, quality_filtered, \
-    slide_pseudonym
-from domains.spec import DomainInputError, PredictionRequest, PredictionSummary
+from domains.histopathology.reader import UINT8_SCALING, DEFAULT_TILE_MPP, list_slides, plan_slide_tiles, \
+    quality_filtered, slide_pseudonym
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, convert_units
 
 REPORT_FORMAT = "vitrail-histopathology-slide/1"
 THRESHOLD = 0.5
@@ -62,8 +62,17 @@ def list_prediction_inputs(path: Path | str) -> list[Path]:
     return [path]
 
 
+def model_inputs(request: PredictionRequest, tiles: np.ndarray) -> np.ndarray:
+    """8-bit RGB tiles (N, H, W, 3) as the model's input (N, 3, H, W) float32 in ``request.input_scaling`` units.
+
+    A model trained on a Vitrail dataset takes the 8-bit values themselves (its ``input_scaling`` is the
+    dataset's 1/255); a model of physical units (logged before models recorded their units) gets [0, 1].
+    """
+    return convert_units(tiles.transpose(0, 3, 1, 2), UINT8_SCALING, request.input_scaling)
+
+
 def _infer(request: PredictionRequest, tiles: np.ndarray) -> np.ndarray:
-    images = tiles.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    images = model_inputs(request, tiles)
     out = []
     for start in range(0, len(images), request.batch_size):
         part = images[start:start + request.batch_size]
@@ -255,7 +264,7 @@ def _predict_slide_bag(request: PredictionRequest, tile_mpp: float, names: tuple
     origins = np.concatenate(kept_origins) if kept_origins else np.zeros((0, 2), np.int64)
     probabilities, attention = None, np.zeros(0, np.float32)
     if len(tiles):
-        probabilities, attention = request.infer_bag(tiles.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        probabilities, attention = request.infer_bag(model_inputs(request, tiles))
         probabilities, attention = np.asarray(probabilities, np.float64), np.asarray(attention, np.float64)
         if probabilities.shape != (len(names),) or attention.shape != (len(tiles),):
             raise ValueError(f"infer_bag returned shapes {probabilities.shape} and {attention.shape}; expected "

@@ -13,7 +13,7 @@ from domains.hyperspectral.cube import GEOTIFF_SUFFIXES, Cube, is_cube_file, ope
 from domains.hyperspectral.stack import compute_stack
 from domains.confinement import confined_path
 from domains.input_guards import check_readable, input_errors_named
-from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, convert_units, printable_path
 
 PREDICTION_NODATA = 255
 
@@ -27,7 +27,12 @@ def tile_starts(length: int, size: int, stride: int) -> list[int]:
 
 
 def segment_stack(stack: np.ndarray, invalid: np.ndarray, request: PredictionRequest) -> np.ndarray:
-    """Average per-pixel class probabilities (K, H, W) of ``request.infer`` over overlapping tiles."""
+    """Average per-pixel class probabilities (K, H, W) of ``request.infer`` over overlapping tiles.
+
+    ``stack`` holds the capture's values as read (band radiance or digital numbers, derived products in
+    their own units), which is what datasets store (integer bands with unit scaling); each batch is
+    converted to the model's ``input_scaling`` (the identity for a model trained on such a dataset).
+    """
     k = len(request.class_names)
     size = request.tile_size
     height, width = invalid.shape
@@ -37,7 +42,8 @@ def segment_stack(stack: np.ndarray, invalid: np.ndarray, request: PredictionReq
     coverage = np.zeros((height, width), dtype=np.float32)
     for first in range(0, len(positions), request.batch_size):
         batch_positions = positions[first : first + request.batch_size]
-        batch = np.stack([stack[:, r : r + size, c : c + size] for r, c in batch_positions])
+        batch = convert_units(np.stack([stack[:, r : r + size, c : c + size] for r, c in batch_positions]), None,
+                              request.input_scaling)
         output = np.asarray(request.infer(batch), dtype=np.float32)
         expected = (len(batch_positions), k, size, size)
         if output.shape != expected:

@@ -14,7 +14,7 @@ from domains.radiology.intensity import unfit_from_square
 from domains.radiology.nifti_reader import is_nifti
 from domains.radiology.sampling import parse_request_channels, samples_of, series_spacing_yx
 from domains.radiology.source import discover_files, read_source
-from domains.spec import PredictionRequest, PredictionSummary
+from domains.spec import PredictionRequest, PredictionSummary, convert_units
 
 REPORT_FORMAT = "vitrail-radiology-findings/1"
 SEGMENTATION_FORMAT = "vitrail-radiology-segmentation/1"
@@ -29,10 +29,24 @@ def _scores(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
     return {name: round(float(v), 6) for name, v in zip(names, values)}
 
 
+def _model_units(request: PredictionRequest, images: np.ndarray) -> np.ndarray:
+    """Views as read, in the model's input units.
+
+    The reader turns each series into modality units first (DICOM rescale slope and intercept, which vary per
+    series, give HU for CT; NIfTI scl_slope/scl_inter likewise) and then into the channel views datasets
+    store: CT windows clipped to [0, 1], MR percentiles, radiograph VOI, physical values with no scaling.
+    A model trained on them takes these views (its ``input_scaling`` is None), so this is the identity for
+    every radiology model Vitrail trains; the window stays a reader step because MR percentiles and the
+    resampling to the model grid are per series.
+    """
+    return convert_units(images, None, request.input_scaling)
+
+
 def _infer(request: PredictionRequest, images: np.ndarray) -> np.ndarray:
     outputs = []
     for start in range(0, len(images), request.batch_size):
-        probabilities = np.asarray(request.infer(images[start:start + request.batch_size]), dtype=np.float32)
+        batch = _model_units(request, images[start:start + request.batch_size])
+        probabilities = np.asarray(request.infer(batch), dtype=np.float32)
         if probabilities.shape != (min(request.batch_size, len(images) - start), len(request.class_names)):
             raise ValueError(f"infer returned shape {probabilities.shape}; expected (batch, {len(request.class_names)})")
         if not np.isfinite(probabilities).all():
@@ -45,7 +59,7 @@ def _infer_maps(request: PredictionRequest, images: np.ndarray) -> np.ndarray:
     k, size = len(request.class_names), images.shape[-1]
     outputs = []
     for start in range(0, len(images), request.batch_size):
-        batch = images[start:start + request.batch_size]
+        batch = _model_units(request, images[start:start + request.batch_size])
         probabilities = np.asarray(request.infer(batch), dtype=np.float32)
         if probabilities.shape != (len(batch), k, size, size):
             raise ValueError(f"infer returned shape {probabilities.shape}; expected (batch, {k}, {size}, {size})")

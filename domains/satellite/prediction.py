@@ -18,7 +18,7 @@ from domains.satellite.strips import StripReader
 from domains.satellite.timeseries import is_time_series, time_series_members
 from domains.satellite.tiling import STRIP_BYTES
 from domains.satellite.sensors import is_band_folder
-from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, printable_path
+from domains.spec import DomainInputError, PredictionRequest, PredictionSummary, convert_units, printable_path
 
 # Value of unpredicted pixels in both output bands; class ids and percentages stay below it.
 PREDICTION_NODATA = 255
@@ -184,7 +184,15 @@ def check_input_contract(contract: dict, layout: SceneLayout) -> None:
 
 def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, class_names: tuple[str, ...],
                     clouds: CloudRows | None = None) -> tuple[int, np.ndarray, int]:
-    """Infer tile rows strip by strip; write every output row once no later tile can touch it."""
+    """Infer tile rows strip by strip; write every output row once no later tile can touch it.
+
+    The model is fed the scene's digital numbers converted to its own raw units (``request.input_scaling``,
+    the stored units of its training dataset): a scene of the same product convention gives the stored
+    numbers exactly; one whose scaling differs (another Sentinel-2 processing baseline and its -1000 DN
+    offset, a Landsat scene's own MTL coefficients) is converted through reflectance, so the model sees
+    what it was trained on. Invalid pixels get the raw value of physical 0, as the dataset reader writes.
+    Cloud masking works on physical values (reflectance thresholds).
+    """
     from rasterio.windows import Window
 
     layout = reader.layout
@@ -194,6 +202,8 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, c
     offset = np.array([o for _, o in reader.scaling], dtype=np.float32)[:, None, None]
     row_starts = tile_starts(height, size, request.stride)
     col_starts = tile_starts(width, size, request.stride)
+    # Physical 0 in the model's units: what the dataset reader stores on invalid pixels (see fill_values).
+    fill = convert_units(np.zeros((1, len(reader.scaling), 1), np.float32), None, request.input_scaling)[0, :, 0]
     per_strip = max(1, (STRIP_BYTES // max(1, len(layout.bands) * width * 4) - size) // request.stride + 1)
     strips = [row_starts[i : i + per_strip] for i in range(0, len(row_starts), per_strip)]
     counts = np.zeros(k, dtype=np.int64)
@@ -207,14 +217,14 @@ def _predict_strips(reader: StripReader, out: Any, request: PredictionRequest, c
     for index, rows in enumerate(strips):
         top, bottom = rows[0], rows[-1] + size
         raw, valid = reader.read_rows(top, bottom)
-        data = raw.astype(np.float32) * scale + offset
         if clouds is not None:
             # Cloud and shadow pixels are nodata: the model never saw them as land cover.
-            cloudy = clouds.rows(top, bottom, data, valid)
+            cloudy = clouds.rows(top, bottom, raw.astype(np.float32) * scale + offset, valid)
             first_new = (pending + coverage.shape[0]) - top
             cloud_pixels += int(np.count_nonzero(cloudy[max(0, first_new):]))
             valid = valid & ~cloudy
-        data[:, ~valid] = 0.0
+        data = convert_units(raw[None], reader.scaling, request.input_scaling)[0]
+        data[:, ~valid] = fill[:, None]
         del raw
         # Grow the accumulators to the strip's bottom (strips may overlap rows already pending).
         grow = bottom - (pending + coverage.shape[0])

@@ -184,17 +184,20 @@ def _build(model, context, options: dict, failures: dict[str, str]) -> list:
 def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     """Build and measure every variant; return the JSON payload (``variants`` rows, edge choice, goals)."""
     from tasks import tracking
-    from tasks.dataset import load_dataset
+    from tasks.model_inputs import load_dataset_for
 
     model_uri, dataset_path = _locate(Path(workdir), options)
     model = tracking.load_reference_model(model_uri).eval()
     metadata = tracking.logged_model_metadata(model_uri)
-    result = measure_all(model, metadata, load_dataset(dataset_path), Path(workdir) / "bench" / "compression", options)
+    result = measure_all(model, metadata, load_dataset_for(dataset_path, model), Path(workdir) / "bench" / "compression",
+                         options)
     return {"workdir": str(workdir), "model_uri": model_uri, "dataset": str(dataset_path), **result}
 
 
 def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, str]) -> dict:
-    """Build every variant of ``model`` into ``out`` and measure them on the dense held-out split."""
+    """Build every variant of ``model`` into ``out`` and measure them on the dense held-out split.
+
+    ``dataset`` is read in the model's input units (:func:`tasks.model_inputs.load_dataset_for`)."""
     import torch
 
     from tasks.compression.held_out import dense_held_out
@@ -203,6 +206,7 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     from tasks.compression.recipe import BASELINE, _domain_flips, _torch_size, model_file_bytes
     from tasks.compression.scoring import collect_outcomes, score_drop
     from tasks.compression.technique import PARITY_SAMPLES, CompressionContext
+    from tasks.models import input_scaling_of
     from tasks.onnx_runtime import open_predictor
     from tasks.reproducibility import pin_determinism
 
@@ -215,7 +219,8 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     max_drop = float(options.get("max_drop", 0.01))
     pin_determinism(seed, threads)
     info = dataset.info
-    held_out = dense_held_out(dataset, min_samples=int(options.get("min_samples", 1000)))
+    held_out = dense_held_out(dataset, min_samples=int(options.get("min_samples", 1000)),
+                              units=input_scaling_of(model))
     test_images, test_labels = held_out.images["test"], held_out.labels["test"]
     out.mkdir(parents=True, exist_ok=True)
     # Parity is checked on the dataset's own test tiles, as in the compress stage.

@@ -231,11 +231,11 @@ def fine_tune(dataset: Path, options: dict[str, str], base_file: Path, out_dir: 
 
 def test_macro_f1(model, dataset: Path, column: int | None = None) -> float:
     """Test macro-F1 of a task model; with ``column``, of output ``column`` of a multilabel model (logit > 0)."""
-    from tasks.dataset import load_dataset
     from tasks.evaluation import score_classification
+    from tasks.model_inputs import load_dataset_for
     from tasks.training import predict_logits
 
-    data = load_dataset(dataset)
+    data = load_dataset_for(dataset, model)  # in the model's input units
     test = data.splits["test"]
     logits = predict_logits(model, test.images)
     if column is None:

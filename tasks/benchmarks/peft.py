@@ -118,9 +118,9 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
 
     from tasks.benchmarks._process_metrics import peak_rss_mb
     from tasks.compression.export import check_parity, export_onnx
-    from tasks.dataset import load_dataset
     from tasks.evaluation import evaluate_predictor
-    from tasks.models import BackboneParams, NormalizedClassifier, build_backbone
+    from tasks.model_inputs import load_dataset_for
+    from tasks.models import BackboneParams, build_backbone, normalizing_model
     from tasks.reproducibility import pin_determinism
     from tasks.training import TrainParams, fit, predict_logits
 
@@ -129,7 +129,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     entry = get_method(method)
     seed, threads, epochs = int(options["seed"]), int(options["threads"]), int(options["epochs"])
     pin_determinism(seed, threads)  # every method starts from the same backbone weights and batch order
-    dataset = load_dataset(dataset_dir)
+    dataset = load_dataset_for(dataset_dir)  # the stored (raw) units every Vitrail model takes
     info = dataset.info
     backbone = BackboneParams(name=options["backbone"], weights=options["weights"],
                               weights_file=options["weights_file"] or None, patch_size=int(options["patch_size"]),
@@ -138,7 +138,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     params = adapter_params(method, options)
     expected = entry.expected_trainable(net, params)
     adapted = attach_adapter(net, params)  # the path fine-tuning takes
-    model = NormalizedClassifier(adapted, info.channel_mean, info.channel_std)
+    model = normalizing_model(adapted, info)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable != expected:
@@ -157,7 +157,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     unmerged = copy.deepcopy(result.model).eval()
     report = evaluate_predictor(lambda x: predict_logits(unmerged, x), test.images, test.labels, info.class_names,
                                 task=info.task)
-    merged = NormalizedClassifier(merge_adapter(result.model.net), info.channel_mean, info.channel_std).eval()
+    merged = normalizing_model(merge_adapter(result.model.net), info).eval()
     tiles = np.asarray(test.images[:PARITY_TILES], dtype=np.float32)
     path = export_onnx(merged, tiles, out_dir / f"{method}.onnx", {"adapter": method})
     parity = check_parity(unmerged, path, tiles, tolerance=1e-4, threads=threads)

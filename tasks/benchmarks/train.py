@@ -107,18 +107,18 @@ def measure_path(dataset_dir: Path, path: str, workers: int, options: dict[str, 
     """Train ``steps`` steps through one data path in this process; samples/s and memory."""
     import torch
 
-    from tasks.dataset import load_dataset
-    from tasks.models import BackboneParams, NormalizedClassifier, build_backbone
+    from tasks.model_inputs import load_dataset_for
+    from tasks.models import BackboneParams, build_backbone, normalizing_model
     from tasks.reproducibility import pin_determinism
     from tasks.training import EpochBatches, TrainParams, _loss
 
     seed, steps, batch_size = int(options["seed"]), int(options["steps"]), int(options["batch_size"])
     pin_determinism(seed, int(options["threads"]))
-    dataset = load_dataset(dataset_dir)
+    dataset = load_dataset_for(dataset_dir)  # the stored (raw) units every Vitrail model takes
     info, train = dataset.info, dataset.splits["train"]
     backbone = BackboneParams(name="vit_tiny_patch16_224", patch_size=4, depth=int(options["depth"]))
-    model = NormalizedClassifier(build_backbone(backbone, info.channels, info.num_classes, info.tile_size,
-                                                task=info.task), info.channel_mean, info.channel_std)
+    model = normalizing_model(build_backbone(backbone, info.channels, info.num_classes, info.tile_size,
+                                             task=info.task), info)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = TrainParams(batch_size=batch_size, num_workers=workers, seed=seed, threads=int(options["threads"]))
     plan = EpochBatches(len(train), batch_size, 1, 0, 1, seed, flips=True,

@@ -52,7 +52,7 @@ def teacher_block_choice(teacher_depth: int, student_depth: int) -> list[int]:
 
 def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Module:
     """A student ViT for the dataset's bands and classes, normalising inputs like the teacher."""
-    from tasks.models import BackboneParams, NormalizedClassifier, build_backbone
+    from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, input_scaling_of, normalizing_model
 
     info = dataset.info
     vit = _inner_vit(teacher)
@@ -67,10 +67,10 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
     mean = getattr(teacher, "mean", None)
     std = getattr(teacher, "std", None)
     normalisation = getattr(teacher, "input_normalisation", None)  # the student sees what the teacher saw
-    if mean is not None and std is not None:
+    if mean is not None and std is not None:  # the teacher's units and statistics: the student takes the same raw input
         return NormalizedClassifier(net, tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()),
-                                    input_normalisation=normalisation)
-    return NormalizedClassifier(net, info.channel_mean, info.channel_std, input_normalisation=normalisation)
+                                    input_normalisation=normalisation, input_scaling=input_scaling_of(teacher))
+    return normalizing_model(net, info, input_normalisation=normalisation)
 
 
 def _copy_teacher_blocks(teacher_vit: nn.Module, student: nn.Module, depth: int) -> None:

@@ -26,7 +26,8 @@ BLOCK_GROUP = re.compile(r":block-(\d+)-(\d+)$")
 
 @dataclass
 class HeldOutSplits:
-    """Dense held-out samples per split name (float32 physical units), and how they were made."""
+    """Dense held-out samples per split name (float32, in the units asked for: a model's input units), and how
+    they were made."""
 
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
@@ -62,9 +63,12 @@ def choose_stride(groups: set[str], grid: tuple[int, int], tile: int, block: int
     return 1
 
 
-def dense_held_out(dataset, min_samples: int = 1000, splits: tuple[str, ...] = ("test", "val")) -> HeldOutSplits:
+def dense_held_out(dataset, min_samples: int = 1000, splits: tuple[str, ...] = ("test", "val"),
+                   units=None) -> HeldOutSplits:
     """Re-tile ``dataset``'s source densely inside its held-out blocks (see the module docstring).
 
+    Re-tiled samples are converted from the source's scaling to ``units`` (a model's ``input_scaling``; None:
+    physical), which must be the units ``dataset``'s splits are read in (:func:`tasks.model_inputs.load_dataset_for`).
     Falls back to the dataset's own splits, saying so in ``note``, when its provenance does not name
     a single tiled source (e.g. a multi-source or non-raster dataset).
     """
@@ -97,7 +101,7 @@ def dense_held_out(dataset, min_samples: int = 1000, splits: tuple[str, ...] = (
         for split, groups in wanted.items():
             keep = np.isin(batch.groups, list(groups)) & (batch.labels >= 0)
             if keep.any():
-                images[split].append(batch.physical(np.flatnonzero(keep)))
+                images[split].append(batch.in_units(units, np.flatnonzero(keep)))
                 labels[split].append(batch.labels[keep])
     result = HeldOutSplits(
         images={s: np.concatenate(v).astype(np.float32) for s, v in images.items() if v},

@@ -32,6 +32,7 @@ from tasks.compression.prune import PruneParams, PruneStructured
 from tasks.compression.quantize import QuantizationParams, QuantizeOnnx
 from tasks.compression.technique import PARITY_SAMPLES, REFERENCE_ROOT, CompressionContext, Variant, run_recipe
 from tasks.compression.tokens import TokenReductionParams, reduce_tokens, token_variant_suffix
+from tasks.models import input_scaling_of
 from tasks.model_inputs import load_dataset_for
 from tasks.evaluation import rows_per_batch
 from tasks.onnx_runtime import open_predictor
@@ -322,6 +323,9 @@ def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, p
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partials(out_dir)  # temporaries of a killed run that wrote here; never read as results
     model = model.eval()
+    # The units every exported graph takes are the reference model's own (models logged before the units
+    # were recorded in their metadata still carry them in architecture.json).
+    metadata = {**metadata, "input_scaling": _scaling_lists(input_scaling_of(model))}
     context = CompressionContext(dataset=dataset, metadata=metadata, out_dir=out_dir, parity_images=test.images[:rows_per_batch(test.images, PARITY_SAMPLES)],
                                  parity_tolerance=params.parity_tolerance, threads=params.threads, teacher=model,
                                  flips=_domain_flips(dataset.info.domain), seed=params.seed)
@@ -387,6 +391,10 @@ def compress_model(model: nn.Module, dataset_path: Path | str, metadata: dict, p
         log.info("%-34s acc %.4f  p50 %7.3f ms  p95 %7.3f ms  %8.1f img/s  %9d B  x%.2f", v.name, v.accuracy,
                  v.latency_ms_p50, v.latency_ms_p95, v.throughput, v.size_bytes, v.speedup_vs_fp32)
     return report
+
+
+def _scaling_lists(scaling) -> list[list[float]] | None:
+    return [[float(a), float(b)] for a, b in scaling] if scaling is not None else None
 
 
 compress_model_task = task(compress_model, name="compress-model", cache_policy=NONE)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domains import IngestRequest, get_domain
+from domains import IngestRequest, convert_units, get_domain
 from domains.histopathology.demo import write_demo_cohort
 from tasks.dataset import SplitParams, build_dataset, load_dataset
 from tasks.model_inputs import apply_normalisation, fit_normalisation, load_dataset_for, normalisation_of
@@ -33,10 +33,16 @@ def test_stain_normalisation_is_fitted_on_training_tiles_and_applied_on_read(sli
     assert fitted["method"] == method and fitted["tiles"] > 0
     assert 0.0 <= fitted["fallback_share_on_fit_tiles"] < 0.5
     view = load_dataset_for(slide_tiles, normalisation=fitted)
-    raw, seen = dataset.splits["test"].images[:8], view.splits["test"].images[:8]
+    # A model takes the stored 8-bit values; the normalisation works on physical [0, 1] and comes back in them.
+    scaling = dataset.info.scaling
+    raw, seen = load_dataset_for(slide_tiles).splits["test"].images[:8], view.splits["test"].images[:8]
+    assert np.array_equal(raw, np.rint(dataset.splits["test"].images[:8] * 255)) and raw.max() > 1
     assert seen.shape == raw.shape and seen.dtype == np.float32
-    assert not np.allclose(seen, raw, atol=2 / 255)  # the colours moved towards the reference
-    assert np.array_equal(seen, apply_normalisation("histopathology", fitted, raw))
+    assert not np.allclose(seen, raw, atol=2)  # the colours moved towards the reference
+    assert np.array_equal(seen, apply_normalisation("histopathology", fitted, raw, scaling))
+    np.testing.assert_allclose(convert_units(seen, scaling, None),
+                               apply_normalisation("histopathology", fitted, dataset.splits["test"].images[:8]),
+                               atol=1e-5)
     assert np.array_equal(view.splits["test"].images[3], seen[3])  # one sample reads like a batch row
 
 
@@ -72,5 +78,6 @@ def test_the_fitted_normalisation_travels_with_the_model(slide_tiles: Path, tmp_
     assert normalisation_of(loaded) == fitted
     # The stages after training open the dataset as the model saw it.
     seen = load_dataset_for(slide_tiles, loaded).splits["test"].images[:4]
-    raw = load_dataset(slide_tiles).splits["test"].images[:4]
-    assert np.array_equal(seen, apply_normalisation("histopathology", fitted, raw))
+    raw = load_dataset_for(slide_tiles).splits["test"].images[:4]  # the stored 8-bit values the model takes
+    assert loaded.input_scaling == load_dataset(slide_tiles).info.scaling
+    assert np.array_equal(seen, apply_normalisation("histopathology", fitted, raw, loaded.input_scaling))
