@@ -200,7 +200,9 @@ def _ours(job: dict) -> dict:
     request = PredictionRequest(input=Path(job["source"]), output=Path(job["output"]),
                                 channels=tuple(Channel(**c) for c in meta["channels"]),
                                 class_names=tuple(meta["class_names"]), tile_size=int(meta["tile_size"]),
-                                stride=int(meta["tile_size"]), infer=infer, batch_size=64, task="segmentation")
+                                stride=int(meta["tile_size"]), infer=infer, batch_size=64, task="segmentation",
+                                input_scaling=tuple(tuple(pair) for pair in meta["input_scaling"])
+                                if meta.get("input_scaling") else None)
     baseline = _rss_mb()
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -155,6 +155,11 @@ def check_compatible(constituents: list[Constituent]) -> None:
                                    f"{buffer} {getattr(first.model, buffer).flatten().tolist()} and "
                                    f"{getattr(other.model, buffer).flatten().tolist()}); merged models share one "
                                    "input contract")
+        units = [getattr(c.model, "input_scaling", None) for c in (first, other)]
+        if units[0] != units[1]:  # raw units the buffers are folded for (see tasks.models.NormalizedClassifier)
+            raise RequestError(f"{first.ref.label} and {other.ref.label} take inputs in different units (input "
+                               f"scaling {_short(units[0])} and {_short(units[1])}); merged models share one "
+                               "input contract")
 
 
 def _short(value) -> str:

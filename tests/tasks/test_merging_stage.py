@@ -52,6 +52,14 @@ def test_different_normalisation_statistics_are_refused():
         check_compatible([_constituent("sat-a/1"), _constituent("sat-b/1", mean=0.5)])
 
 
+def test_different_input_units_are_refused():
+    """Same buffers, other raw units (e.g. DN of another processing baseline): the same numbers mean other pixels."""
+    other = _constituent("sat-b/1")
+    other.model.input_scaling = ((1e-4, -0.1),) * 3
+    with pytest.raises(RequestError, match="take inputs in different units"):
+        check_compatible([_constituent("sat-a/1"), other])
+
+
 def test_a_fine_tune_without_a_base_digest_is_refused():
     with pytest.raises(RequestError, match="sat-b/1: no base digest recorded"):
         check_compatible([_constituent("sat-a/1"), _constituent("sat-b/1", digest="")])
