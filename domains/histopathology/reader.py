@@ -409,7 +409,9 @@ def _stream(request: IngestRequest, plan: _Plan) -> Iterator[SampleSet]:
     size, stride = request.tile_size, request.stride
     tile_mpp = request.tile_mpp or DEFAULT_TILE_MPP
     class_index = {name: i for i, name in enumerate(plan.class_names)}
-    source_tag = "slides:" + pseudonym("file", slide_key(Path(request.source), Path(request.source).parent))
+    # Keyed by the folder's resolved path, not its name: two sources named alike (a/slides, b/slides) in
+    # one ingest must not share a name, or the second's provenance would overwrite the first's.
+    source_tag = "slides:" + pseudonym("source", str(Path(request.source).resolve())).split("-", 1)[1]
     dropped: Counter = Counter()
     quarantine = list(plan.quarantine)
     pending = _Pending()

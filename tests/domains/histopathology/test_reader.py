@@ -197,3 +197,18 @@ def test_a_copied_slide_is_read_once(example, tmp_path):
     [entry] = batches[-1].quarantine
     assert entry["reason"] == "duplicate_slide" and "A1" not in json.dumps(entry)
     assert batches[-1].provenance["slides_read"] == "4"
+
+
+def test_two_sources_with_the_same_folder_name_get_different_source_names(example, tmp_path):
+    # a/slides and b/slides in one many-source ingest: each source's provenance is kept under its own name.
+    import shutil
+
+    names = []
+    for parent in ("a", "b"):
+        folder = tmp_path / parent / "slides"
+        shutil.copytree(example["source"], folder)
+        batches = _read(folder)
+        names.append({b.source for b in batches})
+    assert all(len(found) == 1 for found in names)
+    assert names[0] != names[1]
+    assert all(name.startswith("slides:") and "slides/" not in name for found in names for name in found)
