@@ -207,12 +207,13 @@ def decide_probe_gate(labels: np.ndarray, subject: np.ndarray, random_init: np.n
 def _finetune_rows(featurizer: Featurizer, backbone, dataset_path: Path | str, dataset: Dataset,
                    settings: ProbeSettings, checkpoint_dir: Path, target: str) -> tuple[list[dict], np.ndarray]:
     from tasks.finetune import fit_adapter
+    from tasks.model_inputs import load_dataset_for
     from tasks.training import predict_logits
 
     params = settings.finetune
     train = params.train.model_copy(update={"seed": settings.seed, "threads": settings.threads})
     outcome = fit_adapter(dataset_path, backbone, params.adapter, train, checkpoint_dir / featurizer.label)
-    test = dataset.splits["test"]
+    test = load_dataset_for(dataset_path, outcome.model).splits["test"]  # the fine-tune takes raw (stored) units
     predicted = predict_logits(outcome.model, test.images).argmax(axis=1).astype(np.int64)
     labels = np.asarray(test.labels, dtype=np.int64)
     return _rows(featurizer, f"finetune-{params.adapter.method}", "labels=100%", labels, predicted,

@@ -259,3 +259,24 @@ def test_raw_in_openvino_ir_matches_torch_and_calibrates_on_raw_integers(stored_
     quantized = open_predictor(int8)(raw)
     # Measured on the uint16 case: 0.04 calibrated on raw; 0.45 calibrated on physical values (bound 0.17).
     assert np.abs(quantized - reference).max() < 0.25 * np.abs(reference).max()
+
+
+def test_fine_tuning_trains_and_scores_on_the_raw_units_it_records(tmp_path: Path) -> None:
+    """Training, the validation score it reports and a later stage's read of the dataset see one set of units."""
+    from tasks.finetune import fit_adapter
+    from tasks.models import LoraParams
+    from tasks.training import TrainParams
+
+    path = tmp_path / "dataset"
+    write_dataset(stored_samples("uint16-sentinel2-pb0400"), "satellite", "classification", path, SplitParams(seed=0))
+    train = TrainParams(epochs=3, batch_size=16, learning_rate=5e-3, warmup_epochs=0.0, threads=1)
+    outcome = fit_adapter(path, tiny_backbone(), LoraParams(rank=4), train, tmp_path / "ckpt")
+    info = load_dataset(path).info
+    assert outcome.model.input_scaling == info.scaling
+    assert outcome.metadata["input_scaling"] == [list(pair) for pair in info.scaling]
+    assert outcome.model.mean.flatten().tolist() == pytest.approx(
+        fold_scaling(info.channel_mean, info.channel_std, info.scaling)[0], rel=1e-6)
+    val = load_dataset_for(path, outcome.model).splits["val"]
+    assert val.images[:].max() > 1000  # the DN themselves
+    accuracy = (predict_logits(outcome.model, val.images).argmax(1) == val.labels).mean()
+    assert accuracy == pytest.approx(outcome.fit.best_metrics["val_accuracy"]) and accuracy >= 0.8
