@@ -62,6 +62,7 @@ from domains import (
 )
 from domains.confinement import ensure_inside
 from domains.spec import printable_path
+from tasks.allocator import keep_freed_memory_for_reuse
 from tasks.dataset_store import (
     ChunkedArrayWriter,
     ChunkSource,
@@ -397,6 +398,7 @@ class _StreamingWriter:
     _CONSISTENT = ("source", "channels", "class_names", "task", "scaling")
 
     def __init__(self, files: DatasetFiles, task_type: str, several_sources: bool = False, statistics: bool = True):
+        keep_freed_memory_for_reuse()  # a chunk's buffers serve the next chunk (see tasks.allocator)
         self.files = files
         self.default_task = task_type
         self.several_sources = several_sources
