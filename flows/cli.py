@@ -411,8 +411,8 @@ def probe_payload(args: argparse.Namespace) -> dict:
         label, name = split(item, name_label(item))
         backbones.append({"label": label, "backbone": {"name": name}})
     payload = {"domain": args.domain, "dataset": args.dataset, "workdir": args.workdir, "promote": args.promote}
-    payload["backbones"] = backbones or [{"label": "foundation",
-                                          "model_uri": f"models:/foundation-{args.domain}@candidate"}]
+    if backbones:  # else the flow scores models:/foundation-<domain>@candidate
+        payload["backbones"] = backbones
     return payload
 
 

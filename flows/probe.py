@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.error_reporting import report_input_errors
 from flows.parameters import DomainName, WorkdirField
@@ -17,8 +17,8 @@ from tasks.probing.scoring import ProbeSettings, probe_backbones_task
 from tasks.storage import is_url
 
 
-def _default_subjects() -> list[ProbeSubject]:
-    return [ProbeSubject(label="foundation", model_uri="models:/foundation-satellite@candidate")]
+def _default_subjects(domain: str = "satellite") -> list[ProbeSubject]:
+    return [ProbeSubject(label="foundation", model_uri=f"models:/foundation-{domain}@candidate")]
 
 
 class ProbeParams(BaseModel):
@@ -41,6 +41,15 @@ class ProbeParams(BaseModel):
     settings: ProbeSettings = Field(default_factory=ProbeSettings, description="Protocols and their settings")
     promote: bool = Field(False, description="Move champion to each registered backbone whose probe gate passes "
                                              "(its version is tagged with the verdict either way)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domain_candidate_by_default(cls, data):
+        # Without backbones, score the chosen domain's candidate: the field's own default can only name one
+        # domain, and a radiology probe of models:/foundation-satellite@candidate fails (or scores the wrong bands).
+        if isinstance(data, dict) and "backbones" not in data:
+            data = {**data, "backbones": _default_subjects(str(data.get("domain", "satellite")))}
+        return data
 
 
 class ProbeReceipt(BaseModel):

@@ -82,3 +82,18 @@ def test_pretrain_gates_the_candidate_and_probe_scores_it(tmp_path, texture_data
     assert "mae.linear.full.macro_f1" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(probed["run_id"], "probe")}
     assert {"probe/probe-table.csv", "probe/label-fraction.png", "probe/probe-gate.json"} <= artifacts
+
+
+@pytest.mark.parametrize("domain", ["satellite", "radiology", "hyperspectral"])
+def test_probe_scores_the_chosen_domains_candidate_by_default(domain):
+    from flows.probe import ProbeParams
+
+    params = ProbeParams(domain=domain, dataset="d")
+    assert [(b.label, b.model_uri) for b in params.backbones] == [("foundation", f"models:/foundation-{domain}@candidate")]
+    # Given backbones (an empty list included: baselines only) are kept.
+    assert ProbeParams(domain=domain, dataset="d", backbones=[]).backbones == []
+    # The CLI without --model/--backbone leaves the choice to the flow.
+    from flows.cli import build_parser, probe_payload
+
+    args = build_parser().parse_args(["probe", "--domain", domain, "--dataset", "d"])
+    assert ProbeParams(**probe_payload(args)).backbones == params.backbones
