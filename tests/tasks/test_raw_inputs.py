@@ -212,14 +212,17 @@ def test_satellite_predict_feeds_the_scene_in_the_models_units(tmp_path: Path) -
     domain = get_domain("satellite")
     channels = tuple(c for c in domain.default_channels if c.name in ("B04", "B03", "B02"))
 
+    runs = []
+
     def batches_seen(input_scaling) -> np.ndarray:
         seen = []
+        runs.append(input_scaling)
 
         def infer(batch: np.ndarray) -> np.ndarray:
             seen.append(batch.copy())
             return np.full((len(batch), 3), 1 / 3, dtype=np.float32)
 
-        domain.predict(PredictionRequest(input=scene, output=tmp_path / f"{len(str(input_scaling))}.tif",
+        domain.predict(PredictionRequest(input=scene, output=tmp_path / f"prediction-{len(runs)}.tif",
                                          channels=channels, class_names=("a", "b", "c"), tile_size=12, stride=12,
                                          infer=infer, input_scaling=input_scaling))
         return np.concatenate(seen)
