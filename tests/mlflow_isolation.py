@@ -8,17 +8,17 @@ from pathlib import Path
 
 
 @contextmanager
-def mlflow_store(workdir: Path) -> Iterator[str]:
-    """Point this process's MLflow at ``<workdir>/mlflow.db`` and undo every global change on exit.
+def mlflow_sandbox() -> Iterator["pytest.MonkeyPatch"]:
+    """Undo, on exit, every global change MLflow makes when Vitrail points it at a store.
 
-    ``mlflow.set_tracking_uri`` keeps the URI in module globals and exports ``MLFLOW_TRACKING_URI``; both are
-    restored, so the store never leaks into later tests or into the environment of subprocesses.
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` keep the URI in module globals *and* export it as
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; both are restored here, so a temporary store never
+    leaks into later tests or into the environment of subprocesses. Inside, MLflow starts as in a fresh
+    process: no URI chosen, both variables unset.
     """
     import pytest
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    from tasks import tracking
 
     with pytest.MonkeyPatch.context() as patch:
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
@@ -26,4 +26,13 @@ def mlflow_store(workdir: Path) -> Iterator[str]:
             patch.delenv(name)
         patch.setattr(tracking_utils, "_tracking_uri", None)
         patch.setattr(registry_utils, "_registry_uri", None)
+        yield patch
+
+
+@contextmanager
+def mlflow_store(workdir: Path) -> Iterator[str]:
+    """Point this process's MLflow at ``<workdir>/mlflow.db`` inside :func:`mlflow_sandbox`."""
+    from tasks import tracking
+
+    with mlflow_sandbox():
         yield tracking.configure_tracking(workdir)

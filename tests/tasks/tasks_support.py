@@ -7,14 +7,11 @@ folders' modules (the suite uses pytest's default rootdir-relative imports, with
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from domains import Channel, SampleSet  # noqa: E402
@@ -99,24 +96,3 @@ def new_model(dataset, seed: int = 0) -> torch.nn.Module:
     info = dataset.info
     net = build_backbone(tiny_backbone(), info.channels, info.num_classes, info.tile_size, task=info.task)
     return NormalizedClassifier(net, info.channel_mean, info.channel_std)
-
-
-@contextmanager
-def mlflow_sandbox() -> Iterator[pytest.MonkeyPatch]:
-    """Undo, on exit, every global change MLflow makes when Vitrail points it at a store.
-
-    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` keep the URI in module globals *and* export it
-    as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; both are restored here, so a temporary store
-    never leaks into later tests. Inside, MLflow starts as in a fresh process: no URI chosen, both
-    variables unset.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            patch.setenv(name, "placeholder")  # records the original value (or its absence) for undo
-            patch.delenv(name)
-        patch.setattr(tracking_utils, "_tracking_uri", None)
-        patch.setattr(registry_utils, "_registry_uri", None)
-        yield patch

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tasks_support import mlflow_sandbox, tiny_backbone
+from mlflow_isolation import mlflow_sandbox
+from tasks_support import tiny_backbone
 
 from tasks.reproducibility import DEFAULT_THREADS, RECORDED_LIBRARIES, environment_record, pin_determinism
 
@@ -142,7 +143,9 @@ print(json.dumps({{"weights": state_digest(outcome.model), "scores": scores(outc
 
 
 def run_child(script: Path, dataset_dir: Path, out: Path, stray_seed: int, threads_env: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+    # The test folder and its parent (tasks_support imports the suite-wide mlflow_isolation from there).
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tests), str(tests.parent)]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads_env}
     done = subprocess.run([sys.executable, str(script), str(dataset_dir), str(out), str(stray_seed)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -17,7 +17,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from tasks_support import FAST_TRAIN, make_multilabel_samples, make_segmentation_samples, mlflow_sandbox, new_model
+from mlflow_isolation import mlflow_sandbox
+from tasks_support import FAST_TRAIN, make_multilabel_samples, make_segmentation_samples, new_model
 
 from tasks import tracking
 from tasks.models import ReferenceModelError

@@ -138,7 +138,7 @@ def test_a_model_of_another_task_gets_its_own_registered_names() -> None:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory):
     """A SQLite MLflow registry of its own; versions point at a plain folder (the registry never reads it)."""
-    from tasks_support import mlflow_sandbox
+    from mlflow_isolation import mlflow_sandbox
 
     from tasks import tracking
 

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from tasks_support import mlflow_sandbox
+from mlflow_isolation import mlflow_sandbox
 
 from domains import get_domain
 from tasks import tracking
