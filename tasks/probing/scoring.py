@@ -175,8 +175,10 @@ def score_featurizer(featurizer: Featurizer, embeddings: dict[str, np.ndarray], 
                                                            probe.c, settings.seed), shots * len(np.unique(train_y)))
     for fraction in settings.label_fractions:
         index = protocols.stratified_subset(train_y, fraction, settings.seed)
-        part = protocols.linear_probe(train_x[index], train_y[index], val_x, val_y, test_x, settings.c_grid,
-                                      settings.seed, settings.gate_metric)
+        # Every label (fraction 1): the same fit as the full probe's, not repeated.
+        part = probe if np.array_equal(index, np.arange(len(train_y))) else protocols.linear_probe(
+            train_x[index], train_y[index], val_x, val_y, test_x, settings.c_grid, settings.seed,
+            settings.gate_metric)
         add(LABEL_FRACTION, fraction_setting(fraction), part.predictions, len(index))
     for row in rows:
         if row["protocol"] == LINEAR:

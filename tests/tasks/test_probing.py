@@ -53,6 +53,79 @@ def test_bootstrap_interval_brackets_the_score_and_the_paired_difference_sees_a_
     assert decide_probe_gate(labels, good, poor, "accuracy", 300)["passed"]
 
 
+def _loop_bootstrap(labels, draws, metric, resamples, seed):
+    """The straightforward bootstrap: one index draw and one metric call per resample and draw."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(labels), len(labels))
+        values.append(np.mean([metric(labels[index], d[index]) for d in draws]))
+    return np.array(values)
+
+
+@pytest.mark.parametrize("metric", [protocols.accuracy, protocols.macro_f1])
+def test_vectorised_bootstrap_equals_the_per_resample_computation(metric, monkeypatch):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 97)  # odd length; class 3 is rare in some resamples, absent in predictions
+    labels[labels == 3] = rng.integers(0, 3, int(np.sum(labels == 3)))
+    labels[:3] = 3
+    draws = np.where(rng.random((3, 97)) < 0.7, labels, rng.integers(0, 3, (3, 97)))
+    expected = _loop_bootstrap(labels, draws, metric, 250, seed=7)
+    # Small chunks: the resamples are scored in several blocks and still follow one generator stream.
+    monkeypatch.setattr(protocols, "BOOTSTRAP_CHUNK_ELEMENTS", 97 * 40)
+    got = np.concatenate([protocols.resampled_scores(metric, labels, draws, index)
+                          for index in protocols.resample_indices(len(labels), 250, seed=7)])
+    assert np.array_equal(got, expected)  # same numbers, not just close (fewer than 8 classes: same sums)
+    assert protocols.bootstrap_interval(labels, draws, metric, 250, seed=7) == \
+        tuple(float(v) for v in np.percentile(expected, [2.5, 97.5]))
+    other = np.where(rng.random(97) < 0.5, labels, 0)
+    point, low, high = protocols.paired_difference(labels, draws[0], other, metric, 250, seed=7)
+    paired = _loop_bootstrap(labels, draws[:1], metric, 250, 7) - _loop_bootstrap(labels, other[None], metric, 250, 7)
+    assert (low, high) == tuple(float(v) for v in np.percentile(paired, [2.5, 97.5]))
+    assert point == metric(labels, draws[0]) - metric(labels, other)
+
+
+def test_a_metric_without_confusion_counts_is_bootstrapped_call_by_call():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    predictions = np.where(rng.random(60) < 0.8, labels, 1 - labels)
+
+    def recall_of_ones(y, p):
+        return float(np.mean(p[y == 1] == 1)) if np.any(y == 1) else 0.0
+
+    expected = np.percentile(_loop_bootstrap(labels, predictions[None], recall_of_ones, 120, 3), [2.5, 97.5])
+    assert protocols.bootstrap_interval(labels, predictions, recall_of_ones, 120, 3) == tuple(map(float, expected))
+
+
+def test_mean_interval_is_seeded_and_brackets_the_mean():
+    values = [0.1, 0.3, 0.2, 0.25, 0.15]
+    rng = np.random.default_rng(0)
+    means = [np.asarray(values)[rng.integers(0, 5, 5)].mean() for _ in range(300)]
+    assert protocols.mean_interval(values, 300, 0) == tuple(float(v) for v in np.percentile(means, [2.5, 97.5]))
+
+
+def test_the_regularisation_path_reaches_the_optimum_a_cold_fit_reaches():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 240)
+    x = protocols.standardise((np.eye(3)[y] + rng.normal(0, 0.8, (240, 3))) @ rng.normal(size=(3, 12)))[0]
+    grid = [100.0, 0.01, 1.0]
+    path = [(c, model.coef_.copy()) for c, model in protocols.fit_logistic_path(x, y, grid)]
+    assert [c for c, _ in path] == [0.01, 1.0, 100.0]  # increasing C, each warm-started from the last
+    for c, coef in path:
+        tight = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(x, y).coef_
+        assert np.allclose(coef, tight, atol=1e-3), c
+
+
+def test_linear_probe_breaks_validation_ties_by_grid_order():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    x = np.eye(2)[y] * 5 + rng.normal(0, 0.1, (200, 2))  # every C separates validation perfectly
+    probe = protocols.linear_probe(x[:100], y[:100], x[100:150], y[100:150], x[150:], [10.0, 0.1, 1.0])
+    assert probe.c == 10.0 and probe.val_score == 1.0
+
+
 @pytest.fixture(scope="module")
 def probed(dataset_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("probe-cache")
