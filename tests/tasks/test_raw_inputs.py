@@ -173,7 +173,7 @@ def test_registered_model_records_its_digest_and_units(stored_dataset, tmp_path:
     import mlflow
 
     from tasks import tracking
-    from tasks_support import mlflow_sandbox
+    from mlflow_isolation import mlflow_sandbox
 
     kind, path, _ = stored_dataset
     if kind != "uint16-sentinel2-pb0400":
