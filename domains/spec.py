@@ -6,6 +6,7 @@ must stay light: no torch, prefect, mlflow or format readers are imported here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Protocol
@@ -100,6 +101,43 @@ class Channel:
 
 
 @dataclass(frozen=True)
+class WindowChannel:
+    """One model channel made inside the model from a stored channel: ``clip((x - low) / (high - low), 0, 1)``.
+
+    ``source`` indexes the stored channels (e.g. the HU plane of a CT slice, or of its neighbour for 2.5D);
+    ``low`` and ``high`` are in physical units (HU for CT). A dataset that records windows stores the
+    physical quantity (HU) and its model starts with these windows (:class:`tasks.models.WindowLayer`), so
+    the window constants are part of the model, not of a reader.
+    """
+
+    name: str
+    source: int
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            raise ValueError(f"window {self.name!r}: need finite low < high, got {self.low}, {self.high}")
+        if self.source < 0:
+            raise ValueError(f"window {self.name!r}: source channel {self.source} is negative")
+
+
+Windows = tuple[WindowChannel, ...] | None
+"""The windows a dataset's model starts with (None: the model takes the stored channels as they are)."""
+
+
+def apply_windows(physical: np.ndarray, windows: tuple[WindowChannel, ...]) -> np.ndarray:
+    """(N, C, ...) physical values as the (N, K, ...) windowed channels ``windows`` make (float32).
+
+    The numpy twin of :class:`tasks.models.WindowLayer` (dataset statistics are computed with it).
+    """
+    values = np.asarray(physical, dtype=np.float32)
+    out = [np.clip((values[:, w.source] - np.float32(w.low)) / np.float32(w.high - w.low), 0.0, 1.0)
+           for w in windows]
+    return np.stack(out, axis=1).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
 class IngestRequest:
     """What the ingest stage asks a domain reader for.
 
@@ -186,6 +224,8 @@ class SampleSet:
     sample_ids: np.ndarray | None = None
     quarantine: list[dict[str, str]] = field(default_factory=list)
     scaling: tuple[tuple[float, float], ...] | None = None
+    windows: tuple[WindowChannel, ...] | None = None
+    """Windows the model of these samples starts with (see :class:`WindowChannel`); None: no window layer."""
 
     def physical(self, index: slice | np.ndarray | None = None) -> np.ndarray:
         """Images (all, or ``images[index]``) as float32 in physical units."""
@@ -208,6 +248,9 @@ class SampleSet:
                              f"{len(self.channels)} channels")
         if self.images.ndim != 4 or self.images.shape[1] != len(self.channels):
             raise ValueError(f"{self.source}: images must be (N, {len(self.channels)}, H, W), got {self.images.shape}")
+        if self.windows is not None and (not self.windows or any(w.source >= len(self.channels) for w in self.windows)):
+            raise ValueError(f"{self.source}: windows {self.windows} need at least one window and sources among "
+                             f"the {len(self.channels)} stored channels")
         for name in ("labels", "groups", "locations", "sample_ids"):
             value = getattr(self, name)
             if value is not None and len(value) != n:

@@ -57,6 +57,8 @@ from domains import (
     Channel,
     IngestRequest,
     SampleSet,
+    WindowChannel,
+    apply_windows,
     get_domain,
     labelled_samples,
 )
@@ -131,6 +133,14 @@ class DatasetInfo:
     """Samples per chunk of the stored arrays."""
     chunks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """SHA-256 of every chunk of each stored array (``images``, ``labels``), in order."""
+    windows: tuple[WindowChannel, ...] | None = None
+    """Windows a model of this dataset starts with (CT: HU stored, windows made inside the model); then
+    ``channel_mean``/``channel_std`` are the statistics of the windowed channels, one per window."""
+
+    @property
+    def model_channels(self) -> tuple[Channel, ...]:
+        """The channels the network after the window layer sees: the windows' names, else the stored channels."""
+        return tuple(Channel(name=w.name) for w in self.windows) if self.windows else self.channels
 
     @property
     def num_classes(self) -> int:
@@ -145,6 +155,8 @@ class DatasetInfo:
         if payload.get("scaling") is not None:
             payload["scaling"] = tuple((float(s), float(o)) for s, o in payload["scaling"])
         payload["chunks"] = {name: tuple(digests) for name, digests in payload.get("chunks", {}).items()}
+        if payload.get("windows") is not None:
+            payload["windows"] = tuple(WindowChannel(**w) for w in payload["windows"])
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in payload.items() if key in known})
 
@@ -209,12 +221,15 @@ def check_no_group_leak(groups: np.ndarray, splits: np.ndarray, where: str) -> N
 
 
 def _dataset_digest(rows: dict[str, list], channels: tuple[Channel, ...], class_names: tuple[str, ...],
-                    scaling, stored_dtype: str, chunks: dict[str, list[str]] | dict[str, tuple[str, ...]]) -> str:
-    """One digest over every manifest row, the channels, classes, scaling, dtype and every chunk's digest."""
+                    scaling, stored_dtype: str, chunks: dict[str, list[str]] | dict[str, tuple[str, ...]],
+                    windows: tuple[WindowChannel, ...] | None = None) -> str:
+    """One digest over every manifest row, the channels, classes, scaling, dtype, windows and every chunk's digest."""
     digest = hashlib.sha256()
     header = {"format_version": FORMAT_VERSION, "channels": [asdict(c) for c in channels],
               "classes": list(class_names), "scaling": [list(pair) for pair in scaling] if scaling else None,
               "dtype": stored_dtype, "chunks": {name: list(values) for name, values in chunks.items()}}
+    if windows:  # only when present, so the digests of datasets without windows stay what they were
+        header["windows"] = [asdict(w) for w in windows]
     digest.update(json.dumps(header, sort_keys=True).encode())
     for column in MANIFEST_COLUMNS:
         digest.update(column.encode())
@@ -342,6 +357,10 @@ def _physical_sample_sums(batch: SampleSet, part: slice) -> tuple[np.ndarray, np
     likewise for squares): one pass over the pixels instead of a float32 physical copy summed per group,
     so only the final scaling rounds; per-sample sums also make the totals independent of batching.
     """
+    if batch.windows:  # statistics of what the network sees: the windowed channels (float32, as the model)
+        windowed = apply_windows(batch.physical(part), batch.windows).astype(np.float64)
+        flat = windowed.reshape(windowed.shape[0], windowed.shape[1], -1)
+        return flat.sum(axis=2), np.einsum("ijk,ijk->ij", flat, flat)
     images = np.asarray(batch.images[part])
     sums, squares = _stored_sample_sums(images)
     if batch.scaling is None:
@@ -368,6 +387,7 @@ class UnsplitWrite:
     class_names: tuple[str, ...]
     scaling: tuple[tuple[float, float], ...] | None
     stored_dtype: str | None
+    windows: tuple[WindowChannel, ...] | None
     sample_shape: tuple[int, ...] | None
     chunk_samples: int
     chunks: dict[str, tuple[str, ...]]
@@ -395,7 +415,7 @@ class _StreamingWriter:
     not kept (a per-source part is split and normalised only once combined).
     """
 
-    _CONSISTENT = ("source", "channels", "class_names", "task", "scaling")
+    _CONSISTENT = ("source", "channels", "class_names", "task", "scaling", "windows")
 
     def __init__(self, files: DatasetFiles, task_type: str, several_sources: bool = False, statistics: bool = True):
         keep_freed_memory_for_reuse()  # a chunk's buffers serve the next chunk (see tasks.allocator)
@@ -532,13 +552,14 @@ class _StreamingWriter:
         self.rows["group"].extend(printable_path(g) for g in np.asarray(batch.groups).tolist())
 
     def _add_totals(self, batch: SampleSet) -> None:
-        channels, classes = len(batch.channels), len(batch.class_names)
+        classes = len(batch.class_names)
+        channels = len(batch.windows) if batch.windows else len(batch.channels)
         if self.all_totals is None:
             self.all_totals = _GroupTotals(channels, classes)
         labelled = labelled_samples(batch.labels)
         groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
         sample_floats = int(np.prod(batch.images.shape[1:]))
-        pixels = sample_floats // channels
+        pixels = int(np.prod(batch.images.shape[2:]))
         step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
         for start in range(0, len(batch.images), step):
             part = slice(start, start + step)
@@ -572,6 +593,7 @@ class _StreamingWriter:
             scaling=tuple((float(s), float(o)) for s, o in first.scaling) if first is not None and first.scaling
             else None,
             stored_dtype=self.images.dtype.name if self.images is not None else None,
+            windows=first.windows if first is not None else None,
             sample_shape=self.images.sample_shape if self.images is not None else None,
             chunk_samples=self.images.chunk_samples if self.images is not None else 0,
             chunks={name: tuple(array.digests) for name, array in (("images", self.images), ("labels", self.labels))
@@ -619,20 +641,21 @@ class _StreamingWriter:
         first = self.first
         scaling = tuple((float(s), float(o)) for s, o in first.scaling) if first.scaling is not None else None
         info = DatasetInfo(
-            digest=_dataset_digest(rows, first.channels, first.class_names, scaling, self.images.dtype.name, chunks),
+            digest=_dataset_digest(rows, first.channels, first.class_names, scaling, self.images.dtype.name, chunks,
+                                   first.windows),
             domain=domain, task=self.task, channels=first.channels, class_names=first.class_names,
             tile_size=int(self.images.sample_shape[-1]), sources=tuple(self.sources),
             split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
             class_counts=self._split_class_counts(split_of), dropped=dict(self.dropped),
             channel_mean=mean, channel_std=std, provenance=dict(self.provenance), quarantined=len(self.quarantine),
             stored_dtype=self.images.dtype.name, scaling=scaling, chunk_samples=self.images.chunk_samples,
-            chunks={name: tuple(values) for name, values in chunks.items()})
+            chunks={name: tuple(values) for name, values in chunks.items()}, windows=first.windows)
         self.files.write_bytes(QUARANTINE_FILE, json.dumps(self.quarantine, indent=2).encode())
         return info
 
     def _train_statistics(self, split_of: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
         # Per-channel statistics from the training split only, so test pixels never shape normalisation.
-        train = _GroupTotals(len(self.first.channels), len(self.first.class_names))
+        train = _GroupTotals(len(self.first.windows or self.first.channels), len(self.first.class_names))
         for group, totals in self.labelled_totals.items():
             if split_of.get(group) == "train":
                 train.merge(totals)
@@ -667,7 +690,7 @@ class _StreamingWriter:
                          source=first.source if source is None else source, channels=first.channels,
                          class_names=first.class_names, dropped=dict(self.dropped), provenance=provenance,
                          task=first.task,
-                         quarantine=list(self.quarantine), scaling=first.scaling)
+                         quarantine=list(self.quarantine), scaling=first.scaling, windows=first.windows)
 
 
 def _as_batches(samples: SampleSet | Iterable[SampleSet]) -> Iterable[SampleSet]:
@@ -820,7 +843,7 @@ def _read_manifest(files: DatasetFiles, info: DatasetInfo, verify: bool) -> dict
     labelled = split_col != "unlabelled"
     check_no_group_leak(groups[labelled], split_col[labelled], files.location)
     if verify and _dataset_digest(manifest, info.channels, info.class_names, info.scaling, info.stored_dtype,
-                                  info.chunks) != info.digest:
+                                  info.chunks, info.windows) != info.digest:
         raise DatasetError(f"{files.describe('manifest.parquet')}: manifest does not match the dataset digest "
                            "(labels, splits or rows were edited after ingest)")
     return manifest

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from domains import Channel, SampleSet
+from domains import Channel, SampleSet, WindowChannel
 from tasks.dataset import FORMAT_VERSION, MANIFEST_COLUMNS, _StreamingWriter
 from tasks.dataset_store import ChunkSource, DatasetError, DatasetFiles
 
@@ -43,6 +43,7 @@ class PartInfo:
     class_names: tuple[str, ...] = ()
     scaling: tuple[tuple[float, float], ...] | None = None
     stored_dtype: str | None = None
+    windows: tuple[WindowChannel, ...] | None = None
     chunk_samples: int = 0
     chunks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     named_samples: bool = False
@@ -60,6 +61,8 @@ class PartInfo:
         if payload.get("scaling") is not None:
             payload["scaling"] = tuple((float(s), float(o)) for s, o in payload["scaling"])
         payload["chunks"] = {name: tuple(values) for name, values in payload.get("chunks", {}).items()}
+        if payload.get("windows") is not None:
+            payload["windows"] = tuple(WindowChannel(**w) for w in payload["windows"])
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in payload.items() if key in known})
 
@@ -113,7 +116,8 @@ def write_part(samples: SampleSet | Iterable[SampleSet], task_type: str, locatio
     files.write_bytes("manifest.parquet", sink.getvalue().to_pybytes())
     info = PartInfo(key=key, location=files.location, source=_part_source(written.rows, source),
                     samples=len(written.rows["index"]), task=written.task, channels=written.channels,
-                    class_names=written.class_names, scaling=written.scaling, stored_dtype=written.stored_dtype,
+                    class_names=written.class_names, scaling=written.scaling, windows=written.windows,
+                    stored_dtype=written.stored_dtype,
                     chunk_samples=written.chunk_samples, chunks=written.chunks, named_samples=written.named_samples,
                     dropped=written.dropped, provenance=written.provenance, quarantine=written.quarantine)
     payload = asdict(info)
@@ -173,7 +177,7 @@ def part_batches(info: PartInfo) -> Iterator[SampleSet]:
             locations=np.stack([np.asarray(manifest["row"][start:stop], dtype=np.int64),
                                 np.asarray(manifest["col"][start:stop], dtype=np.int64)], axis=1),
             source=info.source, channels=info.channels, class_names=info.class_names, task=info.task,
-            scaling=info.scaling,
+            scaling=info.scaling, windows=info.windows,
             sample_ids=np.array(manifest["sample_id"][start:stop], dtype=str) if info.named_samples else None,
             dropped=dict(info.dropped) if first else {}, provenance=dict(info.provenance) if first else {},
             quarantine=list(info.quarantine) if first else [])

@@ -20,7 +20,7 @@ from tasks.dataset import DatasetInfo, load_dataset
 from tasks.adapters import AdapterParams, LoraParams, as_adapter_params, attach_adapter, get_method, merge_adapter
 from tasks.merging.task_vectors import weights_digest
 from tasks.backbone_catalog import band_adaptation_of
-from tasks.models import BackboneParams, build_backbone, count_parameters, normalizing_model
+from tasks.models import BackboneParams, build_backbone, count_parameters, network_channels, normalizing_model
 from tasks.reproducibility import pin_determinism
 from tasks.training import EpochCallback, FitResult, TrainParams, fit
 
@@ -65,6 +65,7 @@ def model_metadata(info: DatasetInfo, backbone: BackboneParams, bags: BagParams 
         **({"tile_mpp": float(info.provenance["tile_mpp"])} if info.provenance.get("tile_mpp") else {}),
         **({"bags": bags.model_dump()} if bags is not None and bags.enabled else {}),
         **({"input_normalisation": normalisation} if normalisation else {}),
+        **({"windows": [asdict(w) for w in info.windows]} if info.windows else {}),
         **({"input_contract": contract} if (contract := {k: info.provenance[k] for k in
                                                          get_domain(info.domain).input_contract_keys
                                                          if k in info.provenance}) else {}),
@@ -109,7 +110,7 @@ def fit_adapter(dataset_path: Path | str, backbone: BackboneParams, adapter: Ada
         log.info("%s: flips and rotations are not valid augmentations for this domain; training without them",
                  info.domain)
         train = train.model_copy(update={"flip_augment": False})
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
+    net = build_backbone(backbone, network_channels(info), info.num_classes, info.tile_size, task=info.task, bags=bags)
     # The base's identity, taken before the adapter changes anything: the merge stage refuses to merge
     # fine-tunes of different bases (a random base is the seed's; heads and pooling are new, so left out).
     base = {"base_digest": weights_digest(net.state_dict()), "base_seed": train.seed,

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from domains import Channel, TaskType
+from domains import Channel, TaskType, WindowChannel
 from tasks.adapters import AdapterParams, LoraParams, adapter_of, attach_adapter, get_method, rebuild_adapted
 from tasks.adapters import merge_adapter as merge_adapter  # noqa: F401  (re-exported: callers import it from here)
 from tasks.bags import BagParams
@@ -244,6 +244,36 @@ def attach_lora(model: nn.Module, params: LoraParams) -> nn.Module:
     return attach_adapter(model, params.to_adapter())
 
 
+class WindowLayer(nn.Module):
+    """Display windows as the model's first layer: stored channels (N, C, H, W) to windowed (N, K, H, W).
+
+    Channel k is ``clip((x[:, source_k] - low_k) / width_k, 0, 1)`` (CT: a window of HU, see
+    :class:`domains.WindowChannel`). ``low`` and ``width`` are buffers in the units the model takes (the
+    window's HU folded with the input scaling), so they are in the state dict and the model digest, and the
+    ONNX export is a Gather, a Sub, a Div and a Clip. ``windows`` keeps the physical description (names,
+    HU) that ``architecture.json`` records.
+    """
+
+    def __init__(self, windows: tuple[WindowChannel, ...], input_scaling: tuple[tuple[float, float], ...] | None = None):
+        super().__init__()
+        if not windows:
+            raise ValueError("a window layer needs at least one window")
+        self.windows = tuple(windows)
+        lows, widths = [], []
+        for window in self.windows:
+            scale, offset = input_scaling[window.source] if input_scaling is not None else (1.0, 0.0)
+            if not float(scale) > 0:
+                raise ValueError(f"window {window.name!r}: its source channel's scale {scale} must be positive")
+            lows.append((window.low - float(offset)) / float(scale))
+            widths.append((window.high - window.low) / float(scale))
+        self.register_buffer("source", torch.tensor([w.source for w in self.windows], dtype=torch.int64))
+        self.register_buffer("low", torch.tensor(lows, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("width", torch.tensor(widths, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((x.index_select(1, self.source) - self.low) / self.width, 0.0, 1.0)
+
+
 class NormalizedClassifier(nn.Module):
     """A network that takes raw pixels (the stored units of its training dataset) and normalises them itself.
 
@@ -259,7 +289,8 @@ class NormalizedClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
                  input_normalisation: dict | None = None,
-                 input_scaling: tuple[tuple[float, float], ...] | None = None):
+                 input_scaling: tuple[tuple[float, float], ...] | None = None,
+                 windows: tuple[WindowChannel, ...] | None = None):
         super().__init__()
         self.net = net
         # A domain normalisation fitted on the training tiles (stain normalisation), applied before the
@@ -270,8 +301,12 @@ class NormalizedClassifier(nn.Module):
                               if input_scaling is not None else None)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # CT: the model takes HU and windows them itself (mean/std are then of the windowed channels).
+        self.window = WindowLayer(windows, self.input_scaling) if windows else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window is not None:
+            x = self.window(x)
         return self.net((x - self.mean) / self.std)
 
 
@@ -302,8 +337,27 @@ def normalizing_model(net: nn.Module, info, input_normalisation: dict | None = N
     ``input_scaling``. Every stage that builds a model for a dataset builds it here, so the units the model
     takes and the units the dataset hands out (:func:`tasks.model_inputs.load_dataset_for`) are one convention.
     """
+    windows = getattr(info, "windows", None)
+    if windows:  # the window layer takes the stored units; the statistics are of its (physical) output
+        return NormalizedClassifier(net, info.channel_mean, info.channel_std, input_normalisation=input_normalisation,
+                                    input_scaling=info.scaling, windows=windows)
     mean, std = fold_scaling(info.channel_mean, info.channel_std, info.scaling)
     return NormalizedClassifier(net, mean, std, input_normalisation=input_normalisation, input_scaling=info.scaling)
+
+
+def network_channels(info) -> tuple[Channel, ...]:
+    """The channels the network of a model for dataset ``info`` takes: its windows when the dataset records
+    them (the window layer makes them), else the stored channels."""
+    windows = getattr(info, "windows", None)
+    return tuple(Channel(name=w.name) for w in windows) if windows else tuple(info.channels)
+
+
+def windows_of(model: nn.Module) -> tuple[WindowChannel, ...] | None:
+    """The windows a model starts with (its :class:`WindowLayer`), or None."""
+    for module in model.modules():
+        if isinstance(module, NormalizedClassifier):
+            return module.window.windows if module.window is not None else None
+    return None
 
 
 def input_scaling_of(model: nn.Module) -> tuple[tuple[float, float], ...] | None:
@@ -356,6 +410,10 @@ class ReferenceArchitecture(BaseModel):
     depth: int = Field(ge=1, le=48, description="Number of transformer blocks (the bounds of BackboneParams)")
     channels: tuple[Channel, ...] = Field(min_length=1, max_length=1024, description="Input bands, in order")
     num_classes: int = Field(ge=1, le=100_000, description="Logits per sample (or per pixel for segmentation)")
+    windows: tuple[WindowChannel, ...] | None = Field(
+        None, max_length=1024, description="Display windows the model starts with (CT: channel k is clip((HU[source] - "
+                                           "low) / (high - low), 0, 1)); the network then takes one channel per "
+                                           "window; None: no window layer")
     mean: tuple[float, ...] = Field(description="Per-channel mean the model subtracts from its input (raw units)")
     std: tuple[float, ...] = Field(description="Per-channel standard deviation the model divides its input by "
                                                "(raw units)")
@@ -374,9 +432,12 @@ class ReferenceArchitecture(BaseModel):
 
     @model_validator(mode="after")
     def _statistics_match_channels(self) -> "ReferenceArchitecture":
-        if not len(self.mean) == len(self.std) == len(self.channels):
+        network = len(self.windows) if self.windows else len(self.channels)
+        if not len(self.mean) == len(self.std) == network:
             raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) need one value per channel "
-                             f"({len(self.channels)})")
+                             f"({network})")
+        if self.windows and any(w.source >= len(self.channels) for w in self.windows):
+            raise ValueError(f"a window's source is not one of the {len(self.channels)} input channels")
         if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
             raise ValueError("mean must be finite and std finite and positive")
         if self.input_scaling is not None:
@@ -420,7 +481,8 @@ def reference_architecture(model: nn.Module, channels: tuple[Channel, ...], task
         patch_size=patch_size[0], depth=len(encoder.blocks), channels=tuple(channels), num_classes=num_classes,
         mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()), bags=bags,
         input_normalisation=getattr(model, "input_normalisation", None),
-        input_scaling=getattr(model, "input_scaling", None), adapter=adapter)
+        input_scaling=getattr(model, "input_scaling", None), adapter=adapter,
+        windows=model.window.windows if model.window is not None else None)
     _check_rebuilds(model, architecture)
     return architecture
 
@@ -475,13 +537,13 @@ def build_reference_model(architecture: ReferenceArchitecture) -> NormalizedClas
         raise ValueError(f"{architecture.backbone!r} is not a timm model name known to this installation")
     backbone = BackboneParams(name=architecture.backbone, weights="none", patch_size=architecture.patch_size,
                               depth=architecture.depth)
-    net = build_backbone(backbone, architecture.channels, architecture.num_classes, architecture.img_size,
+    net = build_backbone(backbone, network_channels(architecture), architecture.num_classes, architecture.img_size,
                          task=architecture.task, bags=architecture.bags)
     if architecture.adapter is not None:  # a non-mergeable method: its structure, so the saved weights load
         net = rebuild_adapted(net, architecture.adapter)
     return NormalizedClassifier(net, architecture.mean, architecture.std,
                                 input_normalisation=architecture.input_normalisation,
-                                input_scaling=architecture.input_scaling).eval()
+                                input_scaling=architecture.input_scaling, windows=architecture.windows).eval()
 
 
 def save_reference_model(model: nn.Module, architecture: ReferenceArchitecture, folder: Path) -> tuple[Path, Path]:
@@ -513,7 +575,10 @@ def model_digest(model: nn.Module, architecture: ReferenceArchitecture) -> str:
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(json.dumps(architecture.model_dump(mode="json"), sort_keys=True).encode())
+    described = architecture.model_dump(mode="json")
+    if described.get("windows") is None:  # a model without windows keeps the digest it had before they existed
+        described.pop("windows", None)
+    digest.update(json.dumps(described, sort_keys=True).encode())
     return digest.hexdigest()
 
 

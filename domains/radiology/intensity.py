@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domains.spec import Channel
+from domains.spec import Channel, WindowChannel
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ IMAGE_CHANNEL = "image"
 """The modality-appropriate single view: CT mediastinum window, MR/other percentiles, radiographs VOI."""
 CT_DEFAULT_WINDOW = "mediastinum"
 MR_PERCENTILES = (1.0, 99.0)
+HU_VIEW = "hu"
+"""A CT series in Hounsfield units, unwindowed: what a dataset of CT windows stores (the model windows it)."""
+AIR_HU = -1024.0
+"""The HU the padding around a resampled CT slice takes (air: the bottom of the CT range, as [0, 1] views pad with 0)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def parse_channels(names: tuple[str, ...] | None) -> tuple[ChannelRecipe, ...]:
     recipes = []
     for name in names:
         view, _, offset = name.partition("@")
-        if view not in CT_WINDOWS and view != IMAGE_CHANNEL:
+        if view not in CT_WINDOWS and view not in (IMAGE_CHANNEL, HU_VIEW):
             raise ValueError(f"unknown radiology channel {name!r}: the view must be {IMAGE_CHANNEL!r} or a CT "
                              f"window ({', '.join(CT_WINDOWS)}), optionally with a slice offset like '@-1'")
         try:
@@ -83,7 +87,27 @@ def parse_channels(names: tuple[str, ...] | None) -> tuple[ChannelRecipe, ...]:
         recipes.append(ChannelRecipe(view, shift))
     if len({r.name for r in recipes}) != len(recipes):
         raise ValueError(f"channel names repeat: {names}")
+    if any(r.view == HU_VIEW for r in recipes) and any(r.view != HU_VIEW for r in recipes):
+        raise ValueError(f"channels {names}: {HU_VIEW!r} (CT in HU) cannot be mixed with windowed views")
     return tuple(recipes)
+
+
+def stored_recipes(recipes: tuple[ChannelRecipe, ...]) -> tuple[tuple[ChannelRecipe, ...], tuple[WindowChannel, ...] | None]:
+    """What a dataset stores for the requested channels, and the windows its model starts with.
+
+    CT windows only (``lung``, ``lung@-1,lung,lung@+1``...): one HU plane per slice offset used
+    (``hu``, ``hu@-1``...), and per requested channel a :class:`WindowChannel` on its plane, so the
+    windowing is the model's first layer. Anything else (``image``, ``hu``) is stored as asked, no windows:
+    the ``image`` view of MR and radiographs is a per-series scaling with no absolute units to window.
+    """
+    if not recipes or not all(r.view in CT_WINDOWS for r in recipes):
+        return recipes, None
+    offsets = sorted({r.offset for r in recipes})
+    planes = tuple(ChannelRecipe(HU_VIEW, offset) for offset in offsets)
+    windows = tuple(WindowChannel(name=r.name, source=offsets.index(r.offset),
+                                  low=CT_WINDOWS[r.view].level - CT_WINDOWS[r.view].width / 2,
+                                  high=CT_WINDOWS[r.view].level + CT_WINDOWS[r.view].width / 2) for r in recipes)
+    return planes, windows
 
 
 def channels_of(recipes: tuple[ChannelRecipe, ...]) -> tuple[Channel, ...]:
@@ -113,6 +137,10 @@ def view_volume(volume: np.ndarray, modality: str, view: str) -> np.ndarray:
     Raises:
         ChannelMismatch: a CT window asked for a non-CT series.
     """
+    if view == HU_VIEW:
+        if modality != "CT":
+            raise ChannelMismatch(f"channel {view!r} is CT in HU but the series is {modality}")
+        return np.asarray(volume, dtype=np.float32)
     if view in CT_WINDOWS:
         if modality != "CT":
             raise ChannelMismatch(f"channel {view!r} is a CT window but the series is {modality}")
@@ -155,11 +183,11 @@ def square_layout(height: int, width: int, spacing_yx: tuple[float, float], size
     return out_h, out_w, (size - out_h) // 2, (size - out_w) // 2
 
 
-def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int) -> np.ndarray:
+def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int, fill: float = 0.0) -> np.ndarray:
     """Resample (S, H, W) slices onto ``size`` x ``size``, keeping the physical aspect ratio.
 
-    The longer physical side fills the square; the shorter is centred and padded with 0 (the bottom of
-    every [0, 1] view, i.e. air/background). Downsampling is smoothed first (Gaussian, sigma = (f - 1) / 2
+    The longer physical side fills the square; the shorter is centred and padded with ``fill``: 0, the
+    bottom of every [0, 1] view (air/background), or :data:`AIR_HU` for HU. Downsampling is smoothed first (Gaussian, sigma = (f - 1) / 2
     for a reduction by f) so small structures are averaged rather than aliased.
     """
     from scipy import ndimage
@@ -172,7 +200,7 @@ def fit_to_square(slices: np.ndarray, spacing_yx: tuple[float, float], size: int
     if any(s > 0 for s in sigma):
         data = ndimage.gaussian_filter(data, sigma=sigma, mode="nearest")
     data = ndimage.zoom(data, (1.0, out_h / height, out_w / width), order=1, mode="nearest", grid_mode=True)
-    out = np.zeros((count, size, size), dtype=np.float32)
+    out = np.full((count, size, size), fill, dtype=np.float32)
     out[:, top:top + data.shape[1], left:left + data.shape[2]] = data[:, :size, :size]
     return out
 

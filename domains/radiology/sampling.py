@@ -11,26 +11,40 @@ import numpy as np
 
 from domains.radiology.deidentify import AUDIT_PROVENANCE_KEY, audit_payload
 from domains.input_guards import describe_failure
-from domains.radiology.intensity import (ChannelMismatch, ChannelRecipe, FieldOfViewError, channels_of,
-                                        fit_labels_to_square, fit_to_square, parse_channels, view_volume)
+from domains.radiology.intensity import (AIR_HU, HU_VIEW, ChannelMismatch, ChannelRecipe, FieldOfViewError,
+                                        channels_of, fit_labels_to_square, fit_to_square, parse_channels,
+                                        stored_recipes, view_volume)
 from domains.radiology.labels import FindingsTable, read_findings_csv, unmatched_rows
 from domains.radiology.masks import MaskTable, is_mask_labels, read_mask, read_mask_table, segmentation_class_names
 from domains.radiology.series import Series
 from domains.radiology.source import SourceRead, read_planned_series, scan_source
-from domains.spec import DomainInputError, IngestRequest, SampleSet
+from domains.spec import DomainInputError, IngestRequest, SampleSet, WindowChannel
 
 DEFAULT_FINDINGS = ("nodule", "effusion", "cardiomegaly")
 CHANNEL_RULE = ("channels are <view>[@<slice offset>]: view 'image' (CT mediastinum window, MR percentiles "
                 "1-99, radiograph VOI) or a CT window (lung, mediastinum, soft_tissue, bone, brain); offsets "
-                "stack neighbouring slices (2.5D)")
+                "stack neighbouring slices (2.5D); CT windows are stored as int16 HU planes and applied by the model")
+HU_DTYPE = np.int16
+"""HU are stored rounded to int16 with scaling (1, 0): the resampled float HU lose at most 0.5 HU."""
+HU_SCALING = (1.0, 0.0)
+
+
+def is_hu(recipes: tuple[ChannelRecipe, ...]) -> bool:
+    """Whether ``recipes`` are HU planes (stored as int16, windowed by the model)."""
+    return bool(recipes) and all(r.view == HU_VIEW for r in recipes)
 
 
 @dataclass
 class SeriesSamples:
-    """Model-ready images of one series: (S, C, T, T) float32 in [0, 1], one per slice or image."""
+    """Model-ready images of one series: (S, C, T, T) float32, one per slice or image.
+
+    Views in [0, 1], or HU rounded to integers (``hu`` channels); ``rounding_error`` is the largest change
+    that rounding made (HU).
+    """
 
     series: Series
     images: np.ndarray
+    rounding_error: float = 0.0
 
 
 def series_images(series: Series, recipes: tuple[ChannelRecipe, ...], size: int) -> SeriesSamples:
@@ -47,21 +61,30 @@ def series_images(series: Series, recipes: tuple[ChannelRecipe, ...], size: int)
     views = sorted({r.view for r in recipes})
     count = len(series.frames)
     out = np.empty((count, len(recipes), size, size), dtype=np.float32)
+    fill = {v: AIR_HU if v == HU_VIEW else 0.0 for v in views}
     if series.is_volume:
         stack = np.stack([f.pixels for f in series.frames])
-        resampled = {v: fit_to_square(view_volume(stack, series.modality, v), series.spacing[1:], size) for v in views}
+        resampled = {v: fit_to_square(view_volume(stack, series.modality, v), series.spacing[1:], size, fill[v])
+                     for v in views}
         for c, recipe in enumerate(recipes):
             index = np.clip(np.arange(count) + recipe.offset, 0, count - 1)
             out[:, c] = resampled[recipe.view][index]
+    else:
+        for i, frame in enumerate(series.frames):
+            spacing = frame.spacing_yx or (1.0, 1.0)
+            for view in views:
+                image = fit_to_square(view_volume(frame.pixels[None], series.modality, view), spacing, size,
+                                      fill[view])[0]
+                for c, recipe in enumerate(recipes):
+                    if recipe.view == view:
+                        out[i, c] = image
+    if not is_hu(recipes):
         return SeriesSamples(series, out)
-    for i, frame in enumerate(series.frames):
-        spacing = frame.spacing_yx or (1.0, 1.0)
-        for view in views:
-            image = fit_to_square(view_volume(frame.pixels[None], series.modality, view), spacing, size)[0]
-            for c, recipe in enumerate(recipes):
-                if recipe.view == view:
-                    out[i, c] = image
-    return SeriesSamples(series, out)
+    # HU are resampled in float and stored as int16 (what ingest writes and predict hands the model alike).
+    limits = np.iinfo(HU_DTYPE)
+    rounded = np.clip(np.rint(out), limits.min, limits.max)
+    error = float(np.abs(rounded - out).max()) if out.size else 0.0
+    return SeriesSamples(series, rounded.astype(np.float32) + np.float32(0.0), error)  # + 0: no -0.0
 
 
 def parse_request_channels(names: tuple[str, ...] | None, where: str) -> tuple[ChannelRecipe, ...]:
@@ -217,7 +240,7 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
             mask off its image's voxel grid, with values that have no class name, or labelling nothing.
             Errors that depend on decoded pixels are raised while iterating.
     """
-    recipes = parse_request_channels(request.channels, "channels")
+    recipes, windows = stored_recipes(parse_request_channels(request.channels, "channels"))
     if request.tile_size < 8:
         raise DomainInputError("tile_size", f"{request.tile_size} is too small; use at least 8 pixels")
     if request.batch_samples < 1:
@@ -233,14 +256,18 @@ def read_samples(request: IngestRequest) -> Iterator[SampleSet]:
         class_names = table.class_names
     else:
         class_names = tuple(request.class_names) if request.class_names else DEFAULT_FINDINGS
-    return _stream_series(request, read, recipes, table, masks, tuple(class_names))
+    return _stream_series(request, read, recipes, table, masks, tuple(class_names), windows)
 
 
 def _stream_series(request: IngestRequest, read: SourceRead, recipes: tuple[ChannelRecipe, ...],
                    table: FindingsTable | None, masks: _MaskLabelling | None,
-                   class_names: tuple[str, ...]) -> Iterator[SampleSet]:
+                   class_names: tuple[str, ...], windows: tuple[WindowChannel, ...] | None) -> Iterator[SampleSet]:
     size, limit = request.tile_size, request.batch_samples
     channels = channels_of(recipes)
+    hu = is_hu(recipes)
+    image_dtype = HU_DTYPE if hu else np.float32
+    scaling = tuple(HU_SCALING for _ in recipes) if hu else None
+    rounding_error = 0.0
     task = "segmentation" if masks is not None else "multilabel"
     pending = _Pending([], [], [], [], [])
     labelled = 0
@@ -263,12 +290,12 @@ def _stream_series(request: IngestRequest, read: SourceRead, recipes: tuple[Chan
 
     def cut(count: int) -> SampleSet:
         label_shape = (0, size, size) if masks is not None else (0, len(class_names))
-        batch = SampleSet(images=take(pending.images, count, np.zeros((0, len(channels), size, size), np.float32)),
+        batch = SampleSet(images=take(pending.images, count, np.zeros((0, len(channels), size, size), image_dtype)),
                           labels=take(pending.labels, count, np.zeros(label_shape, np.int16 if masks else np.int8)),
                           groups=np.array(pending.groups[:count]),
                           locations=np.array(pending.locations[:count], dtype=np.int64).reshape(-1, 2),
                           source=read.tag, channels=channels, class_names=class_names, task=task,
-                          sample_ids=np.array(pending.ids[:count]))
+                          sample_ids=np.array(pending.ids[:count]), scaling=scaling, windows=windows)
         del pending.groups[:count], pending.locations[:count], pending.ids[:count]
         return batch
 
@@ -286,7 +313,8 @@ def _stream_series(request: IngestRequest, read: SourceRead, recipes: tuple[Chan
         labelled += int((labels.reshape(len(labels), -1) >= 0).any(axis=1).sum())
         total += len(made.images)
         count = len(made.series.frames)
-        pending.images.append(made.images)
+        rounding_error = max(rounding_error, made.rounding_error)
+        pending.images.append(made.images.astype(HU_DTYPE) if hu else made.images)
         pending.labels.append(labels)
         pending.groups.extend([made.series.patient] * count)
         pending.locations.extend((i, 0) for i in range(count))
@@ -310,6 +338,9 @@ def _stream_series(request: IngestRequest, read: SourceRead, recipes: tuple[Chan
     if last is not held and held is not None:
         yield held
     last.provenance = _final_provenance(request, read, table, masks, total, labelled)
+    if hu:  # what storing HU as int16 cost, as a float16 store would record its loss
+        last.provenance.update({"stored_units": "HU (int16, scaling 1, 0)",
+                                "hu_rounding_max_error": f"{rounding_error:.4f}"})
     last.dropped = dict(read.dropped)
     last.quarantine = list(read.quarantine)
     yield last

@@ -120,7 +120,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     from tasks.compression.export import check_parity, export_onnx
     from tasks.evaluation import evaluate_predictor
     from tasks.model_inputs import load_dataset_for
-    from tasks.models import BackboneParams, build_backbone, normalizing_model
+    from tasks.models import BackboneParams, build_backbone, network_channels, normalizing_model
     from tasks.reproducibility import pin_determinism
     from tasks.training import TrainParams, fit, predict_logits
 
@@ -134,7 +134,7 @@ def measure_method(dataset_dir: Path, method: str, options: dict[str, str], out_
     backbone = BackboneParams(name=options["backbone"], weights=options["weights"],
                               weights_file=options["weights_file"] or None, patch_size=int(options["patch_size"]),
                               depth=int(options["depth"]) if options["depth"] else None)
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task)
+    net = build_backbone(backbone, network_channels(info), info.num_classes, info.tile_size, task=info.task)
     params = adapter_params(method, options)
     expected = entry.expected_trainable(net, params)
     adapted = attach_adapter(net, params)  # the path fine-tuning takes

@@ -108,7 +108,7 @@ def measure_path(dataset_dir: Path, path: str, workers: int, options: dict[str, 
     import torch
 
     from tasks.model_inputs import load_dataset_for
-    from tasks.models import BackboneParams, build_backbone, normalizing_model
+    from tasks.models import BackboneParams, build_backbone, network_channels, normalizing_model
     from tasks.reproducibility import pin_determinism
     from tasks.training import EpochBatches, TrainParams, _loss
 
@@ -117,7 +117,7 @@ def measure_path(dataset_dir: Path, path: str, workers: int, options: dict[str, 
     dataset = load_dataset_for(dataset_dir)  # the stored (raw) units every Vitrail model takes
     info, train = dataset.info, dataset.splits["train"]
     backbone = BackboneParams(name="vit_tiny_patch16_224", patch_size=4, depth=int(options["depth"]))
-    model = normalizing_model(build_backbone(backbone, info.channels, info.num_classes, info.tile_size,
+    model = normalizing_model(build_backbone(backbone, network_channels(info), info.num_classes, info.tile_size,
                                              task=info.task), info)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = TrainParams(batch_size=batch_size, num_workers=workers, seed=seed, threads=int(options["threads"]))

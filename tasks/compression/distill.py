@@ -52,7 +52,8 @@ def teacher_block_choice(teacher_depth: int, student_depth: int) -> list[int]:
 
 def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Module:
     """A student ViT for the dataset's bands and classes, normalising inputs like the teacher."""
-    from tasks.models import BackboneParams, NormalizedClassifier, build_backbone, input_scaling_of, normalizing_model
+    from tasks.models import (BackboneParams, NormalizedClassifier, build_backbone, input_scaling_of, network_channels,
+                              normalizing_model, windows_of)
 
     info = dataset.info
     vit = _inner_vit(teacher)
@@ -61,7 +62,7 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
     from tasks.bags import bag_params_of
 
     bags = bag_params_of(teacher)  # a slide teacher gets a slide student, trained on the same bags
-    net = build_backbone(backbone, info.channels, info.num_classes, info.tile_size, task=info.task, bags=bags)
+    net = build_backbone(backbone, network_channels(info), info.num_classes, info.tile_size, task=info.task, bags=bags)
     if params.init_from_teacher:
         _copy_teacher_blocks(vit, net.encoder if bags is not None else net, params.student_depth)
     mean = getattr(teacher, "mean", None)
@@ -69,7 +70,8 @@ def build_student(teacher: nn.Module, params: DistillParams, dataset) -> nn.Modu
     normalisation = getattr(teacher, "input_normalisation", None)  # the student sees what the teacher saw
     if mean is not None and std is not None:  # the teacher's units and statistics: the student takes the same raw input
         return NormalizedClassifier(net, tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()),
-                                    input_normalisation=normalisation, input_scaling=input_scaling_of(teacher))
+                                    input_normalisation=normalisation, input_scaling=input_scaling_of(teacher),
+                                    windows=windows_of(teacher))
     return normalizing_model(net, info, input_normalisation=normalisation)
 
 
