@@ -129,3 +129,28 @@ def write_segmentation_pair(image_path: Path, mask_path: Path, rng: np.random.Ge
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(array, affine), str(path))
     return image_path, mask_path
+
+
+def write_ct_cohort(directory: Path, patients: int = 5, seed: int = 0) -> dict[str, Path]:
+    """Write a CT-only cohort: ``patients`` - 1 DICOM CT series (stored = HU + 1024) and one NIfTI CT volume.
+
+    For CT window channels (``--channels lung,mediastinum,bone``), which drop MR and radiographs. Findings
+    by patient_id alternate so that every finding has positives and negatives.
+
+    Returns:
+        ``{"source": folder, "labels": CSV}``.
+    """
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    source = directory / "source"
+    names = [f"CT-PATIENT-{i:02d}" for i in range(patients)]
+    for name in names[:-1]:
+        write_volume_series(source / name, rng, seed=seed, patient_id=name, modality="CT", slices=3, size=20)
+    write_nifti_volume(source / names[-1] / "ct.nii.gz", rng)
+    labels = directory / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", *EXAMPLE_FINDINGS])
+        for i, name in enumerate(names):
+            writer.writerow([name, i % 2, (i // 2) % 2, int(i % 3 == 0)])
+    return {"source": source, "labels": labels}

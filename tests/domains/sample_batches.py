@@ -14,7 +14,7 @@ def collect_batches(batches: SampleSet | Iterable[SampleSet]) -> SampleSet:
     parts = [batches] if isinstance(batches, SampleSet) else list(batches)
     first = parts[0]
     for part in parts[1:]:
-        for name in ("source", "channels", "class_names", "task", "scaling"):
+        for name in ("source", "channels", "class_names", "task", "scaling", "windows"):
             assert getattr(part, name) == getattr(first, name), f"batches disagree on {name}"
     dropped: dict[str, int] = {}
     provenance: dict[str, str] = {}
@@ -29,5 +29,5 @@ def collect_batches(batches: SampleSet | Iterable[SampleSet]) -> SampleSet:
         images=np.concatenate([p.physical() for p in parts]), labels=np.concatenate([p.labels for p in parts]),
         groups=np.concatenate([p.groups for p in parts]), locations=np.concatenate([p.locations for p in parts]),
         source=first.source, channels=first.channels, class_names=first.class_names, dropped=dropped,
-        provenance=provenance, task=first.task, quarantine=quarantine,
+        provenance=provenance, task=first.task, quarantine=quarantine, windows=first.windows,
         sample_ids=None if any(i is None for i in ids) else np.concatenate(ids))

@@ -12,7 +12,7 @@ import torch
 from tasks_support import tiny_backbone
 
 from domains import Channel, IngestRequest, PredictionRequest, apply_windows, get_domain
-from domains.radiology.examples import write_example
+from domains.radiology.examples import write_ct_cohort, write_example
 from domains.radiology.intensity import CT_WINDOWS
 from tasks.dataset import SplitParams, load_dataset, write_dataset
 from tasks.model_inputs import load_dataset_for
@@ -30,27 +30,6 @@ from tasks.training import predict_logits
 
 WINDOWS = ("lung", "mediastinum", "bone")
 HU_EXTREMES = (-1024, 3071)  # air, and the top of the usual 12-bit CT range
-
-
-def write_ct_cohort(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """Five CT patients in real formats: four DICOM CT series (stored = HU + 1024) and one NIfTI CT volume."""
-    import csv
-
-    from domains.radiology.examples import write_nifti_volume, write_volume_series
-
-    rng = np.random.default_rng(seed)
-    source = folder / "source"
-    patients = [f"CT-PATIENT-{i}" for i in range(5)]
-    for patient in patients[:4]:
-        write_volume_series(source / patient, rng, seed=seed, patient_id=patient, modality="CT", slices=3, size=20)
-    write_nifti_volume(source / patients[4] / "ct.nii.gz", rng)
-    labels = folder / "labels.csv"
-    with labels.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["patient_id", "nodule", "effusion", "cardiomegaly"])
-        for i, patient in enumerate(patients):
-            writer.writerow([patient, i % 2, (i // 2) % 2, int(i == 4)])
-    return {"source": source, "labels": labels}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domains import IngestRequest
+from domains import IngestRequest, apply_windows
 from domains.radiology.intensity import CT_WINDOWS, fit_to_square, parse_channels
 from domains.radiology.sampling import read_samples
 from domains.radiology.source import read_source
@@ -158,14 +158,19 @@ def test_monochrome1_radiograph_is_inverted(tmp_path):
 def test_ct_windows_stack_as_channels_and_slices_as_2_5d(example):
     samples = collect_batches(read_samples(IngestRequest(source=example["source"], tile_size=16,
                                          channels=("lung", "bone", "lung@-1", "lung@+1"))))
-    assert [c.name for c in samples.channels] == ["lung", "bone", "lung@-1", "lung@+1"]
+    # Stored: one HU plane per slice offset; the windows (what the model makes of them) are recorded.
+    assert [c.name for c in samples.channels] == ["hu@-1", "hu", "hu@+1"]
+    assert [(w.name, w.source) for w in samples.windows] == [("lung", 1), ("bone", 1), ("lung@-1", 0), ("lung@+1", 2)]
     assert samples.provenance["modalities"] == "CT"  # the MR and DX series do not fit CT windows
     assert samples.dropped["channel_mismatch"] == 4  # 3 MR slices + 1 DX image
     dicom = [i for i, s in enumerate(samples.sample_ids) if samples.locations[i][0] == 1][0]
-    # Slice 1's "@-1" channel is slice 0's lung view: same series, previous index.
+    # Slice 1's "@-1" plane is slice 0's HU: same series, previous index.
     prev = dicom - 1
-    np.testing.assert_array_equal(samples.images[dicom, 2], samples.images[prev, 0])
-    assert (samples.images[..., 0] >= 0).all() and (samples.images <= 1).all()
+    np.testing.assert_array_equal(samples.images[dicom, 0], samples.images[prev, 1])
+    assert np.array_equal(samples.images, np.rint(samples.images)) and samples.images.min() <= -1000
+    views = apply_windows(samples.images, samples.windows)
+    assert (views >= 0).all() and (views <= 1).all()
+    np.testing.assert_array_equal(views[dicom, 2], views[prev, 0])
 
 
 def test_window_presets_and_channel_parsing():
