@@ -279,8 +279,9 @@ class NormalizedClassifier(nn.Module):
 
     Raw means what the dataset stores: Sentinel-2 digital numbers (uint16), 8-bit RGB tiles, integer
     radiance counts; ``input_scaling`` records their map to physical units (per channel ``(scale, offset)``,
-    physical = raw * scale + offset; None when the dataset stores physical values, as radiology's windowed
-    views). The per-channel standardisation of physical values, ``(raw * s + o - mean) / std``, is folded
+    physical = raw * scale + offset; None when the dataset stores physical values, as radiology's MR and
+    radiograph views). A CT model takes HU and starts with its windows (:class:`WindowLayer`; ``mean`` and
+    ``std`` are then of the windowed channels). The per-channel standardisation of physical values, ``(raw * s + o - mean) / std``, is folded
     into the buffers (:func:`fold_scaling`): ``mean`` and ``std`` are in raw units, so the graph is one
     subtract and one divide whatever the sensor. Shipping this inside the model keeps every artifact made
     from it (the registered model, its ONNX and OpenVINO exports) self-contained: a consumer feeds the

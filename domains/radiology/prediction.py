@@ -30,14 +30,14 @@ def _scores(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def _model_units(request: PredictionRequest, images: np.ndarray) -> np.ndarray:
-    """Views as read, in the model's input units.
+    """Images as read, in the model's input units.
 
     The reader turns each series into modality units first (DICOM rescale slope and intercept, which vary per
-    series, give HU for CT; NIfTI scl_slope/scl_inter likewise) and then into the channel views datasets
-    store: CT windows clipped to [0, 1], MR percentiles, radiograph VOI, physical values with no scaling.
-    A model trained on them takes these views (its ``input_scaling`` is None), so this is the identity for
-    every radiology model Vitrail trains; the window stays a reader step because MR percentiles and the
-    resampling to the model grid are per series.
+    series, give HU for CT; NIfTI scl_slope/scl_inter likewise) and then into the channels the model takes:
+    for a CT-window model its ``hu`` planes (HU rounded to integers, as the dataset stores them: the model
+    windows them itself), else the [0, 1] views (MR percentiles, radiograph VOI) that are physical values.
+    Both are physical, so this is the model's ``input_scaling`` applied to physical values: the identity for
+    the (1, 0) of HU and for None.
     """
     return convert_units(images, None, request.input_scaling)
 

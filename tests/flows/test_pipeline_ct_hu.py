@@ -14,7 +14,6 @@ def test_ct_window_pipeline_registers_an_hu_in_model_and_predicts_from_hu(tmp_pa
     from domains.radiology.examples import write_ct_cohort
     from flows.pipeline import PipelineParams, pipeline
     from tasks.dataset import load_dataset
-    from tasks.onnx_runtime import read_any_metadata
     from tasks.prediction import load_model
     from tasks.tracking import configure_tracking
 
@@ -25,7 +24,7 @@ def test_ct_window_pipeline_registers_an_hu_in_model_and_predicts_from_hu(tmp_pa
     info = load_dataset(receipt.ingest.dataset).info
     assert info.stored_dtype == "int16" and [c.name for c in info.channels] == ["hu"]
     assert [w.name for w in info.windows] == ["lung", "mediastinum", "bone"]
-    assert "onnx-fp32.test_auroc_macro" in receipt.validation.metrics or receipt.validation.metrics
+    assert any(key.startswith("onnx-fp32.") for key in receipt.validation.metrics)  # the export scored on HU
     assert receipt.predict.outputs and not receipt.predict.failed
     report = json.loads(open(receipt.predict.outputs[0]).read())
     assert report["channels"] == ["hu"] and report["images_scored"] > 0
