@@ -175,3 +175,16 @@ def test_radiology_predict_hands_the_model_hu_from_the_reader(ct_dataset: Path, 
         class_names=info.class_names, tile_size=info.tile_size, stride=info.tile_size, infer=infer,
         task=info.task, input_scaling=info.scaling))
     assert summary.samples == 6 and np.concatenate(seen).min() <= -1000  # 3 DICOM CT + 3 NIfTI CT slices
+
+
+def test_a_distilled_student_takes_hu_through_the_teachers_windows(ct_dataset: Path) -> None:
+    from tasks.compression.distill import DistillParams, build_student
+
+    dataset = load_dataset_for(ct_dataset)
+    teacher = hu_model(dataset.info)
+    student = build_student(teacher, DistillParams(enabled=True, student_depth=1), dataset).eval()
+    assert student.window.windows == teacher.window.windows and student.input_scaling == teacher.input_scaling
+    for name in ("source", "low", "width"):
+        assert torch.equal(getattr(student.window, name), getattr(teacher.window, name))
+    assert torch.equal(student.mean, teacher.mean) and torch.equal(student.std, teacher.std)
+    assert predict_logits(student, hu_with_extremes(dataset)).shape == (len(dataset.splits["test"]), 3)
