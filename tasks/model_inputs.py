@@ -113,6 +113,19 @@ def units_view(dataset: Dataset, units: Scaling) -> Dataset:
     return replace(dataset, splits=splits)
 
 
+def require_unwindowed(info, stage: str) -> None:
+    """Refuse a dataset whose models start with windows (CT: HU stored) in a stage that builds an encoder on the
+    stored channels (MAE pretraining, probing): they would see unwindowed HU with window statistics.
+
+    Raises:
+        RequestError: the dataset records windows.
+    """
+    if getattr(info, "windows", None):
+        names = ", ".join(w.name for w in info.windows)
+        raise RequestError(f"{stage} does not take a dataset of CT windows yet ({names}: stored as HU, windowed "
+                           "inside fine-tuned models); ingest with --channels image (or hu) for it")
+
+
 def fit_normalisation(dataset: Dataset, method: str, max_tiles: int = FIT_TILES) -> dict:
     """Fit the domain's input normalisation ``method`` on the training split (at most ``max_tiles`` tiles).
 

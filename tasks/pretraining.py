@@ -44,6 +44,7 @@ from domains import Channel, get_domain
 from tasks.atomic_files import atomic_path
 from tasks.dataset import Dataset, Split, load_dataset
 from tasks.dataset_store import LazySamples
+from tasks.model_inputs import require_unwindowed
 from tasks.models import BackboneParams, build_backbone
 from tasks.reproducibility import pin_determinism
 from tasks.request_errors import RequestError
@@ -516,6 +517,7 @@ def pretrain_encoder(dataset_path: Path | str, backbone: BackboneParams, mae: Ma
     pin_determinism(train.seed, train.threads)  # before building: timm's initialisers draw from torch's generator
     dataset = load_dataset(dataset_path)
     info = dataset.info
+    require_unwindowed(info, "MAE pretraining")
     view, excluded = pretraining_view(dataset, mae.max_tiles, train.seed)
     if train.flip_augment and not get_domain(info.domain).train_flips:
         log.info("%s: flips and rotations are not valid augmentations for this domain; pretraining without them",

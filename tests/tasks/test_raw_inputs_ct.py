@@ -188,3 +188,11 @@ def test_a_distilled_student_takes_hu_through_the_teachers_windows(ct_dataset: P
         assert torch.equal(getattr(student.window, name), getattr(teacher.window, name))
     assert torch.equal(student.mean, teacher.mean) and torch.equal(student.std, teacher.std)
     assert predict_logits(student, hu_with_extremes(dataset)).shape == (len(dataset.splits["test"]), 3)
+
+
+def test_pretraining_and_probing_refuse_a_ct_window_dataset_by_name(ct_dataset: Path, tmp_path: Path) -> None:
+    from tasks.model_inputs import require_unwindowed
+    from tasks.request_errors import RequestError
+
+    with pytest.raises(RequestError, match="CT windows yet \\(lung, mediastinum, bone"):
+        require_unwindowed(load_dataset(ct_dataset).info, "MAE pretraining")
