@@ -243,6 +243,9 @@ def _embed_split(featurizer: Featurizer, images) -> np.ndarray:
 def embed_dataset(featurizer: Featurizer, dataset: Dataset, cache_dir: Path | None,
                   splits: tuple[str, ...] = ("train", "val", "test")) -> tuple[dict[str, np.ndarray], bool]:
     """Embeddings of every split in ``splits`` the dataset has; ``(embeddings, read_from_cache)``."""
+    from tasks.model_inputs import require_unwindowed
+
+    require_unwindowed(dataset.info, "Probing")
     present = tuple(s for s in splits if s in dataset.splits)
     key = cache_key(featurizer, dataset.info.digest, present)
     path = Path(cache_dir) / f"{key}.npz" if cache_dir is not None else None

@@ -25,7 +25,6 @@ from pydantic import BaseModel, Field
 
 from tasks.adapters import AdapterParams
 from tasks.dataset import Dataset, load_dataset
-from tasks.model_inputs import require_unwindowed
 from tasks.probing import protocols
 from tasks.probing.embeddings import (RANDOM_INIT, Featurizer, ProbeSubject, channel_stats_featurizer, embed_dataset,
                                       load_subject, random_conv_featurizer, random_init_featurizer)
@@ -245,7 +244,6 @@ def probe_backbones(dataset_path: Path | str, subjects: list[ProbeSubject], sett
                            f"taken); got {labels_seen}")
     pin_determinism(settings.seed, settings.threads)
     dataset = load_dataset(dataset_path)
-    require_unwindowed(dataset.info, "Probing")
     info = dataset.info
     for split in ("train", "test"):
         if split not in dataset.splits or len(dataset.splits[split]) == 0:
