@@ -150,7 +150,7 @@ def test_openvino_edge_model_registers_with_its_runtime_and_predicts_offline(tmp
                                                                               trained_model, dataset,
                                                                               model_metadata) -> None:
     import mlflow
-    from tasks_support import mlflow_sandbox
+    from mlflow_isolation import mlflow_sandbox
 
     from tasks import tracking
     from tasks.prediction import load_model
