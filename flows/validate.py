@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -39,10 +42,13 @@ class ValidateReceipt(BaseModel):
 def validate(params: ValidateParams) -> ValidateReceipt:
     """Score the reference model and every compressed variant on the test split, with the task's metrics and plots."""
     info = read_dataset_info(params.dataset)
+    # The variants are downloaded beside the run's artifacts, not among them (they are the compress run's), into
+    # a folder removed when validation ends.
     with tracking.stage_run(params.domain, "validate", params.workdir, params.model_dump(mode="json"), info,
-                            params.dataset, {"vitrail.compress_run_id": params.compress_run_id}) as run:
+                            params.dataset, {"vitrail.compress_run_id": params.compress_run_id}) as run, \
+            tempfile.TemporaryDirectory(prefix="vitrail-variants-") as downloads:
         reference = load_reference_model_task(params.model_uri)
-        variants = fetch_onnx_variants_task(params.compress_run_id, run.artifact_dir.parent / f"{run.run_id}-onnx")
+        variants = fetch_onnx_variants_task(params.compress_run_id, Path(downloads))
         result = validate_variants_task(params.dataset, reference, variants, run.artifact_dir, params.threads)
         metrics = record_validation_task(result)
     return ValidateReceipt(run_id=run.run_id, metrics=metrics, task=result.task)

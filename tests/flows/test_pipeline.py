@@ -78,7 +78,9 @@ def test_pipeline_registers_champion_and_writes_georeferenced_prediction(tmp_pat
 
 
 @pytest.mark.slow
-def test_failing_gate_registers_without_alias(tmp_path, local_mlflow):
+def test_failing_gate_registers_without_alias(tmp_path, local_mlflow, monkeypatch):
+    import tempfile
+
     from mlflow import MlflowClient
 
     from flows.pipeline import PipelineParams, pipeline
@@ -86,9 +88,14 @@ def test_failing_gate_registers_without_alias(tmp_path, local_mlflow):
 
     example = get_domain("satellite").write_example(tmp_path / "example")
     workdir = tmp_path / "work"
+    scratch = tmp_path / "tmp"  # the temporary folders the stages use while they run
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     strict = {**TINY, "gate": {"min_metric": 0.0, "max_drop_vs_fp32": 1.0, "latency_budget_ms": 1e-6}}
     receipt = pipeline(PipelineParams(source=str(example["scene_dir"]), labels=str(example["labels"]),
                                       workdir=str(workdir), **strict))
+    # validate downloaded the compress run's variants beside its artifacts; nothing is left once it ends
+    assert not [p.name for p in scratch.iterdir() if p.name.endswith("-onnx") or p.name.startswith("vitrail-variants-")]
     assert not receipt.promote.passed and receipt.promote.alias is None
     assert any("over budget" in reason for reason in receipt.promote.reasons)
     configure_tracking(workdir)
