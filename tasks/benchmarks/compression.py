@@ -278,7 +278,8 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
                                  f"tiles)", out / "pareto.png")
     result = {"threads": threads,
               "cpu": cpu_description(), "preset": preset or "demo", "test_samples": len(test_labels),
-              "held_out": {"note": held_out.note, "stride": held_out.stride, "counts": held_out.counts,
+              "held_out": {"note": held_out.note, "stride": held_out.stride, "strides": held_out.strides,
+                           "counts": held_out.counts,
                            "dataset_test_samples": len(dataset.splits["test"])},
               "repeats": repeats, "throughput_batch": batch, "build_seconds": build_seconds, "baseline": BASELINE,
               "failed_hops": failures,
