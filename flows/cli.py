@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -567,6 +568,11 @@ def run(args: argparse.Namespace) -> int:
         from tasks.benchmarks import load_benchmark
 
         benchmark = load_benchmark(args.name)
+        # Benchmarks run for minutes: what they are building and measuring goes to stderr as they go.
+        progress = logging.StreamHandler()
+        progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("tasks").addHandler(progress)
+        logging.getLogger("tasks").setLevel(logging.INFO)
         options = dict(item.split("=", 1) for item in overrides if "=" in item)
         workdir = Path(args.workdir)
         result = benchmark.run_benchmark(workdir, options)

@@ -22,7 +22,8 @@ opening the variant and running one batch. The edge choice is the compress stage
 (:func:`tasks.compression.recipe.select_edge_variant` on the dense validation split, 1-point budget).
 
 Options: ``threads`` (2), ``repeats`` (batch-1 calls per variant, 200), ``student_depth`` (4),
-``distill_epochs`` (8), ``recovery_epochs`` (4), ``throughput_batch`` (32), ``seed`` (0), ``min_samples``
+``distill_epochs`` (8), ``recovery_epochs`` (4), ``throughput_batch`` (32), ``calibration_samples`` (static
+ONNX int8's calibration tiles, 128), ``seed`` (0), ``min_samples``
 (1000), ``max_drop`` (edge choice budget, 0.01), ``single_techniques`` (yes: also each technique alone on the
 reference model; no: the reference's exports and the recipe only), ``preset`` (``demo`` or ``vit-s16-224``: picks the newest
 compress run of a model trained with that pipeline preset, e.g. after ``vitrail demo --preset vit-s16-224``,
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,9 @@ GOALS = {"int8": {"speedup": 4.0, "max_drop": 0.01}, "recipe": {"speedup": 8.0, 
 # Full-model int8 variants (the int8 goal), and the peer a runtime-savvy user would build by hand.
 PEER = "peer-openvino-nncf-int8"
 INT8_VARIANTS = ("onnx-int8", "onnx-int8-dynamic", "openvino-int8", PEER)
-PRESET_TIMING = {"vit-s16-224": {"repeats": 40, "throughput_batch": 8, "student_depth": 6}}
+# The ViT-S/16 preset's static int8 calibrates on 32 tiles, as its pipeline does: calibration holds every
+# quantized op's inputs for every tile (about 40 MB a tile at 224 px).
+PRESET_TIMING = {"vit-s16-224": {"repeats": 40, "throughput_batch": 8, "student_depth": 6, "calibration_samples": 32}}
 
 
 def _locate(workdir: Path, options: dict[str, str]) -> tuple[str, Path]:
@@ -147,7 +151,7 @@ def _build(model, context, options: dict, failures: dict[str, str]) -> list:
             log.warning("%s: %s", label, error)
             return []
 
-    quant = QuantizationParams()
+    quant = QuantizationParams(calibration_samples=int(options.get("calibration_samples", 128)))
     recovery = int(options.get("recovery_epochs", 4))
     plain = ExportOnnx(fuse=False)  # OpenVINO reads standard ONNX ops only; fused graphs are ONNX Runtime's
     on_both = [QuantizeOnnx("int8-dynamic"), ConvertOpenVino("int8")]
@@ -200,6 +204,7 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     ``dataset`` is read in the model's input units (:func:`tasks.model_inputs.load_dataset_for`)."""
     import torch
 
+    from domains.satellite.strips import release_free_memory
     from tasks.compression.held_out import dense_held_out
     from tasks.compression.measure import count_macs, plot_pareto, resident_bytes, time_throughput
     from tasks.compression.profiles import get_profile
@@ -222,6 +227,7 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     held_out = dense_held_out(dataset, min_samples=int(options.get("min_samples", 1000)),
                               units=input_scaling_of(model))
     test_images, test_labels = held_out.images["test"], held_out.labels["test"]
+    log.info("dense held-out tiles %s (strides %s px); building the variants", held_out.counts, held_out.strides)
     out.mkdir(parents=True, exist_ok=True)
     # Parity is checked on the dataset's own test tiles, as in the compress stage.
     parity = dataset.splits["test"].images[:PARITY_SAMPLES]
@@ -238,16 +244,21 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
             return model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
     fill = np.resize(test_images[:batch], (batch, *test_images.shape[1:])).astype(np.float32)
-    predictors = {BASELINE: torch_predict}
     rows: dict[str, dict] = {BASELINE: {"format": "torch", "runtime": "torch", "precision": "fp32",
                                         "size_bytes": _torch_size(model), "memory_bytes": None,
                                         "params": sum(p.numel() for p in model.parameters()),
                                         "macs": count_macs(model, test_images)}}
-    for variant in built:
+    outcomes = {BASELINE: collect_outcomes(torch_predict, test_images, test_labels, info.num_classes, info.task)}
+    throughput = {BASELINE: time_throughput(torch_predict, fill, repeats=max(3, repeats // 40))}
+    # One variant open at a time while it is scored: thirty sessions held open at once, each with its
+    # batch-32 buffers, took over 20 GB for the ViT-S/16 preset. Its memory is what opening it and running
+    # one batch added, the previous variant's freed memory handed back to the system first.
+    for number, variant in enumerate(built, 1):
+        log.info("scoring %s on %d held-out tiles (%d of %d)", variant.name, len(test_labels), number, len(built))
+        release_free_memory()
         before = resident_bytes()
         predict = open_predictor(variant.onnx, threads)
         predict(fill)
-        predictors[variant.name] = predict
         rows[variant.name] = {"format": "onnx" if variant.runtime == "onnxruntime" else "openvino-ir",
                               "runtime": variant.runtime, "precision": variant.precision,
                               "size_bytes": model_file_bytes(variant.onnx),
@@ -257,12 +268,19 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
                               "steps": list(variant.steps), "step": {k: v for k, v in variant.records[-1].items()
                                                                      if k != "parity"},
                               "parity_max_abs_diff": variant.records[-1].get("parity", {}).get("max_abs_diff")}
-    outcomes = {name: collect_outcomes(predict, test_images, test_labels, info.num_classes, info.task)
-                for name, predict in predictors.items()}
+        outcomes[variant.name] = collect_outcomes(predict, test_images, test_labels, info.num_classes, info.task)
+        throughput[variant.name] = time_throughput(predict, fill, repeats=max(3, repeats // 40))
+        del predict
+    release_free_memory()
     drops = {name: score_drop(outcomes[BASELINE], outcome, seed=seed) for name, outcome in outcomes.items()}
-    throughput = {name: time_throughput(predict, fill, repeats=max(3, repeats // 40))
-                  for name, predict in predictors.items()}
-    latency = _interleaved_latency(predictors, test_images[:1], repeats)
+    # Batch-1 latency needs every variant open at once (interleaved rounds): opened afresh, they only ever
+    # run batch 1, so their buffers stay small.
+    log.info("timing %d variants at batch 1, interleaved", len(built) + 1)
+    files = {variant.name: variant.onnx for variant in built}
+    latency = _interleaved_latency({BASELINE: torch_predict, **{name: open_predictor(path, threads)
+                                                               for name, path in files.items()}},
+                                   test_images[:1], repeats)
+    release_free_memory()
     base = latency[BASELINE][0]
     variants = []
     for name, row in rows.items():
@@ -273,7 +291,8 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
                          "gate_drop": drop.gate_drop, "drop": drop.drop, "drop_interval": [drop.drop_low, drop.drop_high],
                          "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput": throughput[name],
                          "speedup_vs_fp32": base / p50})
-    edge, reasons = _edge_choice(variants, predictors, torch_predict, held_out, info, max_drop)
+    edge, reasons = _edge_choice(variants, OnDemandPredictors(files, threads), torch_predict, held_out, info,
+                                 max_drop)
     plot = plot_pareto(variants, f"compression benchmark ({threads} threads, batch 1, {len(test_labels)} held-out "
                                  f"tiles)", out / "pareto.png")
     result = {"threads": threads,
@@ -291,7 +310,26 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     return result
 
 
-def _edge_choice(variants: list[dict], predictors: dict, torch_predict, held_out, info, max_drop: float):
+class OnDemandPredictors(Mapping):
+    """Predictors by variant name, each opened when looked up and left to its caller (the edge choice scores
+    one variant at a time, so only one is open at once)."""
+
+    def __init__(self, files: dict[str, Path], threads: int):
+        self.files, self.threads = files, threads
+
+    def __getitem__(self, name: str):
+        from tasks.onnx_runtime import open_predictor
+
+        return open_predictor(self.files[name], self.threads)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _edge_choice(variants: list[dict], predictors: Mapping, torch_predict, held_out, info, max_drop: float):
     """The compress stage's own edge choice (runtime and variant together), on the dense validation split."""
     from tasks.compression.measure import VariantMeasurement
     from tasks.compression.profiles import get_profile
@@ -304,7 +342,7 @@ def _edge_choice(variants: list[dict], predictors: dict, torch_predict, held_out
             for v in variants if v["runtime"] != "torch"]
     split = "val" if "val" in held_out.images else "test"
     reasons: dict[str, list[str]] = {}
-    edge = select_edge_variant(rows, {k: p for k, p in predictors.items() if k != "torch-fp32"}, torch_predict,
+    edge = select_edge_variant(rows, predictors, torch_predict,
                                held_out.images[split], held_out.labels[split], info.class_names, max_drop,
                                get_profile("cpu-2core"), reasons, task=info.task)
     return edge, reasons

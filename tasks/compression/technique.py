@@ -9,6 +9,7 @@ that breaks exportability or changes predictions fails at its own step, not at t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from torch import nn
 
 from tasks.dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 ORDER = ("distill", "prune", "tokens", "export", "quantize")
 TORCH_STAGES = ("distill", "prune", "tokens")
@@ -126,10 +129,13 @@ def run_recipe(start: Variant, techniques: Sequence[Technique], context: Compres
         if technique.stage in TORCH_STAGES:
             current = exporter.apply(technique.apply(current, context), context)
             produced.append(current)
+            log.info("built %s (%s)", current.name, current.runtime)
     if current.onnx is None:
         current = exporter.apply(current, context)
         produced.append(current)
+        log.info("built %s (%s)", current.name, current.runtime)
     for technique in ordered:
         if technique.stage == "quantize":
             produced.append(technique.apply(current, context))
+            log.info("built %s (%s)", produced[-1].name, produced[-1].runtime)
     return produced
