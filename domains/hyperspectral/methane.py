@@ -119,11 +119,6 @@ def ridge_covariance(scatter: np.ndarray, count: int) -> np.ndarray:
     return cov
 
 
-def _covariance(x: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    centred = x - mu
-    return ridge_covariance(centred.T @ centred, len(x))
-
-
 def trusted_pixels(brightness: np.ndarray, saturated: np.ndarray | None, bands: int) -> np.ndarray:
     """Mask of pixels trusted for statistics from their mean radiance and saturation flags.
 
@@ -216,23 +211,34 @@ def fit_sparse_statistics(sample: np.ndarray, absorption: np.ndarray,
 
     Each iteration estimates every sampled pixel's enhancement, removes its plume signal
     (``x - R α t``) and refits mean and covariance, so plume pixels stop inflating the background.
+    The cleaned pixels differ from ``x`` by a rank-one term, so their scatter is ``x``'s, computed once,
+    plus rank-one corrections: ``Σ (x̃ᵢ - dᵢt)(x̃ᵢ - dᵢt)ᵀ = S - vtᵀ - tvᵀ + (dᵀd)ttᵀ`` with ``x̃ = x - x̄``,
+    ``d`` the centred ``R α`` and ``v = x̃ᵀd``: one N x B² product instead of one per iteration (most of
+    an on-board capture's product time).
     """
     x = sample.astype(np.float64, copy=False)
-    mu = x.mean(axis=0)
-    albedo = x @ mu / (mu @ mu)
-    target = absorption * mu
-    cit = np.linalg.solve(_covariance(x, mu), target)
+    count = len(x)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    scatter = centred.T @ centred
+    albedo = x @ mean / (mean @ mean)
+    mu, target = mean, absorption * mean
+    cit = np.linalg.solve(ridge_covariance(scatter, count), target)
     norm = float(target @ cit)
-    alpha = np.maximum((x - mu) @ cit / (albedo * norm), 0.0)
+    alpha = np.maximum((x @ cit - mu @ cit) / (albedo * norm), 0.0)
     for step in range(iterations):
         weight = 1.0 / (albedo * (alpha + L1_EPSILON))
-        cleaned = x - (albedo * alpha)[:, None] * target
-        mu = cleaned.mean(axis=0)
+        removed = albedo * alpha  # cleaned = x - removed ⊗ target
+        shift = removed.mean()
+        d = removed - shift
+        v = centred.T @ d
+        cleaned_scatter = scatter - np.outer(v, target) - np.outer(target, v) + float(d @ d) * np.outer(target, target)
+        mu = mean - shift * target
         target = absorption * mu
-        cit = np.linalg.solve(_covariance(cleaned, mu), target)
+        cit = np.linalg.solve(ridge_covariance(cleaned_scatter, count), target)
         norm = max(float(target @ cit), 1e-12)
         if step + 1 < iterations:
-            alpha = np.maximum(((x - mu) @ cit - weight) / (albedo * norm), 0.0)
+            alpha = np.maximum((x @ cit - mu @ cit - weight) / (albedo * norm), 0.0)
     return mu, cit, norm
 
 

@@ -109,3 +109,40 @@ def test_mapping_channels_across_sensors(example):
         locate_channels(cube, (Channel("3000.0nm", 3000.0),))
     with pytest.raises(DomainInputError, match=r"1380\.0 nm has no band"):  # inside a flagged water band
         locate_channels(cube, (Channel("1380.0nm", 1380.0),))
+
+
+def test_sparse_statistics_equal_a_full_refit_of_the_cleaned_pixels_every_iteration(plume_capture):
+    """The rank-one update of the scatter gives what recomputing it from the cleaned pixels gives."""
+    from domains.hyperspectral.methane import L1_EPSILON, fit_sparse_statistics, ridge_covariance
+
+    cube, _ = plume_capture
+    w = cube.require_wavelengths()
+    bands = np.flatnonzero((w > 2100) & (w < 2450))
+    x = cube.read(bands, slice(0, cube.grid[0]), slice(0, cube.grid[1])).reshape(len(bands), -1).T.astype(np.float64)
+    absorption = unit_absorption_spectrum(w, synthesis.EMIT_LIKE.fwhm_nm)[bands]
+
+    def refit(iterations: int):  # the textbook loop: clean the pixels, then their mean and covariance
+        mu = x.mean(axis=0)
+        albedo = x @ mu / (mu @ mu)
+        target = absorption * mu
+        centred = x - mu
+        cit = np.linalg.solve(ridge_covariance(centred.T @ centred, len(x)), target)
+        norm = float(target @ cit)
+        alpha = np.maximum((x - mu) @ cit / (albedo * norm), 0.0)
+        for step in range(iterations):
+            weight = 1.0 / (albedo * (alpha + L1_EPSILON))
+            cleaned = x - (albedo * alpha)[:, None] * target
+            mu = cleaned.mean(axis=0)
+            target = absorption * mu
+            centred = cleaned - mu
+            cit = np.linalg.solve(ridge_covariance(centred.T @ centred, len(x)), target)
+            norm = max(float(target @ cit), 1e-12)
+            if step + 1 < iterations:
+                alpha = np.maximum(((x - mu) @ cit - weight) / (albedo * norm), 0.0)
+        return mu, cit, norm
+
+    for iterations in (1, 5):
+        fast, slow = fit_sparse_statistics(x, absorption, iterations), refit(iterations)
+        np.testing.assert_allclose(fast[0], slow[0], rtol=1e-10)
+        np.testing.assert_allclose(fast[1], slow[1], rtol=1e-7, atol=1e-12 * np.abs(slow[1]).max())
+        assert fast[2] == pytest.approx(slow[2], rel=1e-9)
