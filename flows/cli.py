@@ -571,8 +571,10 @@ def run(args: argparse.Namespace) -> int:
         # Benchmarks run for minutes: what they are building and measuring goes to stderr as they go.
         progress = logging.StreamHandler()
         progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("tasks").addHandler(progress)
-        logging.getLogger("tasks").setLevel(logging.INFO)
+        progress_log = logging.getLogger("tasks")
+        progress_log.addHandler(progress)
+        progress_log.setLevel(logging.INFO)
+        progress_log.propagate = False  # Prefect's console handler, once imported, would print each line again
         options = dict(item.split("=", 1) for item in overrides if "=" in item)
         workdir = Path(args.workdir)
         result = benchmark.run_benchmark(workdir, options)
