@@ -104,7 +104,7 @@ class Cube:
         with rasterio.open(self.path) as ds:
             return ds.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype="float32")
 
-    def invalid_mask(self, block: np.ndarray, first_row: int = 0) -> np.ndarray:
+    def invalid_mask(self, block: np.ndarray, first_row: int = 0, first_col: int = 0) -> np.ndarray:
         """(rows, cols) True where a pixel has no data: the ignore value (or NaN) in any band read.
 
         Raises:
@@ -117,7 +117,7 @@ class Cube:
                 r, c = np.argwhere(bad)[0]
                 raise DomainInputError(
                     self.path,
-                    f"{int(bad.sum())} pixels hold NaN/inf values (first at row {first_row + r}, col {c}) and the file "
+                    f"{int(bad.sum())} pixels hold NaN/inf values (first at row {first_row + r}, col {first_col + c}) and the file "
                     "declares no NaN 'data ignore value'; mark them with a data ignore value or repair the cube",
                 )
         invalid = ~finite.all(axis=0)

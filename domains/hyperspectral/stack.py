@@ -20,6 +20,9 @@ from domains.hyperspectral.methane import DEFAULT_WINDOW_NM, enhancement, unit_a
 from domains.spec import DomainInputError
 
 DEFAULT_TILE = (512, 512)
+# Bytes of bands read at once: windows side by side are read together up to this (a 512-row strip of an
+# EMIT-sized capture's 55 detector and colour bands is 144 MB).
+STRIP_BYTES = 256 * 2**20
 
 
 def detector_bands(cube: Cube, window_nm: tuple[float, float] = DEFAULT_WINDOW_NM) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +67,18 @@ def plan_bands(cube: Cube, sources: list[ChannelSource], window_nm: tuple[float,
     return band_idx, position, filter_pos, absorption
 
 
+def _pixel_major(block: np.ndarray, positions: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """(N, B) valid pixels of ``block`` (bands, h, w) at band ``positions``, pixel-major for the filters' matmuls.
+
+    One gather: the detector window is a run of consecutive bands, so it is a view of the block, and masking
+    its pixel-major view copies once (selecting bands, masking and transposing copied a window three times).
+    """
+    first = int(positions[0]) if len(positions) else 0
+    consecutive = np.array_equal(positions, np.arange(first, first + len(positions)))
+    bands = block[first:first + len(positions)] if consecutive else block[positions]
+    return np.moveaxis(bands, 0, -1)[good]
+
+
 def compute_stack(cube: Cube, sources: list[ChannelSource], tile: tuple[int | None, int | None] = DEFAULT_TILE,
                   window_nm: tuple[float, float] = DEFAULT_WINDOW_NM) -> tuple[np.ndarray, np.ndarray]:
     """Read and derive every channel of ``sources`` over the whole cube, window by window.
@@ -80,24 +95,47 @@ def compute_stack(cube: Cube, sources: list[ChannelSource], tile: tuple[int | No
     stack = np.zeros((len(sources), height, width), dtype=np.float32)
     invalid = np.zeros((height, width), dtype=bool)
     for r0, r1 in _splits(height, tile[0]):
-        for c0, c1 in _splits(width, tile[1]):
-            block = cube.read(band_idx, slice(r0, r1), slice(c0, c1))
-            bad = cube.invalid_mask(block, first_row=r0)
-            invalid[r0:r1, c0:c1] = bad
-            good = ~bad
-            pixels = None
-            for channel, source in enumerate(sources):
-                if source.band >= 0:
-                    stack[channel, r0:r1, c0:c1] = np.where(good, block[position[source.band]], 0.0)
-                    continue
-                if pixels is None:
-                    # (N, B) valid pixels of the detector bands, pixel-major for the filter's matmuls.
-                    pixels = np.ascontiguousarray(block[filter_pos][:, good].T)
-                if len(pixels) <= 2 * len(filter_pos):
-                    continue  # too few valid pixels to estimate a covariance: leave the product at 0
-                out = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
-                out[good] = enhancement(pixels, absorption, source.product, saturation)
-                stack[channel, r0:r1, c0:c1] = out
+        for run in _read_runs(_splits(width, tile[1]), (r1 - r0) * len(band_idx) * np.dtype(np.float32).itemsize):
+            # One read for a run of windows side by side, each window a view of it: read one by one, every
+            # window mapped the file again and faulted in the pages its neighbours had just read.
+            first, last = run[0][0], run[-1][1]
+            strip = cube.read(band_idx, slice(r0, r1), slice(first, last))
+            strip_bad = cube.invalid_mask(strip, first_row=r0, first_col=first)
+            invalid[r0:r1, first:last] = strip_bad
+            for c0, c1 in run:
+                block, good = strip[:, :, c0 - first:c1 - first], ~strip_bad[:, c0 - first:c1 - first]
+                _derive_window(stack, block, good, (r0, r1, c0, c1), sources, position, filter_pos, absorption,
+                               saturation)
     if invalid.all():
         raise DomainInputError(cube.path, "holds no valid pixel (every pixel is the data ignore value)")
     return stack, invalid
+
+
+def _read_runs(windows: list[tuple[int, int]], bytes_per_column: int) -> list[list[tuple[int, int]]]:
+    """Column windows grouped into runs of at most :data:`STRIP_BYTES` (a run holds at least one window)."""
+    runs: list[list[tuple[int, int]]] = []
+    for window in windows:
+        if runs and (window[1] - runs[-1][0][0]) * bytes_per_column <= STRIP_BYTES:
+            runs[-1].append(window)
+        else:
+            runs.append([window])
+    return runs
+
+
+def _derive_window(stack: np.ndarray, block: np.ndarray, good: np.ndarray, where: tuple[int, int, int, int],
+                   sources: list[ChannelSource], position: dict[int, int], filter_pos: np.ndarray,
+                   absorption: np.ndarray | None, saturation: float | None) -> None:
+    """Fill ``stack`` over one window from its bands ``block`` (bands, h, w) and its valid pixels ``good``."""
+    r0, r1, c0, c1 = where
+    pixels = None
+    for channel, source in enumerate(sources):
+        if source.band >= 0:
+            stack[channel, r0:r1, c0:c1] = np.where(good, block[position[source.band]], 0.0)
+            continue
+        if pixels is None:
+            pixels = _pixel_major(block, filter_pos, good)
+        if len(pixels) <= 2 * len(filter_pos):
+            continue  # too few valid pixels to estimate a covariance: leave the product at 0
+        out = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
+        out[good] = enhancement(pixels, absorption, source.product, saturation)
+        stack[channel, r0:r1, c0:c1] = out

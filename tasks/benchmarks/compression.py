@@ -341,6 +341,7 @@ def _edge_choice(variants: list[dict], predictors: Mapping, torch_predict, held_
                                memory_bytes=v["memory_bytes"], runtime=v["runtime"])
             for v in variants if v["runtime"] != "torch"]
     split = "val" if "val" in held_out.images else "test"
+    log.info("choosing the edge variant on %d dense %s tiles", len(held_out.labels[split]), split)
     reasons: dict[str, list[str]] = {}
     edge = select_edge_variant(rows, predictors, torch_predict,
                                held_out.images[split], held_out.labels[split], info.class_names, max_drop,

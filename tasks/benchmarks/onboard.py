@@ -155,6 +155,8 @@ def screen_tiles(batch: np.ndarray, product: int | None, threshold: float | None
 
 def _ours(job: dict) -> dict:
     """Child: our pipeline on the capture (predict stage of the hyperspectral domain), with the screening cascade."""
+    from scipy import ndimage  # noqa: F401 - screening and the plume list use it: imported before the clock, as the reference's package is
+
     from domains import Channel, PredictionRequest
     from domains.hyperspectral.bands import PRODUCTS
     from domains.hyperspectral.prediction import run_capture
