@@ -303,6 +303,10 @@ class PredictionRequest:
     """The units ``infer`` takes, per channel ``(scale, offset)`` to physical (None: physical units): the
     stored units of the model's training dataset. A domain converts what it reads into these units
     (:func:`convert_units`), whatever scaling its source writes, and applies nothing else."""
+    screen_ppmm: float | None = None
+    """Hyperspectral plume segmentation: run the model only on tiles whose methane enhancement channel
+    (3 x 3 mean) exceeds this many ppm·m somewhere, the rest being background (the on-board cascade of
+    :mod:`domains.hyperspectral.cascade`); None runs it on every tile. Other domains refuse it."""
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default="", help="Dask scheduler address (tcp://host:8786); omit to start a "
                    "temporary Dask cluster on this machine")
     _mpp_arg(p)
+    p.add_argument("--screen-ppmm", type=float, help="hyperspectral plume models: segment only tiles whose methane "
+                   "enhancement (3 x 3 mean) exceeds this many ppm·m, the rest being background (the on-board "
+                   "cascade; 400 suits the demo); default: every tile")
     _workdir_arg(p)
 
     p = verbs.add_parser("pipeline", help="ingest, fine-tune, compress, validate, promote and predict",
@@ -549,7 +552,8 @@ def run(args: argparse.Namespace) -> int:
 
         receipt = predict(PredictParams(domain=args.domain, model_uri=args.model, input=args.input,
                                         output=args.output, stride=args.stride, workdir=args.workdir,
-                                        mpp=args.mpp, runner=None if args.task_runner == "none" else
+                                        mpp=args.mpp, screen_ppmm=args.screen_ppmm,
+                                        runner=None if args.task_runner == "none" else
                                         {"kind": args.task_runner, "address": args.dask_address}))
         _print_receipt(receipt)
         return 1 if receipt.failed else 0

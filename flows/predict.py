@@ -34,6 +34,11 @@ class PredictParams(BaseModel):
     mpp: float | None = Field(None, gt=0.02, lt=100.0,
                               description="Resolution of the input in microns per pixel, for whole-slide images whose metadata states none "
                                                  "(never guessed from objective power); empty reads it from the slide")
+    screen_ppmm: float | None = Field(None, gt=0, lt=1e6,
+                                      description="Hyperspectral plume models: segment only tiles whose methane "
+                                                  "enhancement (3 x 3 mean) exceeds this many ppm·m somewhere, the rest "
+                                                  "being background (the on-board cascade; 400 suits the demo); empty "
+                                                  "runs the model on every tile")
     runner: TaskRunnerParams | None = Field(None, description="Where the scenes are predicted: empty, one task "
                                                               "predicts them in turn with the model loaded once; "
                                                               "given, one task per scene on threads here or on a "
@@ -61,12 +66,13 @@ def predict(params: PredictParams) -> PredictReceipt:
     model_uri = resolve_model_uri(params.domain, params.model_uri)
     if params.runner is None:
         batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
-                                    params.threads, params.mpp)
+                                    params.threads, params.mpp, params.screen_ppmm)
     else:
         pinned_uri, jobs = plan_predictions_task(params.domain, model_uri, Path(params.input), params.output)
         with open_task_runner(params.runner) as runner:
             scenes = runner.map(predict_scene_task, {
                 "domain_name": unmapped(params.domain), "model_uri": unmapped(pinned_uri), "job": jobs,
-                "stride": unmapped(params.stride), "threads": unmapped(params.threads), "mpp": unmapped(params.mpp)})
+                "stride": unmapped(params.stride), "threads": unmapped(params.threads), "mpp": unmapped(params.mpp),
+                "screen_ppmm": unmapped(params.screen_ppmm)})
             batch = merge_batches([scene.result() for scene in scenes])
     return PredictReceipt(model_uri=model_uri, outputs=[s.output for s in batch.written], failed=batch.failed)

@@ -162,37 +162,41 @@ def _normalising(predict, predict_bag, domain: str, normalisation: dict, scaling
 
 
 def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: Path | str, stride: int | None = None,
-                   threads: int = 2, mpp: float | None = None) -> PredictionBatch:
+                   threads: int = 2, mpp: float | None = None, screen_ppmm: float | None = None) -> PredictionBatch:
     """Predict one input or every input of a drop folder.
 
     ``output`` is a file when ``input_path`` is a single input, else a folder that receives
     ``<input name><suffix>`` per input (the domain's prediction suffix: ``.tif`` rasters, ``.json``
     study reports; names made safe by :func:`prediction_target`). An input that fails, for any reason, is
     recorded with its error and skipped; the others are still predicted. ``mpp`` is the inputs' resolution
-    in microns per pixel for whole-slide images whose metadata states none.
+    in microns per pixel for whole-slide images whose metadata states none; ``screen_ppmm`` turns on the
+    hyperspectral screening cascade (see :attr:`domains.spec.PredictionRequest.screen_ppmm`).
 
     ``output`` may be a URL (``s3://bucket/prefix/predictions``): the domain's writers (GDAL among them)
     need real files, so predictions are written to a local staging folder and uploaded, each file whole,
     once every input is done; the receipt names the URLs.
     """
     domain = get_domain(domain_name)
+    if screen_ppmm is not None and domain.name != "hyperspectral":
+        raise RequestError(f"screen_ppmm screens methane plume candidates: hyperspectral models only, not {domain.name}")
     model = load_model(model_uri, threads)
     if model.domain != domain.name:
         raise RequestError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     if not is_url(output):
-        return _predict_each(domain, model, inputs, single, Path(output), stride, mpp)
+        return _predict_each(domain, model, inputs, single, Path(output), stride, mpp, screen_ppmm)
     parent = parent_location(output)
     with staged_folder(parent) as staging:
-        batch = _predict_each(domain, model, inputs, single, staging / location_name(output), stride, mpp)
+        batch = _predict_each(domain, model, inputs, single, staging / location_name(output), stride, mpp,
+                              screen_ppmm)
         batch.written = [replace(summary, output=staged_reference(Path(summary.output), staging, parent))
                          for summary in batch.written]
     return batch
 
 
 def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], single: bool, output: Path,
-                  stride: int | None, mpp: float | None = None) -> PredictionBatch:
+                  stride: int | None, mpp: float | None = None, screen_ppmm: float | None = None) -> PredictionBatch:
     batch = PredictionBatch()
     for item in inputs:
         try:
@@ -205,7 +209,7 @@ def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], si
                                         infer_bag=model.bag_probabilities if model.predict_bag else None,
                                         bag_max_tiles=int((model.bags or {}).get("predict_max_tiles", 1024)),
                                         input_contract=model.input_contract,
-                                        input_scaling=model.input_scaling)
+                                        input_scaling=model.input_scaling, screen_ppmm=screen_ppmm)
             batch.written.append(domain.predict(request))
         except DomainInputError as error:
             log.error("skipping %s: %s", printable_path(item), error)

@@ -45,12 +45,12 @@ def plan_predictions(domain_name: str, model_uri: str, input_path: Path, output:
 
 
 def predict_scene(domain_name: str, model_uri: str, job: ScenePrediction, stride: int | None, threads: int,
-                  mpp: float | None) -> PredictionBatch:
+                  mpp: float | None, screen_ppmm: float | None = None) -> PredictionBatch:
     """Predict one input to its target; its failure is recorded in the batch, as in the one-task run.
 
     The model is loaded by the task itself: on a Dask cluster the worker, not the flow's process, needs it.
     """
-    return predict_inputs(domain_name, model_uri, job.input, job.output, stride, threads, mpp)
+    return predict_inputs(domain_name, model_uri, job.input, job.output, stride, threads, mpp, screen_ppmm)
 
 
 def merge_batches(batches: list[PredictionBatch]) -> PredictionBatch:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from domains.hyperspectral.bands import PRODUCTS, ChannelSource, locate_channels
+from domains.hyperspectral.cascade import CascadeCounts, screened
 from domains.hyperspectral.cube import GEOTIFF_SUFFIXES, Cube, is_cube_file, open_cube
 from domains.hyperspectral.stack import compute_stack
 from domains.confinement import confined_path
@@ -170,6 +172,9 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
     with input_errors_named(cube.path):  # GeoTIFF tiles are decoded here: a truncated file fails now
         stack, invalid = compute_stack(cube, sources)
     after_read = time.perf_counter()
+    cascade = CascadeCounts()
+    if request.screen_ppmm is not None:
+        request = replace(request, infer=_screened_infer(request, sources, cascade))
     probabilities = segment_stack(stack, invalid, request)
     after_inference = time.perf_counter()
     predicted = ~invalid & (probabilities.sum(axis=0) > 0)
@@ -202,11 +207,29 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
     if timings is not None:
         timings.update(read_and_products=after_read - clock, inference=after_inference - after_read,
                        write=time.perf_counter() - after_inference)
+        if request.screen_ppmm is not None:
+            timings.update(screening=cascade.screen_seconds, model=cascade.model_seconds, tiles=cascade.tiles,
+                           model_tiles=cascade.model_tiles)
     summary = PredictionSummary(input=printable_path(request.input), output=str(output),
                              samples=int(len(tile_starts(cube.grid[0], request.tile_size, request.stride))
                                          * len(tile_starts(cube.grid[1], request.tile_size, request.stride))),
                              class_counts={n: int(c) for n, c in zip(request.class_names, counts)})
     return summary, stack, sources
+
+
+def _screened_infer(request: PredictionRequest, sources: list[ChannelSource], counts: CascadeCounts):
+    """``request.infer`` behind the screening cascade (:mod:`domains.hyperspectral.cascade`) on the model's
+    methane product channel, the threshold converted to the units the model takes."""
+    product = next((i for kind in ("mag1c_sas", "mf") for i, s in enumerate(sources) if s.product == kind), None)
+    if product is None:
+        raise ValueError(f"screening at {request.screen_ppmm} ppm·m needs a methane enhancement channel in ppm·m "
+                         f"(ch4_mag1c or ch4_mf) among the model's channels: "
+                         f"{', '.join(c.name for c in request.channels)}")
+    threshold = float(request.screen_ppmm)
+    if request.input_scaling is not None:
+        scale, offset = request.input_scaling[product]
+        threshold = (threshold - offset) / scale
+    return screened(request.infer, product, threshold, len(request.class_names), background=0, counts=counts)
 
 
 def list_prediction_inputs(path: Path | str) -> list[Path]:

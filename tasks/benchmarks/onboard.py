@@ -25,10 +25,10 @@ capture is touched). Timings exclude process start-up and model loading, which h
 
 Options (``--set KEY=VALUE``): ``size`` = ``emit`` (default), ``small`` (256 x 256) or ``tiny`` (64 x 64);
 ``threads`` (2); ``seed`` (0); ``rounds`` (2: alternating reference/ours rounds, each side's fastest
-reported); ``refine`` (yes: a plume pixel needs the ViT's vote and an enhanced 3 x 3 footprint); ``model`` (a model URI); ``model_file`` (an ONNX file or OpenVINO .xml instead
+reported); ``model`` (a model URI); ``model_file`` (an ONNX file or OpenVINO .xml instead
 of the registry, for tests); ``reference`` = ``yes``/``no``; ``screen_ppmm`` (400; ``none`` sends every
-tile to the ViT). The screen threshold was read off the hyperspectral demo dataset: tiles whose 3 x 3
-mean Mag1c-SAS stays below 400 ppm·m held 0.1 % of the plume pixels.
+tile to the ViT). The cascade is the product's own (``vitrail predict --screen-ppmm``,
+:mod:`domains.hyperspectral.cascade`); its default threshold was read off the hyperspectral demo dataset.
 """
 
 from __future__ import annotations
@@ -76,8 +76,6 @@ def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
     write_text_atomic(done, json.dumps({"plumes": count, "shape": list(shape)}))
     return paths
 
-
-DEFAULT_SCREEN_PPMM = 400.0
 
 
 def resolve_model(workdir: Path, options: dict[str, str], scratch: Path) -> tuple[Path, dict]:
@@ -134,92 +132,44 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def enhanced_pixels(batch: np.ndarray, product: int | None, threshold: float | None) -> np.ndarray | None:
-    """(N, H, W): where the 3 x 3 mean of the enhancement product exceeds ``threshold`` (a footprint, not
-    one noisy pixel); None without a product or threshold."""
-    if product is None or threshold is None:
-        return None
-    from scipy import ndimage
-
-    return ndimage.uniform_filter(batch[:, product].astype(np.float32), size=(1, 3, 3), mode="nearest") > threshold
-
-
-def screen_tiles(batch: np.ndarray, product: int | None, threshold: float | None) -> np.ndarray:
-    """Which tiles of a (N, C, H, W) batch are plume candidates: some pixel is enhanced (see
-    :func:`enhanced_pixels`). Without a product or threshold: all."""
-    enhanced = enhanced_pixels(batch, product, threshold)
-    if enhanced is None:
-        return np.ones(len(batch), dtype=bool)
-    return enhanced.reshape(len(batch), -1).any(axis=1)
-
-
 def _ours(job: dict) -> dict:
-    """Child: our pipeline on the capture (predict stage of the hyperspectral domain), with the screening cascade."""
+    """Child: our pipeline on the capture: the hyperspectral domain's predict, with its screening cascade."""
     from scipy import ndimage  # noqa: F401 - screening and the plume list use it: imported before the clock, as the reference's package is
 
     from domains import Channel, PredictionRequest
-    from domains.hyperspectral.bands import PRODUCTS
     from domains.hyperspectral.prediction import run_capture
     from tasks.onnx_runtime import open_predictor, runtime_of
 
     predict = open_predictor(job["model_file"], job["threads"])
     meta = job["metadata"]
-    names = [c["name"] for c in meta["channels"]]
-    product = next((i for i, name in enumerate(names) if name == "ch4_mag1c"),
-                   next((i for i, name in enumerate(names) if name in PRODUCTS), None))
-    threshold = job.get("screen_ppmm")
-    refine = bool(job.get("refine", True))
-    seen = {"tiles": 0, "vit_tiles": 0, "screen": 0.0, "vit": 0.0}
 
     def infer(batch: np.ndarray) -> np.ndarray:
-        clock = time.perf_counter()
-        enhanced = enhanced_pixels(batch, product, threshold)
-        candidates = (np.ones(len(batch), dtype=bool) if enhanced is None
-                      else enhanced.reshape(len(batch), -1).any(axis=1))
-        probabilities = np.zeros((len(batch), len(meta["class_names"]), *batch.shape[2:]), dtype=np.float32)
-        probabilities[:, 0] = 1.0  # screened out: background
-        seen["screen"] += time.perf_counter() - clock
-        seen["tiles"] += len(batch)
-        if candidates.any():
-            clock = time.perf_counter()
-            logits = predict(np.ascontiguousarray(batch[candidates]))
-            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probabilities[candidates] = shifted / shifted.sum(axis=1, keepdims=True)
-            seen["vit"] += time.perf_counter() - clock
-            if enhanced is not None and refine:
-                # Refine: a plume pixel needs the ViT's vote and an enhanced footprint under it (the ViT's
-                # 4 px patches blur plume edges; the physics product has them at full resolution).
-                clock = time.perf_counter()
-                quiet = ~enhanced[candidates]
-                chosen = probabilities[candidates]
-                chosen[:, 0][quiet] += chosen[:, 1][quiet]
-                chosen[:, 1][quiet] = 0.0
-                probabilities[candidates] = chosen
-                seen["screen"] += time.perf_counter() - clock
-            seen["vit_tiles"] += int(candidates.sum())
-        return probabilities
+        logits = predict(batch)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
 
     request = PredictionRequest(input=Path(job["source"]), output=Path(job["output"]),
                                 channels=tuple(Channel(**c) for c in meta["channels"]),
                                 class_names=tuple(meta["class_names"]), tile_size=int(meta["tile_size"]),
                                 stride=int(meta["tile_size"]), infer=infer, batch_size=64, task="segmentation",
                                 input_scaling=tuple(tuple(pair) for pair in meta["input_scaling"])
-                                if meta.get("input_scaling") else None)
+                                if meta.get("input_scaling") else None, screen_ppmm=job["screen_ppmm"])
     baseline = _rss_mb()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     summary, stack, sources = run_capture(request, timings)
     seconds = time.perf_counter() - start
     peak = _rss_mb()
-    timings = {"read_and_products": timings["read_and_products"], "screening": seen["screen"], "vit": seen["vit"],
-               "tile_assembly": max(0.0, timings["inference"] - seen["screen"] - seen["vit"]),
-               "write": timings["write"]}
+    screening, model = timings.get("screening", 0.0), timings.get("model", timings["inference"])
+    stages = {"read_and_products": timings["read_and_products"], "screening": screening, "vit": model,
+              "tile_assembly": max(0.0, timings["inference"] - screening - model), "write": timings["write"]}
     product = next((i for i, s in enumerate(sources) if s.product), None)
     if product is not None:
         np.save(job["enhancement"], stack[product])
-    return {"seconds": seconds, "timings": timings, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
+    return {"seconds": seconds, "timings": stages, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
             "tiles": summary.samples, "plume_pixels": summary.class_counts.get("plume", 0),
-            "vit_tiles": seen["vit_tiles"], "screened_tiles": seen["tiles"], "runtime": runtime_of(job["model_file"]),
+            "vit_tiles": int(timings.get("model_tiles", summary.samples)),
+            "screened_tiles": int(timings.get("tiles", summary.samples)), "runtime": runtime_of(job["model_file"]),
             "product": sources[product].product if product is not None else None}
 
 
@@ -292,12 +242,13 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     generation_seconds = time.perf_counter() - generation_start
     cube = open_cube(capture["source"])
     mask_path = bench_dir / f"onboard-{size}-mask.tif"
+    from domains.hyperspectral.cascade import DEFAULT_SCREEN_PPMM
+
     screen = options.get("screen_ppmm", str(DEFAULT_SCREEN_PPMM))
     with_reference = options.get("reference", "yes").lower() in ("yes", "true", "1")
     ours_job = {"source": str(capture["source"]), "output": str(mask_path), "model_file": str(onnx_file),
                 "metadata": metadata, "threads": threads,
                 "screen_ppmm": None if screen.lower() == "none" else float(screen),
-                "refine": options.get("refine", "yes").lower() in ("yes", "true", "1"),
                 "enhancement": str(scratch / "ours.npy")}
     ref_job = {"source": str(capture["source"]), "threads": threads, "enhancement": str(scratch / "ref.npy"),
                "mask": str(scratch / "ref_mask.npy")}
