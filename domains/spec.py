@@ -306,7 +306,8 @@ class PredictionRequest:
     screen_ppmm: float | None = None
     """Hyperspectral plume segmentation: run the model only on tiles whose methane enhancement channel
     (3 x 3 mean) exceeds this many ppm·m somewhere, the rest being background (the on-board cascade of
-    :mod:`domains.hyperspectral.cascade`); None runs it on every tile. Other domains refuse it."""
+    :mod:`domains.hyperspectral.cascade`); None runs it on every tile. Domains without
+    :attr:`DomainSpec.screening_channel` refuse it."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +380,9 @@ class DomainSpec:
         input_contract_keys: dataset provenance keys a model carries as its input contract
             (satellite: sensor, processing level, channels, scaling and its units, cloud policy); predict
             hands them back in :attr:`PredictionRequest.input_contract`.
+        screening_channel: for a domain whose predict can screen tiles before the model
+            (:attr:`PredictionRequest.screen_ppmm`): ``channels -> index`` of the model channel it screens on,
+            raising ValueError naming the channels when a model has none; None: the domain cannot screen.
     """
 
     name: str
@@ -409,3 +413,4 @@ class DomainSpec:
     fit_input_normalisation: Callable[[str, np.ndarray], dict] | None = None
     apply_input_normalisation: Callable[[dict, np.ndarray], np.ndarray] | None = None
     input_contract_keys: tuple[str, ...] = ()
+    screening_channel: Callable[[tuple[Channel, ...]], int] | None = None

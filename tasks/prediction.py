@@ -177,11 +177,16 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     once every input is done; the receipt names the URLs.
     """
     domain = get_domain(domain_name)
-    if screen_ppmm is not None and domain.name != "hyperspectral":
+    if screen_ppmm is not None and domain.screening_channel is None:
         raise RequestError(f"screen_ppmm screens methane plume candidates: hyperspectral models only, not {domain.name}")
     model = load_model(model_uri, threads)
     if model.domain != domain.name:
         raise RequestError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
+    if screen_ppmm is not None:
+        try:  # a model the cascade cannot serve is refused once, before any input is read
+            domain.screening_channel(model.channels)
+        except ValueError as error:
+            raise RequestError(f"{model_uri}: {error}") from error
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     if not is_url(output):

@@ -9,6 +9,7 @@ heavy dependencies (rasterio, scipy) inside functions, so the registry stays lig
 from __future__ import annotations
 
 from domains.hyperspectral.demo import DEMO_NOTES, prepare_demo
+from domains.hyperspectral.cascade import screening_channel
 from domains.hyperspectral.examples import write_example
 from domains.hyperspectral.prediction import list_prediction_inputs, predict_capture
 from domains.hyperspectral.tiling import DEFAULT_CLASS_NAMES, read_samples
@@ -33,6 +34,7 @@ SPEC = DomainSpec(
     default_tile_size=32,
     read_samples=read_samples,
     predict=predict_capture,
+    screening_channel=screening_channel,
     list_prediction_inputs=list_prediction_inputs,
     write_example=write_example,
     prepare_demo=prepare_demo,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_SCREEN_PPMM = 400.0
+# Model channels the cascade screens on (enhancement in ppm·m), the first present wins; ACE is a cosine, not ppm·m.
+SCREEN_CHANNELS = ("ch4_mag1c", "ch4_mf")
 
 
 @dataclass
@@ -27,6 +29,20 @@ class CascadeCounts:
     model_tiles: int = 0
     screen_seconds: float = 0.0
     model_seconds: float = 0.0
+
+
+def screening_channel(channels) -> int:
+    """Index, among a model's ``channels``, of the methane channel the cascade screens on.
+
+    Raises:
+        ValueError: the model has no methane enhancement channel in ppm·m.
+    """
+    names = [c.name for c in channels]
+    found = next((names.index(name) for name in SCREEN_CHANNELS if name in names), None)
+    if found is None:
+        raise ValueError(f"screening needs a methane enhancement channel in ppm·m ({' or '.join(SCREEN_CHANNELS)}) "
+                         f"among the model's channels: {', '.join(names)}")
+    return found
 
 
 def enhanced_pixels(batch: np.ndarray, product: int, threshold: float) -> np.ndarray:

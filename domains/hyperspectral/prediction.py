@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from domains.hyperspectral.bands import PRODUCTS, ChannelSource, locate_channels
-from domains.hyperspectral.cascade import CascadeCounts, screened
+from domains.hyperspectral.cascade import CascadeCounts, screened, screening_channel
 from domains.hyperspectral.cube import GEOTIFF_SUFFIXES, Cube, is_cube_file, open_cube
 from domains.hyperspectral.stack import compute_stack
 from domains.confinement import confined_path
@@ -174,7 +174,7 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
     after_read = time.perf_counter()
     cascade = CascadeCounts()
     if request.screen_ppmm is not None:
-        request = replace(request, infer=_screened_infer(request, sources, cascade))
+        request = replace(request, infer=_screened_infer(request, cascade))
     probabilities = segment_stack(stack, invalid, request)
     after_inference = time.perf_counter()
     predicted = ~invalid & (probabilities.sum(axis=0) > 0)
@@ -217,14 +217,10 @@ def run_capture(request: PredictionRequest, timings: dict[str, float] | None = N
     return summary, stack, sources
 
 
-def _screened_infer(request: PredictionRequest, sources: list[ChannelSource], counts: CascadeCounts):
+def _screened_infer(request: PredictionRequest, counts: CascadeCounts):
     """``request.infer`` behind the screening cascade (:mod:`domains.hyperspectral.cascade`) on the model's
-    methane product channel, the threshold converted to the units the model takes."""
-    product = next((i for kind in ("mag1c_sas", "mf") for i, s in enumerate(sources) if s.product == kind), None)
-    if product is None:
-        raise ValueError(f"screening at {request.screen_ppmm} ppm·m needs a methane enhancement channel in ppm·m "
-                         f"(ch4_mag1c or ch4_mf) among the model's channels: "
-                         f"{', '.join(c.name for c in request.channels)}")
+    methane channel, the threshold converted to the units the model takes."""
+    product = screening_channel(request.channels)
     threshold = float(request.screen_ppmm)
     if request.input_scaling is not None:
         scale, offset = request.input_scaling[product]

@@ -131,10 +131,8 @@ def dense_held_out(dataset, min_samples: int = 1000, splits: tuple[str, ...] = (
                 images[split] = images[split][:filled[split]]
                 labels[split] = np.concatenate(found[split])
     described = ", ".join(f"{strides[s]} px ({s})" for s in wanted)
-    result = HeldOutSplits(
+    return HeldOutSplits(
         images=images, labels=labels, stride=strides.get("test", min(strides.values())),
         note=(f"{info.sources[0]} re-tiled at stride {described} (dataset: {stride0}) inside the dataset's held-out "
-              f"blocks of {block} px; tiles never straddle a block, so none overlaps a training block"))
-    result.strides = strides
-    result.counts = {s: len(v) for s, v in result.labels.items()}
-    return result
+              f"blocks of {block} px; tiles never straddle a block, so none overlaps a training block"),
+        counts={s: len(v) for s, v in labels.items()}, strides=strides)
