@@ -3,7 +3,7 @@
 A dataset lives in a folder or under an fsspec URL prefix (``s3://bucket/prefix``)::
 
     dataset.json       metadata: digest, domain, task, channels, classes, geometry, normalisation, counts,
-                       stored dtype, per-channel scaling and the SHA-256 of every chunk (written last)
+                       stored dtype, per-channel scaling and the digest (BLAKE3) of every chunk (written last)
     quarantine.json    files or series of the source left out, each with its reason (may be empty)
     manifest.parquet   one row per sample: sample_id, index (into the arrays), source, row, col, label,
                        group, split
@@ -132,7 +132,7 @@ class DatasetInfo:
     chunk_samples: int = 0
     """Samples per chunk of the stored arrays."""
     chunks: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """SHA-256 of every chunk of each stored array (``images``, ``labels``), in order."""
+    """Digest of every chunk of each stored array (``images``, ``labels``), in order."""
     windows: tuple[WindowChannel, ...] | None = None
     """Windows a model of this dataset starts with (CT: HU stored, windows made inside the model); then
     ``channel_mean``/``channel_std`` are the statistics of the windowed channels, one per window."""

@@ -18,14 +18,16 @@ safely from a crashing process; WebDataset tars are for sequential streaming: no
 index, which the DataLoader's shuffling and the per-split views need. Parquet keeps the part it is
 good at: the manifest.
 
-Every chunk is digested (SHA-256 of its decoded native bytes, shape and dtype) when written; readers
+Every chunk is digested (BLAKE3 of its decoded native bytes, shape and dtype) when written; readers
 check a chunk's digest the first time they decode it, so a changed or damaged chunk is refused with
 its name instead of being silently trained on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import threading
 from collections import OrderedDict, deque
@@ -50,6 +52,9 @@ CACHED_CHUNKS = 4
 BLOSC_LEVEL = 1
 BLOSC_SHUFFLE = "shuffle"
 BLOSC_BLOCKSIZE = 512 * 2**10
+# Chunk digests: BLAKE3 hashes 2.7x faster than SHA-256 here (4.8 against 1.8 GB/s on one core, AMD EPYC
+# with AVX-512), which was a tenth of a Sentinel-2 ingest's CPU time; both are cryptographic.
+CHUNK_DIGEST = "blake3"
 # Threads that encode, digest and store the chunks of one batch at once (each releases the GIL).
 STORE_THREADS = 2
 # Batches queued for storing while the caller goes on reading (each holds a staging copy of its samples).
@@ -70,13 +75,30 @@ def chunk_samples_for(sample_bytes: int) -> int:
     return int(max(1, min(MAX_CHUNK_SAMPLES, CHUNK_TARGET_BYTES // max(1, sample_bytes))))
 
 
-def chunk_digest(block: np.ndarray) -> str:
-    """SHA-256 of a chunk's samples: native little-endian bytes, shape and dtype."""
+def chunk_digest(block: np.ndarray, algorithm: str = CHUNK_DIGEST) -> str:
+    """Digest of a chunk's samples (native little-endian bytes, shape and dtype), named by its algorithm.
+
+    ``blake3`` digests read ``"blake3:<hex>"``; a bare hex digest is SHA-256, what datasets written
+    before BLAKE3 record, so they still verify.
+    """
     block = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
-    # Hashed in place (no bytes copy); hashlib releases the GIL on large buffers.
+    # Hashed in place (no bytes copy); both libraries release the GIL on large buffers.
+    if algorithm == "blake3":
+        from blake3 import blake3
+
+        digest = blake3(memoryview(block).cast("B"), max_threads=1)
+        digest.update(f"{block.shape}{block.dtype.str}".encode())
+        return f"blake3:{digest.hexdigest()}"
+    if algorithm != "sha256":
+        raise ValueError(f"unknown chunk digest algorithm {algorithm!r}; known: blake3, sha256")
     digest = hashlib.sha256(memoryview(block).cast("B"))
     digest.update(f"{block.shape}{block.dtype.str}".encode())
     return digest.hexdigest()
+
+
+def digest_algorithm(recorded: str) -> str:
+    """The algorithm of a recorded chunk digest (see :func:`chunk_digest`)."""
+    return recorded.split(":", 1)[0] if ":" in recorded else "sha256"
 
 
 def chunk_key(name: str, index: int, ndim: int) -> str:
@@ -172,6 +194,7 @@ class ChunkedArrayWriter:
         # Local chunk files written so far, made durable together when the writer closes.
         self._written: list[str] = []
         self._written_lock = threading.Lock()
+        self._direct = hasattr(os, "O_DIRECT")
 
     def append(self, block: np.ndarray) -> None:
         """Queue ``block`` (N, *sample_shape) for storing; raises what storing an earlier batch raised.
@@ -282,18 +305,21 @@ class ChunkedArrayWriter:
         own. Nor a disk flush each: one per chunk (file and folder) kept the chunk threads waiting on the
         disk for most of an ingest's time; :meth:`close` flushes them all at the end, before the metadata
         that publishes them is written. Writeback of each file is started at once (``POSIX_FADV_DONTNEED``
-        starts it without waiting), so little is left to wait for then.
+        starts it without waiting), so little is left to wait for then. Where the file system takes it, a
+        chunk goes to disk with direct I/O instead (see :func:`_write_direct`).
         """
         if self.files.remote:
             self.files.write_bytes(key, encoded)
             return
         path = os.path.join(self.files.location, key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as handle:
-            handle.write(encoded)
-            handle.flush()
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if not (self._direct and _write_direct(path, encoded)):
+            self._direct = False  # the file system refused direct I/O: buffered writes from now on
+            with open(path, "wb") as handle:
+                handle.write(encoded)
+                handle.flush()
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         with self._written_lock:
             self._written.append(path)
 
@@ -311,6 +337,65 @@ class ChunkedArrayWriter:
                 folders.add(folder)
                 folder = os.path.dirname(folder)
         list(self._chunk_pool.map(_fsync, [*files, *sorted(folders, key=len, reverse=True)]))
+
+
+# Direct I/O wants buffers, lengths and offsets in multiples of the device's logical block (512 B or 4 KiB).
+DIRECT_ALIGNMENT = 4096
+
+
+class _DirectBuffer(threading.local):
+    """A page-aligned buffer per writing thread (an anonymous mmap), grown as chunks need, kept between chunks."""
+
+    def __init__(self) -> None:
+        self.buffer: mmap.mmap | None = None
+
+    def get(self, size: int) -> mmap.mmap:
+        if self.buffer is None or len(self.buffer) < size:
+            if self.buffer is not None:
+                self.buffer.close()
+            self.buffer = mmap.mmap(-1, size)
+        return self.buffer
+
+
+_DIRECT_BUFFER = _DirectBuffer()
+
+
+def _write_direct(path: str, encoded: bytes) -> bool:
+    """Write ``encoded`` as the file ``path`` with ``O_DIRECT``; False (nothing left behind) where refused.
+
+    A buffered write copies every byte into the page cache in the kernel and leaves it to be written back
+    and evicted: for the 1.9 GB of an 11 520^2 px Sentinel-2 dataset that copy alone took 2 to 4 CPU
+    seconds here, a sixth of the ingest's CPU time, against 0.25 s direct. The encoded bytes are copied
+    into an aligned buffer, written in whole blocks, and the file cut back to its length.
+    """
+    size = -(-len(encoded) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+    buffer = _DIRECT_BUFFER.get(size)
+    buffer[:len(encoded)] = encoded
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+    except OSError as error:
+        if error.errno == errno.EINVAL:  # tmpfs and some other file systems refuse O_DIRECT
+            return False
+        raise
+    try:
+        view = memoryview(buffer)[:size]
+        done = 0
+        while done < size:
+            written = os.pwrite(descriptor, view[done:], done)
+            if written <= 0:
+                raise OSError(errno.EIO, f"{path}: direct write made no progress")
+            done += written
+        os.ftruncate(descriptor, len(encoded))
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno != errno.EINVAL:
+            raise
+        os.unlink(path)
+        return False
+    finally:
+        view.release()
+    os.close(descriptor)
+    return True
 
 
 def _fsync(path: str) -> None:
@@ -398,7 +483,8 @@ class ChunkSource:
 
     def check(self, index: int, block: np.ndarray) -> None:
         """Raise DatasetError naming the chunk unless ``block`` matches its recorded digest."""
-        if chunk_digest(block) == self.digests[index]:
+        recorded = self.digests[index]
+        if chunk_digest(block, digest_algorithm(recorded)) == recorded:
             return
         key = self.key(index)
         problem = "is missing" if not self.files.exists(key) else "does not match its digest (changed or corrupt)"

@@ -111,3 +111,95 @@ def test_a_failed_chunk_store_is_raised_by_a_later_append(tmp_path: Path, monkey
         for _ in range(BATCHES_IN_FLIGHT + 1):
             writer.append(np.zeros((4, 4), dtype=np.uint16))
     writer.abandon()
+
+
+def _write_and_compare(tmp_path: Path, samples: np.ndarray, chunk_samples: int) -> ChunkedArrayWriter:
+    """Write ``samples`` with the chunk writer and assert every chunk file equals zarr's own."""
+    files = DatasetFiles(tmp_path / "ours")
+    writer = ChunkedArrayWriter(files.zarr_group("w"), "x", samples.shape[1:], samples.dtype, chunk_samples,
+                                files=files)
+    writer.append(samples)
+    writer.close()
+    reference = _zarr_written(tmp_path / "zarr", samples, chunk_samples)
+    for index in range(-(-len(samples) // chunk_samples)):
+        key = chunk_key("x", index, samples.ndim)
+        assert (tmp_path / "ours" / key).read_bytes() == (reference / key).read_bytes(), key
+    return writer
+
+
+def test_chunks_written_with_direct_io_have_their_exact_length(tmp_path: Path) -> None:
+    """Direct writes go in whole 4 KiB blocks; the file is cut back to the encoded length."""
+    import os
+
+    from tasks.dataset_store import DIRECT_ALIGNMENT
+
+    rng = np.random.default_rng(1)
+    samples = rng.integers(0, 4000, size=(7, 3, 33, 35), dtype=np.uint16)  # encodes to no multiple of 4 KiB
+    writer = _write_and_compare(tmp_path, samples, chunk_samples=3)
+    sizes = [os.path.getsize(tmp_path / "ours" / chunk_key("x", i, 4)) for i in range(3)]
+    assert any(size % DIRECT_ALIGNMENT for size in sizes)
+    if not writer._direct:
+        pytest.skip("this file system refuses O_DIRECT: the buffered path wrote the chunks")
+
+
+def test_a_file_system_refusing_direct_io_gets_buffered_writes(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    import tasks.dataset_store as store
+
+    real_open = os.open
+    refused = []
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(store.os, "open", no_direct)
+    samples = np.random.default_rng(2).integers(0, 9000, size=(5, 2, 16, 16), dtype=np.uint16)
+    writer = _write_and_compare(tmp_path, samples, chunk_samples=2)
+    assert len(refused) == 1 and not writer._direct  # asked once, then buffered for every other chunk
+
+
+def test_a_direct_write_refused_midway_leaves_no_file_behind(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import tasks.dataset_store as store
+
+    def refuse(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(store.os, "pwrite", refuse)
+    target = tmp_path / "chunk"
+    assert store._write_direct(str(target), b"x" * 5000) is False
+    assert not target.exists()
+
+
+def test_chunk_digests_name_blake3_and_legacy_sha256_digests_still_verify(tmp_path: Path) -> None:
+    import hashlib
+
+    from tasks.dataset_store import ChunkSource, DatasetError, digest_algorithm
+
+    block = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    digest = chunk_digest(block)
+    assert digest.startswith("blake3:") and len(digest) == len("blake3:") + 64
+    assert chunk_digest(block) != chunk_digest(block + 1) != chunk_digest(block.reshape(2, 12))
+    legacy = hashlib.sha256(block.tobytes())
+    legacy.update(f"{block.shape}{block.dtype.str}".encode())
+    assert chunk_digest(block, "sha256") == legacy.hexdigest()
+    assert digest_algorithm(legacy.hexdigest()) == "sha256" and digest_algorithm(digest) == "blake3"
+    with pytest.raises(ValueError, match="unknown chunk digest algorithm"):
+        chunk_digest(block, "md5")
+
+    files = DatasetFiles(tmp_path)
+    writer = ChunkedArrayWriter(files.zarr_group("w"), "x", (3, 4), np.dtype(np.uint16), 2, files=files)
+    writer.append(block)
+    writer.close()
+    array = files.zarr_group("r")["x"]
+    # A dataset written before BLAKE3 records bare SHA-256 digests: read and verified as such.
+    ChunkSource(files, array, "x", [legacy.hexdigest()]).check(0, block)
+    ChunkSource(files, array, "x", writer.digests).check(0, block)
+    with pytest.raises(DatasetError, match="does not match its digest"):
+        ChunkSource(files, array, "x", [chunk_digest(block + 1, "sha256")]).check(0, block)
