@@ -353,7 +353,8 @@ class _DirectBuffer(threading.local):
         if self.buffer is None or len(self.buffer) < size:
             if self.buffer is not None:
                 self.buffer.close()
-            self.buffer = mmap.mmap(-1, size)
+            # A MiB to spare: encoded chunks vary by a few KiB, and each new mapping is faulted in afresh.
+            self.buffer = mmap.mmap(-1, (size // 2**20 + 2) * 2**20)
         return self.buffer
 
 
