@@ -68,7 +68,8 @@ def predict(params: PredictParams) -> PredictReceipt:
         batch = predict_inputs_task(params.domain, model_uri, Path(params.input), params.output, params.stride,
                                     params.threads, params.mpp, params.screen_ppmm)
     else:
-        pinned_uri, jobs = plan_predictions_task(params.domain, model_uri, Path(params.input), params.output)
+        pinned_uri, jobs = plan_predictions_task(params.domain, model_uri, Path(params.input), params.output,
+                                                 params.screen_ppmm)
         with open_task_runner(params.runner) as runner:
             scenes = runner.map(predict_scene_task, {
                 "domain_name": unmapped(params.domain), "model_uri": unmapped(pinned_uri), "job": jobs,

@@ -177,8 +177,7 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
     once every input is done; the receipt names the URLs.
     """
     domain = get_domain(domain_name)
-    if screen_ppmm is not None and domain.screening_channel is None:
-        raise RequestError(f"screen_ppmm screens methane plume candidates: hyperspectral models only, not {domain.name}")
+    refuse_unscreenable(domain, screen_ppmm)
     model = load_model(model_uri, threads)
     if model.domain != domain.name:
         raise RequestError(f"{model_uri}: model was trained for domain {model.domain!r}, not {domain.name!r}")
@@ -198,6 +197,12 @@ def predict_inputs(domain_name: str, model_uri: str, input_path: Path, output: P
         batch.written = [replace(summary, output=staged_reference(Path(summary.output), staging, parent))
                          for summary in batch.written]
     return batch
+
+
+def refuse_unscreenable(domain: DomainSpec, screen_ppmm: float | None) -> None:
+    """Raise RequestError when ``screen_ppmm`` is asked of a domain whose predict cannot screen tiles."""
+    if screen_ppmm is not None and domain.screening_channel is None:
+        raise RequestError(f"screen_ppmm screens methane plume candidates: hyperspectral models only, not {domain.name}")
 
 
 def _predict_each(domain: DomainSpec, model: LoadedModel, inputs: list[Path], single: bool, output: Path,

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from domains import get_domain
-from tasks.prediction import PredictionBatch, predict_inputs, prediction_target
+from tasks.prediction import PredictionBatch, predict_inputs, prediction_target, refuse_unscreenable
 from tasks.storage import is_url
 
 
@@ -21,15 +21,18 @@ class ScenePrediction:
     output: str
 
 
-def plan_predictions(domain_name: str, model_uri: str, input_path: Path, output: str) -> tuple[str, list[ScenePrediction]]:
+def plan_predictions(domain_name: str, model_uri: str, input_path: Path, output: str,
+                     screen_ppmm: float | None = None) -> tuple[str, list[ScenePrediction]]:
     """The model pinned once (an alias resolved to its version, so every scene sees the same model) and one job per input.
 
     Targets are those of the one-task run (:func:`tasks.prediction.predict_inputs`): ``output`` itself for a
-    single input given with a file name, else ``<output>/<safe name><suffix>`` per input.
+    single input given with a file name, else ``<output>/<safe name><suffix>`` per input. Screening asked of
+    a domain that cannot screen is refused here, once, rather than by every scene's task.
     """
     from tasks.promotion import pinned_model_uri
 
     domain = get_domain(domain_name)
+    refuse_unscreenable(domain, screen_ppmm)
     inputs = domain.list_prediction_inputs(Path(input_path))
     single = len(inputs) == 1 and Path(input_path) == inputs[0]
     if single and Path(str(output)).suffix:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domains.hyperspectral.cascade import DEFAULT_SCREEN_PPMM
 from tasks.request_errors import RequestError
 
 DEFAULT_MODEL = "models:/hyperspectral-plume-segmentation-edge@champion"
@@ -75,7 +76,6 @@ def ensure_capture(bench_dir: Path, size: str, seed: int) -> dict[str, Path]:
     # The marker is the capture's commit point: written last, atomically, so a killed generation is redone.
     write_text_atomic(done, json.dumps({"plumes": count, "shape": list(shape)}))
     return paths
-
 
 
 def resolve_model(workdir: Path, options: dict[str, str], scratch: Path) -> tuple[Path, dict]:
@@ -242,8 +242,6 @@ def run_benchmark(workdir: Path, options: dict[str, str]) -> dict:
     generation_seconds = time.perf_counter() - generation_start
     cube = open_cube(capture["source"])
     mask_path = bench_dir / f"onboard-{size}-mask.tif"
-    from domains.hyperspectral.cascade import DEFAULT_SCREEN_PPMM
-
     screen = options.get("screen_ppmm", str(DEFAULT_SCREEN_PPMM))
     with_reference = options.get("reference", "yes").lower() in ("yes", "true", "1")
     ours_job = {"source": str(capture["source"]), "output": str(mask_path), "model_file": str(onnx_file),
