@@ -112,8 +112,8 @@ def write_mask_raster(path: Path, cube: Cube, classes: np.ndarray, probability: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an ungeoreferenced capture gives an ungeoreferenced mask
             with rasterio.open(partial, "w", **profile) as ds:
-                ds.write(classes, 1)
-                ds.write(probability, 2)
+                # Tags before pixels: a tag set after GDAL flushed a block moves the TIFF directory, so
+                # the bytes would depend on the shared block cache's timing (see the satellite writer).
                 ds.set_band_description(1, "class")
                 ds.set_band_description(2, "plume_probability_percent")
                 ds.write_colormap(1, {0: (0, 0, 0, 0), 1: (255, 40, 0, 255), PREDICTION_NODATA: (0, 0, 0, 0)})
@@ -123,6 +123,8 @@ def write_mask_raster(path: Path, cube: Cube, classes: np.ndarray, probability: 
                                                         for s in sources),
                                tile_size=str(request.tile_size), stride=str(request.stride),
                                source=printable_path(request.input))  # tags are UTF-8: escape non-UTF-8 names
+                ds.write(classes, 1)
+                ds.write(probability, 2)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

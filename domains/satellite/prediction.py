@@ -120,12 +120,12 @@ def predict_scene(request: PredictionRequest) -> PredictionSummary:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(f".{output_path.name}.partial")
     try:
+        cloud_mask = masker.description if masker is not None else "none"
         with input_errors_named(source), StripReader(layout) as reader, \
-                _open_prediction_raster(partial, layout, class_names, request) as out, \
+                _open_prediction_raster(partial, layout, class_names, request, cloud_mask) as out, \
                 (CloudRows(layout, masker) if masker is not None else nullcontext()) as clouds:
             samples, counts, cloud_pixels = _predict_strips(reader, out, request, class_names, clouds)
-            out.update_tags(cloud_mask=masker.description if masker is not None else "none",
-                            cloud_pixels=str(cloud_pixels))
+        _add_tag_after_pixels(partial, "cloud_pixels", str(cloud_pixels))
         os.replace(partial, output_path)
         # A STAC item beside the map, so that a catalogue picks the prediction up.
         write_prediction_item(output_path, layout, class_names, source)
@@ -283,8 +283,14 @@ def _classify_rows(probabilities: np.ndarray, coverage: np.ndarray,
 
 @contextmanager
 def _open_prediction_raster(path: Path, layout: SceneLayout, class_names: tuple[str, ...],
-                            request: PredictionRequest) -> Iterator[Any]:
-    """Open the two-band uint8 class/confidence GeoTIFF on the scene's grid, tags and colours set."""
+                            request: PredictionRequest, cloud_mask: str) -> Iterator[Any]:
+    """Open the two-band uint8 class/confidence GeoTIFF on the scene's grid, tags and colours set.
+
+    Every tag known before the pixels is set before them: GDAL writes the TIFF directory with the first
+    block it flushes, and a tag changed after that moves the directory to the end of the file, so the
+    bytes would depend on when GDAL's shared block cache happened to flush (other scenes being written
+    on other threads), not only on what was written.
+    """
     import rasterio
 
     height, width = layout.shape
@@ -308,8 +314,18 @@ def _open_prediction_raster(path: Path, layout: SceneLayout, class_names: tuple[
             tile_size=str(request.tile_size),
             stride=str(request.stride),
             source=printable_path(request.input),  # tags are UTF-8: escape non-UTF-8 names
+            cloud_mask=cloud_mask,
         )
         yield ds
+
+
+def _add_tag_after_pixels(path: Path, name: str, value: str) -> None:
+    """Add a tag known only once every pixel is written, on the closed file: the directory then always moves
+    to the end, whatever the block cache did while the pixels were written (see _open_prediction_raster)."""
+    import rasterio
+
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(**{name: value})
 
 
 def _looks_like_scene(child: Path) -> bool:
