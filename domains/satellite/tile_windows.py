@@ -1,0 +1,77 @@
+"""A tile's window of a coarser band, and that window upsampled to the tile: the strip reader's values, bit for bit.
+
+Sentinel-2's 20 m and 60 m bands hold a quarter and a thirty-sixth of the pixels of a 10 m band. A tile
+stored with them upsampled to 10 m holds 13 full bands where the scene has about 5.6 (2.3x the bytes to
+compress, digest and write); stored as the coarse pixels its bilinear upsampling reads, each coarse band
+costs about what it costs in the scene. This module is the geometry and the arithmetic of that form:
+
+* :func:`window_span` is the coarse rows (or columns) that upsampling a tile's fine rows reads,
+  neighbours included and cut at the band's edge, as :func:`~domains.satellite.strips.upsample_into`
+  reads them for a whole strip;
+* :func:`upsample_tile` upsamples such a window onto the tile. It runs the strip reader's own functions
+  on the window, whose first column is made to fall on a whole coarse pixel of the scene, so every fine
+  pixel is computed from the same coarse pixels with the same weights in the same order: the values the
+  strip reader gives the tile, bit for bit (tested), nodata weighting included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from domains.satellite.strips import upsample_into, upsample_valid_into
+
+
+def window_side(tile_size: int, factor: int) -> int:
+    """The most coarse pixels :func:`window_span` gives along one axis for tiles of ``tile_size``."""
+    return -(-(tile_size - 1) // factor) + 3
+
+
+def window_span(start: int, tile_size: int, factor: int, coarse_length: int) -> tuple[int, int]:
+    """Coarse indices ``[first, stop)`` that upsampling fine pixels ``start:start + tile_size`` by ``factor`` reads.
+
+    A fine pixel ``i`` lies between coarse pixels ``floor((i + 0.5) / factor - 0.5)`` and the next one;
+    :func:`~domains.satellite.strips.upsample_into` reads whole coarse rows from one before ``start //
+    factor`` to one after ``(start + tile_size - 1) // factor``. The span is cut at the band's edges, where
+    the reader repeats the edge pixel, which a window ending there makes :func:`upsample_tile` do too.
+    """
+    first = max(0, start // factor - 1)
+    stop = min(coarse_length, (start + tile_size - 1) // factor + 2)
+    return first, stop
+
+
+def upsample_tile(out: np.ndarray, window: np.ndarray, valid: np.ndarray | None, factor: int,
+                  origin: tuple[int, int], tile: tuple[int, int], round_values: bool) -> np.ndarray | None:
+    """Upsample a coarse band's ``window`` onto the square tile whose top-left fine pixel is ``tile``, into ``out``.
+
+    Args:
+        out: (size, size) tile of the band, any real dtype (integers get rounded values with ``round_values``).
+        window: coarse pixels spanning the tile along both axes (see :func:`window_span`), whose top-left
+            pixel is ``origin`` (coarse row, column) of the band.
+        valid: where ``window`` holds data, or None when everywhere; invalid pixels are left out of the
+            weights as the strip reader leaves them out.
+        factor: how many fine pixels one coarse pixel spans.
+        origin: (row, column) of ``window[0, 0]`` on the band's grid.
+        tile: (row, column) of the tile's top-left pixel on the fine grid.
+        round_values: round to whole numbers before the cast into ``out``.
+
+    Returns:
+        The tile's valid mask (nearest coarse pixel valid, as the reader makes it), or None when every
+        pixel the tile reads is valid.
+    """
+    size = out.shape[0]
+    row, col = tile
+    first_row, first_col = origin
+    # Fine columns of the window before the tile: the window's column 0 starts a whole coarse pixel of the
+    # scene, so each fine column keeps its phase (its weights) and reads the coarse pixels it reads in a strip.
+    lead = col - first_col * factor
+    if lead < 0 or out.shape != (size, size):
+        raise ValueError(f"tile at column {col} starts before its window's first fine column "
+                         f"{first_col * factor}, or out {out.shape} is not square")
+    wide = np.empty((size, lead + size), dtype=out.dtype)
+    if valid is None or valid.all():
+        upsample_into(wide, window, factor, first_row, row, round_values)
+        mask = None
+    else:
+        mask = upsample_valid_into(wide, window, valid, factor, first_row, row, round_values)
+    out[...] = wide[:, lead:]
+    return None if mask is None else mask[:, lead:]

@@ -1,0 +1,87 @@
+"""A tile's coarse window upsampled alone gives the values the strip reader gives that tile, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from domains.satellite.scene import inspect_scene
+from domains.satellite.strips import StripReader, integer_upsampling, upsample_valid_into, window_valid
+from domains.satellite.tile_windows import upsample_tile, window_side, window_span
+
+
+def _tile_from_window(coarse: np.ndarray, valid: np.ndarray | None, factor: int, row: int, col: int, size: int,
+                      dtype) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    rows = window_span(row, size, factor, coarse.shape[0])
+    cols = window_span(col, size, factor, coarse.shape[1])
+    window = coarse[rows[0]:rows[1], cols[0]:cols[1]]
+    window_mask = None if valid is None else valid[rows[0]:rows[1], cols[0]:cols[1]]
+    out = np.empty((size, size), dtype=dtype)
+    mask = upsample_tile(out, window, window_mask, factor, (rows[0], cols[0]), (row, col),
+                         round_values=np.issubdtype(dtype, np.integer))
+    return out, mask, window.shape
+
+
+@pytest.mark.parametrize("factor", [2, 3, 6])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_tiles_upsampled_from_their_windows_are_the_whole_bands_values(factor: int, dtype) -> None:
+    rng = np.random.default_rng(factor)
+    coarse = rng.integers(1, 10000, size=(14, 15), dtype=np.uint16)
+    valid = np.ones(coarse.shape, dtype=bool)
+    valid[[0, 6, 13, 9], [4, 14, 0, 7]] = False  # nodata on the edges and inside
+    height, width = 14 * factor, 15 * factor - 1  # the last coarse column half covered, as in real grids
+    whole = np.empty((height, width), dtype=dtype)
+    whole_mask = upsample_valid_into(whole, coarse, valid, factor, 0, 0, np.issubdtype(dtype, np.integer))
+    for size in (5, 2 * factor + 1, 17):
+        for row in range(0, height - size + 1, 3):
+            for col in range(0, width - size + 1, 4):
+                tile, mask, shape = _tile_from_window(coarse, valid, factor, row, col, size, dtype)
+                assert max(shape) <= window_side(size, factor)
+                expected_mask = whole_mask[row:row + size, col:col + size]
+                got_mask = np.ones((size, size), dtype=bool) if mask is None else mask
+                np.testing.assert_array_equal(got_mask, expected_mask, err_msg=f"mask of tile {row},{col}")
+                expected = whole[row:row + size, col:col + size]
+                np.testing.assert_array_equal(tile[expected_mask], expected[expected_mask],
+                                              err_msg=f"tile {row},{col} of {size} px")
+
+
+def test_a_window_without_nodata_gives_no_mask_and_the_plain_values() -> None:
+    coarse = np.arange(1, 1 + 20 * 20, dtype=np.uint16).reshape(20, 20) * 7
+    tile, mask, _ = _tile_from_window(coarse, None, 2, 9, 13, 11, np.uint16)
+    whole = np.empty((40, 40), dtype=np.uint16)
+    assert upsample_valid_into(whole, coarse, np.ones_like(coarse, dtype=bool), 2, 0, 0, True) is None
+    assert mask is None
+    np.testing.assert_array_equal(tile, whole[9:20, 13:24])
+
+
+def test_a_tile_before_its_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="starts before its window"):
+        upsample_tile(np.empty((4, 4), np.uint16), np.ones((4, 4), np.uint16), None, 2, (0, 3), (0, 4), True)
+
+
+def test_the_strip_readers_tiles_come_back_from_the_coarse_bands_windows(example: dict[str, Path]) -> None:
+    """On a real Sentinel-2-like scene (20 m and 60 m bands, a nodata corner), tiles at every phase."""
+    import rasterio
+
+    layout = inspect_scene(example["scene_dir"], None, None, None)
+    height, width = layout.shape
+    with StripReader(layout) as reader:
+        raw, valid = reader.read_rows(0, height)
+    size, checked = 20, 0
+    for index, band in enumerate(layout.bands):
+        factor = integer_upsampling(band.transform, layout.transform)
+        if factor is None:
+            continue
+        with rasterio.open(band.path) as ds:
+            dn = ds.read(band.index)
+        band_valid = window_valid(dn, band, layout.sensor.fill_dn)
+        for row in range(0, height - size + 1, 7):
+            for col in range(0, width - size + 1, 5):
+                tile, _, _ = _tile_from_window(dn, band_valid, factor, row, col, size, raw.dtype)
+                kept = valid[row:row + size, col:col + size]  # the reader fills pixels invalid in any band
+                np.testing.assert_array_equal(tile[kept], raw[index, row:row + size, col:col + size][kept],
+                                              err_msg=f"{band.name} tile {row},{col}")
+                checked += 1
+    assert checked > 100 and not valid.all()
