@@ -12,6 +12,8 @@ from functools import cache
 
 from domains.spec import (
     Channel,
+    CoarseGrid,
+    CoarsePatches,
     DomainInputError,
     LABEL_RANKS,
     DomainSpec,
@@ -31,6 +33,8 @@ from domains.spec import (
 
 __all__ = [
     "Channel",
+    "CoarseGrid",
+    "CoarsePatches",
     "DomainInputError",
     "DomainSpec",
     "LABEL_RANKS",

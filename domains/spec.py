@@ -187,6 +187,44 @@ class IngestRequest:
     task: str | None = None
 
 
+@dataclass(frozen=True)
+class CoarseGrid:
+    """Channels stored on their own grid, ``factor`` times coarser than the samples' (Sentinel-2's 20 m and 60 m
+    bands beside its 10 m ones): each sample keeps the patch of coarse pixels that upsampling it reads, at most
+    ``side`` pixels a side, instead of the upsampled channel (a quarter or a thirty-sixth of the pixels)."""
+
+    factor: int
+    channels: tuple[int, ...]
+    """Positions of these channels among the samples' channels."""
+    side: int
+
+
+@dataclass(frozen=True)
+class CoarsePatches:
+    """What rebuilds a batch's coarse channels bit for bit: per grid, each sample's patch and where the sample
+    lies in it; and where every channel of a sample holds data (elsewhere a channel holds its ``fill``).
+
+    ``patches[g]`` is (N, len(grids[g].channels), side, side) in the images' dtype, ``patch_valid[g]`` the same
+    shape, bool: where the coarse pixel holds data. ``spans[g]`` is (N, 4) int: the patch's rows and columns
+    in use (the rest is padding) and the sample's first fine row and column counted from the patch's first
+    coarse pixel (``factor`` fine pixels each). ``valid`` is (N, H, W) bool, ``fill`` one stored value per
+    channel of the samples. The samples' ``images`` still hold every channel upsampled (statistics and
+    checks see them); a dataset stores the patches instead.
+    """
+
+    grids: tuple[CoarseGrid, ...]
+    patches: tuple[np.ndarray, ...]
+    patch_valid: tuple[np.ndarray, ...]
+    spans: tuple[np.ndarray, ...]
+    valid: np.ndarray
+    fill: tuple[float, ...]
+
+    @property
+    def layout(self) -> tuple[tuple[CoarseGrid, ...], tuple[float, ...]]:
+        """What every batch of one source shares: the grids and the fill values."""
+        return self.grids, self.fill
+
+
 @dataclass
 class SampleSet:
     """Samples read from one source, ready to be split and written as a dataset.
@@ -226,6 +264,8 @@ class SampleSet:
     scaling: tuple[tuple[float, float], ...] | None = None
     windows: tuple[WindowChannel, ...] | None = None
     """Windows the model of these samples starts with (see :class:`WindowChannel`); None: no window layer."""
+    coarse: CoarsePatches | None = None
+    """Coarse channels at their own resolution, for a dataset to store compactly (see :class:`CoarsePatches`)."""
 
     def physical(self, index: slice | np.ndarray | None = None) -> np.ndarray:
         """Images (all, or ``images[index]``) as float32 in physical units."""
@@ -261,6 +301,18 @@ class SampleSet:
             raise ValueError(f"{self.source}: segmentation labels must be (N, H, W) like the images, got {self.labels.shape}")
         if self.sample_ids is not None and len(set(self.sample_ids.tolist())) != n:
             raise ValueError(f"{self.source}: sample_ids are not unique")
+        if self.coarse is not None:
+            coarse = self.coarse
+            if len(coarse.fill) != len(self.channels) or coarse.valid.shape != (n, *self.images.shape[2:]):
+                raise ValueError(f"{self.source}: coarse patches need a fill per channel and a valid mask per "
+                                 f"sample, got {len(coarse.fill)} fills and a mask of {coarse.valid.shape}")
+            for grid, patches, valid, spans in zip(coarse.grids, coarse.patches, coarse.patch_valid, coarse.spans,
+                                                   strict=True):
+                if patches.shape != (n, len(grid.channels), grid.side, grid.side) or valid.shape != patches.shape \
+                        or spans.shape != (n, 4):
+                    raise ValueError(f"{self.source}: patches of the 1/{grid.factor} grid shaped {patches.shape} "
+                                     f"(valid {valid.shape}, spans {spans.shape}) for {n} samples of "
+                                     f"{len(grid.channels)} channels, {grid.side} px a side")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ A dataset lives in a folder or under an fsspec URL prefix (``s3://bucket/prefix`
                        int16, ...; float32 when the reader gives physical values), chunked along N and
                        compressed (see :mod:`tasks.dataset_store` for why zarr)
     labels/            (N, K) int8 for multilabel, (N, H, W) int16 for segmentation tasks
+    coarse-<f>*/, valid/  channels on a coarser grid (Sentinel-2's 20 m and 60 m bands) stored at their own
+                       resolution, ``images`` then holding the other channels (see :mod:`tasks.coarse_bands`);
+                       read back as (N, C, H, W), as if stored upsampled
 
 Pixels are stored as the source holds them and turned into physical units (``raw * scale + offset``
 per channel) when read. For classification the manifest's ``label`` column is the class id; for the
@@ -55,6 +58,7 @@ from pydantic import BaseModel, Field, model_validator
 from domains import (
     LABEL_RANKS,
     Channel,
+    CoarseGrid,
     IngestRequest,
     SampleSet,
     WindowChannel,
@@ -65,6 +69,7 @@ from domains import (
 from domains.confinement import ensure_inside
 from domains.spec import printable_path
 from tasks.allocator import keep_freed_memory_for_reuse
+from tasks.coarse_bands import RebuiltSource, fine_channels, stored_arrays
 from tasks.dataset_store import (
     ChunkedArrayWriter,
     ChunkSource,
@@ -136,6 +141,10 @@ class DatasetInfo:
     windows: tuple[WindowChannel, ...] | None = None
     """Windows a model of this dataset starts with (CT: HU stored, windows made inside the model); then
     ``channel_mean``/``channel_std`` are the statistics of the windowed channels, one per window."""
+    coarse_grids: tuple[CoarseGrid, ...] = ()
+    """Channels stored at their own, coarser resolution (see :mod:`tasks.coarse_bands`); empty: none."""
+    coarse_fill: tuple[float, ...] = ()
+    """With ``coarse_grids``: the stored value of each channel where a sample is not valid."""
 
     @property
     def model_channels(self) -> tuple[Channel, ...]:
@@ -157,8 +166,16 @@ class DatasetInfo:
         payload["chunks"] = {name: tuple(digests) for name, digests in payload.get("chunks", {}).items()}
         if payload.get("windows") is not None:
             payload["windows"] = tuple(WindowChannel(**w) for w in payload["windows"])
+        payload["coarse_grids"], payload["coarse_fill"] = coarse_from_json(payload)
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in payload.items() if key in known})
+
+
+def coarse_from_json(payload: dict) -> tuple[tuple[CoarseGrid, ...], tuple[float, ...]]:
+    """The coarse grids and fill values recorded in a ``dataset.json`` or ``part.json`` payload."""
+    grids = tuple(CoarseGrid(factor=int(g["factor"]), channels=tuple(int(c) for c in g["channels"]),
+                             side=int(g["side"])) for g in payload.get("coarse_grids", ()))
+    return grids, tuple(float(v) for v in payload.get("coarse_fill", ()))
 
 
 @dataclass(frozen=True)
@@ -222,14 +239,18 @@ def check_no_group_leak(groups: np.ndarray, splits: np.ndarray, where: str) -> N
 
 def _dataset_digest(rows: dict[str, list], channels: tuple[Channel, ...], class_names: tuple[str, ...],
                     scaling, stored_dtype: str, chunks: dict[str, list[str]] | dict[str, tuple[str, ...]],
-                    windows: tuple[WindowChannel, ...] | None = None) -> str:
-    """One digest over every manifest row, the channels, classes, scaling, dtype, windows and every chunk's digest."""
+                    windows: tuple[WindowChannel, ...] | None = None,
+                    coarse: tuple[tuple[CoarseGrid, ...], tuple[float, ...]] = ((), ())) -> str:
+    """One digest over every manifest row, the channels, classes, scaling, dtype, windows, coarse grids and every
+    chunk's digest."""
     digest = hashlib.sha256()
     header = {"format_version": FORMAT_VERSION, "channels": [asdict(c) for c in channels],
               "classes": list(class_names), "scaling": [list(pair) for pair in scaling] if scaling else None,
               "dtype": stored_dtype, "chunks": {name: list(values) for name, values in chunks.items()}}
     if windows:  # only when present, so the digests of datasets without windows stay what they were
         header["windows"] = [asdict(w) for w in windows]
+    if coarse[0]:  # likewise
+        header["coarse"] = {"grids": [asdict(g) for g in coarse[0]], "fill": list(coarse[1])}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for column in MANIFEST_COLUMNS:
         digest.update(column.encode())
@@ -395,6 +416,8 @@ class UnsplitWrite:
     dropped: dict[str, int]
     provenance: dict[str, str]
     quarantine: list[dict[str, str]]
+    coarse_grids: tuple[CoarseGrid, ...] = ()
+    coarse_fill: tuple[float, ...] = ()
 
 
 def _without_samples(batch: SampleSet) -> SampleSet:
@@ -403,7 +426,7 @@ def _without_samples(batch: SampleSet) -> SampleSet:
         return None if values is None else np.asarray(values)[:0].copy()
 
     return replace(batch, images=empty(batch.images), labels=empty(batch.labels), groups=empty(batch.groups),
-                   locations=empty(batch.locations), sample_ids=empty(batch.sample_ids))
+                   locations=empty(batch.locations), sample_ids=empty(batch.sample_ids), coarse=None)
 
 
 class _StreamingWriter:
@@ -428,6 +451,10 @@ class _StreamingWriter:
         self.first: SampleSet | None = None
         self.images: ChunkedArrayWriter | None = None
         self.labels: ChunkedArrayWriter | None = None
+        self.sample_shape: tuple[int, ...] | None = None
+        """Of the samples as read (``images`` holds fewer channels when some are stored coarse)."""
+        self.coarse_layout: tuple[tuple[CoarseGrid, ...], tuple[float, ...]] = ((), ())
+        self.coarse_arrays: dict[str, ChunkedArrayWriter] = {}
         self.group = None
         self.rows: dict[str, list] = {column: [] for column in MANIFEST_COLUMNS if column != "split"}
         self.labelled: list[bool] = []
@@ -455,6 +482,9 @@ class _StreamingWriter:
         if self.images is None:
             self._create_arrays(batch)
         self.images.append(self._stored_images(batch))
+        if self.coarse_arrays:
+            for name, array in stored_arrays(batch.coarse).items():
+                self.coarse_arrays[name].append(array)
         if self.labels is not None:
             self.labels.append(np.asarray(batch.labels, dtype=LABEL_DTYPES[self.task]))
         self._add_rows(batch)
@@ -476,14 +506,17 @@ class _StreamingWriter:
 
     def abandon(self) -> None:
         """Stop the arrays' background stores after a failure (what is written is then discarded)."""
-        for array in (self.images, self.labels):
-            if array is not None:
-                array.abandon()
+        for array in self._arrays():
+            array.abandon()
+
+    def _arrays(self) -> list[ChunkedArrayWriter]:
+        return [a for a in (self.images, self.labels, *self.coarse_arrays.values()) if a is not None]
 
     def _check_batch(self, batch: SampleSet) -> None:
         if self.first is None:
             # Its metadata only: the batch itself would keep a whole batch of pixels in memory until the end.
             self.first = _without_samples(batch)
+            self.coarse_layout = batch.coarse.layout if batch.coarse is not None else ((), ())
             if LABEL_RANKS.get(self.task) != batch.labels.ndim:
                 raise DatasetError(f"{printable_path(batch.source)}: labels of shape {batch.labels.shape} do not fit "
                                    f"task {self.task!r}")
@@ -498,6 +531,11 @@ class _StreamingWriter:
                                    "same channels and classes")
             raise DatasetError(f"{printable_path(self.first.source)}: sample batches disagree on {name} "
                                f"({getattr(self.first, name)!r} then {getattr(batch, name)!r})")
+        if (batch.coarse.layout if batch.coarse is not None else ((), ())) != self.coarse_layout \
+                and len(batch.images):
+            raise DatasetError(f"{printable_path(batch.source)}: sample batches disagree on the channels stored "
+                               f"coarse ({self.coarse_layout} then "
+                               f"{batch.coarse.layout if batch.coarse is not None else None})")
         if (batch.sample_ids is None) != (self.first.sample_ids is None):
             raise DatasetError(f"{printable_path(self.first.source)}: some sample batches name their samples "
                                "and some do not")
@@ -512,21 +550,33 @@ class _StreamingWriter:
             raise DatasetError(f"{printable_path(batch.source)}: samples in {dtype} with a scaling cannot be stored; "
                                f"use one of {', '.join(STORED_DTYPES)}")
         chunk_samples = chunk_samples_for(int(np.prod(sample_shape)) * dtype.itemsize)
+        self.sample_shape = sample_shape
         self.group = self.files.zarr_group("w")
-        self.images = ChunkedArrayWriter(self.group, "images", sample_shape, dtype, chunk_samples, files=self.files)
+        stored_shape = sample_shape
+        if batch.coarse is not None and batch.scaling is not None:
+            stored_shape = (len(fine_channels(batch.coarse.grids, sample_shape[0])), *sample_shape[1:])
+            # Every array chunked alike: chunk i of each holds the same samples (see tasks.coarse_bands).
+            for name, array in stored_arrays(batch.coarse).items():
+                self.coarse_arrays[name] = ChunkedArrayWriter(self.group, name, array.shape[1:], array.dtype,
+                                                              chunk_samples, files=self.files)
+        self.images = ChunkedArrayWriter(self.group, "images", stored_shape, dtype, chunk_samples, files=self.files)
         if self.task in LABEL_DTYPES:
             self.labels = ChunkedArrayWriter(self.group, "labels", tuple(batch.labels.shape[1:]),
                                              np.dtype(LABEL_DTYPES[self.task]), chunk_samples, files=self.files)
 
     def _stored_images(self, batch: SampleSet) -> np.ndarray:
-        if tuple(batch.images.shape[1:]) != self.images.sample_shape:
+        if tuple(batch.images.shape[1:]) != self.sample_shape:
             raise DatasetError(f"{printable_path(batch.source)}: a batch of samples shaped {batch.images.shape[1:]} "
-                               f"after samples shaped {self.images.sample_shape}")
+                               f"after samples shaped {self.sample_shape}")
         if batch.scaling is None:
             return np.asarray(batch.images, dtype=np.float32)
         if batch.images.dtype != self.images.dtype:
             raise DatasetError(f"{printable_path(batch.source)}: a batch in {batch.images.dtype} after batches in "
                                f"{self.images.dtype}")
+        if self.coarse_arrays:
+            fine = np.take(batch.images, fine_channels(self.coarse_layout[0], batch.images.shape[1]), axis=1)
+            fine.flags.writeable = False  # a fresh array nobody else holds: stored without a staging copy
+            return fine
         return batch.images
 
     def _add_rows(self, batch: SampleSet) -> None:
@@ -582,9 +632,8 @@ class _StreamingWriter:
 
     def finish_unsplit(self) -> UnsplitWrite:
         """Close the arrays and return what was written, without splits or statistics (a per-source part)."""
-        for array in (self.images, self.labels):
-            if array is not None:
-                array.close()
+        for array in self._arrays():
+            array.close()
         first = self.first
         return UnsplitWrite(
             rows={column: list(values) for column, values in self.rows.items()}, task=self.task,
@@ -594,12 +643,17 @@ class _StreamingWriter:
             else None,
             stored_dtype=self.images.dtype.name if self.images is not None else None,
             windows=first.windows if first is not None else None,
-            sample_shape=self.images.sample_shape if self.images is not None else None,
+            sample_shape=self.sample_shape,
             chunk_samples=self.images.chunk_samples if self.images is not None else 0,
-            chunks={name: tuple(array.digests) for name, array in (("images", self.images), ("labels", self.labels))
-                    if array is not None},
+            chunks={array.name: tuple(array.digests) for array in self._arrays()},
             named_samples=first is not None and first.sample_ids is not None,
-            dropped=dict(self.dropped), provenance=self.provenance, quarantine=list(self.quarantine))
+            dropped=dict(self.dropped), provenance=self.provenance, quarantine=list(self.quarantine),
+            coarse_grids=self.stored_coarse[0], coarse_fill=self.stored_coarse[1])
+
+    @property
+    def stored_coarse(self) -> tuple[tuple[CoarseGrid, ...], tuple[float, ...]]:
+        """The coarse grids and fills the arrays were written with (none when every channel is in ``images``)."""
+        return self.coarse_layout if self.coarse_arrays else ((), ())
 
     def finish(self, domain: str, params: SplitParams, where: str) -> DatasetInfo:
         """Close the arrays, assign splits, write manifest and quarantine list; return the metadata."""
@@ -611,9 +665,8 @@ class _StreamingWriter:
         if self.images is None:
             raise DatasetError(f"{printable_path(self.first.source)}: no samples left after filtering "
                                f"(dropped: {self.dropped})")
-        self.images.close()
-        if self.labels is not None:
-            self.labels.close()
+        for array in self._arrays():
+            array.close()
         groups = np.array(self.rows["group"])
         labelled = np.array(self.labelled, dtype=bool)
         if labelled.any():
@@ -635,21 +688,20 @@ class _StreamingWriter:
         self.files.write_bytes("manifest.parquet", sink.getvalue().to_pybytes())
 
         mean, std = self._train_statistics(split_of)
-        chunks = {"images": list(self.images.digests)}
-        if self.labels is not None:
-            chunks["labels"] = list(self.labels.digests)
+        chunks = {array.name: list(array.digests) for array in self._arrays()}
         first = self.first
         scaling = tuple((float(s), float(o)) for s, o in first.scaling) if first.scaling is not None else None
         info = DatasetInfo(
             digest=_dataset_digest(rows, first.channels, first.class_names, scaling, self.images.dtype.name, chunks,
-                                   first.windows),
+                                   first.windows, self.stored_coarse),
             domain=domain, task=self.task, channels=first.channels, class_names=first.class_names,
-            tile_size=int(self.images.sample_shape[-1]), sources=tuple(self.sources),
+            tile_size=int(self.sample_shape[-1]), sources=tuple(self.sources),
             split_counts={s: int((splits == s).sum()) for s in (*SPLITS, "unlabelled")},
             class_counts=self._split_class_counts(split_of), dropped=dict(self.dropped),
             channel_mean=mean, channel_std=std, provenance=dict(self.provenance), quarantined=len(self.quarantine),
             stored_dtype=self.images.dtype.name, scaling=scaling, chunk_samples=self.images.chunk_samples,
-            chunks={name: tuple(values) for name, values in chunks.items()}, windows=first.windows)
+            chunks={name: tuple(values) for name, values in chunks.items()}, windows=first.windows,
+            coarse_grids=self.stored_coarse[0], coarse_fill=self.stored_coarse[1])
         self.files.write_bytes(QUARANTINE_FILE, json.dumps(self.quarantine, indent=2).encode())
         return info
 
@@ -682,7 +734,7 @@ class _StreamingWriter:
         """
         first = self.first
         provenance = self.provenance if source is None else dict(self.sources[source])
-        shape = self.images.sample_shape if self.images is not None else first.images.shape[1:]
+        shape = self.sample_shape if self.sample_shape is not None else first.images.shape[1:]
         label_shape = {"multilabel": (0, len(first.class_names)), "segmentation": (0, *shape[1:])}
         return SampleSet(images=np.zeros((0, *shape), dtype=np.float32),
                          labels=np.zeros(label_shape.get(self.task, (0,)), dtype=np.int64),
@@ -843,7 +895,7 @@ def _read_manifest(files: DatasetFiles, info: DatasetInfo, verify: bool) -> dict
     labelled = split_col != "unlabelled"
     check_no_group_leak(groups[labelled], split_col[labelled], files.location)
     if verify and _dataset_digest(manifest, info.channels, info.class_names, info.scaling, info.stored_dtype,
-                                  info.chunks, info.windows) != info.digest:
+                                  info.chunks, info.windows, (info.coarse_grids, info.coarse_fill)) != info.digest:
         raise DatasetError(f"{files.describe('manifest.parquet')}: manifest does not match the dataset digest "
                            "(labels, splits or rows were edited after ingest)")
     return manifest
@@ -875,6 +927,12 @@ def _open(path: Path | str, verify: bool) -> tuple[DatasetFiles, DatasetInfo, di
     return files, info, manifest, sources
 
 
+def samples_source(sources: dict[str, ChunkSource], grids: tuple[CoarseGrid, ...], fill: tuple[float, ...],
+                   channels: int) -> ChunkSource | RebuiltSource:
+    """Where a dataset's (or part's) samples are read from: ``images`` as stored, or rebuilt with the coarse arrays."""
+    return RebuiltSource(sources, grids, fill, channels) if grids else sources["images"]
+
+
 def _read_all(source: ChunkSource) -> np.ndarray:
     return np.concatenate([source.chunk(i) for i in range(source.num_chunks)])
 
@@ -891,12 +949,13 @@ def load_dataset(path: Path | str, verify: bool = True) -> Dataset:
     index = np.asarray(manifest["index"], dtype=np.int64)
     if info.task == "multilabel":  # (N, K) int8: small, read now
         all_labels = _read_all(sources["labels"]).astype(np.int64)
+    image_source = samples_source(sources, info.coarse_grids, info.coarse_fill, len(info.channels))
     splits: dict[str, Split] = {}
     for split in (*SPLITS, "unlabelled"):
         members = np.flatnonzero(split_col == split)
         if len(members) == 0:
             continue
-        images = LazySamples(sources["images"], index[members], info.scaling, np.float32)
+        images = LazySamples(image_source, index[members], info.scaling, np.float32)
         if info.task == "segmentation":
             labels = LazySamples(sources["labels"], index[members], None, np.int64)
         elif info.task == "multilabel":

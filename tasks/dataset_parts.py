@@ -2,7 +2,8 @@
 
 A part lives in a folder or under an fsspec URL prefix, in the dataset's own storage format::
 
-    zarr.json, images/, labels/   the samples, chunked and compressed exactly as in a dataset
+    zarr.json, images/, labels/   the samples, chunked and compressed exactly as in a dataset (coarse
+                                  channels at their own resolution too, see :mod:`tasks.coarse_bands`)
     manifest.parquet              the dataset manifest's columns except ``split`` (nothing is split yet)
     part.json                     what a combine step needs: source, channels, classes, scaling, dtype,
                                   chunk digests, dropped counts, provenance, quarantine (written last)
@@ -21,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from domains import Channel, SampleSet, WindowChannel
-from tasks.dataset import FORMAT_VERSION, MANIFEST_COLUMNS, _StreamingWriter
+from domains import Channel, CoarseGrid, SampleSet, WindowChannel
+from tasks.dataset import FORMAT_VERSION, MANIFEST_COLUMNS, _StreamingWriter, coarse_from_json, samples_source
 from tasks.dataset_store import ChunkSource, DatasetError, DatasetFiles
 
 PART_FORMAT = 1
@@ -52,6 +53,8 @@ class PartInfo:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     part_format: int = PART_FORMAT
     dataset_format: int = FORMAT_VERSION
+    coarse_grids: tuple[CoarseGrid, ...] = ()
+    coarse_fill: tuple[float, ...] = ()
 
     @classmethod
     def from_json(cls, payload: dict, location: str) -> PartInfo:
@@ -63,6 +66,7 @@ class PartInfo:
         payload["chunks"] = {name: tuple(values) for name, values in payload.get("chunks", {}).items()}
         if payload.get("windows") is not None:
             payload["windows"] = tuple(WindowChannel(**w) for w in payload["windows"])
+        payload["coarse_grids"], payload["coarse_fill"] = coarse_from_json(payload)
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in payload.items() if key in known})
 
@@ -119,7 +123,8 @@ def write_part(samples: SampleSet | Iterable[SampleSet], task_type: str, locatio
                     class_names=written.class_names, scaling=written.scaling, windows=written.windows,
                     stored_dtype=written.stored_dtype,
                     chunk_samples=written.chunk_samples, chunks=written.chunks, named_samples=written.named_samples,
-                    dropped=written.dropped, provenance=written.provenance, quarantine=written.quarantine)
+                    dropped=written.dropped, provenance=written.provenance, quarantine=written.quarantine,
+                    coarse_grids=written.coarse_grids, coarse_fill=written.coarse_fill)
     payload = asdict(info)
     payload.pop("location")  # where it lies is where it is found, not part of what it holds
     files.write_bytes(PART_FILE, json.dumps(payload, indent=2).encode())
@@ -155,9 +160,9 @@ def part_batches(info: PartInfo) -> Iterator[SampleSet]:
     try:
         manifest = pq.read_table(pa.BufferReader(files.read_bytes("manifest.parquet"))).to_pydict()
         group = files.zarr_group("r")
-        images = ChunkSource(files, group["images"], "images", info.chunks["images"])
-        labels = ChunkSource(files, group["labels"], "labels", info.chunks["labels"]) if "labels" in info.chunks \
-            else None
+        stored = {name: ChunkSource(files, group[name], name, digests) for name, digests in info.chunks.items()}
+        images = samples_source(stored, info.coarse_grids, info.coarse_fill, len(info.channels))
+        labels = stored.get("labels")
     except (OSError, KeyError, ValueError, pa.ArrowException) as error:
         raise DatasetError(f"{files.location}: unreadable part of {info.source} ({type(error).__name__}: {error}); "
                            "remove the folder and rerun the ingest") from error
@@ -178,6 +183,7 @@ def part_batches(info: PartInfo) -> Iterator[SampleSet]:
                                 np.asarray(manifest["col"][start:stop], dtype=np.int64)], axis=1),
             source=info.source, channels=info.channels, class_names=info.class_names, task=info.task,
             scaling=info.scaling, windows=info.windows,
+            coarse=images.coarse_patches(index) if info.coarse_grids else None,
             sample_ids=np.array(manifest["sample_id"][start:stop], dtype=str) if info.named_samples else None,
             dropped=dict(info.dropped) if first else {}, provenance=dict(info.provenance) if first else {},
             quarantine=list(info.quarantine) if first else [])

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -413,6 +414,17 @@ def fill_values(layout: SceneLayout, dtype: np.dtype) -> np.ndarray:
     return np.array(values, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class CoarseRows:
+    """Rows ``first:first + len(dn)`` of a band ``factor`` times coarser than the working grid, full width, and
+    where they hold data (None: everywhere)."""
+
+    factor: int
+    first: int
+    dn: np.ndarray
+    valid: np.ndarray | None
+
+
 class StripReader:
     """Opens a scene's band files once and reads horizontal strips of its working grid.
 
@@ -426,8 +438,12 @@ class StripReader:
     Use as a context manager: ``with StripReader(layout) as reader: raw, valid = reader.read_rows(0, 448)``.
     """
 
-    def __init__(self, layout: SceneLayout, threads: int = READ_THREADS):
+    def __init__(self, layout: SceneLayout, threads: int = READ_THREADS, keep_coarse: bool = False):
         self.layout = layout
+        # With keep_coarse, the coarse rows of each integer-factor band that a strip was upsampled from, by the
+        # strip's top row, until taken (see take_coarse): a dataset stores them instead of the upsampled band.
+        self.keep_coarse = keep_coarse
+        self._coarse: dict[int, dict[int, CoarseRows]] = {}
         self.dtype = strip_dtype(layout)
         self.fill = fill_values(layout, self.dtype)
         self.threads = max(1, threads)
@@ -522,7 +538,9 @@ class StripReader:
         by_file: dict[Any, list[int]] = {}
         for i, band in enumerate(self.layout.bands):
             by_file.setdefault(band.path, []).append(i)
-        jobs = [self._pool.submit(self._read_bands, raw, members, top, bottom) for members in by_file.values()]
+        coarse: dict[int, CoarseRows] = {}
+        jobs = [self._pool.submit(self._read_bands, raw, members, top, bottom, coarse)
+                for members in by_file.values()]
         wait(jobs)  # every job is done with ``raw`` before anything (an error included) leaves this method
         valid = self._masks.take((height, width))
         valid[...] = True
@@ -538,7 +556,13 @@ class StripReader:
                 invalid = ~valid[first:last + 1]
                 for i, fill in enumerate(self.fill):
                     np.copyto(raw[i, first:last + 1], fill, where=invalid)
+        if self.keep_coarse:
+            self._coarse[top] = coarse
         return raw, valid
+
+    def take_coarse(self, top: int) -> dict[int, CoarseRows]:
+        """The coarse rows (by band position) that the strip read from row ``top`` was upsampled from (``keep_coarse``)."""
+        return self._coarse.pop(top)
 
     def _pool_strips(self, height: int) -> None:
         """Pool strips of up to ``height`` rows: one being read, one read ahead, one the caller still holds."""
@@ -547,7 +571,8 @@ class StripReader:
             self._strips = ReusableArrays(shape, self.dtype, keep=3)
             self._masks = ReusableArrays(shape[1:], bool, keep=3)
 
-    def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int) -> list[np.ndarray | None]:
+    def _read_bands(self, raw: np.ndarray, members: list[int], top: int, bottom: int,
+                    coarse: dict[int, CoarseRows]) -> list[np.ndarray | None]:
         """Read bands ``members`` (all of one file) into ``raw``; their valid masks (None: all valid)."""
         import rasterio
         from rasterio.windows import Window
@@ -560,7 +585,7 @@ class StripReader:
                 band = self.layout.bands[i]
                 dataset = self._datasets[band.path]
                 if not self.layout.on_grid(band):
-                    masks.append(self._resample_into(raw[i], dataset, band, top, bottom))
+                    masks.append(self._resample_into(raw[i], dataset, band, top, bottom, coarse))
                     continue
                 # Straight into the strip when the band has its dtype (a cast could change what nodata matches).
                 dn = self._read_window(i, dataset, top, bottom, keep=0,
@@ -612,8 +637,8 @@ class StripReader:
             self._carried[i] = (keep_from, np.concatenate(tail))
         return rows
 
-    def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int,
-                       bottom: int) -> np.ndarray | None:
+    def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int, bottom: int,
+                       coarse: dict[int, CoarseRows]) -> np.ndarray | None:
         """Resample a coarse band onto rows ``top:bottom`` into ``out`` (the strip's dtype, rounded if integer).
 
         Returns the band's valid mask on those rows, or None when every pixel is valid. Invalid pixels of
@@ -634,6 +659,8 @@ class StripReader:
         reject_infinite(dn, band.path, band.name)
         band_valid = window_valid(dn, band, layout.sensor.fill_dn)
         factor = integer_upsampling(band.transform, layout.transform)
+        if factor is not None and self.keep_coarse:
+            coarse[self.layout.bands.index(band)] = CoarseRows(factor, start, dn, band_valid)
         # Bilinear weights are convex, so a rounded value stays within the range of the stored dtype.
         round_values = bool(np.issubdtype(out.dtype, np.integer))
         if factor is not None and band_valid is None:

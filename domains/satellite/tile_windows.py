@@ -11,14 +11,23 @@ costs about what it costs in the scene. This module is the geometry and the arit
 * :func:`upsample_tile` upsamples such a window onto the tile. It runs the strip reader's own functions
   on the window, whose first column is made to fall on a whole coarse pixel of the scene, so every fine
   pixel is computed from the same coarse pixels with the same weights in the same order: the values the
-  strip reader gives the tile, bit for bit (tested), nodata weighting included.
+  strip reader gives the tile, bit for bit (tested), nodata weighting included;
+* :func:`coarse_grids` and :class:`CoarsePatchBatch` are how the tiling reader hands each tile's patches
+  to a dataset (:class:`domains.CoarsePatches`), which stores them instead of the upsampled bands and
+  rebuilds the tiles when read (:mod:`tasks.coarse_bands`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from domains.satellite.strips import upsample_into, upsample_valid_into
+from domains.satellite.strips import CoarseRows, integer_upsampling, upsample_into, upsample_valid_into
+from domains.spec import CoarseGrid, CoarsePatches
+
+if TYPE_CHECKING:
+    from domains.satellite.scene import SceneLayout
 
 
 def window_side(tile_size: int, factor: int) -> int:
@@ -75,3 +84,68 @@ def upsample_tile(out: np.ndarray, window: np.ndarray, valid: np.ndarray | None,
         mask = upsample_valid_into(wide, window, valid, factor, first_row, row, round_values)
     out[...] = wide[:, lead:]
     return None if mask is None else mask[:, lead:]
+
+
+def coarse_grids(layout: SceneLayout, tile_size: int) -> tuple[CoarseGrid, ...]:
+    """The bands of ``layout`` on grids an integer factor coarser than its working grid, grouped by factor.
+
+    A band of the same factor but another extent than the first one of its factor stays upsampled (a
+    grid's patches share their spans); so does every band that GDAL warps (not an integer factor).
+    """
+    members: dict[int, list[int]] = {}
+    shapes: dict[int, tuple[int, int]] = {}
+    for index, band in enumerate(layout.bands):
+        if layout.on_grid(band):
+            continue
+        factor = integer_upsampling(band.transform, layout.transform)
+        if factor is None or shapes.setdefault(factor, band.shape) != band.shape:
+            continue
+        members.setdefault(factor, []).append(index)
+    return tuple(CoarseGrid(factor, tuple(channels), window_side(tile_size, factor))
+                 for factor, channels in sorted(members.items()))
+
+
+class CoarsePatchBatch:
+    """The coarse patches of a batch of tiles, filled tile by tile as the tiles are cut from a strip."""
+
+    def __init__(self, grids: tuple[CoarseGrid, ...], band_shapes: list[tuple[int, int]], capacity: int,
+                 tile_size: int, dtype: np.dtype, fill: tuple[float, ...]):
+        self.grids, self.band_shapes, self.tile_size, self.fill = grids, band_shapes, tile_size, fill
+        # Zeroed: the padding beyond a patch's span is stored too, and must not depend on earlier batches.
+        self.patches = [np.zeros((capacity, len(g.channels), g.side, g.side), dtype=dtype) for g in grids]
+        self.patch_valid = [np.zeros((capacity, len(g.channels), g.side, g.side), dtype=bool) for g in grids]
+        self.spans = [np.zeros((capacity, 4), dtype=np.int32) for _ in grids]
+        self.valid = np.empty((capacity, tile_size, tile_size), dtype=bool)
+
+    def add(self, k: int, row: int, col: int, coarse: dict[int, CoarseRows], valid: np.ndarray) -> None:
+        """Keep tile ``k`` (top-left ``row``, ``col``) from a strip's coarse rows, and its valid mask."""
+        size = self.tile_size
+        self.valid[k] = valid
+        for grid, patches, patch_valid, spans in zip(self.grids, self.patches, self.patch_valid, self.spans):
+            height, width = self.band_shapes[grid.channels[0]]
+            first_row, stop_row = window_span(row, size, grid.factor, height)
+            first_col, stop_col = window_span(col, size, grid.factor, width)
+            rows, cols = stop_row - first_row, stop_col - first_col
+            spans[k] = (rows, cols, row - first_row * grid.factor, col - first_col * grid.factor)
+            for j, channel in enumerate(grid.channels):
+                band = coarse[channel]
+                top = first_row - band.first
+                if top < 0 or top + rows > len(band.dn):
+                    raise ValueError(f"coarse rows {band.first}:{band.first + len(band.dn)} of channel {channel} miss "
+                                     f"rows {first_row}:{stop_row} of the tile at {row},{col}")
+                patches[k, j, :rows, :cols] = band.dn[top:top + rows, first_col:stop_col]
+                if band.valid is None:
+                    patch_valid[k, j, :rows, :cols] = True
+                else:
+                    patch_valid[k, j, :rows, :cols] = band.valid[top:top + rows, first_col:stop_col]
+
+    def take(self, count: int) -> CoarsePatches:
+        """The first ``count`` tiles' patches (the arrays themselves when the batch is full: never written again)."""
+        def cut(array: np.ndarray) -> np.ndarray:
+            kept = array if count == len(array) else array[:count].copy()
+            kept.flags.writeable = False
+            return kept
+
+        return CoarsePatches(grids=self.grids, patches=tuple(cut(a) for a in self.patches),
+                             patch_valid=tuple(cut(a) for a in self.patch_valid),
+                             spans=tuple(cut(a) for a in self.spans), valid=cut(self.valid), fill=self.fill)

@@ -13,6 +13,7 @@ from domains.satellite.clouds import CloudMasker, CloudRows, plan_cloud_mask
 from domains.satellite.labels import LabelWindows
 from domains.satellite.scene import Scene, SceneLayout, describe_scales, inspect_scene
 from domains.satellite.strips import ReusableArrays, StripReader
+from domains.satellite.tile_windows import CoarsePatchBatch, coarse_grids
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("water", "vegetation", "bare_or_built")
@@ -296,7 +297,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
     base_provenance = tiling_provenance(request, request.labels is not None)
     with ExitStack() as stack:
         stack.enter_context(input_errors_named(layout.path))
-        reader = stack.enter_context(StripReader(layout))
+        reader = stack.enter_context(StripReader(layout, keep_coarse=True))
         labels = (stack.enter_context(LabelWindows(request.labels, layout.crs, layout.transform, layout.shape,
                                                    layout.path.name))
                   if request.labels is not None else None)
@@ -310,8 +311,17 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
 
         segmentation = request.task == "segmentation"
         pixel_labels: list[np.ndarray] = []
+        # Coarser bands are also kept as the patches of coarse pixels each tile is upsampled from: a dataset
+        # stores those instead of the upsampled bands (see domains.satellite.tile_windows).
+        grids = coarse_grids(layout, size)
+        fill = tuple(float(v) for v in reader.fill)
+        band_shapes = [band.shape for band in layout.bands]
 
-        def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str]) -> SampleSet:
+        def new_patches() -> CoarsePatchBatch | None:
+            return CoarsePatchBatch(grids, band_shapes, capacity, size, reader.dtype, fill) if grids else None
+
+        def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str],
+                  patches: CoarsePatchBatch | None) -> SampleSet:
             if segmentation:
                 # A class per pixel (-1 where unlabelled or invalid), the tile's own window of the label raster.
                 tile_labels = (np.stack(pixel_labels) if pixel_labels
@@ -325,12 +335,14 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                 locations=np.array([(r, c) for r, c, _ in kept], dtype=np.int64).reshape(-1, 2),
                 source=str(layout.path), channels=channels, class_names=class_names, dropped=dropped,
                 provenance=provenance, scaling=reader.scaling,
+                coarse=patches.take(len(kept)) if patches is not None else None,
             )
 
         # Batches are handed over read-only; a batch that its consumer (the dataset writer) has let go of is
         # filled again instead of a fresh one (whose pages the kernel would zero first).
         batch_arrays = ReusableArrays((capacity, len(channels), size, size), reader.dtype, keep=4)
         images = batch_arrays.take()
+        patches = new_patches()
         kept: list[tuple[int, int, int]] = []
         dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
         valid_pixels_seen = 0
@@ -341,6 +353,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         stack.callback(strip_pixels.close)  # the strip read ahead finishes before the reader closes
         for index, (rows, (raw, valid)) in enumerate(zip(strips, strip_pixels)):
             top, bottom = ranges[index]
+            coarse = reader.take_coarse(top)
             last = index == len(strips) - 1
             counted_until = bottom if last else strips[index + 1][0]
             valid_pixels_seen += int(np.count_nonzero(valid[: counted_until - top]))
@@ -356,6 +369,8 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             for row, col, label in select_tiles(valid, strip_labels, top, rows, width, request, len(class_names),
                                                 dropped, cloudy):
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
+                if patches is not None:
+                    patches.add(len(kept), row, col, coarse, valid[row - top : row - top + size, col : col + size])
                 kept.append((row, col, label))
                 if segmentation:
                     pixel_labels.append(
@@ -364,12 +379,13 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                 if len(kept) == capacity:
                     # Read-only: never written again, so a dataset writer may keep it without a copy.
                     images.flags.writeable = False
-                    yield batch(images, kept, dropped, base_provenance)
+                    yield batch(images, kept, dropped, base_provenance, patches)
                     images = batch_arrays.take()
+                    patches = new_patches()
                     kept = []
                     pixel_labels = []
                     dropped = {"straddles_block": 0, "nodata": 0, "unlabelled": 0}
-            del raw, valid, strip_labels
+            del raw, valid, strip_labels, coarse
         if valid_pixels_seen == 0:
             raise DomainInputError(layout.path, "holds no valid pixel: every pixel is nodata in at least one band")
         provenance = grid_provenance(
@@ -379,4 +395,4 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         ) | units_provenance(layout.scales) | time_provenance(layout.dates) | base_provenance | cloud_provenance(masker, clouds, request, cloud_pixels_seen, valid_pixels_seen)
         last_images = images[: len(kept)].copy()
         last_images.flags.writeable = False
-        yield batch(last_images, kept, dropped, provenance)
+        yield batch(last_images, kept, dropped, provenance, patches)

@@ -1,0 +1,153 @@
+"""Coarse channels stored at their own resolution, and the samples rebuilt from them as they are read.
+
+A reader that hands its batches :class:`domains.CoarsePatches` (the satellite reader does, for
+Sentinel-2's 20 m and 60 m bands) gets them stored as these arrays beside ``images``, which then holds
+only the other channels, all chunked alike (chunk ``i`` of every array holds the same samples)::
+
+    images                 (N, fine channels, T, T)   the channels on the samples' own grid
+    coarse-<f>             (N, channels, S, S)         per grid ``f`` times coarser: each sample's patch
+    coarse-<f>-valid       (N, channels, S, S) uint8   where the patch's coarse pixels hold data
+    coarse-<f>-spans       (N, 4) int32                the patch's rows and columns in use, the sample's offset
+    valid                  (N, T, T) uint8             where every channel of the sample holds data
+
+For a Sentinel-2 tile that is about 5.6 channels' worth of pixels instead of 13: less to compress,
+digest and write at ingest, and a dataset about half the size. :class:`RebuiltSource` puts the
+samples back together per decoded chunk (the reader's upsampling run on each patch, then the fill
+where a sample is not valid), bit for bit what the reader handed over, so everything that reads a
+dataset reads it as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from domains import CoarseGrid, CoarsePatches
+from domains.satellite.tile_windows import upsample_tile
+from tasks.dataset_store import CACHED_CHUNKS, ChunkSource
+
+VALID = "valid"
+
+
+def patch_names(grid: CoarseGrid) -> tuple[str, str, str]:
+    """The stored arrays of one grid: patches, their validity, their spans."""
+    return f"coarse-{grid.factor}", f"coarse-{grid.factor}-valid", f"coarse-{grid.factor}-spans"
+
+
+def fine_channels(grids: tuple[CoarseGrid, ...], channels: int) -> list[int]:
+    """Positions of the channels stored in ``images`` (on no coarse grid), in order."""
+    coarse = {c for grid in grids for c in grid.channels}
+    return [c for c in range(channels) if c not in coarse]
+
+
+def stored_arrays(coarse: CoarsePatches) -> dict[str, np.ndarray]:
+    """The arrays a batch's patches are stored as, by name (bool masks as uint8)."""
+    arrays: dict[str, np.ndarray] = {}
+    for grid, patches, valid, spans in zip(coarse.grids, coarse.patches, coarse.patch_valid, coarse.spans):
+        names = patch_names(grid)
+        arrays[names[0]] = patches
+        arrays[names[1]] = valid.view(np.uint8)
+        arrays[names[2]] = np.asarray(spans, dtype=np.int32)
+    arrays[VALID] = coarse.valid.view(np.uint8)
+    return arrays
+
+
+def rebuild_samples(fine: np.ndarray, coarse: CoarsePatches, channels: int) -> np.ndarray:
+    """The samples (n, ``channels``, T, T) from their stored fine channels and coarse patches."""
+    count, _, height, width = fine.shape
+    out = np.empty((count, channels, height, width), dtype=fine.dtype)
+    out[:, fine_channels(coarse.grids, channels)] = fine
+    round_values = bool(np.issubdtype(fine.dtype, np.integer))
+    for grid, patches, patch_valid, spans in zip(coarse.grids, coarse.patches, coarse.patch_valid, coarse.spans):
+        for i in range(count):
+            rows, cols, row, col = (int(v) for v in spans[i])
+            for j, channel in enumerate(grid.channels):
+                valid = patch_valid[i, j, :rows, :cols]
+                upsample_tile(out[i, channel], patches[i, j, :rows, :cols], None if valid.all() else valid,
+                              grid.factor, (0, 0), (row, col), round_values)
+    invalid = ~coarse.valid
+    if invalid.any():
+        for grid in coarse.grids:
+            for channel in grid.channels:
+                out[:, channel][invalid] = coarse.fill[channel]
+    return out
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class RebuiltSource:
+    """Decoded chunks of a dataset's samples, rebuilt from ``images`` and the coarse arrays (see the module).
+
+    Answers what :class:`tasks.dataset_store.LazySamples` asks of a :class:`ChunkSource` (``chunk``,
+    ``is_cached``, ``num_chunks``, ``chunk_samples``, ``array.shape``, ``name``), keeps the last few
+    rebuilt chunks, and pickles into DataLoader workers without its cache.
+    """
+
+    def __init__(self, sources: dict[str, ChunkSource], grids: tuple[CoarseGrid, ...], fill: tuple[float, ...],
+                 channels: int):
+        self.fine = sources["images"]
+        self.grids, self.fill, self.channels = grids, fill, channels
+        self.parts = {name: sources[name] for grid in grids for name in patch_names(grid)}
+        self.parts[VALID] = sources[VALID]
+        self.name = "images"
+        self.chunk_samples = self.fine.chunk_samples
+        self.array = _Shape((int(self.fine.array.shape[0]), channels, *(int(s) for s in self.fine.array.shape[2:])))
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_cache", "_lock"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
+
+    @property
+    def num_chunks(self) -> int:
+        return self.fine.num_chunks
+
+    def is_cached(self, index: int) -> bool:
+        with self._lock:
+            return index in self._cache
+
+    def coarse_patches(self, index: int) -> CoarsePatches:
+        """The stored coarse patches of chunk ``index`` (each array checked against its digest on first decode)."""
+        patches, valid, spans = [], [], []
+        for grid in self.grids:
+            names = patch_names(grid)
+            patches.append(self.parts[names[0]].chunk(index))
+            valid.append(self.parts[names[1]].chunk(index).view(bool))
+            spans.append(self.parts[names[2]].chunk(index))
+        return CoarsePatches(grids=self.grids, patches=tuple(patches), patch_valid=tuple(valid), spans=tuple(spans),
+                             valid=self.parts[VALID].chunk(index).view(bool), fill=self.fill)
+
+    def chunk(self, index: int) -> np.ndarray:
+        """Samples of chunk ``index`` in their stored dtype, every channel on the samples' grid."""
+        with self._lock:
+            cached = self._cache.get(index)
+            if cached is not None:
+                self._cache.move_to_end(index)
+                return cached
+        block = rebuild_samples(self.fine.chunk(index), self.coarse_patches(index), self.channels)
+        block.flags.writeable = False
+        with self._lock:
+            self._cache[index] = block
+            while len(self._cache) > CACHED_CHUNKS:
+                self._cache.popitem(last=False)
+        return block
