@@ -46,7 +46,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -71,6 +73,7 @@ from domains.spec import printable_path
 from tasks.allocator import keep_freed_memory_for_reuse
 from tasks.coarse_bands import RebuiltSource, fine_channels, stored_arrays
 from tasks.dataset_store import (
+    BATCHES_IN_FLIGHT,
     ChunkedArrayWriter,
     ChunkSource,
     DatasetError,
@@ -462,6 +465,8 @@ class _StreamingWriter:
         self.quarantine: list[dict[str, str]] = []
         self.labelled_totals: dict[str, _GroupTotals] = {}
         self.all_totals: _GroupTotals | None = None
+        self._sums_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-sums")
+        self._sums_in_flight: deque[Future] = deque()
 
     @property
     def task(self) -> str:
@@ -489,7 +494,16 @@ class _StreamingWriter:
             self.labels.append(np.asarray(batch.labels, dtype=LABEL_DTYPES[self.task]))
         self._add_rows(batch)
         if self.statistics:
-            self._add_totals(batch)
+            # Summed on a thread of their own while this one cuts the next batch (numpy's sums release the
+            # GIL); added to the group totals here, in batch order, so the totals do not depend on timing.
+            while len(self._sums_in_flight) >= BATCHES_IN_FLIGHT:
+                self._add_totals(*self._sums_in_flight.popleft().result())
+            self._sums_in_flight.append(self._sums_pool.submit(self._sample_sums, batch))
+
+    def _finish_totals(self) -> None:
+        while self._sums_in_flight:
+            self._add_totals(*self._sums_in_flight.popleft().result())
+        self._sums_pool.shutdown()
 
     @property
     def provenance(self) -> dict[str, str]:
@@ -508,6 +522,9 @@ class _StreamingWriter:
         """Stop the arrays' background stores after a failure (what is written is then discarded)."""
         for array in self._arrays():
             array.abandon()
+        for job in self._sums_in_flight:
+            job.cancel()
+        self._sums_pool.shutdown(wait=True, cancel_futures=True)
 
     def _arrays(self) -> list[ChunkedArrayWriter]:
         return [a for a in (self.images, self.labels, *self.coarse_arrays.values()) if a is not None]
@@ -601,19 +618,23 @@ class _StreamingWriter:
             self.rows["label"].extend(1 if v else -1 for v in labelled.tolist())
         self.rows["group"].extend(printable_path(g) for g in np.asarray(batch.groups).tolist())
 
-    def _add_totals(self, batch: SampleSet) -> None:
+    @staticmethod
+    def _sample_sums(batch: SampleSet) -> tuple[SampleSet, list[tuple[slice, np.ndarray, np.ndarray]]]:
+        """Per-sample channel sums of ``batch``, in parts that bound the float64 scratch."""
+        sample_floats = int(np.prod(batch.images.shape[1:]))
+        step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
+        return batch, [(slice(start, start + step), *_physical_sample_sums(batch, slice(start, start + step)))
+                       for start in range(0, len(batch.images), step)]
+
+    def _add_totals(self, batch: SampleSet, parts: list[tuple[slice, np.ndarray, np.ndarray]]) -> None:
         classes = len(batch.class_names)
         channels = len(batch.windows) if batch.windows else len(batch.channels)
         if self.all_totals is None:
             self.all_totals = _GroupTotals(channels, classes)
         labelled = labelled_samples(batch.labels)
         groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
-        sample_floats = int(np.prod(batch.images.shape[1:]))
         pixels = int(np.prod(batch.images.shape[2:]))
-        step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
-        for start in range(0, len(batch.images), step):
-            part = slice(start, start + step)
-            sums, squares = _physical_sample_sums(batch, part)
+        for part, sums, squares in parts:
             self.all_totals.add_samples(pixels, sums, squares)
             for group in dict.fromkeys(groups[part].tolist()):
                 members = (groups[part] == group) & labelled[part]
@@ -632,6 +653,7 @@ class _StreamingWriter:
 
     def finish_unsplit(self) -> UnsplitWrite:
         """Close the arrays and return what was written, without splits or statistics (a per-source part)."""
+        self._finish_totals()
         for array in self._arrays():
             array.close()
         first = self.first
@@ -660,6 +682,7 @@ class _StreamingWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self._finish_totals()
         if self.first is None:
             raise DatasetError(f"{where}: no samples were read (the reader yielded no sample batches)")
         if self.images is None:
