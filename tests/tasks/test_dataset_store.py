@@ -10,6 +10,7 @@ import pytest
 from tasks.dataset_store import (
     BATCHES_IN_FLIGHT,
     BLOSC_BLOCKSIZE,
+    BLOSC_CODEC,
     BLOSC_LEVEL,
     BLOSC_SHUFFLE,
     ChunkedArrayWriter,
@@ -27,7 +28,7 @@ def _zarr_written(folder: Path, samples: np.ndarray, chunk_samples: int) -> Path
     group = DatasetFiles(folder).zarr_group("w")
     shuffle = BLOSC_SHUFFLE if samples.dtype.itemsize > 1 else "noshuffle"
     array = group.create_array("x", shape=samples.shape, chunks=(chunk_samples, *samples.shape[1:]),
-                               dtype=samples.dtype, compressors=[BloscCodec(cname="zstd", clevel=BLOSC_LEVEL,
+                               dtype=samples.dtype, compressors=[BloscCodec(cname=BLOSC_CODEC, clevel=BLOSC_LEVEL,
                                                                             shuffle=shuffle,
                                                                             blocksize=BLOSC_BLOCKSIZE)],
                                fill_value=0)
