@@ -55,7 +55,10 @@ def test_an_ingest_to_s3_reads_back_lazily_and_verifies(ingested) -> None:
     train = loaded.splits["train"]
     assert train.images.shape[1:] == (13, 12, 12) and 0.0 < float(train.images[:].max()) < 1.0
     report = verify_dataset(url)
-    assert report.samples == sum(info.split_counts.values()) and report.chunks == len(info.chunks["images"])
+    # Every chunk of every array: the 10 m bands, the 20 m and 60 m patches and their masks.
+    assert {"images", "coarse-2", "coarse-6", "valid"} <= set(info.chunks)
+    assert report.samples == sum(info.split_counts.values())
+    assert report.chunks == sum(len(digests) for digests in info.chunks.values())
 
 
 _READER = """
