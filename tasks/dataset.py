@@ -361,11 +361,15 @@ def _stored_sample_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         unsigned = flat.dtype.kind == "u"
         widened = np.empty((channels, pixels), dtype=np.uint32 if unsigned else np.int32)
         total = np.uint64 if unsigned else np.int64  # a square of an int16 is at most 2**30
+        # A sample's sum fits the 32-bit type when its pixels times the largest value do (a 224^2 tile of
+        # uint16): summed without widening again, a quarter faster.
+        largest = max(np.iinfo(flat.dtype).max, -int(np.iinfo(flat.dtype).min))
+        sum_type = widened.dtype if pixels * largest <= np.iinfo(widened.dtype).max else total
         sums = np.empty((count, channels), dtype=np.float64)
         squares = np.empty((count, channels), dtype=np.float64)
         for i in range(count):
             np.copyto(widened, flat[i])
-            sums[i] = widened.sum(axis=1, dtype=total)
+            sums[i] = np.add.reduce(widened, axis=1, dtype=sum_type)
             np.multiply(widened, widened, out=widened)
             squares[i] = widened.sum(axis=1, dtype=total)
         return sums, squares

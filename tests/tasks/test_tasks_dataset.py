@@ -436,6 +436,20 @@ def test_per_sample_sums_are_exact_at_the_extremes_of_the_stored_dtype(dtype: st
     np.testing.assert_allclose(squares, (wide * wide).sum(axis=2), rtol=1e-12)
 
 
+@pytest.mark.parametrize(("dtype", "side"), [("uint16", 256), ("uint16", 257), ("int16", 256), ("int16", 257)])
+def test_per_sample_sums_stay_exact_where_32_bits_no_longer_hold_them(dtype: str, side: int) -> None:
+    """At 256^2 px a uint16 sample's sum still fits 32 bits, at 257^2 it does not (int16: 2**31 of 32768s)."""
+    from tasks.dataset import _stored_sample_sums
+
+    info = np.iinfo(dtype)
+    images = np.full((2, 1, side, side), info.max, dtype=dtype)
+    images[1] = info.min
+    sums, squares = _stored_sample_sums(images)
+    pixels = side * side
+    assert sums[:, 0].tolist() == [float(pixels * int(info.max)), float(pixels * int(info.min))]
+    assert squares[:, 0].tolist() == [float(pixels * int(info.max) ** 2), float(pixels * int(info.min) ** 2)]
+
+
 def test_the_digest_does_not_depend_on_how_a_reader_batched_the_samples(tmp_path: Path) -> None:
     digests = {write(as_uint16_batches(make_samples(), batch=b), tmp_path / str(b)).digest for b in (7, 20, 96)}
     assert len(digests) == 1
