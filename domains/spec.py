@@ -205,7 +205,7 @@ class CoarsePatches:
     lies in it; and where every channel of a sample holds data (elsewhere a channel holds its ``fill``).
 
     ``patches[g]`` is (N, len(grids[g].channels), side, side) in the images' dtype, ``patch_valid[g]`` the same
-    shape, bool: where the coarse pixel holds data. ``spans[g]`` is (N, 4) int: the patch's rows and columns
+    shape, bool: where the coarse pixel holds data (padding counts as valid). ``spans[g]`` is (N, 4) int: the patch's rows and columns
     in use (the rest is padding) and the sample's first fine row and column counted from the patch's first
     coarse pixel (``factor`` fine pixels each). ``valid`` is (N, H, W) bool, ``fill`` one stored value per
     channel of the samples. The samples' ``images`` still hold every channel upsampled (statistics and

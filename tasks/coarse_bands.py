@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from domains import CoarseGrid, CoarsePatches
-from domains.satellite.tile_windows import upsample_tile
+from domains.satellite.tile_windows import upsample_tile, upsample_tiles
 from tasks.dataset_store import CACHED_CHUNKS, ChunkSource
 
 VALID = "valid"
@@ -62,9 +62,23 @@ def rebuild_samples(fine: np.ndarray, coarse: CoarsePatches, channels: int) -> n
     out[:, fine_channels(coarse.grids, channels)] = fine
     round_values = bool(np.issubdtype(fine.dtype, np.integer))
     for grid, patches, patch_valid, spans in zip(coarse.grids, coarse.patches, coarse.patch_valid, coarse.spans):
-        for i in range(count):
+        channels_of = list(grid.channels)
+        # Patches valid everywhere (nearly all) in a few whole-chunk operations; the others tile by tile,
+        # nodata left out of the weights.
+        clean = patch_valid.reshape(count, -1).all(axis=1)
+        if clean.all():
+            upsampled = np.empty((count, len(channels_of), height, width), dtype=fine.dtype)
+            upsample_tiles(upsampled, patches, spans, grid.factor, round_values)
+            out[:, channels_of] = upsampled
+            continue
+        if clean.any():
+            upsampled = np.empty((int(clean.sum()), len(channels_of), height, width), dtype=fine.dtype)
+            upsample_tiles(upsampled, patches[clean], spans[clean], grid.factor, round_values)
+            for k, i in enumerate(np.flatnonzero(clean)):
+                out[i, channels_of] = upsampled[k]
+        for i in np.flatnonzero(~clean).tolist():
             rows, cols, row, col = (int(v) for v in spans[i])
-            for j, channel in enumerate(grid.channels):
+            for j, channel in enumerate(channels_of):
                 valid = patch_valid[i, j, :rows, :cols]
                 upsample_tile(out[i, channel], patches[i, j, :rows, :cols], None if valid.all() else valid,
                               grid.factor, (0, 0), (row, col), round_values)

@@ -133,7 +133,7 @@ def integer_upsampling(coarse: Any, fine: Any) -> int | None:
     return factor
 
 
-def _phase_weights(factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def phase_weights(factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per phase ``j`` of fine pixel ``factor * k + j``: its lower coarse neighbour's offset from ``k`` and the weights.
 
     A fine pixel's centre lies at ``(i + 0.5) / factor - 0.5`` in coarse pixel-centre coordinates, the
@@ -193,7 +193,7 @@ def upsample_into(out: np.ndarray, coarse: np.ndarray, factor: int, source_row: 
     rows_out, width = out.shape
     if rows_out == 0:
         return
-    offset, weight, keep = _phase_weights(factor)
+    offset, weight, keep = phase_weights(factor)
     per_phase = [len(range(j, width, factor)) for j in range(factor)]
     # Coarse columns -1 .. per_phase[0] with the edge repeated: every phase's neighbours are plain slices.
     inner = min(per_phase[0] + 1, cols_in)
@@ -281,11 +281,11 @@ def _halves_rows(block_out: np.ndarray, wide: np.ndarray, count: int, steps: np.
 
 
 @functools.cache
-def _unit_norm(factor: int) -> bool:
+def unit_norm(factor: int) -> bool:
     """Whether the bilinear weights of every phase of ``factor`` add up to exactly 1.0 in float32, per axis and
     both axes together: then a fine pixel whose neighbours are all valid has the value a plain (unweighted by
     validity) upsampling gives it, bit for bit. True for the factors of Sentinel-2 and Landsat grids."""
-    _, weight, keep = _phase_weights(factor)
+    _, weight, keep = phase_weights(factor)
     ones = [np.float32(keep[j] * np.float32(1)) + np.float32(weight[j] * np.float32(1)) for j in range(factor)]
     return all(np.float32(np.float32(keep[r] * c) + np.float32(weight[r] * c)) == 1
                for r in range(factor) for c in ones)
@@ -347,11 +347,11 @@ def upsample_valid_into(out: np.ndarray, dn: np.ndarray, valid: np.ndarray, fact
 
     Only the fine rows whose neighbours include an invalid pixel (a few rows per nodata pixel) go
     through the weighted, masked resampling; every other row is a plain :func:`upsample_into`, which
-    gives the same values bit for bit there (see :func:`_unit_norm`). Values are rounded when
+    gives the same values bit for bit there (see :func:`unit_norm`). Values are rounded when
     ``round_values`` (as :func:`upsample_into`); invalid pixels of ``out`` hold an arbitrary value.
     """
     bottom = top + len(out)
-    if not _unit_norm(factor):
+    if not unit_norm(factor):
         values, mask = upsample_bilinear(dn, valid, factor, source_row, top, bottom, out.shape[1])
         if round_values:
             np.rint(values, out=values)

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from domains.satellite.strips import CoarseRows, integer_upsampling, upsample_into, upsample_valid_into
+from domains.satellite.strips import (
+    CoarseRows,
+    integer_upsampling,
+    phase_weights,
+    unit_norm,
+    upsample_into,
+    upsample_valid_into,
+)
 from domains.spec import CoarseGrid, CoarsePatches
 
 if TYPE_CHECKING:
@@ -90,7 +97,10 @@ def coarse_grids(layout: SceneLayout, tile_size: int) -> tuple[CoarseGrid, ...]:
     """The bands of ``layout`` on grids an integer factor coarser than its working grid, grouped by factor.
 
     A band of the same factor but another extent than the first one of its factor stays upsampled (a
-    grid's patches share their spans); so does every band that GDAL warps (not an integer factor).
+    grid's patches share their spans); so does every band that GDAL warps (not an integer factor), and
+    every band of a factor whose weights do not add up to exactly one (there the reader's values near
+    nodata depend on the whole strip, not only on the tile's patch; see
+    :func:`~domains.satellite.strips.unit_norm`).
     """
     members: dict[int, list[int]] = {}
     shapes: dict[int, tuple[int, int]] = {}
@@ -98,7 +108,7 @@ def coarse_grids(layout: SceneLayout, tile_size: int) -> tuple[CoarseGrid, ...]:
         if layout.on_grid(band):
             continue
         factor = integer_upsampling(band.transform, layout.transform)
-        if factor is None or shapes.setdefault(factor, band.shape) != band.shape:
+        if factor is None or not unit_norm(factor) or shapes.setdefault(factor, band.shape) != band.shape:
             continue
         members.setdefault(factor, []).append(index)
     return tuple(CoarseGrid(factor, tuple(channels), window_side(tile_size, factor))
@@ -111,9 +121,10 @@ class CoarsePatchBatch:
     def __init__(self, grids: tuple[CoarseGrid, ...], band_shapes: list[tuple[int, int]], capacity: int,
                  tile_size: int, dtype: np.dtype, fill: tuple[float, ...]):
         self.grids, self.band_shapes, self.tile_size, self.fill = grids, band_shapes, tile_size, fill
-        # Zeroed: the padding beyond a patch's span is stored too, and must not depend on earlier batches.
+        # The padding beyond a patch's span is stored too: zero pixels, marked valid (so a patch valid
+        # everywhere is seen at a glance), the same in every batch.
         self.patches = [np.zeros((capacity, len(g.channels), g.side, g.side), dtype=dtype) for g in grids]
-        self.patch_valid = [np.zeros((capacity, len(g.channels), g.side, g.side), dtype=bool) for g in grids]
+        self.patch_valid = [np.ones((capacity, len(g.channels), g.side, g.side), dtype=bool) for g in grids]
         self.spans = [np.zeros((capacity, 4), dtype=np.int32) for _ in grids]
         self.valid = np.empty((capacity, tile_size, tile_size), dtype=bool)
 
@@ -134,9 +145,7 @@ class CoarsePatchBatch:
                     raise ValueError(f"coarse rows {band.first}:{band.first + len(band.dn)} of channel {channel} miss "
                                      f"rows {first_row}:{stop_row} of the tile at {row},{col}")
                 patches[k, j, :rows, :cols] = band.dn[top:top + rows, first_col:stop_col]
-                if band.valid is None:
-                    patch_valid[k, j, :rows, :cols] = True
-                else:
+                if band.valid is not None:
                     patch_valid[k, j, :rows, :cols] = band.valid[top:top + rows, first_col:stop_col]
 
     def take(self, count: int) -> CoarsePatches:
@@ -149,3 +158,40 @@ class CoarsePatchBatch:
         return CoarsePatches(grids=self.grids, patches=tuple(cut(a) for a in self.patches),
                              patch_valid=tuple(cut(a) for a in self.patch_valid),
                              spans=tuple(cut(a) for a in self.spans), valid=cut(self.valid), fill=self.fill)
+
+
+def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, factor: int,
+                   round_values: bool) -> None:
+    """:func:`upsample_tile` of many tiles at once, every patch pixel valid: ``out`` (n, c, T, T) from (n, c, S, S).
+
+    ``spans`` (n, 4) gives each tile's patch rows and columns in use and its first fine row and column
+    counted from the patch's first coarse pixel (see :class:`domains.CoarsePatches`). Each fine pixel is
+    ``lower * (1 - w) + upper * w`` along columns, then rows, in float32, with the phase weights and the
+    edge repetition of :func:`~domains.satellite.strips.upsample_into`: the same values bit for bit (tested),
+    in a handful of whole-chunk operations instead of a call per tile and band (small tiles are read
+    faster than a model trains on them).
+    """
+    count, _, size, _ = out.shape
+    if count == 0:
+        return
+    offset, weight, keep = phase_weights(factor)
+
+    def axis(first: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        fine = first[:, None] + np.arange(size)[None, :]  # (n, T) fine positions counted from the patch
+        phase = fine % factor
+        lower = fine // factor + offset[phase]
+        last = (length - 1)[:, None]
+        return (np.clip(lower, 0, last), np.clip(lower + 1, 0, last), keep[phase], weight[phase])
+
+    rows, cols, first_row, first_col = (spans[:, k].astype(np.int64) for k in range(4))
+    row_low, row_high, row_keep, row_weight = axis(first_row, rows)
+    col_low, col_high, col_keep, col_weight = axis(first_col, cols)
+    source = patches.astype(np.float32, copy=False)
+    # Columns first: (n, c, S, T), then rows: (n, c, T, T), as the strip reader's passes.
+    wide = (np.take_along_axis(source, col_low[:, None, None, :], axis=3) * col_keep[:, None, None, :]
+            + np.take_along_axis(source, col_high[:, None, None, :], axis=3) * col_weight[:, None, None, :])
+    values = (np.take_along_axis(wide, row_low[:, None, :, None], axis=2) * row_keep[:, None, :, None]
+              + np.take_along_axis(wide, row_high[:, None, :, None], axis=2) * row_weight[:, None, :, None])
+    if round_values:
+        np.rint(values, out=values)
+    np.copyto(out, values, casting="unsafe")

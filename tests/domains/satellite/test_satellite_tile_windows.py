@@ -85,3 +85,31 @@ def test_the_strip_readers_tiles_come_back_from_the_coarse_bands_windows(example
                                               err_msg=f"{band.name} tile {row},{col}")
                 checked += 1
     assert checked > 100 and not valid.all()
+
+
+@pytest.mark.parametrize("factor", [2, 3, 6])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_many_tiles_at_once_are_each_tiles_values_bit_for_bit(factor: int, dtype) -> None:
+    from domains.satellite.tile_windows import upsample_tiles
+
+    rng = np.random.default_rng(20 + factor)
+    coarse = rng.integers(1, 10000, size=(13, 16), dtype=np.uint16).astype(dtype)
+    size = 2 * factor + 3
+    side = window_side(size, factor)
+    height, width = 13 * factor, 16 * factor - 1
+    starts = [(r, c) for r in range(0, height - size + 1, 5) for c in range(0, width - size + 1, 7)]
+    patches = np.zeros((len(starts), 2, side, side), dtype=dtype)
+    spans = np.zeros((len(starts), 4), dtype=np.int32)
+    expected = np.empty((len(starts), 2, size, size), dtype=dtype)
+    for k, (row, col) in enumerate(starts):
+        rows = window_span(row, size, factor, coarse.shape[0])
+        cols = window_span(col, size, factor, coarse.shape[1])
+        window = coarse[rows[0]:rows[1], cols[0]:cols[1]]
+        for channel, values in enumerate((window, window[::-1, ::-1].copy())):
+            patches[k, channel, :window.shape[0], :window.shape[1]] = values
+            upsample_tile(expected[k, channel], values, None, factor, (rows[0], cols[0]), (row, col),
+                          np.issubdtype(dtype, np.integer))
+        spans[k] = (*window.shape, row - rows[0] * factor, col - cols[0] * factor)
+    got = np.empty_like(expected)
+    upsample_tiles(got, patches, spans, factor, np.issubdtype(dtype, np.integer))
+    np.testing.assert_array_equal(got, expected)
