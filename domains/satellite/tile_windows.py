@@ -11,7 +11,8 @@ costs about what it costs in the scene. This module is the geometry and the arit
 * :func:`upsample_tile` upsamples such a window onto the tile. It runs the strip reader's own functions
   on the window, whose first column is made to fall on a whole coarse pixel of the scene, so every fine
   pixel is computed from the same coarse pixels with the same weights in the same order: the values the
-  strip reader gives the tile, bit for bit (tested), nodata weighting included;
+  strip reader gives the tile, bit for bit (tested), nodata weighting included; :func:`upsample_tiles`
+  does the same for a whole chunk of tiles whose patches hold no nodata, in a few array operations;
 * :func:`coarse_grids` and :class:`CoarsePatchBatch` are how the tiling reader hands each tile's patches
   to a dataset (:class:`domains.CoarsePatches`), which stores them instead of the upsampled bands and
   rebuilds the tiles when read (:mod:`tasks.coarse_bands`).
