@@ -19,15 +19,13 @@ dataset reads it as before.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from domains import CoarseGrid, CoarsePatches
 from domains.satellite.tile_windows import upsample_tile, upsample_tiles
-from tasks.dataset_store import CACHED_CHUNKS, ChunkSource
+from tasks.dataset_store import CachedChunks, ChunkSource
 
 VALID = "valid"
 
@@ -99,12 +97,12 @@ class _Shape:
         return len(self.shape)
 
 
-class RebuiltSource:
+class RebuiltSource(CachedChunks):
     """Decoded chunks of a dataset's samples, rebuilt from ``images`` and the coarse arrays (see the module).
 
     Answers what :class:`tasks.dataset_store.LazySamples` asks of a :class:`ChunkSource` (``chunk``,
-    ``is_cached``, ``num_chunks``, ``chunk_samples``, ``array.shape``, ``name``), keeps the last few
-    rebuilt chunks, and pickles into DataLoader workers without its cache.
+    ``is_cached``, ``num_chunks``, ``chunk_samples``, ``array.shape``, ``name``), keeping the last few
+    rebuilt chunks as a ChunkSource keeps decoded ones.
     """
 
     def __init__(self, sources: dict[str, ChunkSource], grids: tuple[CoarseGrid, ...], fill: tuple[float, ...],
@@ -118,27 +116,9 @@ class RebuiltSource:
         self.array = _Shape((int(self.fine.array.shape[0]), channels, *(int(s) for s in self.fine.array.shape[2:])))
         self._init_cache()
 
-    def _init_cache(self) -> None:
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for key in ("_cache", "_lock"):
-            state.pop(key)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._init_cache()
-
     @property
     def num_chunks(self) -> int:
         return self.fine.num_chunks
-
-    def is_cached(self, index: int) -> bool:
-        with self._lock:
-            return index in self._cache
 
     def coarse_patches(self, index: int) -> CoarsePatches:
         """The stored coarse patches of chunk ``index`` (each array checked against its digest on first decode)."""
@@ -151,17 +131,7 @@ class RebuiltSource:
         return CoarsePatches(grids=self.grids, patches=tuple(patches), patch_valid=tuple(valid), spans=tuple(spans),
                              valid=self.parts[VALID].chunk(index).view(bool), fill=self.fill)
 
-    def chunk(self, index: int) -> np.ndarray:
-        """Samples of chunk ``index`` in their stored dtype, every channel on the samples' grid."""
-        with self._lock:
-            cached = self._cache.get(index)
-            if cached is not None:
-                self._cache.move_to_end(index)
-                return cached
+    def _decode(self, index: int) -> np.ndarray:
         block = rebuild_samples(self.fine.chunk(index), self.coarse_patches(index), self.channels)
         block.flags.writeable = False
-        with self._lock:
-            self._cache[index] = block
-            while len(self._cache) > CACHED_CHUNKS:
-                self._cache.popitem(last=False)
         return block

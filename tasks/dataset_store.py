@@ -412,43 +412,28 @@ def _fsync(path: str) -> None:
         os.close(descriptor)
 
 
-class ChunkSource:
-    """Decoded chunks of one stored array, each verified against its digest on first decode.
+class CachedChunks:
+    """Chunks of samples decoded on demand, the last :data:`CACHED_CHUNKS` kept (least recently used goes first).
 
-    Keeps the last few decoded chunks (an LRU of ``CACHED_CHUNKS``), shared by every split that views
-    the array. Safe to pickle into DataLoader worker processes (the cache is not carried).
+    Subclasses decode (``_decode``); this keeps the cache, shared by every split that reads the samples,
+    and pickles into DataLoader worker processes without it (each process keeps its own).
     """
 
-    def __init__(self, files: DatasetFiles, array, name: str, digests: Sequence[str], verify: bool = True):
-        self.files = files
-        self.array = array
-        self.name = name
-        self.digests = list(digests)
-        self.verify = verify
-        self.chunk_samples = int(array.chunks[0])
-        self._init_cache()
+    _process_local: tuple[str, ...] = ("_cache", "_lock")
 
     def _init_cache(self) -> None:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._verified: set[int] = set()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_cache", "_verified", "_lock"):
+        for key in self._process_local:
             state.pop(key)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_cache()
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.digests)
-
-    def key(self, index: int) -> str:
-        return chunk_key(self.name, index, self.array.ndim)
 
     def is_cached(self, index: int) -> bool:
         """Whether chunk ``index`` is decoded already (reading it now costs no decode)."""
@@ -468,6 +453,39 @@ class ChunkSource:
             while len(self._cache) > CACHED_CHUNKS:
                 self._cache.popitem(last=False)
         return block
+
+    def _decode(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ChunkSource(CachedChunks):
+    """Decoded chunks of one stored array, each verified against its digest on first decode.
+
+    Keeps the last few decoded chunks (an LRU of ``CACHED_CHUNKS``), shared by every split that views
+    the array. Safe to pickle into DataLoader worker processes (the cache is not carried).
+    """
+
+    def __init__(self, files: DatasetFiles, array, name: str, digests: Sequence[str], verify: bool = True):
+        self.files = files
+        self.array = array
+        self.name = name
+        self.digests = list(digests)
+        self.verify = verify
+        self.chunk_samples = int(array.chunks[0])
+        self._init_cache()
+
+    _process_local = (*CachedChunks._process_local, "_verified")
+
+    def _init_cache(self) -> None:
+        super()._init_cache()
+        self._verified: set[int] = set()
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.digests)
+
+    def key(self, index: int) -> str:
+        return chunk_key(self.name, index, self.array.ndim)
 
     def _decode(self, index: int) -> np.ndarray:
         if not 0 <= index < self.num_chunks:
