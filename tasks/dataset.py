@@ -68,6 +68,7 @@ from domains import (
     get_domain,
     labelled_samples,
 )
+from domains.array_memory import ReusableArrays
 from domains.confinement import ensure_inside
 from domains.spec import printable_path
 from tasks.allocator import keep_freed_memory_for_reuse
@@ -333,12 +334,6 @@ class _GroupTotals:
         self.squares = np.zeros(channels, dtype=np.float64)
         self.classes = np.zeros(classes, dtype=np.int64)
 
-    def add_samples(self, pixels: int, sums: np.ndarray, squares: np.ndarray) -> None:
-        """Add samples of ``pixels`` pixels each, given their per-channel sums and sums of squares (n, C)."""
-        self.pixels += pixels * len(sums)
-        self.sums += sums.sum(axis=0)
-        self.squares += squares.sum(axis=0)
-
     def merge(self, other: _GroupTotals) -> None:
         self.pixels += other.pixels
         self.sums += other.sums
@@ -462,6 +457,8 @@ class _StreamingWriter:
         """Of the samples as read (``images`` holds fewer channels when some are stored coarse)."""
         self.coarse_layout: tuple[tuple[CoarseGrid, ...], tuple[float, ...]] = ((), ())
         self.coarse_arrays: dict[str, ChunkedArrayWriter] = {}
+        self._fine_arrays: ReusableArrays | None = None
+        """The fine channels of each batch, stored apart from its coarse ones (see :meth:`_stored_images`)."""
         self.group = None
         self.rows: dict[str, list] = {column: [] for column in MANIFEST_COLUMNS if column != "split"}
         self.labelled: list[bool] = []
@@ -501,12 +498,12 @@ class _StreamingWriter:
             # Summed on a thread of their own while this one cuts the next batch (numpy's sums release the
             # GIL); added to the group totals here, in batch order, so the totals do not depend on timing.
             while len(self._sums_in_flight) >= BATCHES_IN_FLIGHT:
-                self._add_totals(*self._sums_in_flight.popleft().result())
-            self._sums_in_flight.append(self._sums_pool.submit(self._sample_sums, batch))
+                self._add_totals(self._sums_in_flight.popleft().result())
+            self._sums_in_flight.append(self._sums_pool.submit(self._batch_totals, batch))
 
     def _finish_totals(self) -> None:
         while self._sums_in_flight:
-            self._add_totals(*self._sums_in_flight.popleft().result())
+            self._add_totals(self._sums_in_flight.popleft().result())
         self._sums_pool.shutdown()
 
     @property
@@ -529,6 +526,14 @@ class _StreamingWriter:
         for job in self._sums_in_flight:
             job.cancel()
         self._sums_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _close_arrays(self) -> None:
+        """Close every array at once: each ends by syncing its files to disk, which the file system then
+        commits together (one after another they took half a second at the end of a full-tile ingest)."""
+        arrays = self._arrays()
+        with ThreadPoolExecutor(max_workers=max(1, len(arrays)), thread_name_prefix="vitrail-close") as pool:
+            for job in [pool.submit(array.close) for array in arrays]:
+                job.result()
 
     def _arrays(self) -> list[ChunkedArrayWriter]:
         return [a for a in (self.images, self.labels, *self.coarse_arrays.values()) if a is not None]
@@ -595,8 +600,15 @@ class _StreamingWriter:
             raise DatasetError(f"{printable_path(batch.source)}: a batch in {batch.images.dtype} after batches in "
                                f"{self.images.dtype}")
         if self.coarse_arrays:
-            fine = np.take(batch.images, fine_channels(self.coarse_layout[0], batch.images.shape[1]), axis=1)
-            fine.flags.writeable = False  # a fresh array nobody else holds: stored without a staging copy
+            channels = fine_channels(self.coarse_layout[0], batch.images.shape[1])
+            if self._fine_arrays is None:
+                self._fine_arrays = ReusableArrays((len(batch.images), len(channels), *self.sample_shape[1:]),
+                                                   batch.images.dtype, keep=BATCHES_IN_FLIGHT + 2)
+            fine = self._fine_arrays.take((len(batch.images), len(channels), *self.sample_shape[1:]))
+            for j, channel in enumerate(channels):  # plain copies (np.take into ``out`` stages through a buffer)
+                fine[:, j] = batch.images[:, channel]
+            # Nobody else holds it (a batch-sized one, reused once the store let go): stored without a staging copy.
+            fine.flags.writeable = False
             return fine
         return batch.images
 
@@ -622,30 +634,53 @@ class _StreamingWriter:
             self.rows["label"].extend(1 if v else -1 for v in labelled.tolist())
         self.rows["group"].extend(printable_path(g) for g in np.asarray(batch.groups).tolist())
 
-    @staticmethod
-    def _sample_sums(batch: SampleSet) -> tuple[SampleSet, list[tuple[slice, np.ndarray, np.ndarray]]]:
-        """Per-sample channel sums of ``batch``, in parts that bound the float64 scratch."""
+    def _batch_totals(self, batch: SampleSet) -> list[tuple[str | None, np.ndarray | None, int, np.ndarray | None,
+                                                            np.ndarray | None]]:
+        """What ``batch`` adds to the running totals, in the order :meth:`_add_totals` adds it (on the sums thread).
+
+        Per part of the batch (parts bound the float64 scratch): ``(None, None, pixels, sums, squares)`` for
+        the totals of all samples, then per group ``(group, class counts, pixels, sums, squares)`` of its
+        labelled members (sums None when it has none). Everything but the additions is done here, off the
+        thread that reads and stores the samples.
+        """
+        classes = len(batch.class_names)
         sample_floats = int(np.prod(batch.images.shape[1:]))
         step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
-        return batch, [(slice(start, start + step), *_physical_sample_sums(batch, slice(start, start + step)))
-                       for start in range(0, len(batch.images), step)]
-
-    def _add_totals(self, batch: SampleSet, parts: list[tuple[slice, np.ndarray, np.ndarray]]) -> None:
-        classes = len(batch.class_names)
-        channels = len(batch.windows) if batch.windows else len(batch.channels)
-        if self.all_totals is None:
-            self.all_totals = _GroupTotals(channels, classes)
         labelled = labelled_samples(batch.labels)
         groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
         pixels = int(np.prod(batch.images.shape[2:]))
-        for part, sums, squares in parts:
-            self.all_totals.add_samples(pixels, sums, squares)
+        deltas: list = []
+        for start in range(0, len(batch.images), step):
+            part = slice(start, start + step)
+            sums, squares = _physical_sample_sums(batch, part)
+            deltas.append((None, None, pixels * len(sums), sums.sum(axis=0), squares.sum(axis=0)))
             for group in dict.fromkeys(groups[part].tolist()):
-                members = (groups[part] == group) & labelled[part]
-                totals = self.labelled_totals.setdefault(group, _GroupTotals(channels, classes))
-                totals.classes += self._class_counts(batch.labels[part][groups[part] == group], classes)
+                in_group = groups[part] == group
+                members = in_group & labelled[part]
+                counts = self._class_counts(batch.labels[part][in_group], classes)
                 if members.any():
-                    totals.add_samples(pixels, sums[members], squares[members])
+                    deltas.append((group, counts, pixels * int(members.sum()), sums[members].sum(axis=0),
+                                   squares[members].sum(axis=0)))
+                else:
+                    deltas.append((group, counts, 0, None, None))
+        return deltas
+
+    def _add_totals(self, deltas: list[tuple[str | None, np.ndarray | None, int, np.ndarray | None,
+                                             np.ndarray | None]]) -> None:
+        """Add one batch's :meth:`_batch_totals` to the running totals (in batch order: totals do not depend on timing)."""
+        channels = len(self.first.windows) if self.first.windows else len(self.first.channels)
+        classes = len(self.first.class_names)
+        if self.all_totals is None:
+            self.all_totals = _GroupTotals(channels, classes)
+        for group, counts, pixels, sums, squares in deltas:
+            totals = self.all_totals if group is None else self.labelled_totals.setdefault(
+                group, _GroupTotals(channels, classes))
+            if counts is not None:
+                totals.classes += counts
+            if sums is not None:
+                totals.pixels += pixels
+                totals.sums += sums
+                totals.squares += squares
 
     def _class_counts(self, labels: np.ndarray, classes: int) -> np.ndarray:
         """Samples per class (classification), positives per finding (multilabel), pixels per class (segmentation)."""
@@ -658,8 +693,7 @@ class _StreamingWriter:
     def finish_unsplit(self) -> UnsplitWrite:
         """Close the arrays and return what was written, without splits or statistics (a per-source part)."""
         self._finish_totals()
-        for array in self._arrays():
-            array.close()
+        self._close_arrays()
         first = self.first
         return UnsplitWrite(
             rows={column: list(values) for column, values in self.rows.items()}, task=self.task,
@@ -692,8 +726,7 @@ class _StreamingWriter:
         if self.images is None:
             raise DatasetError(f"{printable_path(self.first.source)}: no samples left after filtering "
                                f"(dropped: {self.dropped})")
-        for array in self._arrays():
-            array.close()
+        self._close_arrays()
         groups = np.array(self.rows["group"])
         labelled = np.array(self.labelled, dtype=bool)
         if labelled.any():

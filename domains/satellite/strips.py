@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -25,6 +24,7 @@ from domains.satellite.scene import (
     reject_infinite,
     valid_pixels,
 )
+from domains.array_memory import ReusableArrays, release_free_memory
 from domains.satellite.sensors import IDENTITY
 
 # GDAL keeps decoded blocks in a cache that defaults to 5% of RAM: left alone, it grows with the scene until
@@ -37,74 +37,10 @@ WINDOW_MARGIN = 2
 READ_THREADS = 2
 # Rows of blocks up to this tall are read to their end and the rows past a strip kept for the next one.
 MAX_BLOCK_ROWS_AHEAD = 1024
-
-
-def release_free_memory() -> None:
-    """Hand memory that the C allocator holds free back to the system (glibc only; elsewhere nothing).
-
-    A strip's arrays of a few MiB are allocated and freed on several threads; glibc keeps what they
-    freed in per-thread arenas, fragmented, so a process's resident memory creeps up with the number of
-    strips (over 100 MiB for a full Sentinel-2 tile) although what is in use stays flat. Trimming once
-    per strip keeps resident memory at what is in use, for about a millisecond.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _malloc_trim():
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        try:
-            import ctypes
-            import ctypes.util
-
-            name = ctypes.util.find_library("c")
-            if name:
-                _MALLOC_TRIM = getattr(ctypes.CDLL(name), "malloc_trim", False)
-        except OSError:
-            pass
-    return _MALLOC_TRIM or None
-
-
-_MALLOC_TRIM: Any = None
-
-
-class ReusableArrays:
-    """Multi-MiB arrays handed out again once nothing but this pool references them.
-
-    A fresh array of a few MiB is not free: the kernel zeroes each of its (huge) pages on first touch,
-    which took about a fifth of an ingest's CPU time when every strip, band window and batch of tiles
-    was a new array. An array is reused only when its reference count says that nobody else (a caller
-    still holding a strip, a dataset writer storing a batch) can see it, so a caller that keeps an
-    array simply gets a new one next time. :meth:`take` of another shape returns a view of a pooled
-    buffer large enough; of the pool's own shape, the buffer itself (an array owning its memory).
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype: Any, keep: int):
-        self.shape, self.dtype, self.keep = tuple(int(s) for s in shape), np.dtype(dtype), keep
-        self._arrays: list[np.ndarray] = [np.empty(0, dtype=self.dtype)]
-        # What "held by the pool only" reads as on this interpreter: the list's reference and the argument's.
-        self._alone = sys.getrefcount(self._arrays[0])
-        self._arrays.clear()
-
-    def take(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """A writeable array of ``shape`` (the pool's by default) that nobody else references; contents arbitrary."""
-        shape = self.shape if shape is None else tuple(int(s) for s in shape)
-        size = math.prod(shape)
-        for index in range(len(self._arrays)):
-            if self._arrays[index].size >= size and sys.getrefcount(self._arrays[index]) <= self._alone:
-                array = self._arrays[index]
-                break
-        else:
-            array = np.empty(shape if shape == self.shape else max(size, math.prod(self.shape)), dtype=self.dtype)
-            if len(self._arrays) < self.keep:
-                self._arrays.append(array)
-        array.flags.writeable = True  # an array handed over read-only before, now referenced by nobody else
-        if array.shape == shape:
-            return array
-        return array.reshape(-1)[:size].reshape(shape)
+# Free C heap memory is handed back to the system every this many strips (see release_free_memory): often
+# enough that resident memory does not creep with the scene's height; not after every strip, since what
+# is handed back is faulted in (zeroed) again by the next strips: 5% of a full-tile ingest's CPU at 1.
+TRIM_EVERY_STRIPS = 8
 
 
 def shifted_transform(transform: Any, col: int, row: int) -> Any:
@@ -502,12 +438,13 @@ class StripReader:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-strip-ahead") as ahead:
             pending = ahead.submit(self.read_rows, *ranges[0])
             try:
-                for top, bottom in ranges[1:]:
+                for index, (top, bottom) in enumerate(ranges[1:], start=1):
                     strip = pending.result()
                     pending = ahead.submit(self.read_rows, top, bottom)
                     yield strip
                     del strip
-                    release_free_memory()
+                    if index % TRIM_EVERY_STRIPS == 0:
+                        release_free_memory()
                 strip = pending.result()
             finally:
                 # Whatever ends the iteration (the caller stopping early included), the strip in flight is

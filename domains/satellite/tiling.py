@@ -8,12 +8,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from domains.array_memory import ReusableArrays
 from domains.input_guards import check_readable, input_errors_named
 from domains.satellite.clouds import CloudMasker, CloudRows, plan_cloud_mask
 from domains.satellite.labels import LabelWindows
 from domains.satellite.scene import Scene, SceneLayout, describe_scales, inspect_scene
-from domains.satellite.strips import ReusableArrays, StripReader
-from domains.satellite.tile_windows import CoarsePatchBatch, coarse_grids
+from domains.satellite.strips import StripReader
+from domains.satellite.tile_windows import CoarsePatchBatch, CoarsePatchBatches, coarse_grids
 from domains.spec import DomainInputError, IngestRequest, SampleSet
 
 DEFAULT_CLASS_NAMES = ("water", "vegetation", "bare_or_built")
@@ -100,12 +101,15 @@ def tile_scene(scene: Scene, labels: np.ndarray | None, request: IngestRequest) 
 
 
 def checked_labels(labels: np.ndarray, valid: np.ndarray, class_names: tuple[str, ...], path: Path) -> np.ndarray:
-    """Labels with -1 under invalid pixels; a class id beyond ``class_names`` is refused, naming ``path``."""
+    """Labels with -1 under invalid pixels and for any negative value; a class id beyond ``class_names`` is refused,
+    naming ``path``."""
     top = int(labels.max()) if labels.size else -1
     if top >= len(class_names):
         raise DomainInputError(
             path, f"label value {top} is outside 0..{len(class_names) - 1} for classes {', '.join(class_names)}"
         )
+    if labels.size and int(labels.min()) < -1:
+        labels = np.maximum(labels, labels.dtype.type(-1))
     # Labels under invalid pixels describe pixels the model never sees.
     if valid.all():
         return labels
@@ -162,12 +166,13 @@ def select_tiles(
                 continue
             label = -1
             if labels is not None:
-                window = labels[local : local + size, col : col + size]
-                labelled = window[window >= 0]
-                if 2 * labelled.size < pixels:
+                # Pixels per class id + 1: unlabelled (-1) first, then each class.
+                counts = np.bincount((labels[local : local + size, col : col + size] + 1).ravel(),
+                                     minlength=num_classes + 1)
+                if 2 * (pixels - int(counts[0])) < pixels:
                     dropped["unlabelled"] += 1
                     continue
-                label = int(np.bincount(labelled, minlength=num_classes).argmax())
+                label = int(counts[1:].argmax())
             kept.append((row, col, label))
     return kept
 
@@ -317,8 +322,10 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         fill = tuple(float(v) for v in reader.fill)
         band_shapes = [band.shape for band in layout.bands]
 
+        patch_batches = CoarsePatchBatches(grids, band_shapes, capacity, size, reader.dtype, fill) if grids else None
+
         def new_patches() -> CoarsePatchBatch | None:
-            return CoarsePatchBatch(grids, band_shapes, capacity, size, reader.dtype, fill) if grids else None
+            return patch_batches.new() if patch_batches is not None else None
 
         def batch(images: np.ndarray, kept: list, dropped: dict[str, int], provenance: dict[str, str],
                   patches: CoarsePatchBatch | None) -> SampleSet:
@@ -351,6 +358,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
                   for index, rows in enumerate(strips)]
         strip_pixels = reader.read_strips(ranges)
         stack.callback(strip_pixels.close)  # the strip read ahead finishes before the reader closes
+        label_rows = _read_ahead(labels.read_rows, ranges, stack) if labels is not None else None
         for index, (rows, (raw, valid)) in enumerate(zip(strips, strip_pixels)):
             top, bottom = ranges[index]
             coarse = reader.take_coarse(top)
@@ -365,7 +373,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
             strip_labels = None
             if labels is not None:
                 label_path = request.labels if request.labels is not None else layout.path
-                strip_labels = checked_labels(labels.read_rows(top, bottom, compact=True), valid, class_names, label_path)
+                strip_labels = checked_labels(next(label_rows), valid, class_names, label_path)
             for row, col, label in select_tiles(valid, strip_labels, top, rows, width, request, len(class_names),
                                                 dropped, cloudy):
                 images[len(kept)] = raw[:, row - top : row - top + size, col : col + size]
@@ -396,3 +404,20 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
         last_images = images[: len(kept)].copy()
         last_images.flags.writeable = False
         yield batch(last_images, kept, dropped, provenance, patches)
+
+
+def _read_ahead(read_rows, ranges: list[tuple[int, int]], stack: ExitStack) -> Iterator[np.ndarray]:
+    """``read_rows(top, bottom, compact=True)`` of each range in turn, the next one read on a thread of its own.
+
+    The label raster's strips are decoded while the caller cuts tiles (a tenth of a full-tile ingest's
+    main-thread time when read in line). The thread is stopped, after finishing the read in flight, when
+    ``stack`` closes, before the label raster it reads from closes.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitrail-labels"))
+    pending = pool.submit(read_rows, *ranges[0], compact=True) if ranges else None
+    for following in [*ranges[1:], None]:
+        rows = pending.result()
+        pending = pool.submit(read_rows, *following, compact=True) if following is not None else None
+        yield rows

@@ -204,7 +204,7 @@ def measure_all(model, metadata: dict, dataset, out: Path, options: dict[str, st
     ``dataset`` is read in the model's input units (:func:`tasks.model_inputs.load_dataset_for`)."""
     import torch
 
-    from domains.satellite.strips import release_free_memory
+    from domains.array_memory import release_free_memory
     from tasks.compression.held_out import dense_held_out
     from tasks.compression.measure import count_macs, plot_pareto, resident_bytes, time_throughput
     from tasks.compression.profiles import get_profile

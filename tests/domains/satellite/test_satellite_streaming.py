@@ -247,7 +247,7 @@ def test_masked_upsampling_by_dirty_rows_is_the_whole_window_result_bit_for_bit(
 
 
 def test_reusable_arrays_hand_out_only_arrays_nobody_else_holds() -> None:
-    from domains.satellite.strips import ReusableArrays
+    from domains.array_memory import ReusableArrays
 
     pool = ReusableArrays((4, 5), np.uint16, keep=2)
     first = pool.take()

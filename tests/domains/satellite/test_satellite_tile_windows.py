@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from domains.satellite.scene import inspect_scene
-from domains.satellite.strips import StripReader, integer_upsampling, upsample_valid_into, window_valid
-from domains.satellite.tile_windows import upsample_tile, window_side, window_span
+from domains.satellite.strips import CoarseRows, StripReader, integer_upsampling, upsample_valid_into, window_valid
+from domains.satellite.tile_windows import CoarsePatchBatches, upsample_tile, window_side, window_span
+from domains.spec import CoarseGrid
 
 
 def _tile_from_window(coarse: np.ndarray, valid: np.ndarray | None, factor: int, row: int, col: int, size: int,
@@ -113,3 +114,34 @@ def test_many_tiles_at_once_are_each_tiles_values_bit_for_bit(factor: int, dtype
     got = np.empty_like(expected)
     upsample_tiles(got, patches, spans, factor, np.issubdtype(dtype, np.integer))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_reused_batch_slot_holds_only_its_new_tile() -> None:
+    """Batches come from reused memory: a slot that held an interior tile (full span, some nodata) and then an
+    edge tile (shorter span, all valid) must read as if fresh: zero padding marked valid beyond the span."""
+    size, factor, side = 8, 2, window_side(8, 2)
+    grids = (CoarseGrid(factor, (1,), side),)
+    band_shapes = [(32, 32), (16, 16)]
+    rng = np.random.default_rng(3)
+    noisy = CoarseRows(factor, 0, rng.integers(1, 1000, (16, 16)).astype(np.uint16), rng.random((16, 16)) > 0.2)
+    clean = CoarseRows(factor, 0, rng.integers(1, 1000, (16, 16)).astype(np.uint16), None)
+    valid = np.ones((size, size), dtype=bool)
+
+    def fill(batches: CoarsePatchBatches, coarse: CoarseRows, row: int, col: int):
+        batch = batches.new()
+        batch.add(0, row, col, {1: coarse}, valid)
+        return batch.take(1)
+
+    pooled = CoarsePatchBatches(grids, band_shapes, 1, size, np.dtype(np.uint16), (0.0, 0.0), keep=1)
+    first = fill(pooled, noisy, 9, 9)  # an odd start: the widest span
+    assert first.spans[0][0, :2].tolist() == [side, side] and not first.patch_valid[0].all()
+    address = first.patches[0].__array_interface__["data"][0]  # not a reference: that would keep it in use
+    del first
+    reused = fill(pooled, clean, 24, 24)  # bottom-right corner: the span is cut at the band's edge
+    assert reused.patches[0].__array_interface__["data"][0] == address
+    fresh = fill(CoarsePatchBatches(grids, band_shapes, 1, size, np.dtype(np.uint16), (0.0, 0.0)), clean, 24, 24)
+    rows, cols = (int(v) for v in reused.spans[0][0, :2])
+    assert rows < side and cols < side
+    for name in ("patches", "patch_valid", "spans"):
+        np.testing.assert_array_equal(getattr(reused, name)[0], getattr(fresh, name)[0])
+    assert (reused.patches[0][0, 0, rows:] == 0).all() and reused.patch_valid[0].all()

@@ -103,6 +103,17 @@ def test_tile_label_is_the_majority_class(example: dict[str, Path], scene, label
     assert set(samples.labels.tolist()) == {0, 1, 2}
 
 
+def test_any_negative_label_counts_as_unlabelled(example: dict[str, Path], scene, labels) -> None:
+    marked = labels.copy()
+    marked[:, :15] = -1
+    other_marks = labels.copy()
+    other_marks[:, :15] = -7  # a caller's own "no label" value: unlabelled as -1 is
+    expected = tile_scene(scene, marked, request_for(example, tile_size=10, stride=10, block_size=30))
+    samples = tile_scene(scene, other_marks, request_for(example, tile_size=10, stride=10, block_size=30))
+    assert samples.dropped == expected.dropped and samples.dropped["unlabelled"] == 6
+    np.testing.assert_array_equal(samples.labels, expected.labels)
+
+
 def test_tiles_without_a_labelled_majority_are_dropped(example: dict[str, Path], scene, labels) -> None:
     sparse = labels.copy()
     sparse[:, :15] = -1  # tiles at columns 0-9 are unlabelled, at 10-19 exactly half labelled
