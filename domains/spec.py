@@ -167,6 +167,10 @@ class IngestRequest:
         task: the task asked of a domain that offers several from the same labels (satellite: 'segmentation'
             learns a class per pixel from the class raster, 'classification' one per tile); None: the
             domain's default. Domains with one task ignore it.
+        coarse_as_patches: hand channels that are stored at their own, coarser resolution (see
+            :class:`CoarsePatches`) only as their patches, leaving them out of ``images``: what a dataset
+            writer stores, read without upsampling them first (set by the ingest stage). Readers without
+            coarse channels ignore it.
     """
 
     source: Path
@@ -185,6 +189,7 @@ class IngestRequest:
     cloud_mask: str = "none"
     max_cloud_fraction: float = 1.0
     task: str | None = None
+    coarse_as_patches: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,8 +213,9 @@ class CoarsePatches:
     shape, bool: where the coarse pixel holds data (padding counts as valid). ``spans[g]`` is (N, 4) int: the patch's rows and columns
     in use (the rest is padding) and the sample's first fine row and column counted from the patch's first
     coarse pixel (``factor`` fine pixels each). ``valid`` is (N, H, W) bool, ``fill`` one stored value per
-    channel of the samples. The samples' ``images`` still hold every channel upsampled (statistics and
-    checks see them); a dataset stores the patches instead.
+    channel of the samples. The samples' ``images`` hold either every channel, these upsampled, or (read
+    with :attr:`IngestRequest.coarse_as_patches`) only the channels on no coarse grid, in channel order
+    (:attr:`SampleSet.fine_only`); a dataset stores the patches either way.
     """
 
     grids: tuple[CoarseGrid, ...]
@@ -267,8 +273,19 @@ class SampleSet:
     coarse: CoarsePatches | None = None
     """Coarse channels at their own resolution, for a dataset to store compactly (see :class:`CoarsePatches`)."""
 
+    @property
+    def fine_only(self) -> bool:
+        """Whether ``images`` leave out the channels held only as coarse patches (see :class:`CoarsePatches`)."""
+        return self.coarse is not None and self.images.shape[1] != len(self.channels)
+
+    def _every_channel(self) -> None:
+        if self.fine_only:
+            raise ValueError(f"{self.source}: these samples hold their coarse channels as patches only; "
+                             "rebuild them (tasks.coarse_bands.rebuild_samples) before converting units")
+
     def physical(self, index: slice | np.ndarray | None = None) -> np.ndarray:
         """Images (all, or ``images[index]``) as float32 in physical units."""
+        self._every_channel()
         raw = self.images if index is None else self.images[index]
         if self.scaling is None:
             return np.asarray(raw, dtype=np.float32)
@@ -278,6 +295,7 @@ class SampleSet:
 
     def in_units(self, target: Scaling, index: slice | np.ndarray | None = None) -> np.ndarray:
         """Images (all, or ``images[index]``) as float32 under the ``target`` scaling (a model's raw units)."""
+        self._every_channel()
         raw = self.images if index is None else self.images[index]
         return convert_units(raw, self.scaling, target)
 
@@ -286,7 +304,9 @@ class SampleSet:
         if self.scaling is not None and len(self.scaling) != len(self.channels):
             raise ValueError(f"{self.source}: scaling has {len(self.scaling)} (scale, offset) pairs for "
                              f"{len(self.channels)} channels")
-        if self.images.ndim != 4 or self.images.shape[1] != len(self.channels):
+        coarse_channels = {c for grid in self.coarse.grids for c in grid.channels} if self.coarse is not None else set()
+        if self.images.ndim != 4 or self.images.shape[1] not in {len(self.channels),
+                                                                 len(self.channels) - len(coarse_channels)}:
             raise ValueError(f"{self.source}: images must be (N, {len(self.channels)}, H, W), got {self.images.shape}")
         if self.windows is not None and (not self.windows or any(w.source >= len(self.channels) for w in self.windows)):
             raise ValueError(f"{self.source}: windows {self.windows} need at least one window and sources among "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from domains import CoarseGrid, CoarsePatches
-from domains.satellite.tile_windows import upsample_tile, upsample_tiles
+from domains.satellite.tile_windows import upsample_tiles, upsampled_sums
 from tasks.dataset_store import CachedChunks, ChunkSource
 
 VALID = "valid"
@@ -53,6 +53,30 @@ def stored_arrays(coarse: CoarsePatches) -> dict[str, np.ndarray]:
     return arrays
 
 
+def coarse_subset(coarse: CoarsePatches, index: slice | np.ndarray) -> CoarsePatches:
+    """The patches of samples ``index`` (a slice or a boolean mask) of a batch."""
+    return CoarsePatches(grids=coarse.grids, patches=tuple(p[index] for p in coarse.patches),
+                         patch_valid=tuple(v[index] for v in coarse.patch_valid),
+                         spans=tuple(s[index] for s in coarse.spans), valid=coarse.valid[index], fill=coarse.fill)
+
+
+def interpolated_sums(coarse: CoarsePatches, size: int) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Per grid: its channels and, per sample, the sums and sums of squares of their values upsampled onto
+    ``size`` px tiles before rounding (see :func:`~domains.satellite.tile_windows.upsampled_sums`; meaningful
+    for samples not :func:`near_nodata`)."""
+    return [(list(grid.channels), *upsampled_sums(patches, spans, grid.factor, size))
+            for grid, patches, spans in zip(coarse.grids, coarse.patches, coarse.spans)]
+
+
+def near_nodata(coarse: CoarsePatches) -> np.ndarray:
+    """Per sample, whether a patch pixel or the sample itself is not valid everywhere (bool (n,))."""
+    count = len(coarse.valid)
+    near = ~coarse.valid.reshape(count, -1).all(axis=1)
+    for patch_valid in coarse.patch_valid:
+        near |= ~patch_valid.reshape(count, -1).all(axis=1)
+    return near
+
+
 def rebuild_samples(fine: np.ndarray, coarse: CoarsePatches, channels: int) -> np.ndarray:
     """The samples (n, ``channels``, T, T) from their stored fine channels and coarse patches."""
     count, _, height, width = fine.shape
@@ -61,25 +85,16 @@ def rebuild_samples(fine: np.ndarray, coarse: CoarsePatches, channels: int) -> n
     round_values = bool(np.issubdtype(fine.dtype, np.integer))
     for grid, patches, patch_valid, spans in zip(coarse.grids, coarse.patches, coarse.patch_valid, coarse.spans):
         channels_of = list(grid.channels)
-        # Patches valid everywhere (nearly all) in a few whole-chunk operations; the others tile by tile,
-        # nodata left out of the weights.
+        # Patches valid everywhere (nearly all) in a few whole-chunk operations; the others likewise, nodata
+        # left out of the weights.
         clean = patch_valid.reshape(count, -1).all(axis=1)
-        if clean.all():
-            upsampled = np.empty((count, len(channels_of), height, width), dtype=fine.dtype)
-            upsample_tiles(upsampled, patches, spans, grid.factor, round_values)
-            out[:, channels_of] = upsampled
-            continue
-        if clean.any():
-            upsampled = np.empty((int(clean.sum()), len(channels_of), height, width), dtype=fine.dtype)
-            upsample_tiles(upsampled, patches[clean], spans[clean], grid.factor, round_values)
-            for k, i in enumerate(np.flatnonzero(clean)):
-                out[i, channels_of] = upsampled[k]
-        for i in np.flatnonzero(~clean).tolist():
-            rows, cols, row, col = (int(v) for v in spans[i])
-            for j, channel in enumerate(channels_of):
-                valid = patch_valid[i, j, :rows, :cols]
-                upsample_tile(out[i, channel], patches[i, j, :rows, :cols], None if valid.all() else valid,
-                              grid.factor, (0, 0), (row, col), round_values)
+        for members, mask in ((clean, None), (~clean, patch_valid)):
+            if not members.any():
+                continue
+            upsampled = np.empty((int(members.sum()), len(channels_of), height, width), dtype=fine.dtype)
+            upsample_tiles(upsampled, patches[members], spans[members], grid.factor, round_values,
+                           None if mask is None else mask[members])
+            out[np.ix_(members, channels_of)] = upsampled
     invalid = ~coarse.valid
     if invalid.any():
         for grid in coarse.grids:

@@ -61,6 +61,7 @@ from domains import (
     LABEL_RANKS,
     Channel,
     CoarseGrid,
+    CoarsePatches,
     IngestRequest,
     SampleSet,
     WindowChannel,
@@ -72,7 +73,15 @@ from domains.array_memory import ReusableArrays
 from domains.confinement import ensure_inside
 from domains.spec import printable_path
 from tasks.allocator import keep_freed_memory_for_reuse
-from tasks.coarse_bands import RebuiltSource, fine_channels, stored_arrays
+from tasks.coarse_bands import (
+    RebuiltSource,
+    coarse_subset,
+    fine_channels,
+    interpolated_sums,
+    near_nodata,
+    rebuild_samples,
+    stored_arrays,
+)
 from tasks.dataset_store import (
     BATCHES_IN_FLIGHT,
     ChunkedArrayWriter,
@@ -372,6 +381,36 @@ def _stored_sample_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return raw.sum(axis=2), np.einsum("ijk,ijk->ij", raw, raw)
 
 
+def _sample_shape(batch: SampleSet) -> tuple[int, ...]:
+    """(C, H, W) of the samples, every channel counted (also where ``images`` hold the fine ones only)."""
+    return (len(batch.channels), *(int(s) for s in batch.images.shape[2:]))
+
+
+def _patch_sample_sums(images: np.ndarray, coarse: CoarsePatches, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_stored_sample_sums` of samples whose ``images`` hold only the channels on no coarse grid.
+
+    The fine channels are summed exactly; the coarse ones from their patches, without upsampling them
+    (:func:`tasks.coarse_bands.interpolated_sums`: the sums of the bilinear values before they are
+    rounded to the stored dtype, within half a unit per pixel of the stored values' and far closer on
+    average). Samples near nodata, whose stored values are weighted around it or filled, are rebuilt as a
+    reader of the dataset gets them and summed exactly.
+    """
+    count = len(images)
+    sums = np.empty((count, channels), dtype=np.float64)
+    squares = np.empty((count, channels), dtype=np.float64)
+    fine = fine_channels(coarse.grids, channels)
+    sums[:, fine], squares[:, fine] = _stored_sample_sums(images)
+    for grid_channels, grid_sums, grid_squares in interpolated_sums(coarse, images.shape[-1]):
+        sums[:, grid_channels], squares[:, grid_channels] = grid_sums, grid_squares
+    exact = near_nodata(coarse)
+    if exact.any():
+        coarse_channels = [c for grid in coarse.grids for c in grid.channels]
+        rebuilt = rebuild_samples(images[exact], coarse_subset(coarse, exact), channels)
+        sums[np.ix_(exact, coarse_channels)], squares[np.ix_(exact, coarse_channels)] = _stored_sample_sums(
+            rebuilt[:, coarse_channels])
+    return sums, squares
+
+
 def _physical_sample_sums(batch: SampleSet, part: slice) -> tuple[np.ndarray, np.ndarray]:
     """Per sample and channel, the sum of physical values and of their squares (float64, (n, C) each).
 
@@ -385,7 +424,10 @@ def _physical_sample_sums(batch: SampleSet, part: slice) -> tuple[np.ndarray, np
         flat = windowed.reshape(windowed.shape[0], windowed.shape[1], -1)
         return flat.sum(axis=2), np.einsum("ijk,ijk->ij", flat, flat)
     images = np.asarray(batch.images[part])
-    sums, squares = _stored_sample_sums(images)
+    if batch.fine_only:
+        sums, squares = _patch_sample_sums(images, coarse_subset(batch.coarse, part), len(batch.channels))
+    else:
+        sums, squares = _stored_sample_sums(images)
     if batch.scaling is None:
         return sums, squares
     # The float32 constants of SampleSet.physical (what training sees), not the float64 ones given.
@@ -427,8 +469,9 @@ def _without_samples(batch: SampleSet) -> SampleSet:
     def empty(values):
         return None if values is None else np.asarray(values)[:0].copy()
 
-    return replace(batch, images=empty(batch.images), labels=empty(batch.labels), groups=empty(batch.groups),
-                   locations=empty(batch.locations), sample_ids=empty(batch.sample_ids), coarse=None)
+    return replace(batch, images=np.empty((0, *_sample_shape(batch)), dtype=batch.images.dtype),
+                   labels=empty(batch.labels), groups=empty(batch.groups), locations=empty(batch.locations),
+                   sample_ids=empty(batch.sample_ids), coarse=None)
 
 
 class _StreamingWriter:
@@ -570,7 +613,7 @@ class _StreamingWriter:
                                f"task {self.task!r}")
 
     def _create_arrays(self, batch: SampleSet) -> None:
-        sample_shape = tuple(batch.images.shape[1:])
+        sample_shape = _sample_shape(batch)
         dtype = np.dtype(np.float32) if batch.scaling is None else np.dtype(batch.images.dtype)
         if dtype.name not in STORED_DTYPES:
             raise DatasetError(f"{printable_path(batch.source)}: samples in {dtype} with a scaling cannot be stored; "
@@ -591,14 +634,19 @@ class _StreamingWriter:
                                              np.dtype(LABEL_DTYPES[self.task]), chunk_samples, files=self.files)
 
     def _stored_images(self, batch: SampleSet) -> np.ndarray:
-        if tuple(batch.images.shape[1:]) != self.sample_shape:
-            raise DatasetError(f"{printable_path(batch.source)}: a batch of samples shaped {batch.images.shape[1:]} "
+        if _sample_shape(batch) != self.sample_shape:
+            raise DatasetError(f"{printable_path(batch.source)}: a batch of samples shaped {_sample_shape(batch)} "
                                f"after samples shaped {self.sample_shape}")
         if batch.scaling is None:
+            if batch.fine_only:
+                raise DatasetError(f"{printable_path(batch.source)}: samples holding coarse channels as patches "
+                                   "only must come in their stored dtype, with a scaling")
             return np.asarray(batch.images, dtype=np.float32)
         if batch.images.dtype != self.images.dtype:
             raise DatasetError(f"{printable_path(batch.source)}: a batch in {batch.images.dtype} after batches in "
                                f"{self.images.dtype}")
+        if batch.fine_only:
+            return batch.images  # stored as it is (without a staging copy when handed over, see handed_over)
         if self.coarse_arrays:
             channels = fine_channels(self.coarse_layout[0], batch.images.shape[1])
             if self._fine_arrays is None:
@@ -644,7 +692,7 @@ class _StreamingWriter:
         thread that reads and stores the samples.
         """
         classes = len(batch.class_names)
-        sample_floats = int(np.prod(batch.images.shape[1:]))
+        sample_floats = int(np.prod(_sample_shape(batch)))
         step = max(1, _STATS_SCRATCH_BYTES // (8 * sample_floats))
         labelled = labelled_samples(batch.labels)
         groups = np.array([printable_path(g) for g in np.asarray(batch.groups).tolist()])
@@ -1061,8 +1109,9 @@ def build_dataset(domain_name: str, request: IngestRequest, out_dir: Path | str,
     domain = get_domain(domain_name)
     if request.block_size is None:
         request = replace(request, block_size=domain.default_block_size)
-    return write_dataset(domain.read_samples(request), domain.name, domain.task, out_dir, params,
-                         reports=domain.write_ingest_reports)
+    # The writer stores coarse channels as patches: read them so, without upsampling them first.
+    return write_dataset(domain.read_samples(replace(request, coarse_as_patches=True)), domain.name, domain.task,
+                         out_dir, params, reports=domain.write_ingest_reports)
 
 
 build_dataset_task = task(build_dataset, name="build-dataset", cache_policy=NONE)

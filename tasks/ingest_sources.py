@@ -210,7 +210,9 @@ def ingest_source(job: SourceJob) -> SourceOutcome:
     if finished is not None:
         return SourceOutcome(source=source, key=job.key, part=job.part, status="resumed", samples=finished.samples)
     try:
-        info = write_part(domain.read_samples(job.request), domain.task, job.part, job.key, source)
+        # Coarse channels are stored as patches: read them so, without upsampling them first.
+        info = write_part(domain.read_samples(replace(job.request, coarse_as_patches=True)), domain.task, job.part,
+                          job.key, source)
     except SOURCE_ERRORS as error:
         DatasetFiles(job.part).clear()
         problem = printable_path(str(error)).replace(printable_path(job.request.source), source)

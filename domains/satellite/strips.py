@@ -261,6 +261,20 @@ def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row
     return out, mask
 
 
+def nearest_valid(valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int, width: int) -> np.ndarray | None:
+    """The valid mask on fine rows ``top:bottom`` of a coarse window's mask (from coarse row ``source_row``), or None.
+
+    Fine pixel ``i`` lies in coarse pixel ``i // factor``: the mask :func:`upsample_bilinear` gives (for a factor
+    whose weights add up to one the nearest coarse pixel always weighs in, so a valid one leaves a value).
+    """
+    rows = np.clip(np.arange(top, bottom) // factor - source_row, 0, valid.shape[0] - 1)
+    bad = ~valid[rows].all(axis=1)
+    if not bad.any():
+        return None
+    cols = np.clip(np.arange(width) // factor, 0, valid.shape[1] - 1)
+    return valid[rows][:, cols]
+
+
 def _dirty_fine_rows(valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int) -> list[tuple[int, int]]:
     """Runs ``(first, stop)`` of fine rows in ``top:bottom`` whose bilinear neighbours include an invalid pixel.
 
@@ -371,14 +385,30 @@ class StripReader:
     see :func:`upsample_bilinear`; by GDAL's warper otherwise). Integer data is rounded back to the source
     dtype after resampling (at most half a digital number from the whole-scene float result).
 
+    With ``keep_coarse``, the coarse rows of each band an integer factor coarser are kept too (see
+    :meth:`take_coarse`); the bands of ``coarse_only`` (integer factors whose weights add up to one, see
+    :func:`unit_norm`) are then not upsampled at all: strips hold only the other bands (``strip_channels``),
+    and their valid masks take those bands' nodata from the nearest coarse pixel, as upsampling would.
+
     Use as a context manager: ``with StripReader(layout) as reader: raw, valid = reader.read_rows(0, 448)``.
     """
 
-    def __init__(self, layout: SceneLayout, threads: int = READ_THREADS, keep_coarse: bool = False):
+    def __init__(self, layout: SceneLayout, threads: int = READ_THREADS, keep_coarse: bool = False,
+                 coarse_only: frozenset[int] = frozenset()):
         self.layout = layout
         # With keep_coarse, the coarse rows of each integer-factor band that a strip was upsampled from, by the
         # strip's top row, until taken (see take_coarse): a dataset stores them instead of the upsampled band.
-        self.keep_coarse = keep_coarse
+        self.keep_coarse = keep_coarse or bool(coarse_only)
+        for index in coarse_only:
+            band = layout.bands[index]
+            factor = None if layout.on_grid(band) else integer_upsampling(band.transform, layout.transform)
+            if factor is None or not unit_norm(factor):
+                raise ValueError(f"band {band.name} cannot be kept coarse only: it is not on a grid an integer "
+                                 "factor coarser than the working grid, with weights adding up to one")
+        self.coarse_only = coarse_only
+        self.strip_channels = [i for i in range(len(layout.bands)) if i not in coarse_only]
+        """The bands a strip holds, in order (all but ``coarse_only``)."""
+        self._strip_position = {band: k for k, band in enumerate(self.strip_channels)}
         self._coarse: dict[int, dict[int, CoarseRows]] = {}
         self.dtype = strip_dtype(layout)
         self.fill = fill_values(layout, self.dtype)
@@ -457,8 +487,8 @@ class StripReader:
         """Read rows ``top:bottom`` of the working grid.
 
         Returns:
-            ``(raw, valid)``: raw (C, rows, W) in :attr:`dtype`, holding :attr:`fill` wherever ``valid``
-            (rows, W) is False; ``valid`` is True where every band holds data.
+            ``(raw, valid)``: raw (len(strip_channels), rows, W) in :attr:`dtype`, holding :attr:`fill` wherever
+            ``valid`` (rows, W) is False; ``valid`` is True where every band holds data.
 
         Raises:
             DomainInputError: a band cannot be decoded in this strip or holds infinite values.
@@ -466,7 +496,7 @@ class StripReader:
         from concurrent.futures import wait
 
         height, width = bottom - top, self.layout.shape[1]
-        shape = (len(self.layout.bands), height, width)
+        shape = (len(self.strip_channels), height, width)
         if self._strips is None:
             self._pool_strips(height)
         raw = self._strips.take(shape)
@@ -491,8 +521,8 @@ class StripReader:
             breaks = np.flatnonzero(np.diff(bad_rows) > 1)
             for first, last in zip(bad_rows[np.r_[0, breaks + 1]], bad_rows[np.r_[breaks, len(bad_rows) - 1]]):
                 invalid = ~valid[first:last + 1]
-                for i, fill in enumerate(self.fill):
-                    np.copyto(raw[i, first:last + 1], fill, where=invalid)
+                for k, band in enumerate(self.strip_channels):
+                    np.copyto(raw[k, first:last + 1], self.fill[band], where=invalid)
         if self.keep_coarse:
             self._coarse[top] = coarse
         return raw, valid
@@ -504,7 +534,7 @@ class StripReader:
     def _pool_strips(self, height: int) -> None:
         """Pool strips of up to ``height`` rows: one being read, one read ahead, one the caller still holds."""
         if self._strips is None or self._strips.shape[1] < height:
-            shape = (len(self.layout.bands), height, self.layout.shape[1])
+            shape = (len(self.strip_channels), height, self.layout.shape[1])
             self._strips = ReusableArrays(shape, self.dtype, keep=3)
             self._masks = ReusableArrays(shape[1:], bool, keep=3)
 
@@ -522,13 +552,15 @@ class StripReader:
                 band = self.layout.bands[i]
                 dataset = self._datasets[band.path]
                 if not self.layout.on_grid(band):
-                    masks.append(self._resample_into(raw[i], dataset, band, top, bottom, coarse))
+                    out = raw[self._strip_position[i]] if i not in self.coarse_only else None
+                    masks.append(self._resample_into(out, dataset, band, top, bottom, coarse))
                     continue
+                position = self._strip_position[i]
                 # Straight into the strip when the band has its dtype (a cast could change what nodata matches).
                 dn = self._read_window(i, dataset, top, bottom, keep=0,
-                                       out=raw[i] if band.dtype == raw.dtype else None)
+                                       out=raw[position] if band.dtype == raw.dtype else None)
                 if dn.dtype != raw.dtype:
-                    raw[i] = dn
+                    raw[position] = dn
                 reject_infinite(dn, band.path, band.name)
                 masks.append(window_valid(dn, band, self.layout.sensor.fill_dn))
         return masks
@@ -574,12 +606,13 @@ class StripReader:
             self._carried[i] = (keep_from, np.concatenate(tail))
         return rows
 
-    def _resample_into(self, out: np.ndarray, dataset: Any, band: BandSource, top: int, bottom: int,
+    def _resample_into(self, out: np.ndarray | None, dataset: Any, band: BandSource, top: int, bottom: int,
                        coarse: dict[int, CoarseRows]) -> np.ndarray | None:
         """Resample a coarse band onto rows ``top:bottom`` into ``out`` (the strip's dtype, rounded if integer).
 
         Returns the band's valid mask on those rows, or None when every pixel is valid. Invalid pixels of
-        ``out`` hold an arbitrary value (the caller fills them).
+        ``out`` hold an arbitrary value (the caller fills them). With ``out`` None (a band kept coarse only)
+        nothing is resampled: the mask is the one upsampling would give, each fine pixel's nearest coarse one.
         """
         from rasterio.windows import Window
 
@@ -598,6 +631,8 @@ class StripReader:
         factor = integer_upsampling(band.transform, layout.transform)
         if factor is not None and self.keep_coarse:
             coarse[self.layout.bands.index(band)] = CoarseRows(factor, start, dn, band_valid)
+        if out is None:
+            return None if band_valid is None else nearest_valid(band_valid, factor, start, top, bottom, width)
         # Bilinear weights are convex, so a rounded value stays within the range of the stored dtype.
         round_values = bool(np.issubdtype(out.dtype, np.integer))
         if factor is not None and band_valid is None:

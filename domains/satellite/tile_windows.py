@@ -31,7 +31,7 @@ from domains.satellite.strips import (
     phase_weights,
     unit_norm,
     upsample_into,
-    upsample_valid_into,
+    upsample_bilinear,
 )
 from domains.spec import CoarseGrid, CoarsePatches
 
@@ -90,7 +90,14 @@ def upsample_tile(out: np.ndarray, window: np.ndarray, valid: np.ndarray | None,
         upsample_into(wide, window, factor, first_row, row, round_values)
         mask = None
     else:
-        mask = upsample_valid_into(wide, window, valid, factor, first_row, row, round_values)
+        # The whole tile weighted around nodata at once (a tile is small: one pass beats one per run of rows
+        # near nodata, as upsample_valid_into does for a strip). Where every neighbour is valid the weights of
+        # the factors stored coarse add up to exactly one (unit_norm): the plain values, bit for bit.
+        values, mask = upsample_bilinear(window, valid, factor, first_row, row, row + size, lead + size)
+        if round_values:
+            np.rint(values, out=values)
+        with np.errstate(invalid="ignore"):  # NaN where no neighbour is valid: filled by the caller
+            wide[...] = values
     out[...] = wide[:, lead:]
     return None if mask is None else mask[:, lead:]
 
@@ -169,7 +176,7 @@ class CoarsePatchBatch:
 
 
 def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, factor: int,
-                   round_values: bool) -> None:
+                   round_values: bool, valid: np.ndarray | None = None) -> None:
     """:func:`upsample_tile` of many tiles at once, every patch pixel valid: ``out`` (n, c, T, T) from (n, c, S, S).
 
     ``spans`` (n, 4) gives each tile's patch rows and columns in use and its first fine row and column
@@ -178,6 +185,12 @@ def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, fact
     edge repetition of :func:`~domains.satellite.strips.upsample_into`: the same values bit for bit (tested),
     in a handful of whole-chunk operations instead of a call per tile and band (small tiles are read
     faster than a model trains on them).
+
+    With ``valid`` (the patches' mask), nodata is left out of the weights as :func:`upsample_tile` leaves
+    it out: the upsampled patch over the upsampled mask, in the same float32 arithmetic (where every
+    neighbour is valid the mask upsamples to exactly one, see :func:`~domains.satellite.strips.unit_norm`,
+    so those pixels keep the plain values). Pixels with no valid neighbour get an arbitrary value: the
+    tile's valid mask marks them (and the nearest pixel's nodata) invalid.
     """
     count, _, size, _ = out.shape
     if count == 0:
@@ -194,15 +207,30 @@ def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, fact
     rows, cols, first_row, first_col = (spans[:, k].astype(np.int64) for k in range(4))
     row_low, row_high, row_keep, row_weight = axis(first_row, rows)
     col_low, col_high, col_keep, col_weight = axis(first_col, cols)
-    source = patches.astype(np.float32, copy=False)
-    # Columns first: (n, c, S, T), then rows: (n, c, T, T), as the strip reader's passes.
-    wide = (np.take_along_axis(source, col_low[:, None, None, :], axis=3) * col_keep[:, None, None, :]
-            + np.take_along_axis(source, col_high[:, None, None, :], axis=3) * col_weight[:, None, None, :])
-    values = (np.take_along_axis(wide, row_low[:, None, :, None], axis=2) * row_keep[:, None, :, None]
-              + np.take_along_axis(wide, row_high[:, None, :, None], axis=2) * row_weight[:, None, :, None])
-    if round_values:
-        np.rint(values, out=values)
-    np.copyto(out, values, casting="unsafe")
+
+    def upsampled(source: np.ndarray) -> np.ndarray:
+        values = np.empty(out.shape, dtype=np.float32)
+        # Tile by tile (a gather along one axis with one index list is a plain loop; np.take_along_axis over
+        # the whole chunk built index arrays as large as the result, several times slower): columns first,
+        # (c, S, T), then rows, (c, T, T), as the strip reader's passes.
+        for k in range(count):
+            wide = (np.take(source[k], col_low[k], axis=2) * col_keep[k]
+                    + np.take(source[k], col_high[k], axis=2) * col_weight[k])
+            values[k] = (np.take(wide, row_low[k], axis=1) * row_keep[k][:, None]
+                         + np.take(wide, row_high[k], axis=1) * row_weight[k][:, None])
+        return values
+
+    if valid is None:
+        values = upsampled(patches.astype(np.float32, copy=False))
+    else:
+        total = upsampled(np.where(valid, patches.astype(np.float32, copy=False), np.float32(0)))
+        norm = upsampled(valid.astype(np.float32))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = total / norm
+    with np.errstate(invalid="ignore"):  # NaN only where no neighbour is valid (marked invalid)
+        if round_values:
+            np.rint(values, out=values)
+        np.copyto(out, values, casting="unsafe")
 
 
 class CoarsePatchBatches:
@@ -226,3 +254,70 @@ class CoarsePatchBatches:
         return CoarsePatchBatch(self.grids, self.band_shapes, self.tile_size, self.fill,
                                 [pool.take() for pool in self._patches], [pool.take() for pool in self._patch_valid],
                                 self._valid.take())
+
+
+# Samples whose patches :func:`upsampled_sums` takes at once.
+SUMS_BLOCK = 8
+
+
+def _axis_weights(first: np.ndarray, length: np.ndarray, factor: int, size: int,
+                  side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per tile, the interpolation matrix ``M`` (``size`` fine by ``side`` coarse) of one axis, as ``M.T @ 1`` and
+    the diagonal and first off-diagonal of ``M.T @ M`` (each fine pixel reads two neighbouring coarse pixels)."""
+    count = len(first)
+    offset, weight, keep = phase_weights(factor)
+    fine = first[:, None] + np.arange(size)[None, :]
+    phase = fine % factor
+    lower = fine // factor + offset[phase]
+    last = (length - 1)[:, None]
+    low, high = np.clip(lower, 0, last), np.clip(lower + 1, 0, last)
+    w_low, w_high = keep[phase].astype(np.float64), weight[phase].astype(np.float64)
+    base = np.arange(count)[:, None] * side
+
+    def add(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return np.bincount((base + index)[...].ravel(), weights=values.ravel(), minlength=count * side).reshape(
+            count, side)
+
+    same = low == high  # at the patch's edge both neighbours are the edge pixel
+    totals = add(low, w_low) + add(high, w_high)
+    diagonal = add(low, np.where(same, (w_low + w_high) ** 2, w_low**2)) + add(high, np.where(same, 0.0, w_high**2))
+    above = add(low, np.where(same, 0.0, w_low * w_high))
+    return totals, diagonal, above
+
+
+def upsampled_sums(patches: np.ndarray, spans: np.ndarray, factor: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile and channel, the sum and the sum of squares of its patches bilinearly upsampled, without upsampling.
+
+    ``patches`` (n, c, S, S) and ``spans`` (n, 4) as :func:`upsample_tiles` takes them, every patch pixel valid.
+    A tile upsampled is ``U = R P C.T`` (``R``, ``C``: each axis's interpolation matrix), so ``sum(U)`` is
+    ``(R.T 1) P (C.T 1)`` and ``sum(U**2)`` is ``sum(P * (R.T R) P (C.T C))``, where both Gram matrices are
+    tridiagonal: the products of each coarse pixel with itself and its neighbours (right, below and both
+    diagonals; each pair twice), weighted. That is a few passes over the coarse pixels instead of several per
+    fine pixel. These are the sums of the exact bilinear values; :func:`upsample_tiles` rounds each one to the
+    stored dtype, so its sums differ by at most half a unit per pixel (on average far less: the rounding
+    errors of a tile nearly cancel). Returns float64 (n, c) arrays, from float32 products.
+    """
+    count, channels, side, _ = patches.shape
+    rows, cols, first_row, first_col = (spans[:, k].astype(np.int64) for k in range(4))
+    row_total, row_diagonal, row_above = (a.astype(np.float32) for a in _axis_weights(first_row, rows, factor, size, side))
+    col_total, col_diagonal, col_above = (a.astype(np.float32) for a in _axis_weights(first_col, cols, factor, size, side))
+    sums = np.empty((count, channels), dtype=np.float64)
+    squares = np.empty((count, channels), dtype=np.float64)
+
+    def weighted(values: np.ndarray, by_row: np.ndarray, by_col: np.ndarray) -> np.ndarray:
+        """Per sample and channel, ``sum over a, b of by_row[a] * values[a, b] * by_col[b]``."""
+        per_row = np.matmul(values, by_col[:, None, :, None])[..., 0]
+        return np.einsum("nca,na->nc", per_row, by_row, dtype=np.float64)
+
+    # A few samples at a time: their float32 products stay in a core's cache.
+    for start in range(0, count, SUMS_BLOCK):
+        k = slice(start, start + SUMS_BLOCK)
+        p = patches[k].astype(np.float32)
+        diagonal_r, diagonal_c, above_r, above_c = row_diagonal[k], col_diagonal[k], row_above[k, :-1], col_above[k, :-1]
+        sums[k] = weighted(p, row_total[k], col_total[k])
+        squares[k] = (weighted(p * p, diagonal_r, diagonal_c)
+                      + 2 * weighted(p[..., :-1] * p[..., 1:], diagonal_r, above_c)
+                      + 2 * weighted(p[:, :, :-1] * p[:, :, 1:], above_r, diagonal_c)
+                      + 2 * weighted(p[:, :, :-1, :-1] * p[:, :, 1:, 1:], above_r, above_c)
+                      + 2 * weighted(p[:, :, :-1, 1:] * p[:, :, 1:, :-1], above_r, above_c))
+    return sums, squares

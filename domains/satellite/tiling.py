@@ -302,7 +302,13 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
     base_provenance = tiling_provenance(request, request.labels is not None)
     with ExitStack() as stack:
         stack.enter_context(input_errors_named(layout.path))
-        reader = stack.enter_context(StripReader(layout, keep_coarse=True))
+        # Coarser bands are also kept as the patches of coarse pixels each tile is upsampled from: a dataset
+        # stores those instead of the upsampled bands (see domains.satellite.tile_windows). Asked for patches
+        # only, the reader does not upsample them at all (cloud masks need every band on the strip's grid).
+        grids = coarse_grids(layout, size)
+        patches_only = request.coarse_as_patches and plan_cloud_mask(request.cloud_mask, layout) is None
+        coarse_only = frozenset(c for grid in grids for c in grid.channels) if patches_only else frozenset()
+        reader = stack.enter_context(StripReader(layout, keep_coarse=True, coarse_only=coarse_only))
         labels = (stack.enter_context(LabelWindows(request.labels, layout.crs, layout.transform, layout.shape,
                                                    layout.path.name))
                   if request.labels is not None else None)
@@ -316,9 +322,6 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
 
         segmentation = request.task == "segmentation"
         pixel_labels: list[np.ndarray] = []
-        # Coarser bands are also kept as the patches of coarse pixels each tile is upsampled from: a dataset
-        # stores those instead of the upsampled bands (see domains.satellite.tile_windows).
-        grids = coarse_grids(layout, size)
         fill = tuple(float(v) for v in reader.fill)
         band_shapes = [band.shape for band in layout.bands]
 
@@ -347,7 +350,7 @@ def _stream_tiles(layout: SceneLayout, request: IngestRequest) -> Iterator[Sampl
 
         # Batches are handed over read-only; a batch that its consumer (the dataset writer) has let go of is
         # filled again instead of a fresh one (whose pages the kernel would zero first).
-        batch_arrays = ReusableArrays((capacity, len(channels), size, size), reader.dtype, keep=4)
+        batch_arrays = ReusableArrays((capacity, len(reader.strip_channels), size, size), reader.dtype, keep=4)
         images = batch_arrays.take()
         patches = new_patches()
         kept: list[tuple[int, int, int]] = []

@@ -10,7 +10,8 @@ subprocess so that its peak resident memory (the kernel's VmHWM) is its own:
   these files on this machine. Windows are whole block rows of each file (GDAL decodes every block a window
   touches, and keeps none between reads: a window ending inside a block row would decode it twice). The reader reads a strip's files on two threads and the writer compresses
   on two more, so on a machine with more cores than two the comparison flatters the ingest somewhat;
-* ``reader``: the satellite domain's streaming reader, iterating its batches and discarding them;
+* ``reader``: the satellite domain's streaming reader as ingest runs it (20 m and 60 m bands handed as their
+  coarse patches, not upsampled), iterating its batches and discarding them;
 * ``ingest``: the real ``build_dataset`` (reader + dataset writer) into ``DIR/bench/ingest-datasets``.
 
 Megapixels are those of the 10 m working grid (H x W), the same for all three, so the speeds compare.
@@ -133,8 +134,10 @@ def _child_decode(spec: dict) -> dict:
 def _request(spec: dict):
     from domains.spec import IngestRequest
 
+    # Coarse bands as patches, as ingest reads them (build_dataset asks for that itself).
     return IngestRequest(source=Path(spec["source"]), labels=Path(spec["labels"]), tile_size=spec["tile_size"],
-                         stride=spec["stride"], block_size=spec["block_size"], batch_samples=spec["batch_samples"])
+                         stride=spec["stride"], block_size=spec["block_size"], batch_samples=spec["batch_samples"],
+                         coarse_as_patches=True)
 
 
 def _child_reader(spec: dict) -> dict:

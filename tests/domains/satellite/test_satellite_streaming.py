@@ -184,7 +184,7 @@ def test_one_reading_thread_gives_the_same_tiles(example: dict[str, Path], monke
                             block_size=24, batch_samples=50)
     threaded = list(read_samples(request))
     monkeypatch.setattr(strips, "READ_THREADS", 1)
-    monkeypatch.setattr(strips.StripReader.__init__, "__defaults__", (1, False))
+    monkeypatch.setattr(strips.StripReader.__init__, "__defaults__", (1, False, frozenset()))
     single = list(read_samples(request))
     for a, b in zip(threaded, single, strict=True):
         np.testing.assert_array_equal(a.images, b.images)

@@ -9,7 +9,14 @@ import pytest
 
 from domains.satellite.scene import inspect_scene
 from domains.satellite.strips import CoarseRows, StripReader, integer_upsampling, upsample_valid_into, window_valid
-from domains.satellite.tile_windows import CoarsePatchBatches, upsample_tile, window_side, window_span
+from domains.satellite.tile_windows import (
+    CoarsePatchBatches,
+    upsample_tile,
+    upsample_tiles,
+    upsampled_sums,
+    window_side,
+    window_span,
+)
 from domains.spec import CoarseGrid
 
 
@@ -90,30 +97,39 @@ def test_the_strip_readers_tiles_come_back_from_the_coarse_bands_windows(example
 
 @pytest.mark.parametrize("factor", [2, 3, 6])
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
-def test_many_tiles_at_once_are_each_tiles_values_bit_for_bit(factor: int, dtype) -> None:
-    from domains.satellite.tile_windows import upsample_tiles
-
+@pytest.mark.parametrize("nodata", [False, True])
+def test_many_tiles_at_once_are_each_tiles_values_bit_for_bit(factor: int, dtype, nodata: bool) -> None:
     rng = np.random.default_rng(20 + factor)
     coarse = rng.integers(1, 10000, size=(13, 16), dtype=np.uint16).astype(dtype)
+    # Scattered nodata (a tenth of the pixels): upsample_tiles weighs it out as upsample_tile does.
+    coarse_valid = rng.random(coarse.shape) > 0.1 if nodata else np.ones(coarse.shape, dtype=bool)
     size = 2 * factor + 3
     side = window_side(size, factor)
     height, width = 13 * factor, 16 * factor - 1
     starts = [(r, c) for r in range(0, height - size + 1, 5) for c in range(0, width - size + 1, 7)]
     patches = np.zeros((len(starts), 2, side, side), dtype=dtype)
+    patch_valid = np.ones(patches.shape, dtype=bool)
     spans = np.zeros((len(starts), 4), dtype=np.int32)
     expected = np.empty((len(starts), 2, size, size), dtype=dtype)
+    expected_valid = np.ones(expected.shape, dtype=bool)
     for k, (row, col) in enumerate(starts):
         rows = window_span(row, size, factor, coarse.shape[0])
         cols = window_span(col, size, factor, coarse.shape[1])
         window = coarse[rows[0]:rows[1], cols[0]:cols[1]]
-        for channel, values in enumerate((window, window[::-1, ::-1].copy())):
+        window_valid = coarse_valid[rows[0]:rows[1], cols[0]:cols[1]]
+        for channel, flip in enumerate((False, True)):
+            values, valid = (window[::-1, ::-1].copy(), window_valid[::-1, ::-1].copy()) if flip else (window, window_valid)
             patches[k, channel, :window.shape[0], :window.shape[1]] = values
-            upsample_tile(expected[k, channel], values, None, factor, (rows[0], cols[0]), (row, col),
-                          np.issubdtype(dtype, np.integer))
+            patch_valid[k, channel, :window.shape[0], :window.shape[1]] = valid
+            mask = upsample_tile(expected[k, channel], values, None if valid.all() else valid, factor,
+                                 (rows[0], cols[0]), (row, col), np.issubdtype(dtype, np.integer))
+            if mask is not None:
+                expected_valid[k, channel] = mask
         spans[k] = (*window.shape, row - rows[0] * factor, col - cols[0] * factor)
     got = np.empty_like(expected)
-    upsample_tiles(got, patches, spans, factor, np.issubdtype(dtype, np.integer))
-    np.testing.assert_array_equal(got, expected)
+    upsample_tiles(got, patches, spans, factor, np.issubdtype(dtype, np.integer), patch_valid if nodata else None)
+    assert nodata == (not expected_valid.all())
+    np.testing.assert_array_equal(got[expected_valid], expected[expected_valid])
 
 
 def test_a_reused_batch_slot_holds_only_its_new_tile() -> None:
@@ -145,3 +161,29 @@ def test_a_reused_batch_slot_holds_only_its_new_tile() -> None:
     for name in ("patches", "patch_valid", "spans"):
         np.testing.assert_array_equal(getattr(reused, name)[0], getattr(fresh, name)[0])
     assert (reused.patches[0][0, 0, rows:] == 0).all() and reused.patch_valid[0].all()
+
+
+@pytest.mark.parametrize("factor", [2, 3, 6])
+def test_sums_from_patches_are_those_of_the_upsampled_tiles(factor: int) -> None:
+    """upsampled_sums (Gram matrices of the interpolation, no upsampling) against upsample_tiles' float values,
+    for tiles at every phase and at the band's edges (spans cut short)."""
+    rng = np.random.default_rng(factor)
+    size, height = 24, 90
+    side = window_side(size, factor)
+    band = rng.integers(0, 5000, (2, -(-height // factor), -(-height // factor))).astype(np.uint16)
+    tiles = [(0, 0), (height - size, height - size), *((int(r), int(c)) for r, c in rng.integers(0, height - size, (10, 2)))]
+    patches = np.zeros((len(tiles), 2, side, side), dtype=np.uint16)
+    spans = np.zeros((len(tiles), 4), dtype=np.int32)
+    for k, (row, col) in enumerate(tiles):
+        first_row, stop_row = window_span(row, size, factor, band.shape[1])
+        first_col, stop_col = window_span(col, size, factor, band.shape[2])
+        patches[k, :, :stop_row - first_row, :stop_col - first_col] = band[:, first_row:stop_row, first_col:stop_col]
+        spans[k] = (stop_row - first_row, stop_col - first_col, row - first_row * factor, col - first_col * factor)
+    assert (spans[:, :2] < side).any()  # some spans are cut at the edge
+    upsampled = np.empty((len(tiles), 2, size, size), dtype=np.float32)
+    upsample_tiles(upsampled, patches, spans, factor, round_values=False)
+    sums, squares = upsampled_sums(patches, spans, factor, size)
+    values = upsampled.astype(np.float64)
+    # float32 upsampling against float64 algebra: equal to a few parts in 10^8.
+    np.testing.assert_allclose(sums, values.sum(axis=(2, 3)), rtol=1e-7)
+    np.testing.assert_allclose(squares, (values**2).sum(axis=(2, 3)), rtol=1e-7)
