@@ -270,9 +270,13 @@ def format_table(result: dict) -> str:
             cpu = f"{m['cpu_seconds']:.1f}" if "cpu_seconds" in m else "-"
             lines.append(f"{row['size']:>5}^2 px {mode:>7} {m['peak_rss_mb']:>12.0f} {m['seconds']:>8.2f} {cpu:>7} "
                          f"{m['megapixels_per_second']:>8.1f} {share:>9} {ratio:>14}")
-    for key, label in (("rss_ratio_largest_to_2880", "ingest"), ("reader_rss_ratio_largest_to_2880", "reader")):
+    # The goal is the ingest's (what a user runs); the reader alone is shown for reference: its few hundred MB
+    # hold full-width strips, so they grow with the scene's width (at most a Sentinel-2 tile's) and its ratio
+    # moves more for the same MB.
+    for key, label, note in (("rss_ratio_largest_to_2880", "ingest", f"goal <= {GOALS['rss_ratio_max']}"),
+                             ("reader_rss_ratio_largest_to_2880", "reader", "for reference")):
         if result.get(key) is not None:
-            lines.append(f"{label} peak RSS, largest / 2880^2: {result[key]:.2f} (goal <= {GOALS['rss_ratio_max']})")
+            lines.append(f"{label} peak RSS, largest / 2880^2: {result[key]:.2f} ({note})")
     lines.append(f"goals: ingest peak RSS <= {GOALS['peak_rss_mb_max']:.0f} MB at full size; ingest >= "
                  f"{GOALS['decode_fraction_min']:.0%} of raw decode speed")
     return "\n".join(lines)
