@@ -235,8 +235,8 @@ class CoarsePatches:
 class SampleSet:
     """Samples read from one source, ready to be split and written as a dataset.
 
-    ``images`` have shape (N, C, H, W). They are either already in physical units (float32, ``scaling``
-    None) or in the source's own dtype (uint8, uint16, int16, float16...) with ``scaling`` giving each
+    ``images`` have shape (N, C, H, W) (or hold only the channels on no coarse grid, see :attr:`fine_only`).
+    They are either already in physical units (float32, ``scaling`` None) or in the source's own dtype (uint8, uint16, int16, float16...) with ``scaling`` giving each
     channel's ``(scale, offset)``: physical = raw * scale + offset (e.g. Sentinel-2 L1C: 1e-4, 0).
     Storing the native dtype keeps datasets near the size of what they sample; :meth:`physical`
     converts. A streaming reader yields several SampleSets for one source (see ``read_samples`` in
