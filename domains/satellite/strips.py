@@ -254,9 +254,7 @@ def upsample_bilinear(dn: np.ndarray, valid: np.ndarray, factor: int, source_row
         out = np.where(norm > 0, total / norm, np.float32(np.nan)).astype(np.float32)
     # Nearest neighbour of the coarse mask: fine pixel i lies in coarse pixel i // factor. GDAL's warper
     # likewise leaves a fine pixel empty when the coarse pixel under its centre is nodata.
-    nearest_rows = np.clip(np.arange(top, bottom) // factor - source_row, 0, valid.shape[0] - 1)
-    nearest_cols = np.clip(np.arange(width) // factor, 0, valid.shape[1] - 1)
-    mask = valid[nearest_rows][:, nearest_cols] & np.isfinite(out)
+    mask = _nearest_mask(valid, factor, source_row, top, bottom, width) & np.isfinite(out)
     out[~mask] = np.nan
     return out, mask
 
@@ -267,12 +265,21 @@ def nearest_valid(valid: np.ndarray, factor: int, source_row: int, top: int, bot
     Fine pixel ``i`` lies in coarse pixel ``i // factor``: the mask :func:`upsample_bilinear` gives (for a factor
     whose weights add up to one the nearest coarse pixel always weighs in, so a valid one leaves a value).
     """
-    rows = np.clip(np.arange(top, bottom) // factor - source_row, 0, valid.shape[0] - 1)
-    bad = ~valid[rows].all(axis=1)
-    if not bad.any():
+    rows = _nearest_rows(factor, source_row, top, bottom, len(valid))
+    if valid[rows].all():
         return None
-    cols = np.clip(np.arange(width) // factor, 0, valid.shape[1] - 1)
-    return valid[rows][:, cols]
+    return _nearest_mask(valid, factor, source_row, top, bottom, width)
+
+
+def _nearest_rows(factor: int, source_row: int, top: int, bottom: int, rows: int) -> np.ndarray:
+    """The coarse row (of a window from ``source_row``, ``rows`` tall) under each fine row ``top:bottom``."""
+    return np.clip(np.arange(top, bottom) // factor - source_row, 0, rows - 1)
+
+
+def _nearest_mask(valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int, width: int) -> np.ndarray:
+    """The coarse mask ``valid`` (from coarse row ``source_row``) by nearest neighbour on fine rows ``top:bottom``."""
+    columns = np.clip(np.arange(width) // factor, 0, valid.shape[1] - 1)
+    return valid[_nearest_rows(factor, source_row, top, bottom, len(valid))][:, columns]
 
 
 def _dirty_fine_rows(valid: np.ndarray, factor: int, source_row: int, top: int, bottom: int) -> list[tuple[int, int]]:

@@ -12,8 +12,10 @@ costs about what it costs in the scene. This module is the geometry and the arit
   on the window, whose first column is made to fall on a whole coarse pixel of the scene, so every fine
   pixel is computed from the same coarse pixels with the same weights in the same order: the values the
   strip reader gives the tile, bit for bit (tested), nodata weighting included; :func:`upsample_tiles`
-  does the same for a whole chunk of tiles whose patches hold no nodata, in a few array operations;
-* :func:`coarse_grids` and :class:`CoarsePatchBatch` (made by :class:`CoarsePatchBatches`) are how the tiling reader hands each tile's patches
+  does the same for a whole chunk of tiles, a few array operations per tile, and :func:`upsampled_sums`
+  gives the sums of such tiles (for statistics) without upsampling them;
+* :func:`coarse_grids` and :class:`CoarsePatchBatch` (made by :class:`CoarsePatchBatches`) are how the tiling
+  reader hands each tile's patches
   to a dataset (:class:`domains.CoarsePatches`), which stores them instead of the upsampled bands and
   rebuilds the tiles when read (:mod:`tasks.coarse_bands`).
 """
@@ -175,16 +177,30 @@ class CoarsePatchBatch:
                              spans=tuple(cut(a) for a in self.spans), valid=cut(self.valid), fill=self.fill)
 
 
+def _neighbours(first: np.ndarray, length: np.ndarray, factor: int,
+                size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis of each of n tiles, the two coarse pixels each of its ``size`` fine pixels reads and their
+    weights (float32, :func:`~domains.satellite.strips.phase_weights`): ``(lower, upper, lower's weight, upper's
+    weight)``, each (n, size). ``first`` is each tile's first fine pixel counted from its patch's first coarse
+    pixel, ``length`` the patch's coarse pixels in use (beyond them the edge pixel repeats)."""
+    offset, weight, keep = phase_weights(factor)
+    fine = first[:, None] + np.arange(size)[None, :]
+    phase = fine % factor
+    lower = fine // factor + offset[phase]
+    last = (length - 1)[:, None]
+    return np.clip(lower, 0, last), np.clip(lower + 1, 0, last), keep[phase], weight[phase]
+
+
 def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, factor: int,
                    round_values: bool, valid: np.ndarray | None = None) -> None:
-    """:func:`upsample_tile` of many tiles at once, every patch pixel valid: ``out`` (n, c, T, T) from (n, c, S, S).
+    """:func:`upsample_tile` of many tiles at once: ``out`` (n, c, T, T) from patches (n, c, S, S).
 
     ``spans`` (n, 4) gives each tile's patch rows and columns in use and its first fine row and column
     counted from the patch's first coarse pixel (see :class:`domains.CoarsePatches`). Each fine pixel is
     ``lower * (1 - w) + upper * w`` along columns, then rows, in float32, with the phase weights and the
     edge repetition of :func:`~domains.satellite.strips.upsample_into`: the same values bit for bit (tested),
-    in a handful of whole-chunk operations instead of a call per tile and band (small tiles are read
-    faster than a model trains on them).
+    a few array operations per tile for all its channels instead of a call per tile and band (small tiles
+    are read faster than a model trains on them).
 
     With ``valid`` (the patches' mask), nodata is left out of the weights as :func:`upsample_tile` leaves
     it out: the upsampled patch over the upsampled mask, in the same float32 arithmetic (where every
@@ -195,18 +211,9 @@ def upsample_tiles(out: np.ndarray, patches: np.ndarray, spans: np.ndarray, fact
     count, _, size, _ = out.shape
     if count == 0:
         return
-    offset, weight, keep = phase_weights(factor)
-
-    def axis(first: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        fine = first[:, None] + np.arange(size)[None, :]  # (n, T) fine positions counted from the patch
-        phase = fine % factor
-        lower = fine // factor + offset[phase]
-        last = (length - 1)[:, None]
-        return (np.clip(lower, 0, last), np.clip(lower + 1, 0, last), keep[phase], weight[phase])
-
     rows, cols, first_row, first_col = (spans[:, k].astype(np.int64) for k in range(4))
-    row_low, row_high, row_keep, row_weight = axis(first_row, rows)
-    col_low, col_high, col_keep, col_weight = axis(first_col, cols)
+    row_low, row_high, row_keep, row_weight = _neighbours(first_row, rows, factor, size)
+    col_low, col_high, col_keep, col_weight = _neighbours(first_col, cols, factor, size)
 
     def upsampled(source: np.ndarray) -> np.ndarray:
         values = np.empty(out.shape, dtype=np.float32)
@@ -265,18 +272,12 @@ def _axis_weights(first: np.ndarray, length: np.ndarray, factor: int, size: int,
     """Per tile, the interpolation matrix ``M`` (``size`` fine by ``side`` coarse) of one axis, as ``M.T @ 1`` and
     the diagonal and first off-diagonal of ``M.T @ M`` (each fine pixel reads two neighbouring coarse pixels)."""
     count = len(first)
-    offset, weight, keep = phase_weights(factor)
-    fine = first[:, None] + np.arange(size)[None, :]
-    phase = fine % factor
-    lower = fine // factor + offset[phase]
-    last = (length - 1)[:, None]
-    low, high = np.clip(lower, 0, last), np.clip(lower + 1, 0, last)
-    w_low, w_high = keep[phase].astype(np.float64), weight[phase].astype(np.float64)
+    low, high, w_low, w_high = _neighbours(first, length, factor, size)
+    w_low, w_high = w_low.astype(np.float64), w_high.astype(np.float64)
     base = np.arange(count)[:, None] * side
 
     def add(index: np.ndarray, values: np.ndarray) -> np.ndarray:
-        return np.bincount((base + index)[...].ravel(), weights=values.ravel(), minlength=count * side).reshape(
-            count, side)
+        return np.bincount((base + index).ravel(), weights=values.ravel(), minlength=count * side).reshape(count, side)
 
     same = low == high  # at the patch's edge both neighbours are the edge pixel
     totals = add(low, w_low) + add(high, w_high)
